@@ -1,0 +1,219 @@
+//! A Hugging Face tokenizer directory: `tokenizer.json`, `tokenizer_config.json`, the chat
+//! template, and the end-of-sequence ids of `config.json` and `generation_config.json`.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value as Json;
+
+use crate::chat::ChatTemplate;
+use crate::error::DataError;
+
+/// A tokenizer with its special tokens and chat template.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    dir: PathBuf,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    eos_ids: Vec<u32>,
+    chat_template: Option<ChatTemplate>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("dir", &self.dir)
+            .field("bos_token", &self.bos_token)
+            .field("eos_ids", &self.eos_ids)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tokenizer {
+    /// Reads the tokenizer files of a model directory.
+    pub fn from_dir(dir: &Path) -> Result<Self, DataError> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(DataError::Io {
+                path,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
+            });
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| DataError::Tokenizer { path: path.clone(), message: e.to_string() })?;
+        let config = read_json_opt(&dir.join("tokenizer_config.json"))?.unwrap_or(Json::Null);
+        let bos_token = special_token(&config, "bos_token");
+        let eos_token = special_token(&config, "eos_token");
+
+        // chat_template.jinja (transformers v5) or the older field of tokenizer_config.json,
+        // which may also be a list of named templates.
+        let jinja = dir.join("chat_template.jinja");
+        let source = if jinja.is_file() {
+            Some(std::fs::read_to_string(&jinja).map_err(|source| DataError::Io { path: jinja.clone(), source })?)
+        } else {
+            match config.get("chat_template") {
+                Some(Json::String(s)) => Some(s.clone()),
+                Some(Json::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
+                    .or_else(|| list.first())
+                    .and_then(|t| t.get("template"))
+                    .and_then(Json::as_str)
+                    .map(str::to_string),
+                _ => None,
+            }
+        };
+        let chat_template = source
+            .map(|s| ChatTemplate::new(&s, bos_token.as_deref().unwrap_or(""), eos_token.as_deref().unwrap_or("")))
+            .transpose()?;
+
+        let mut eos_ids = Vec::new();
+        for file in ["generation_config.json", "config.json"] {
+            if let Some(cfg) = read_json_opt(&dir.join(file))? {
+                push_ids(cfg.get("eos_token_id"), &mut eos_ids);
+            }
+        }
+        if let Some(id) = eos_token.as_deref().and_then(|t| inner.token_to_id(t))
+            && !eos_ids.contains(&id)
+        {
+            eos_ids.push(id);
+        }
+        Ok(Self { inner, dir: dir.to_path_buf(), bos_token, eos_token, eos_ids, chat_template })
+    }
+
+    /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor (its BOS).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, DataError> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| DataError::Tokenizer { path: self.dir.join("tokenizer.json"), message: e.to_string() })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, DataError> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| DataError::Tokenizer { path: self.dir.join("tokenizer.json"), message: e.to_string() })
+    }
+
+    /// End-of-sequence ids: `generation_config.json`, `config.json` and the tokenizer's `eos_token`.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    /// The BOS token string, if the tokenizer declares one.
+    pub fn bos_token(&self) -> Option<&str> {
+        self.bos_token.as_deref()
+    }
+
+    /// The EOS token string, if the tokenizer declares one.
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos_token.as_deref()
+    }
+
+    /// The chat template, if the tokenizer has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Renders `messages` through the chat template (as `apply_chat_template(tokenize=False)`).
+    pub fn apply_chat_template(
+        &self,
+        messages: &Json,
+        tools: Option<&Json>,
+        add_generation_prompt: bool,
+    ) -> Result<String, DataError> {
+        let template = self
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| DataError::NoChatTemplate { dir: self.dir.clone() })?;
+        template.render(messages, tools, add_generation_prompt)
+    }
+
+    /// Ids of a rendered chat: the template already holds the special tokens, so none are added.
+    pub fn encode_chat(&self, messages: &Json, tools: Option<&Json>, add_generation_prompt: bool) -> Result<Vec<u32>, DataError> {
+        let text = self.apply_chat_template(messages, tools, add_generation_prompt)?;
+        self.encode(&text, false)
+    }
+}
+
+/// Turns a stream of token ids into text as it is produced, holding back an incomplete
+/// UTF-8 sequence until the tokens that complete it arrive.
+#[derive(Debug)]
+pub struct StreamDecoder<'a> {
+    tokenizer: &'a Tokenizer,
+    ids: Vec<u32>,
+    emitted: String,
+}
+
+impl<'a> StreamDecoder<'a> {
+    /// A decoder over `tokenizer`, skipping special tokens.
+    pub fn new(tokenizer: &'a Tokenizer) -> Self {
+        Self { tokenizer, ids: Vec::new(), emitted: String::new() }
+    }
+
+    /// Adds a token; returns the text that became final, possibly empty.
+    pub fn push(&mut self, id: u32) -> Result<String, DataError> {
+        self.ids.push(id);
+        let text = self.tokenizer.decode(&self.ids, true)?;
+        if text.ends_with('\u{FFFD}') || !text.starts_with(&self.emitted) {
+            return Ok(String::new());
+        }
+        let new = text[self.emitted.len()..].to_string();
+        self.emitted = text;
+        Ok(new)
+    }
+
+    /// The rest of the text once no more tokens will come.
+    pub fn finish(&mut self) -> Result<String, DataError> {
+        let text = self.tokenizer.decode(&self.ids, true)?;
+        let new = text.strip_prefix(self.emitted.as_str()).unwrap_or(&text).to_string();
+        self.emitted = text;
+        Ok(new)
+    }
+
+    /// Everything decoded so far.
+    pub fn text(&self) -> &str {
+        &self.emitted
+    }
+}
+
+/// `bos_token` / `eos_token` are a string or an added-token object `{"content": ...}`.
+fn special_token(config: &Json, key: &str) -> Option<String> {
+    match config.get(key)? {
+        Json::String(s) => Some(s.clone()),
+        Json::Object(o) => o.get("content").and_then(Json::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+/// An id or a list of ids.
+fn push_ids(value: Option<&Json>, out: &mut Vec<u32>) {
+    let mut push = |v: &Json| {
+        if let Some(id) = v.as_u64().and_then(|i| u32::try_from(i).ok())
+            && !out.contains(&id)
+        {
+            out.push(id);
+        }
+    };
+    match value {
+        Some(Json::Array(list)) => list.iter().for_each(&mut push),
+        Some(v) => push(v),
+        None => {}
+    }
+}
+
+fn read_json_opt(path: &Path) -> Result<Option<Json>, DataError> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|source| DataError::Json { path: path.to_path_buf(), source })
+}

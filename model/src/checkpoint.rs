@@ -1,0 +1,255 @@
+//! Reading Hugging Face safetensors checkpoints, single-file or sharded, tensor by tensor.
+//!
+//! Every shard is memory-mapped. A tensor is copied out of the map once, uploaded to the
+//! device, and its pages are released again, so the host never holds more than the model
+//! plus one tensor, whatever the dtype conversion.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use memmap2::{Mmap, UncheckedAdvice};
+use safetensors::{Dtype, SafeTensors, tensor::Metadata};
+
+use crate::error::ModelError;
+
+/// One memory-mapped safetensors file and its parsed header.
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Byte offset of the data section (8 + header length).
+    data_start: usize,
+    metadata: Metadata,
+}
+
+/// A checkpoint directory's safetensors files, indexed by tensor name.
+pub struct Checkpoint {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    /// Tensor name -> index into `shards`.
+    index: HashMap<String, usize>,
+}
+
+/// Where a tensor lives and how it is stored, without reading its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorMeta {
+    /// The file that holds it.
+    pub path: PathBuf,
+    /// Stored dtype, as safetensors names it (`F32`, `BF16`, `U32`, ...).
+    pub dtype: String,
+    /// Stored shape.
+    pub shape: Vec<usize>,
+}
+
+impl Checkpoint {
+    /// Opens `model.safetensors`, or every shard listed by `model.safetensors.index.json`.
+    ///
+    /// A directory that holds only pickle `.bin` weights is refused with an explanation.
+    pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let files: Vec<PathBuf> = if index_path.is_file() {
+            let text = read_to_string(&index_path)?;
+            let index: serde_json::Value =
+                serde_json::from_str(&text).map_err(|source| ModelError::Json {
+                    path: index_path.clone(),
+                    source,
+                })?;
+            let map = index
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::Config {
+                    path: index_path.clone(),
+                    message: "missing `weight_map` object".into(),
+                })?;
+            let mut files: Vec<PathBuf> = Vec::new();
+            for file in map.values() {
+                let file = file.as_str().ok_or_else(|| ModelError::Config {
+                    path: index_path.clone(),
+                    message: "`weight_map` values must be file names".into(),
+                })?;
+                let file = dir.join(file);
+                if !files.contains(&file) {
+                    files.push(file);
+                }
+            }
+            files
+        } else if single.is_file() {
+            vec![single]
+        } else {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    name.starts_with("model") && name.ends_with(".safetensors")
+                })
+                .collect();
+            found.sort();
+            if found.is_empty() {
+                let pickles: Vec<String> = std::fs::read_dir(dir)
+                    .map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".bin") || n.ends_with(".pt") || n.ends_with(".pth"))
+                    .collect();
+                if pickles.is_empty() {
+                    return Err(ModelError::NoWeights { dir: dir.to_path_buf() });
+                }
+                return Err(ModelError::PickleOnly {
+                    dir: dir.to_path_buf(),
+                    files: pickles.join(", "),
+                });
+            }
+            found
+        };
+        let mut shards = Vec::with_capacity(files.len());
+        let mut index = HashMap::new();
+        for path in files {
+            let shard = Shard::open(path)?;
+            for name in shard.metadata.tensors().keys() {
+                index.insert(name.clone(), shards.len());
+            }
+            shards.push(shard);
+        }
+        Ok(Self { dir: dir.to_path_buf(), shards, index })
+    }
+
+    /// The checkpoint directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether the checkpoint holds a tensor of this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Every tensor name, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.index.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Where a tensor lives and how it is stored.
+    pub fn meta(&self, name: &str) -> Result<TensorMeta, ModelError> {
+        let shard = self.shard(name)?;
+        let info = shard.info(name)?;
+        Ok(TensorMeta {
+            path: shard.path.clone(),
+            dtype: format!("{:?}", info.dtype),
+            shape: info.shape.clone(),
+        })
+    }
+
+    fn shard(&self, name: &str) -> Result<&Shard, ModelError> {
+        let i = self.index.get(name).ok_or_else(|| ModelError::MissingTensor {
+            name: name.to_string(),
+            path: if self.shards.len() == 1 {
+                self.shards[0].path.clone()
+            } else {
+                self.dir.join("model.safetensors.index.json")
+            },
+        })?;
+        Ok(&self.shards[*i])
+    }
+
+    /// Reads one float tensor, checks its shape, and creates it on `device` in `dtype`.
+    ///
+    /// The stored dtype may be F32, F16 or BF16; conversion happens once, on the host,
+    /// for this tensor only.
+    pub fn load<const D: usize>(
+        &self,
+        name: &str,
+        expected: [usize; D],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Tensor<D>, ModelError> {
+        let shard = self.shard(name)?;
+        let info = shard.info(name)?;
+        if info.shape != expected {
+            return Err(ModelError::ShapeMismatch {
+                name: name.to_string(),
+                path: shard.path.clone(),
+                expected: expected.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        let stored = match info.dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            other => {
+                return Err(ModelError::UnsupportedDType {
+                    name: name.to_string(),
+                    path: shard.path.clone(),
+                    found: format!("{other:?}"),
+                });
+            }
+        };
+        let bytes = shard.bytes(info.data_offsets);
+        let mut data = TensorData::from_bytes_vec(bytes.to_vec(), expected, stored);
+        if stored != dtype {
+            data = data.convert_dtype(dtype);
+        }
+        shard.release(info.data_offsets);
+        Ok(Tensor::from_data(data, (device, dtype)))
+    }
+
+    /// The raw little-endian bytes of a tensor, with its stored shape.
+    pub fn raw(&self, name: &str) -> Result<(&[u8], TensorMeta), ModelError> {
+        let shard = self.shard(name)?;
+        let info = shard.info(name)?;
+        let meta = TensorMeta {
+            path: shard.path.clone(),
+            dtype: format!("{:?}", info.dtype),
+            shape: info.shape.clone(),
+        };
+        Ok((shard.bytes(info.data_offsets), meta))
+    }
+}
+
+impl Shard {
+    fn open(path: PathBuf) -> Result<Self, ModelError> {
+        let file = File::open(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+        // SAFETY: the map is read-only and private; a checkpoint file modified while we read
+        // it gives wrong numbers, not memory unsafety in our code, as for every mmap loader.
+        let mmap = unsafe { Mmap::map(&file) }
+            .map_err(|source| ModelError::Io { path: path.clone(), source })?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+            ModelError::Safetensors { path: path.clone(), message: e.to_string() }
+        })?;
+        Ok(Self { path, mmap, data_start: 8 + header_len, metadata })
+    }
+
+    fn info(&self, name: &str) -> Result<&safetensors::tensor::TensorInfo, ModelError> {
+        self.metadata.info(name).ok_or_else(|| ModelError::MissingTensor {
+            name: name.to_string(),
+            path: self.path.clone(),
+        })
+    }
+
+    fn bytes(&self, (start, end): (usize, usize)) -> &[u8] {
+        &self.mmap[self.data_start + start..self.data_start + end]
+    }
+
+    /// Drops the pages of a tensor already copied out, so the map does not keep a
+    /// second copy of the model resident.
+    fn release(&self, (start, end): (usize, usize)) {
+        let page = 4096;
+        let from = (self.data_start + start).div_ceil(page) * page;
+        let to = (self.data_start + end) / page * page;
+        if to > from {
+            // SAFETY: the mapping is private and read-only, and no slice into this range
+            // outlives `load`: the bytes were copied before this call. Dropped pages are
+            // read again from the file if touched later.
+            let _ = unsafe { self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, from, to - from) };
+        }
+    }
+}
+
+fn read_to_string(path: &Path) -> Result<String, ModelError> {
+    std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
+}

@@ -1,0 +1,481 @@
+//! The one transformer definition for Llama, Mistral, Qwen2 and Qwen3.
+//!
+//! Modules are named after the Hugging Face checkpoint keys (`model.layers.{i}.self_attn.q_proj`),
+//! so loading walks the same names the checkpoint uses. Architecture quirks are fields of
+//! [`ModelConfig`], never a second copy of the model.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData};
+
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::error::ModelError;
+use crate::rope::{Rope, apply_rotary};
+
+/// A linear projection `y = x·Wᵀ + b` with `W` stored `[out, in]` as in the checkpoint.
+#[derive(Module, Debug)]
+pub struct Linear {
+    /// `[out_features, in_features]`.
+    pub weight: Param<Tensor<2>>,
+    /// `[out_features]`, when the checkpoint has one.
+    pub bias: Option<Param<Tensor<1>>>,
+}
+
+impl Linear {
+    /// `x` `[batch, seq, in]` -> `[batch, seq, out]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, s, i] = x.dims();
+        let w = self.weight.val();
+        let out = w.dims()[0];
+        let y = x.reshape([b * s, i]).matmul(w.transpose()); // [b*s, out]
+        let y = match &self.bias {
+            Some(bias) => y + bias.val().unsqueeze::<2>(),
+            None => y,
+        };
+        y.reshape([b, s, out])
+    }
+
+    fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
+        let weight = ckpt.load(&format!("{prefix}.weight"), [out, inp], device, dtype)?;
+        let bias = if bias {
+            Some(Param::from_tensor(ckpt.load(&format!("{prefix}.bias"), [out], device, dtype)?))
+        } else {
+            None
+        };
+        Ok(Self { weight: Param::from_tensor(weight), bias })
+    }
+}
+
+/// Root-mean-square layer norm, computed in f32 as transformers does.
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    /// `[dim]`.
+    pub weight: Param<Tensor<1>>,
+    /// Added to the mean square before the square root.
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    /// Normalizes over the last dimension; any rank, shape unchanged.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        let x32 = to_f32(x);
+        let ms = x32.clone().square().mean_dim(D - 1); // [..., 1]
+        let normed = x32 * (ms + self.eps).sqrt().recip();
+        normed.cast(float_dtype(dtype)) * self.weight.val().unsqueeze::<D>()
+    }
+
+    fn load(ckpt: &Checkpoint, name: &str, dim: usize, eps: f64, device: &Device, dtype: DType) -> Result<Self, ModelError> {
+        Ok(Self { weight: Param::from_tensor(ckpt.load(name, [dim], device, dtype)?), eps })
+    }
+}
+
+/// Token embedding table.
+#[derive(Module, Debug)]
+pub struct Embedding {
+    /// `[vocab, hidden]`.
+    pub weight: Param<Tensor<2>>,
+}
+
+impl Embedding {
+    /// `tokens` `[batch, seq]` -> `[batch, seq, hidden]`.
+    pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        let [b, s] = tokens.dims();
+        let w = self.weight.val();
+        let hidden = w.dims()[1];
+        w.select(0, tokens.reshape([b * s])).reshape([b, s, hidden])
+    }
+}
+
+/// Multi-head attention with grouped-query key/value heads.
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// `[heads * head_dim, hidden]`.
+    pub q_proj: Linear,
+    /// `[kv_heads * head_dim, hidden]`.
+    pub k_proj: Linear,
+    /// `[kv_heads * head_dim, hidden]`.
+    pub v_proj: Linear,
+    /// `[hidden, heads * head_dim]`.
+    pub o_proj: Linear,
+    /// Qwen3: RMSNorm over each query head.
+    pub q_norm: Option<RmsNorm>,
+    /// Qwen3: RMSNorm over each key head.
+    pub k_norm: Option<RmsNorm>,
+    /// Number of query heads.
+    pub num_heads: usize,
+    /// Number of key/value heads.
+    pub num_kv_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+}
+
+/// Keys and values of past positions for one layer, `[batch, kv_heads, past, head_dim]` each.
+#[derive(Debug, Clone)]
+pub struct LayerCache {
+    keys: Tensor<4>,
+    values: Tensor<4>,
+}
+
+impl Attention {
+    /// `x` `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
+    ///
+    /// `mask` `[batch, 1, 1, seq, past + seq]` is true where a query may not look;
+    /// `cos`/`sin` are `[seq, head_dim]` for this step's positions.
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<2>,
+        sin: &Tensor<2>,
+        mask: &Tensor<5, Bool>,
+        cache: Option<&mut Option<LayerCache>>,
+    ) -> Tensor<3> {
+        let [b, s, _] = x.dims();
+        let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
+        let k = self.k_proj.forward(x.clone()).reshape([b, s, kv, d]);
+        let v = self.v_proj.forward(x).reshape([b, s, kv, d]);
+        let q = match &self.q_norm {
+            Some(n) => n.forward(q),
+            None => q,
+        };
+        let k = match &self.k_norm {
+            Some(n) => n.forward(k),
+            None => k,
+        };
+        let q = apply_rotary(q.swap_dims(1, 2), cos, sin); // [b, h, s, d]
+        let mut k = apply_rotary(k.swap_dims(1, 2), cos, sin); // [b, kv, s, d]
+        let mut v = v.swap_dims(1, 2); // [b, kv, s, d]
+        if let Some(slot) = cache {
+            if let Some(past) = slot.take() {
+                k = Tensor::cat(vec![past.keys, k], 2);
+                v = Tensor::cat(vec![past.values, v], 2);
+            }
+            *slot = Some(LayerCache { keys: k.clone(), values: v.clone() });
+        }
+        let t = k.dims()[2];
+        let rep = h / kv;
+        // Query head i uses key/value head i / rep (transformers' repeat_kv), so grouping the
+        // query heads by their kv head lets every group share one key matrix, uncopied.
+        let q = q.reshape([b, kv, rep * s, d]);
+        let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (d as f64).sqrt()); // [b, kv, rep*s, t]
+        let dtype = scores.dtype();
+        let scores = to_f32(scores).reshape([b, kv, rep, s, t]);
+        let scores = scores.mask_fill(mask.clone().expand([b, kv, rep, s, t]), f32::MIN);
+        let probs = softmax(scores, 4).cast(float_dtype(dtype)).reshape([b, kv, rep * s, t]);
+        let out = probs.matmul(v); // [b, kv, rep*s, d]
+        let out = out.reshape([b, h, s, d]).swap_dims(1, 2).reshape([b, s, h * d]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// The SwiGLU feed-forward block.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    /// `[intermediate, hidden]`.
+    pub gate_proj: Linear,
+    /// `[intermediate, hidden]`.
+    pub up_proj: Linear,
+    /// `[hidden, intermediate]`.
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    /// `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// One transformer block: pre-norm attention and pre-norm MLP, each with a residual.
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    /// Attention.
+    pub self_attn: Attention,
+    /// Feed-forward.
+    pub mlp: Mlp,
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm,
+    /// Sliding-window width, `None` for full causal attention (0 is never stored).
+    pub window: Option<usize>,
+}
+
+/// The transformer body under the `model.` prefix.
+#[derive(Module, Debug)]
+pub struct Backbone {
+    /// `model.embed_tokens`.
+    pub embed_tokens: Embedding,
+    /// `model.layers.{i}`.
+    pub layers: Vec<DecoderLayer>,
+    /// `model.norm`.
+    pub norm: RmsNorm,
+}
+
+/// A causal language model: the backbone plus `lm_head` (or tied embeddings).
+#[derive(Module, Debug)]
+pub struct CausalLm {
+    /// `model.`
+    pub model: Backbone,
+    /// `lm_head`; `None` when tied to `model.embed_tokens`.
+    pub lm_head: Option<Linear>,
+    #[module(skip)]
+    rope: Rope,
+}
+
+/// Key/value cache for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<LayerCache>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Number of positions already in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing has been cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl CausalLm {
+    /// Builds the model from a checkpoint, loading each tensor on `device` in `dtype`.
+    ///
+    /// `on_tensor` is called once per loaded tensor (for a progress bar).
+    pub fn load(
+        config: &ModelConfig,
+        ckpt: &Checkpoint,
+        device: &Device,
+        dtype: DType,
+        mut on_tensor: impl FnMut(&str),
+    ) -> Result<Self, ModelError> {
+        let c = config;
+        let (hid, inter, d) = (c.hidden_size, c.intermediate_size, c.head_dim);
+        let mut tick = |name: &str| on_tensor(name);
+        let embed = ckpt.load("model.embed_tokens.weight", [c.vocab_size, hid], device, dtype)?;
+        tick("model.embed_tokens.weight");
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for (i, window) in c.layer_windows.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let lin = |name: &str, out: usize, inp: usize, bias: bool| {
+                Linear::load(ckpt, &format!("{p}.{name}"), out, inp, bias, device, dtype)
+            };
+            let norm = |name: &str, dim: usize| {
+                RmsNorm::load(ckpt, &format!("{p}.{name}.weight"), dim, c.rms_norm_eps, device, dtype)
+            };
+            let self_attn = Attention {
+                q_proj: lin("self_attn.q_proj", c.num_heads * d, hid, c.qkv_bias)?,
+                k_proj: lin("self_attn.k_proj", c.num_kv_heads * d, hid, c.qkv_bias)?,
+                v_proj: lin("self_attn.v_proj", c.num_kv_heads * d, hid, c.qkv_bias)?,
+                o_proj: lin("self_attn.o_proj", hid, c.num_heads * d, c.o_bias)?,
+                q_norm: if c.qk_norm { Some(norm("self_attn.q_norm", d)?) } else { None },
+                k_norm: if c.qk_norm { Some(norm("self_attn.k_norm", d)?) } else { None },
+                num_heads: c.num_heads,
+                num_kv_heads: c.num_kv_heads,
+                head_dim: d,
+            };
+            let mlp = Mlp {
+                gate_proj: lin("mlp.gate_proj", inter, hid, c.mlp_bias)?,
+                up_proj: lin("mlp.up_proj", inter, hid, c.mlp_bias)?,
+                down_proj: lin("mlp.down_proj", hid, inter, c.mlp_bias)?,
+            };
+            layers.push(DecoderLayer {
+                self_attn,
+                mlp,
+                input_layernorm: norm("input_layernorm", hid)?,
+                post_attention_layernorm: norm("post_attention_layernorm", hid)?,
+                window: window.filter(|w| *w > 0),
+            });
+            tick(&p);
+        }
+        let norm = RmsNorm::load(ckpt, "model.norm.weight", hid, c.rms_norm_eps, device, dtype)?;
+        // Some tied checkpoints still carry a copy of lm_head; the embedding is what is used.
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear::load(ckpt, "lm_head", c.vocab_size, hid, false, device, dtype)?)
+        };
+        tick("lm_head.weight");
+        Ok(Self {
+            model: Backbone {
+                embed_tokens: Embedding { weight: Param::from_tensor(embed) },
+                layers,
+                norm,
+            },
+            lm_head,
+            rope: Rope::new(d, c.rope_theta, &c.rope_scaling),
+        })
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> Device {
+        self.model.embed_tokens.weight.val().device()
+    }
+
+    /// The compute dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.model.embed_tokens.weight.val().dtype()
+    }
+
+    /// Full-sequence forward pass for training and scoring, without a cache.
+    ///
+    /// `tokens` `[batch, seq]`; `attention_mask`, if given, holds `batch * seq` flags,
+    /// row-major, true for real tokens and false for padding. Positions count from 0 in
+    /// every row. Returns logits `[batch, seq, vocab]`.
+    pub fn forward(&self, tokens: Tensor<2, Int>, attention_mask: Option<&[bool]>) -> Tensor<3> {
+        let hidden = self.hidden_states(tokens, attention_mask, None);
+        self.logits(hidden)
+    }
+
+    /// Incremental forward pass for generation: appends `tokens` `[batch, new]` to `cache`
+    /// and returns the logits of the last position, `[batch, vocab]`.
+    pub fn forward_cached(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<2> {
+        let [b, s] = tokens.dims();
+        let hidden = self.hidden_states(tokens, None, Some(cache));
+        let last = hidden.narrow(1, s - 1, 1); // [b, 1, hidden]
+        let logits = self.logits(last);
+        let vocab = logits.dims()[2];
+        logits.reshape([b, vocab])
+    }
+
+    fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        let hidden = self.model.norm.forward(hidden);
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let [b, s, h] = hidden.dims();
+                let w = self.model.embed_tokens.weight.val();
+                let vocab = w.dims()[0];
+                hidden.reshape([b * s, h]).matmul(w.transpose()).reshape([b, s, vocab])
+            }
+        }
+    }
+
+    /// Runs the blocks; returns the last hidden states `[batch, seq, hidden]` before the final norm.
+    fn hidden_states(
+        &self,
+        tokens: Tensor<2, Int>,
+        attention_mask: Option<&[bool]>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor<3> {
+        let [b, s] = tokens.dims();
+        let device = tokens.device();
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        let mut x = self.model.embed_tokens.forward(tokens);
+        let dtype = x.dtype();
+        let (cos, sin) = self.rope.tables(past, s, &device, dtype);
+        // At most two distinct masks: full causal and the sliding window.
+        let full = build_mask(b, s, past, None, attention_mask, &device);
+        let mut windowed: Option<(usize, Tensor<5, Bool>)> = None;
+        if let Some(c) = cache.as_mut()
+            && c.layers.len() != self.model.layers.len()
+        {
+            c.layers = vec![None; self.model.layers.len()];
+        }
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let mask = match layer.window {
+                None => &full,
+                Some(w) => {
+                    if windowed.as_ref().is_none_or(|(ww, _)| *ww != w) {
+                        windowed = Some((w, build_mask(b, s, past, Some(w), attention_mask, &device)));
+                    }
+                    &windowed.as_ref().expect("just built").1
+                }
+            };
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            let h = layer.input_layernorm.forward(x.clone());
+            let h = layer.self_attn.forward(h, &cos, &sin, mask, slot);
+            x = x + h;
+            let h = layer.mlp.forward(layer.post_attention_layernorm.forward(x.clone()));
+            x = x + h;
+        }
+        if let Some(c) = cache {
+            c.len += s;
+        }
+        x
+    }
+}
+
+/// The attention mask `[batch, 1, 1, seq, past + seq]`, true where attention is forbidden:
+/// future keys, keys outside the sliding window (`q - k >= window`), and padding keys.
+fn build_mask(
+    batch: usize,
+    seq: usize,
+    past: usize,
+    window: Option<usize>,
+    attention_mask: Option<&[bool]>,
+    device: &Device,
+) -> Tensor<5, Bool> {
+    let total = past + seq;
+    let mut flags = Vec::with_capacity(batch * seq * total);
+    for row in 0..batch {
+        for qi in 0..seq {
+            let q = past + qi;
+            for k in 0..total {
+                let future = k > q;
+                let outside = window.is_some_and(|w| q - k.min(q) >= w);
+                let padding = attention_mask.is_some_and(|m| k >= past && !m[row * seq + (k - past)]);
+                flags.push(future || outside || padding);
+            }
+        }
+    }
+    Tensor::<5, Bool>::from_data(TensorData::new(flags, [batch, 1, 1, seq, total]), &device.clone())
+}
+
+fn to_f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if x.dtype() == DType::F32 { x } else { x.cast(FloatDType::F32) }
+}
+
+fn float_dtype(dtype: DType) -> FloatDType {
+    match dtype {
+        DType::F16 => FloatDType::F16,
+        DType::BF16 => FloatDType::BF16,
+        DType::F64 => FloatDType::F64,
+        _ => FloatDType::F32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_combines_causal_window_and_padding() {
+        let device = Device::flex();
+        // One row of 4 tokens, the first is padding, window 2.
+        let pad = [false, true, true, true];
+        let m = build_mask(1, 4, 0, Some(2), Some(&pad), &device);
+        let v: Vec<bool> = m.into_data().try_to_vec().unwrap();
+        #[rustfmt::skip]
+        let expected = [
+            true, true, true, true,    // q0: k0 is padding, the rest is future
+            true, false, true, true,   // q1: k0 padding
+            true, false, false, true,  // q2: k0 outside the window (2 - 0 >= 2)
+            true, true, false, false,  // q3: k0, k1 outside the window
+        ];
+        assert_eq!(v, expected);
+    }
+
+    #[test]
+    fn cached_mask_offsets_queries_by_the_past() {
+        let device = Device::flex();
+        let m = build_mask(1, 1, 3, Some(2), None, &device);
+        let v: Vec<bool> = m.into_data().try_to_vec().unwrap();
+        assert_eq!(v, [true, true, false, false]);
+    }
+}

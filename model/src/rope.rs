@@ -1,0 +1,116 @@
+//! Rotary position embeddings, with Llama 3 and linear frequency scaling.
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
+
+use crate::config::RopeScaling;
+
+/// Rotary frequencies of one model; cos/sin tables are built for the positions in use.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// One inverse frequency per pair of dimensions, `[head_dim / 2]`.
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    /// Frequencies for `head_dim`, base `theta`, and the given scaling, computed as
+    /// transformers does (in f32).
+    pub fn new(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Self {
+        let half = head_dim / 2;
+        let base = theta as f32;
+        let mut inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        match *scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor as f32),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let low_freq_wavelen = old / low_freq_factor;
+                let high_freq_wavelen = old / high_freq_factor;
+                for f in &mut inv_freq {
+                    let freq = *f as f64;
+                    let wavelen = 2.0 * std::f64::consts::PI / freq;
+                    *f = if wavelen < high_freq_wavelen {
+                        *f
+                    } else if wavelen > low_freq_wavelen {
+                        (freq / factor) as f32
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        ((1.0 - smooth) * freq / factor + smooth * freq) as f32
+                    };
+                }
+            }
+        }
+        Self { inv_freq }
+    }
+
+    /// `cos` and `sin` tables for positions `start..start + len`, each `[len, head_dim]`,
+    /// the frequency halves repeated as in transformers' `rotate_half` convention.
+    pub fn tables(&self, start: usize, len: usize, device: &Device, dtype: DType) -> (Tensor<2>, Tensor<2>) {
+        let half = self.inv_freq.len();
+        let dim = 2 * half;
+        let mut cos = Vec::with_capacity(len * dim);
+        let mut sin = Vec::with_capacity(len * dim);
+        for p in start..start + len {
+            let pos = p as f32;
+            for _ in 0..2 {
+                for &f in &self.inv_freq {
+                    let angle = pos * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let make = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [len, dim]), (device, DType::F32)).cast(dtype);
+        (make(cos), make(sin))
+    }
+}
+
+/// Applies rotary embeddings to `x` `[batch, heads, seq, head_dim]` with tables `[seq, head_dim]`.
+pub fn apply_rotary(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
+    let [_, _, _, d] = x.dims();
+    let half = d / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    let cos = cos.clone().unsqueeze::<4>(); // [1, 1, seq, head_dim]
+    let sin = sin.clone().unsqueeze::<4>();
+    x * cos + rotated * sin
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        let scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        };
+        let plain = Rope::new(128, 500_000.0, &RopeScaling::None);
+        let scaled = Rope::new(128, 500_000.0, &scaling);
+        // Highest frequency: wavelength 2π < 2048, unchanged.
+        assert_eq!(plain.inv_freq[0], scaled.inv_freq[0]);
+        // Lowest frequency: wavelength far above 8192, divided by 8.
+        let last = plain.inv_freq.len() - 1;
+        assert!((scaled.inv_freq[last] * 8.0 - plain.inv_freq[last]).abs() < 1e-12);
+        // In between, the smoothed value lies between the two.
+        let mid = plain
+            .inv_freq
+            .iter()
+            .position(|f| {
+                let w = 2.0 * std::f32::consts::PI / f;
+                w > 2048.0 && w < 8192.0
+            })
+            .unwrap();
+        assert!(scaled.inv_freq[mid] < plain.inv_freq[mid]);
+        assert!(scaled.inv_freq[mid] > plain.inv_freq[mid] / 8.0);
+    }
+}
