@@ -54,13 +54,13 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    if !(args.temp >= 0.0) {
+    if args.temp.is_nan() || args.temp < 0.0 {
         bail!("--temp must be >= 0 (got {})", args.temp);
     }
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1] (got {})", args.top_p);
     }
-    if !(args.repetition_penalty > 0.0) {
+    if args.repetition_penalty.is_nan() || args.repetition_penalty <= 0.0 {
         bail!("--repetition-penalty must be > 0 (got {})", args.repetition_penalty);
     }
     let dir = &args.model;

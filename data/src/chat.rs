@@ -213,7 +213,7 @@ fn dump(v: &Value, o: &JsonOpts, depth: usize, out: &mut String) -> Result<(), E
         ValueKind::Map => {
             let mut keys: Vec<Value> = v.try_iter()?.collect();
             if o.sort_keys {
-                keys.sort_by(|a, b| a.to_string().cmp(&b.to_string()));
+                keys.sort_by_key(|a| a.to_string());
             }
             if keys.is_empty() {
                 out.push_str("{}");

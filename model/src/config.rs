@@ -198,7 +198,7 @@ impl ModelConfig {
             return Err(err("num_attention_heads, num_hidden_layers and hidden_size must be > 0".into()));
         }
         let num_kv_heads = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
-        if num_kv_heads == 0 || hf.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !hf.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(err(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({num_kv_heads})",
                 hf.num_attention_heads
@@ -206,7 +206,7 @@ impl ModelConfig {
         }
         let head_dim = match hf.head_dim {
             Some(d) => d,
-            None if hf.hidden_size % hf.num_attention_heads == 0 => {
+            None if hf.hidden_size.is_multiple_of(hf.num_attention_heads) => {
                 hf.hidden_size / hf.num_attention_heads
             }
             None => {

@@ -12,10 +12,11 @@ pub struct WgpuAdapters {
     pub software: bool,
 }
 
-/// Lists wgpu adapters on every graphics API compiled in (Vulkan, Metal, DX12).
+/// Lists wgpu adapters on the primary graphics APIs (Vulkan, Metal, DX12); OpenGL is not asked,
+/// as burn does not run on it.
 pub fn wgpu_adapters() -> WgpuAdapters {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
     let mut found = WgpuAdapters::default();
     for a in &adapters {
         match a.get_info().device_type {
