@@ -7,10 +7,11 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lora_data::{StreamDecoder, Tokenizer};
-use lora_model::{CausalLm, Checkpoint, ModelConfig, Sampler, SamplingConfig};
+use lora_model::{CausalLm, Checkpoint, LoadEvent, LoadOptions, ModelConfig, Sampler, SamplingConfig};
 use serde_json::json;
 
 use crate::device::{DTypeArg, DeviceArg, PeakMemory, compute_dtype, select};
+use crate::quantize::QuantArgs;
 
 /// Flags of `lora generate`.
 #[derive(Debug, Args)]
@@ -51,6 +52,8 @@ pub struct GenerateArgs {
     /// Compute dtype; default f32 on the CPU, bf16 or f16 on a GPU.
     #[arg(long, value_enum, value_name = "DTYPE")]
     pub dtype: Option<DTypeArg>,
+    #[command(flatten)]
+    pub quant: QuantArgs,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -73,7 +76,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let device = select(args.device)?;
     let dtype = compute_dtype(&device, args.dtype, config.checkpoint_dtype.as_deref())?;
 
-    let model = load_model(&config, &checkpoint, &device, dtype)?;
+    let options = args.quant.load_options(&config)?;
+    let model = load_model(&config, &checkpoint, &device, dtype, options)?;
     drop(checkpoint);
 
     let prompt = match tokenizer.chat_template() {
@@ -143,23 +147,40 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Loads the weights with a progress bar, one tensor at a time.
+/// Loads the weights with a progress bar, one module at a time, quantizing as asked.
 pub fn load_model(
     config: &ModelConfig,
     checkpoint: &Checkpoint,
     device: &burn::tensor::Device,
     dtype: burn::tensor::DType,
+    options: LoadOptions,
 ) -> Result<CausalLm> {
     let bar = ProgressBar::new(config.num_layers as u64 + 2);
+    let verb = if options.quantize.is_some() && config.quantization.is_none() { "Quantizing" } else { "Loading" };
     bar.set_style(
-        ProgressStyle::with_template("Loading {bar:30} {pos}/{len} {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template(&format!("{verb} {{bar:30}} {{pos}}/{{len}} {{msg}}")).expect("valid template"),
     );
-    let model = CausalLm::load(config, checkpoint, device, dtype, |name| {
-        bar.set_message(name.to_string());
-        bar.inc(1);
+    let mut kept_float = Vec::new();
+    let mut group = 0;
+    let model = CausalLm::load_with(config, checkpoint, device, dtype, options, |event| match event {
+        LoadEvent::Loaded(name) => {
+            bar.set_message(name.to_string());
+            bar.inc(1);
+        }
+        LoadEvent::KeptFloat { name, group_size, .. } => {
+            kept_float.push(name.to_string());
+            group = group_size;
+        }
+        _ => {}
     })
     .with_context(|| format!("loading {}", checkpoint.dir().display()))?;
     bar.finish_and_clear();
+    if !kept_float.is_empty() {
+        eprintln!(
+            "Kept {} layer(s) in float: input size not a multiple of the group size {group}: {}",
+            kept_float.len(),
+            kept_float.join(", ")
+        );
+    }
     Ok(model)
 }

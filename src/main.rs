@@ -2,6 +2,7 @@
 
 mod device;
 mod generate;
+mod quantize;
 
 use std::process::ExitCode;
 

@@ -84,8 +84,13 @@ fn generate_help_documents_every_flag() {
 
 /// A copy of the llama fixture in a temporary directory, for breaking.
 fn broken_copy() -> tempfile::TempDir {
+    copy_of("llama")
+}
+
+/// A copy of a fixture in a temporary directory.
+fn copy_of(name: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixture("llama")).unwrap() {
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
     }
@@ -173,4 +178,84 @@ fn generate_on_wgpu_matches_the_cpu() {
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), case["greedy_text"].as_str().unwrap());
+}
+
+// ---- 4-bit bases ----
+
+/// On the CPU the compute dtype is f32: mlx-lm's reference for the bf16 and f16 checkpoints
+/// is its run with the model cast to f32 (`greedy_text_f32`), as half-precision greedy paths
+/// part ways after a few tokens on these random models.
+#[test]
+fn generate_on_mlx_quantized_checkpoints_matches_mlx_lm() {
+    for name in ["llama_mlx_q4", "qwen2_mlx_q4_bf16", "mistral_mlx_mixed", "qwen3_mlx_q5_g32", "llama_mlx_q2_g32"] {
+        for case in expected(name)["prompts"].as_array().unwrap() {
+            let out = greedy(&fixture(name), case["prompt"].as_str().unwrap(), "cpu");
+            assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+            assert_eq!(String::from_utf8_lossy(&out.stdout), case["greedy_text_f32"].as_str().unwrap(), "{name}");
+        }
+    }
+}
+
+fn greedy_with(model: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "generate", "--model", model.to_str().unwrap(), "--prompt", "Hello, world! How are", "--temp", "0",
+        "--ignore-chat-template", "--max-tokens", "20", "--device", "cpu",
+    ];
+    args.extend_from_slice(extra);
+    lora(&args)
+}
+
+#[test]
+fn generate_quantizes_a_float_checkpoint_at_load() {
+    // Affine 4-bit at load is mlx_lm.convert -q, bit for bit: the same greedy text as mlx-lm.
+    let out = greedy_with(&fixture("llama"), &["--quantize", "affine"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expected("llama_mlx_q4")["prompts"][0]["greedy_text"].as_str().unwrap());
+    assert!(stderr.contains("Kept 2 layer(s) in float") && stderr.contains("model.layers.0.mlp.down_proj"), "{stderr}");
+
+    let out = greedy_with(&fixture("llama"), &["--quantize", "affine", "--q-bits", "8", "--q-group-size", "32"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expected("llama_mlx_q8_g32")["prompts"][0]["greedy_text"].as_str().unwrap());
+
+    for extra in [&["--quantize", "nf4"][..], &["--quantize", "nf4", "--double-quant"]] {
+        let out = greedy_with(&fixture("mistral"), extra);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{extra:?}: {stderr}");
+        assert!(!out.stdout.is_empty());
+        assert!(stderr.contains("Generation: "), "{stderr}");
+    }
+}
+
+#[test]
+fn unsupported_bits_or_group_size_list_the_supported_ones() {
+    let out = greedy_with(&fixture("llama"), &["--quantize", "affine", "--q-bits", "7"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("2, 3, 4, 5, 6, 8"), "{stderr}");
+    let out = greedy_with(&fixture("llama"), &["--quantize", "affine", "--q-group-size", "16"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("32, 64, 128"), "{stderr}");
+}
+
+#[test]
+fn quantizing_a_quantized_checkpoint_loads_it_as_it_is() {
+    let out = greedy_with(&fixture("llama_mlx_q4"), &["--quantize", "nf4"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("already quantized"), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expected("llama_mlx_q4")["prompts"][0]["greedy_text"].as_str().unwrap());
+}
+
+#[test]
+fn scales_that_do_not_fit_the_weight_name_the_tensor_and_both_shapes() {
+    // The config claims group 32, so every `.scales` should have twice the columns it has.
+    let dir = copy_of("llama_mlx_q4");
+    let path = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&path).unwrap().replace("\"group_size\": 64", "\"group_size\": 32");
+    std::fs::write(&path, text).unwrap();
+    let out = greedy_with(dir.path(), &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure");
+    assert!(out.stdout.is_empty());
+    assert!(stderr.contains("model.embed_tokens.scales") && stderr.contains("[400, 2]") && stderr.contains("[400, 1]"), "{stderr}");
 }

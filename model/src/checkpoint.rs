@@ -198,6 +198,61 @@ impl Checkpoint {
         Ok(Tensor::from_data(data, (device, dtype)))
     }
 
+    /// Reads one float tensor to the host as f32, checking its shape.
+    pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let shard = self.shard(name)?;
+        let info = shard.info(name)?;
+        self.check_shape(shard, name, &info.shape, expected)?;
+        let bytes = shard.bytes(info.data_offsets);
+        let out: Vec<f32> = match info.dtype {
+            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            other => {
+                return Err(ModelError::UnsupportedDType {
+                    name: name.to_string(),
+                    path: shard.path.clone(),
+                    found: format!("{other:?}"),
+                });
+            }
+        };
+        shard.release(info.data_offsets);
+        Ok(out)
+    }
+
+    /// Reads a packed U32 tensor (an MLX quantized weight) to the host, with its shape.
+    pub fn read_u32(&self, name: &str) -> Result<(Vec<u32>, Vec<usize>), ModelError> {
+        let shard = self.shard(name)?;
+        let info = shard.info(name)?;
+        if info.dtype != Dtype::U32 {
+            return Err(ModelError::Config {
+                path: shard.path.clone(),
+                message: format!("tensor `{name}` has `.scales` beside it but is stored as {:?}, not U32 packed codes", info.dtype),
+            });
+        }
+        let bytes = shard.bytes(info.data_offsets);
+        let out = bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        shard.release(info.data_offsets);
+        Ok((out, info.shape.clone()))
+    }
+
+    /// The stored shape of a tensor.
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>, ModelError> {
+        Ok(self.shard(name)?.info(name)?.shape.clone())
+    }
+
+    fn check_shape(&self, shard: &Shard, name: &str, found: &[usize], expected: &[usize]) -> Result<(), ModelError> {
+        if found != expected {
+            return Err(ModelError::ShapeMismatch {
+                name: name.to_string(),
+                path: shard.path.clone(),
+                expected: expected.to_vec(),
+                found: found.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
     /// The raw little-endian bytes of a tensor, with its stored shape.
     pub fn raw(&self, name: &str) -> Result<(&[u8], TensorMeta), ModelError> {
         let shard = self.shard(name)?;

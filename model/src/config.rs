@@ -2,8 +2,10 @@
 //! exactly as Hugging Face writes it (both the older Hub spelling and the transformers v5
 //! one), and [`ModelConfig`], the checked configuration the model is built from.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use lora_quant::affine::AffineSpec;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -64,6 +66,8 @@ pub struct HfConfig {
     pub eos_token_id: Option<Value>,
     /// MLX quantization parameters, when the checkpoint is quantized.
     pub quantization: Option<Value>,
+    /// The same, as newer mlx-lm and transformers also spell it.
+    pub quantization_config: Option<Value>,
 }
 
 fn default_eps() -> f64 {
@@ -145,6 +149,55 @@ pub struct ModelConfig {
     pub layer_windows: Vec<Option<usize>>,
     /// The checkpoint's dtype as written in config.json (`float32`, `bfloat16`, ...), if any.
     pub checkpoint_dtype: Option<String>,
+    /// The checkpoint's own quantization (an MLX quantized checkpoint), if any.
+    pub quantization: Option<MlxQuantization>,
+}
+
+/// The `quantization` section of an MLX checkpoint's config.json.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MlxQuantization {
+    /// Bits and group size of every quantized layer without an override.
+    pub default: AffineSpec,
+    /// Per-layer bits and group size, keyed by module path (`model.layers.0.mlp.down_proj`).
+    pub overrides: HashMap<String, AffineSpec>,
+}
+
+impl MlxQuantization {
+    /// The spec of the module at `path`.
+    pub fn spec(&self, path: &str) -> AffineSpec {
+        self.overrides.get(path).copied().unwrap_or(self.default)
+    }
+
+    fn from_value(v: &Value) -> Result<Self, String> {
+        let spec = |v: &Value, at: &str| -> Result<AffineSpec, String> {
+            let mode = v.get("mode").and_then(Value::as_str).unwrap_or("affine");
+            if mode != "affine" {
+                return Err(format!("quantization{at}: mode `{mode}` is not supported (supported: affine)"));
+            }
+            let int = |key: &str, default: u64| -> Result<usize, String> {
+                match v.get(key) {
+                    None => Ok(default as usize),
+                    Some(x) => x.as_u64().map(|x| x as usize).ok_or_else(|| format!("quantization{at}.{key}: expected an integer, found {x}")),
+                }
+            };
+            AffineSpec::new(int("bits", 4)?, int("group_size", 64)?).map_err(|e| format!("quantization{at}: {e}"))
+        };
+        if let Some(method) = v.get("quant_method") {
+            return Err(format!(
+                "quantization method {method} is not supported: load the float checkpoint with --quantize, or an MLX quantized one"
+            ));
+        }
+        let default = spec(v, "")?;
+        let mut overrides = HashMap::new();
+        if let Some(map) = v.as_object() {
+            for (k, val) in map {
+                if val.is_object() {
+                    overrides.insert(k.clone(), spec(val, &format!(".{k}"))?);
+                }
+            }
+        }
+        Ok(Self { default, overrides })
+    }
 }
 
 impl HfConfig {
@@ -248,6 +301,10 @@ impl ModelConfig {
             qk_norm,
             layer_windows,
             checkpoint_dtype: hf.dtype.clone().or_else(|| hf.torch_dtype.clone()),
+            quantization: match hf.quantization.as_ref().or(hf.quantization_config.as_ref()) {
+                Some(q) if !q.is_null() => Some(MlxQuantization::from_value(q).map_err(err)?),
+                _ => None,
+            },
         })
     }
 }

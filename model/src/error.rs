@@ -68,6 +68,14 @@ pub enum ModelError {
         /// The shape in the file.
         found: Vec<usize>,
     },
+    /// Quantized tensors that do not fit together, or a quantization that cannot apply.
+    #[error("{path}: {source}")]
+    Quant {
+        /// The checkpoint file or directory.
+        path: PathBuf,
+        /// What is wrong, naming the tensor.
+        source: lora_quant::QuantError,
+    },
     /// A tensor is stored in a dtype this loader does not read.
     #[error("tensor `{name}` in {path} is stored as {found}; expected F32, F16 or BF16")]
     UnsupportedDType {

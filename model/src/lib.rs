@@ -24,8 +24,8 @@ pub mod rope;
 pub mod sampling;
 
 pub use checkpoint::Checkpoint;
-pub use config::{Architecture, HfConfig, ModelConfig, RopeScaling};
+pub use config::{Architecture, HfConfig, MlxQuantization, ModelConfig, RopeScaling};
 pub use error::ModelError;
 pub use generate::{GenerationStats, generate};
-pub use llama::{CausalLm, KvCache};
+pub use llama::{CausalLm, KvCache, LoadEvent, LoadOptions, QuantizeAtLoad, Weight};
 pub use sampling::{Sampler, SamplingConfig};

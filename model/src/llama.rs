@@ -8,16 +8,174 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData};
 
+use lora_quant::QuantWeight;
+use lora_quant::affine::AffineSpec;
+
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::rope::{Rope, apply_rotary};
 
+/// What to do with the float weights of a checkpoint as they are loaded.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum QuantizeAtLoad {
+    /// MLX affine quantization.
+    Affine(AffineSpec),
+    /// QLoRA NF4, block 64.
+    Nf4 {
+        /// Store the absmax values in 8 bits too.
+        double_quant: bool,
+    },
+}
+
+impl QuantizeAtLoad {
+    fn group_size(&self) -> usize {
+        match self {
+            Self::Affine(spec) => spec.group_size,
+            Self::Nf4 { .. } => lora_quant::nf4::BLOCK,
+        }
+    }
+}
+
+/// How to load a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LoadOptions {
+    /// Quantize every linear projection of the transformer blocks at load. Ignored for a
+    /// checkpoint that is already quantized.
+    pub quantize: Option<QuantizeAtLoad>,
+    /// Also quantize the embedding and an untied `lm_head` (MLX does).
+    pub quantize_embeddings: bool,
+}
+
+/// What happened while loading, for progress reporting.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum LoadEvent<'a> {
+    /// A module (the embedding, a block, the head) is loaded.
+    Loaded(&'a str),
+    /// A projection was left in float because its input size is not a multiple of the
+    /// group size.
+    KeptFloat {
+        /// The module path.
+        name: &'a str,
+        /// Its input size.
+        cols: usize,
+        /// The group size it does not divide.
+        group_size: usize,
+    },
+}
+
+/// The weight of a projection: dense, or packed and quantized.
+// A model holds a few hundred of these; the size difference between variants is irrelevant.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum Weight {
+    /// `[out, in]` in the compute dtype.
+    Dense(Param<Tensor<2>>),
+    /// Packed on the device, dequantized when used.
+    Quant(QuantWeight),
+}
+
+impl Weight {
+    /// The dense `[out, in]` weight (dequantized for a quantized one).
+    pub fn dense(&self) -> Tensor<2> {
+        match self {
+            Self::Dense(w) => w.val(),
+            Self::Quant(q) => q.dequantize(),
+        }
+    }
+
+    /// `[out, in]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            Self::Dense(w) => w.dims(),
+            Self::Quant(q) => q.dims(),
+        }
+    }
+
+    /// Whether the weight is quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, Self::Quant(_))
+    }
+
+    /// Loads `{prefix}.weight` `[out, inp]`: packed when the checkpoint holds
+    /// `{prefix}.scales` (MLX), else float, quantized if `quantize` asks for it.
+    #[allow(clippy::too_many_arguments)]
+    fn load(
+        ckpt: &Checkpoint,
+        config: &ModelConfig,
+        prefix: &str,
+        [out, inp]: [usize; 2],
+        quantize: Option<QuantizeAtLoad>,
+        device: &Device,
+        dtype: DType,
+        on_event: &mut dyn FnMut(LoadEvent),
+    ) -> Result<Self, ModelError> {
+        let name = format!("{prefix}.weight");
+        if ckpt.contains(&format!("{prefix}.scales")) {
+            let spec = config.quantization.as_ref().map_or_else(AffineSpec::default, |q| q.spec(prefix));
+            let quant_err = |source| ModelError::Quant { path: ckpt.dir().to_path_buf(), source };
+            if !spec.fits(inp) {
+                return Err(quant_err(lora_quant::QuantError::NotDivisible { cols: inp, group_size: spec.group_size }));
+            }
+            let (packed, shape) = ckpt.read_u32(&name)?;
+            let expected = [out, inp * spec.bits / 32];
+            if shape != expected {
+                return Err(ModelError::ShapeMismatch {
+                    name,
+                    path: ckpt.meta(&format!("{prefix}.weight"))?.path,
+                    expected: expected.to_vec(),
+                    found: shape,
+                });
+            }
+            let groups = [out, inp / spec.group_size];
+            let scales = ckpt.load(&format!("{prefix}.scales"), groups, device, dtype)?;
+            let biases = ckpt.load(&format!("{prefix}.biases"), groups, device, dtype)?;
+            let q = QuantWeight::from_packed(prefix, packed, [out, expected[1]], scales, biases, inp, spec, device)
+                .map_err(quant_err)?;
+            return Ok(Self::Quant(q));
+        }
+        let Some(quantize) = quantize else {
+            return Ok(Self::Dense(Param::from_tensor(ckpt.load(&name, [out, inp], device, dtype)?)));
+        };
+        let group_size = quantize.group_size();
+        if !inp.is_multiple_of(group_size) {
+            on_event(LoadEvent::KeptFloat { name: prefix, cols: inp, group_size });
+            return Ok(Self::Dense(Param::from_tensor(ckpt.load(&name, [out, inp], device, dtype)?)));
+        }
+        let w = ckpt.read_f32(&name, &[out, inp])?;
+        let quant_err = |source| ModelError::Quant { path: ckpt.dir().to_path_buf(), source };
+        let q = match quantize {
+            QuantizeAtLoad::Affine(spec) => {
+                let mut q = lora_quant::affine::quantize(&w, inp, spec).map_err(quant_err)?;
+                // MLX keeps scales and biases in the weight's own dtype.
+                round_to_stored(&mut q.scales, config);
+                round_to_stored(&mut q.biases, config);
+                QuantWeight::from_affine(&q, out, inp, spec, device, dtype)
+            }
+            QuantizeAtLoad::Nf4 { double_quant } => {
+                let q = lora_quant::nf4::quantize(&w, inp, double_quant).map_err(quant_err)?;
+                QuantWeight::from_nf4(&q, out, inp, device, dtype)
+            }
+        };
+        Ok(Self::Quant(q))
+    }
+}
+
+/// Rounds f32 values to the checkpoint's half dtype, as MLX stores scales in it.
+fn round_to_stored(v: &mut [f32], config: &ModelConfig) {
+    match config.checkpoint_dtype.as_deref() {
+        Some("bfloat16") => v.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
+        Some("float16") => v.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
+        _ => {}
+    }
+}
+
 /// A linear projection `y = x·Wᵀ + b` with `W` stored `[out, in]` as in the checkpoint.
 #[derive(Module, Debug)]
 pub struct Linear {
-    /// `[out_features, in_features]`.
-    pub weight: Param<Tensor<2>>,
+    /// `[out_features, in_features]`, dense or quantized.
+    pub weight: Weight,
     /// `[out_features]`, when the checkpoint has one.
     pub bias: Option<Param<Tensor<1>>>,
 }
@@ -26,7 +184,7 @@ impl Linear {
     /// `x` `[batch, seq, in]` -> `[batch, seq, out]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, s, i] = x.dims();
-        let w = self.weight.val();
+        let w = self.weight.dense(); // [out, in]; one layer dequantized at a time
         let out = w.dims()[0];
         let y = x.reshape([b * s, i]).matmul(w.transpose()); // [b*s, out]
         let y = match &self.bias {
@@ -36,22 +194,26 @@ impl Linear {
         y.reshape([b, s, out])
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn load(
         ckpt: &Checkpoint,
+        config: &ModelConfig,
         prefix: &str,
         out: usize,
         inp: usize,
         bias: bool,
+        quantize: Option<QuantizeAtLoad>,
         device: &Device,
         dtype: DType,
+        on_event: &mut dyn FnMut(LoadEvent),
     ) -> Result<Self, ModelError> {
-        let weight = ckpt.load(&format!("{prefix}.weight"), [out, inp], device, dtype)?;
+        let weight = Weight::load(ckpt, config, prefix, [out, inp], quantize, device, dtype, on_event)?;
         let bias = if bias {
             Some(Param::from_tensor(ckpt.load(&format!("{prefix}.bias"), [out], device, dtype)?))
         } else {
             None
         };
-        Ok(Self { weight: Param::from_tensor(weight), bias })
+        Ok(Self { weight, bias })
     }
 }
 
@@ -82,17 +244,21 @@ impl RmsNorm {
 /// Token embedding table.
 #[derive(Module, Debug)]
 pub struct Embedding {
-    /// `[vocab, hidden]`.
-    pub weight: Param<Tensor<2>>,
+    /// `[vocab, hidden]`, dense or quantized.
+    pub weight: Weight,
 }
 
 impl Embedding {
     /// `tokens` `[batch, seq]` -> `[batch, seq, hidden]`.
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
         let [b, s] = tokens.dims();
-        let w = self.weight.val();
-        let hidden = w.dims()[1];
-        w.select(0, tokens.reshape([b * s])).reshape([b, s, hidden])
+        let hidden = self.weight.dims()[1];
+        let ids = tokens.reshape([b * s]);
+        let rows = match &self.weight {
+            Weight::Dense(w) => w.val().select(0, ids),
+            Weight::Quant(q) => q.rows(ids), // only the rows looked up are dequantized
+        };
+        rows.reshape([b, s, hidden])
     }
 }
 
@@ -256,7 +422,7 @@ impl KvCache {
 impl CausalLm {
     /// Builds the model from a checkpoint, loading each tensor on `device` in `dtype`.
     ///
-    /// `on_tensor` is called once per loaded tensor (for a progress bar).
+    /// `on_tensor` is called once per loaded module (for a progress bar).
     pub fn load(
         config: &ModelConfig,
         ckpt: &Checkpoint,
@@ -264,16 +430,38 @@ impl CausalLm {
         dtype: DType,
         mut on_tensor: impl FnMut(&str),
     ) -> Result<Self, ModelError> {
+        Self::load_with(config, ckpt, device, dtype, LoadOptions::default(), |e| {
+            if let LoadEvent::Loaded(name) = e {
+                on_tensor(name)
+            }
+        })
+    }
+
+    /// Builds the model from a checkpoint with [`LoadOptions`]: quantized MLX layers stay
+    /// packed, and float layers are quantized as they are read when asked to.
+    pub fn load_with(
+        config: &ModelConfig,
+        ckpt: &Checkpoint,
+        device: &Device,
+        dtype: DType,
+        options: LoadOptions,
+        mut on_event: impl FnMut(LoadEvent),
+    ) -> Result<Self, ModelError> {
         let c = config;
         let (hid, inter, d) = (c.hidden_size, c.intermediate_size, c.head_dim);
-        let mut tick = |name: &str| on_tensor(name);
-        let embed = ckpt.load("model.embed_tokens.weight", [c.vocab_size, hid], device, dtype)?;
-        tick("model.embed_tokens.weight");
+        let on_event: &mut dyn FnMut(LoadEvent) = &mut on_event;
+        // A checkpoint that is already quantized is loaded as it is.
+        let quantize = if c.quantization.is_some() { None } else { options.quantize };
+        let quantize_outer = quantize.filter(|_| options.quantize_embeddings);
+        let embed_tokens = Embedding {
+            weight: Weight::load(ckpt, c, "model.embed_tokens", [c.vocab_size, hid], quantize_outer, device, dtype, on_event)?,
+        };
+        on_event(LoadEvent::Loaded("model.embed_tokens"));
         let mut layers = Vec::with_capacity(c.num_layers);
         for (i, window) in c.layer_windows.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            let lin = |name: &str, out: usize, inp: usize, bias: bool| {
-                Linear::load(ckpt, &format!("{p}.{name}"), out, inp, bias, device, dtype)
+            let mut lin = |name: &str, out: usize, inp: usize, bias: bool| {
+                Linear::load(ckpt, c, &format!("{p}.{name}"), out, inp, bias, quantize, device, dtype, on_event)
             };
             let norm = |name: &str, dim: usize| {
                 RmsNorm::load(ckpt, &format!("{p}.{name}.weight"), dim, c.rms_norm_eps, device, dtype)
@@ -301,22 +489,18 @@ impl CausalLm {
                 post_attention_layernorm: norm("post_attention_layernorm", hid)?,
                 window: window.filter(|w| *w > 0),
             });
-            tick(&p);
+            on_event(LoadEvent::Loaded(&p));
         }
         let norm = RmsNorm::load(ckpt, "model.norm.weight", hid, c.rms_norm_eps, device, dtype)?;
         // Some tied checkpoints still carry a copy of lm_head; the embedding is what is used.
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(Linear::load(ckpt, "lm_head", c.vocab_size, hid, false, device, dtype)?)
+            Some(Linear::load(ckpt, c, "lm_head", c.vocab_size, hid, false, quantize_outer, device, dtype, on_event)?)
         };
-        tick("lm_head.weight");
+        on_event(LoadEvent::Loaded("lm_head"));
         Ok(Self {
-            model: Backbone {
-                embed_tokens: Embedding { weight: Param::from_tensor(embed) },
-                layers,
-                norm,
-            },
+            model: Backbone { embed_tokens, layers, norm },
             lm_head,
             rope: Rope::new(d, c.rope_theta, &c.rope_scaling),
         })
@@ -324,12 +508,12 @@ impl CausalLm {
 
     /// The device the weights live on.
     pub fn device(&self) -> Device {
-        self.model.embed_tokens.weight.val().device()
+        self.model.norm.weight.val().device()
     }
 
     /// The compute dtype of the weights.
     pub fn dtype(&self) -> DType {
-        self.model.embed_tokens.weight.val().dtype()
+        self.model.norm.weight.val().dtype()
     }
 
     /// Full-sequence forward pass for training and scoring, without a cache.
@@ -359,7 +543,7 @@ impl CausalLm {
             Some(head) => head.forward(hidden),
             None => {
                 let [b, s, h] = hidden.dims();
-                let w = self.model.embed_tokens.weight.val();
+                let w = self.model.embed_tokens.weight.dense(); // [vocab, hidden]
                 let vocab = w.dims()[0];
                 hidden.reshape([b * s, h]).matmul(w.transpose()).reshape([b, s, vocab])
             }

@@ -1,0 +1,139 @@
+//! MLX's affine quantization: per group of `group_size` consecutive inputs,
+//! `w ≈ scale·q + bias` with `q` in `0 .. 2^bits`.
+//!
+//! [`quantize`] reproduces `mlx.core.quantize` exactly: the group's range is anchored on
+//! its endpoint of larger magnitude so that value is represented exactly (the scale is
+//! negative when that endpoint is the maximum), codes are rounded half to even, and all
+//! arithmetic is f32. Scales and biases come out in f32; MLX then stores them in the
+//! weight's dtype, which the caller does by rounding them the same way.
+
+use crate::error::QuantError;
+use crate::pack;
+
+/// Supported bit widths, as MLX's affine mode.
+pub const BITS: [usize; 6] = [2, 3, 4, 5, 6, 8];
+/// Supported group sizes.
+pub const GROUP_SIZES: [usize; 3] = [32, 64, 128];
+
+/// Bits and group size of an affine quantization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AffineSpec {
+    /// Bits per weight: 2, 3, 4, 5, 6 or 8.
+    pub bits: usize,
+    /// Consecutive inputs sharing one scale and bias: 32, 64 or 128.
+    pub group_size: usize,
+}
+
+impl AffineSpec {
+    /// Checks `bits` and `group_size` against what is supported.
+    pub fn new(bits: usize, group_size: usize) -> Result<Self, QuantError> {
+        if !BITS.contains(&bits) {
+            return Err(QuantError::UnsupportedBits { bits, supported: "2, 3, 4, 5, 6, 8" });
+        }
+        if !GROUP_SIZES.contains(&group_size) {
+            return Err(QuantError::UnsupportedGroupSize { group_size, supported: "32, 64, 128" });
+        }
+        Ok(Self { bits, group_size })
+    }
+
+    /// Whether a matrix with `cols` inputs can be quantized with this group size.
+    pub fn fits(&self, cols: usize) -> bool {
+        cols > 0 && cols.is_multiple_of(self.group_size)
+    }
+}
+
+impl Default for AffineSpec {
+    /// 4 bits, group 64: mlx-lm's default.
+    fn default() -> Self {
+        Self { bits: 4, group_size: 64 }
+    }
+}
+
+/// A matrix quantized on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AffineQuantized {
+    /// `[rows, cols·bits/32]` words, MLX's layout.
+    pub packed: Vec<u32>,
+    /// `[rows, cols/group_size]`.
+    pub scales: Vec<f32>,
+    /// `[rows, cols/group_size]`.
+    pub biases: Vec<f32>,
+}
+
+/// Quantizes a row-major matrix with `cols` inputs per row, as `mlx.core.quantize`.
+pub fn quantize(w: &[f32], cols: usize, spec: AffineSpec) -> Result<AffineQuantized, QuantError> {
+    if !spec.fits(cols) || !w.len().is_multiple_of(cols) {
+        return Err(QuantError::NotDivisible { cols, group_size: spec.group_size });
+    }
+    let n_bins = ((1u32 << spec.bits) - 1) as f32;
+    let eps = 1e-7f32;
+    let groups = w.len() / spec.group_size;
+    let mut codes = Vec::with_capacity(w.len());
+    let mut scales = Vec::with_capacity(groups);
+    let mut biases = Vec::with_capacity(groups);
+    for g in w.chunks_exact(spec.group_size) {
+        let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+        for &x in g {
+            lo = lo.min(x);
+            hi = hi.max(x);
+        }
+        let anchor_min = lo.abs() > hi.abs();
+        let mut scale = ((hi - lo) / n_bins).max(eps);
+        if !anchor_min {
+            scale = -scale;
+        }
+        let edge = if anchor_min { lo } else { hi };
+        let q0 = (edge / scale).round_ties_even();
+        let mut bias = 0.0;
+        if q0 != 0.0 {
+            scale = edge / q0;
+            bias = edge;
+        }
+        for &x in g {
+            codes.push(((x - bias) / scale).round_ties_even().clamp(0.0, n_bins) as u8);
+        }
+        scales.push(scale);
+        biases.push(bias);
+    }
+    Ok(AffineQuantized { packed: pack::pack(&codes, cols, spec.bits), scales, biases })
+}
+
+/// Dequantizes on the host: `scale·q + bias`, row-major `[rows, cols]`.
+pub fn dequantize(packed: &[u32], scales: &[f32], biases: &[f32], cols: usize, spec: AffineSpec) -> Vec<f32> {
+    let codes = pack::unpack(packed, cols, spec.bits);
+    codes
+        .chunks_exact(spec.group_size)
+        .zip(scales.iter().zip(biases))
+        .flat_map(|(g, (&s, &b))| g.iter().map(move |&q| s * f32::from(q) + b))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsupported_bits_and_groups_list_the_supported_ones() {
+        let e = AffineSpec::new(7, 64).unwrap_err().to_string();
+        assert!(e.contains("7") && e.contains("2, 3, 4, 5, 6, 8"), "{e}");
+        let e = AffineSpec::new(4, 48).unwrap_err().to_string();
+        assert!(e.contains("48") && e.contains("32, 64, 128"), "{e}");
+    }
+
+    #[test]
+    fn the_larger_magnitude_endpoint_is_exact() {
+        let spec = AffineSpec::new(4, 32).unwrap();
+        let mut w: Vec<f32> = (0..32).map(|i| i as f32 * 0.01 - 0.05).collect();
+        w[7] = -1.3;
+        let q = quantize(&w, 32, spec).unwrap();
+        let back = dequantize(&q.packed, &q.scales, &q.biases, 32, spec);
+        assert_eq!(back[7], -1.3);
+        assert!(q.scales[0] > 0.0);
+    }
+
+    #[test]
+    fn rejects_inputs_not_divisible_by_the_group() {
+        let spec = AffineSpec::new(4, 64).unwrap();
+        assert!(matches!(quantize(&[0.0; 96], 96, spec), Err(QuantError::NotDivisible { cols: 96, .. })));
+    }
+}

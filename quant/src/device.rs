@@ -1,0 +1,244 @@
+//! Quantized weights held packed on a burn device.
+//!
+//! The packed codes live in u32 words (`bits/8` bytes per weight) beside their scales.
+//! [`QuantWeight::dequantize`] rebuilds one layer's dense weight when it is used, so the
+//! model is never whole in float, and [`QuantWeight::rows`] dequantizes only the rows an
+//! embedding lookup needs. Everything is plain burn tensor operations, so it runs on every
+//! backend (flex, wgpu, cuda) and keeps the packed data on each.
+
+use burn::module::Module;
+use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
+
+use crate::affine::{AffineQuantized, AffineSpec};
+use crate::error::QuantError;
+use crate::nf4::{self, DQ_BLOCK, Nf4Quantized};
+
+/// A frozen weight `[rows, cols]` in one of the quantized formats.
+// A model holds a few hundred of these; the size difference between variants is irrelevant.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum QuantWeight {
+    /// MLX affine: `scale·q + bias` per group.
+    Affine(AffineWeight),
+    /// NF4: `level[q]·absmax` per block of 64.
+    Nf4(Nf4Weight),
+}
+
+/// An affine-quantized weight on the device.
+#[derive(Module, Debug)]
+pub struct AffineWeight {
+    /// `[rows, cols·bits/32]` u32 words, MLX's layout.
+    pub packed: Tensor<2, Int>,
+    /// `[rows, cols/group_size]`, in the compute dtype.
+    pub scales: Tensor<2>,
+    /// `[rows, cols/group_size]`, in the compute dtype.
+    pub biases: Tensor<2>,
+    /// Bits per weight.
+    pub bits: usize,
+    /// Inputs per scale.
+    pub group_size: usize,
+    /// Input size.
+    pub cols: usize,
+}
+
+/// An NF4-quantized weight on the device.
+#[derive(Module, Debug)]
+pub struct Nf4Weight {
+    /// `[rows, cols/8]` u32 words of 4-bit codes.
+    pub packed: Tensor<2, Int>,
+    /// `[rows·cols/64]` absmax values in f32 (without double quantization), or their 8-bit
+    /// codes packed four to a word, `[padded/4]` (with it).
+    pub absmax: Tensor<1, Int>,
+    /// The exact absmax values, when not double-quantized: `[rows·cols/64]`, f32.
+    pub absmax_f32: Option<Tensor<1>>,
+    /// Second-level scales, `[padded/256]`, f32 (double quantization only).
+    pub dq_scales: Option<Tensor<1>>,
+    /// The mean absmax added back (double quantization only).
+    pub dq_offset: f32,
+    /// The 16 levels, `[16]`, f32.
+    pub levels: Tensor<1>,
+    /// Input size.
+    pub cols: usize,
+    /// Compute dtype of the dequantized weight.
+    #[module(skip)]
+    pub dtype: DType,
+}
+
+fn u32_tensor<const D: usize>(words: Vec<u32>, shape: [usize; D], device: &Device) -> Tensor<D, Int> {
+    Tensor::from_data(TensorData::new(words, shape), (device, DType::U32))
+}
+
+fn float_dtype(dtype: DType) -> FloatDType {
+    match dtype {
+        DType::F16 => FloatDType::F16,
+        DType::BF16 => FloatDType::BF16,
+        DType::F64 => FloatDType::F64,
+        _ => FloatDType::F32,
+    }
+}
+
+impl QuantWeight {
+    /// An affine weight from a host quantization, scales and biases cast to `dtype`.
+    pub fn from_affine(q: &AffineQuantized, rows: usize, cols: usize, spec: AffineSpec, device: &Device, dtype: DType) -> Self {
+        let groups = cols / spec.group_size;
+        let f = |v: &[f32]| Tensor::<2>::from_data(TensorData::new(v.to_vec(), [rows, groups]), (device, DType::F32)).cast(float_dtype(dtype));
+        Self::Affine(AffineWeight {
+            packed: u32_tensor(q.packed.clone(), [rows, cols * spec.bits / 32], device),
+            scales: f(&q.scales),
+            biases: f(&q.biases),
+            bits: spec.bits,
+            group_size: spec.group_size,
+            cols,
+        })
+    }
+
+    /// An affine weight from packed words already read from a checkpoint, with scales and
+    /// biases already on the device. `name` is used in errors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_packed(
+        name: &str,
+        packed: Vec<u32>,
+        packed_shape: [usize; 2],
+        scales: Tensor<2>,
+        biases: Tensor<2>,
+        cols: usize,
+        spec: AffineSpec,
+        device: &Device,
+    ) -> Result<Self, QuantError> {
+        let rows = packed_shape[0];
+        let expected = [rows, cols * spec.bits / 32];
+        if packed_shape != expected || !spec.fits(cols) {
+            return Err(QuantError::ShapeMismatch { name: format!("{name}.weight"), expected: expected.to_vec(), found: packed_shape.to_vec() });
+        }
+        let groups = [rows, cols / spec.group_size];
+        for (what, t) in [("scales", &scales), ("biases", &biases)] {
+            if t.dims() != groups {
+                return Err(QuantError::ShapeMismatch { name: format!("{name}.{what}"), expected: groups.to_vec(), found: t.dims().to_vec() });
+            }
+        }
+        Ok(Self::Affine(AffineWeight { packed: u32_tensor(packed, packed_shape, device), scales, biases, bits: spec.bits, group_size: spec.group_size, cols }))
+    }
+
+    /// An NF4 weight from a host quantization; dequantizes to `dtype`.
+    pub fn from_nf4(q: &Nf4Quantized, rows: usize, cols: usize, device: &Device, dtype: DType) -> Self {
+        let n = rows * cols / nf4::BLOCK;
+        let (absmax, absmax_f32, dq_scales, dq_offset) = match &q.double_quant {
+            None => (u32_tensor(vec![0u32], [1], device), Some(Tensor::from_data(TensorData::new(q.absmax.clone(), [n]), (device, DType::F32))), None, 0.0),
+            Some(dq) => {
+                let words = crate::pack::pack(&dq.codes, DQ_BLOCK, 8);
+                let len = words.len();
+                let scales = Tensor::from_data(TensorData::new(dq.scales.clone(), [dq.scales.len()]), (device, DType::F32));
+                (u32_tensor(words, [len], device), None, Some(scales), dq.offset)
+            }
+        };
+        Self::Nf4(Nf4Weight {
+            packed: u32_tensor(q.packed.clone(), [rows, cols / 8], device),
+            absmax,
+            absmax_f32,
+            dq_scales,
+            dq_offset,
+            levels: Tensor::from_data(TensorData::new(nf4::LEVELS.to_vec(), [16]), (device, DType::F32)),
+            cols,
+            dtype,
+        })
+    }
+
+    /// `[rows, cols]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            Self::Affine(w) => [w.packed.dims()[0], w.cols],
+            Self::Nf4(w) => [w.packed.dims()[0], w.cols],
+        }
+    }
+
+    /// Bits per weight of the codes.
+    pub fn bits(&self) -> usize {
+        match self {
+            Self::Affine(w) => w.bits,
+            Self::Nf4(_) => 4,
+        }
+    }
+
+    /// The dense weight `[rows, cols]` in the compute dtype.
+    pub fn dequantize(&self) -> Tensor<2> {
+        match self {
+            Self::Affine(w) => w.dequantize_rows(w.packed.clone(), w.scales.clone(), w.biases.clone()),
+            Self::Nf4(w) => w.dequantize(),
+        }
+    }
+
+    /// Dense rows `ids` `[n]` -> `[n, cols]`: an embedding lookup that dequantizes only
+    /// the rows it reads.
+    pub fn rows(&self, ids: Tensor<1, Int>) -> Tensor<2> {
+        match self {
+            Self::Affine(w) => w.dequantize_rows(
+                w.packed.clone().select(0, ids.clone()),
+                w.scales.clone().select(0, ids.clone()),
+                w.biases.clone().select(0, ids),
+            ),
+            Self::Nf4(w) => w.dequantize().select(0, ids),
+        }
+    }
+}
+
+impl AffineWeight {
+    fn dequantize_rows(&self, packed: Tensor<2, Int>, scales: Tensor<2>, biases: Tensor<2>) -> Tensor<2> {
+        let rows = packed.dims()[0];
+        let (cols, g) = (self.cols, self.group_size);
+        let q = unpack(packed, self.bits, cols).cast(float_dtype(scales.dtype()));
+        let w = q.reshape([rows, cols / g, g]) * scales.unsqueeze_dim::<3>(2) + biases.unsqueeze_dim::<3>(2);
+        w.reshape([rows, cols])
+    }
+}
+
+impl Nf4Weight {
+    fn dequantize(&self) -> Tensor<2> {
+        let rows = self.packed.dims()[0];
+        let cols = self.cols;
+        let device = self.packed.device();
+        let codes = unpack(self.packed.clone(), 4, cols).reshape([rows * cols]).cast(burn::tensor::IntDType::I32);
+        let values = self.levels.clone().select(0, codes).reshape([rows * cols / nf4::BLOCK, nf4::BLOCK]);
+        let absmax = match (&self.absmax_f32, &self.dq_scales) {
+            (Some(a), _) => a.clone(),
+            (None, Some(s)) => {
+                let padded = self.absmax.dims()[0] * 4;
+                let codes = unpack(self.absmax.clone().reshape([1, padded / 4]), 8, padded).reshape([padded / DQ_BLOCK, DQ_BLOCK]);
+                let a = (codes.cast(FloatDType::F32) - 128.0) * s.clone().unsqueeze_dim::<2>(1) + self.dq_offset;
+                a.reshape([padded]).slice(0..rows * cols / nf4::BLOCK)
+            }
+            (None, None) => Tensor::zeros([rows * cols / nf4::BLOCK], (&device, DType::F32)),
+        };
+        let w = values * absmax.unsqueeze_dim::<2>(1);
+        w.reshape([rows, cols]).cast(float_dtype(self.dtype))
+    }
+}
+
+/// Unpacks `[rows, cols·bits/32]` words into `[rows, cols]` codes (`cols` a multiple of 32).
+///
+/// Every 32 codes fill `bits` words; code `e` of such a run starts at bit `e·bits`, in word
+/// `e·bits/32`, and spills into the next word when it crosses a word boundary.
+pub fn unpack(packed: Tensor<2, Int>, bits: usize, cols: usize) -> Tensor<2, Int> {
+    let rows = packed.dims()[0];
+    let device = packed.device();
+    let runs = cols / 32;
+    let words = packed.reshape([rows, runs, bits]); // [rows, runs, bits]
+    let (mut lo, mut lo_shift, mut hi, mut hi_shift, mut spill) = (vec![], vec![], vec![], vec![], vec![]);
+    for e in 0..32 {
+        let bit = e * bits;
+        let (w, s) = (bit / 32, bit % 32);
+        lo.push(w as i32);
+        lo_shift.push(s as u32);
+        let crosses = s + bits > 32;
+        hi.push(if crosses { w as i32 + 1 } else { w as i32 });
+        hi_shift.push(if crosses { (32 - s) as u32 } else { 0 });
+        spill.push(u32::from(crosses));
+    }
+    let index = |v: Vec<i32>| Tensor::<1, Int>::from_data(TensorData::new(v, [32]), &device);
+    let per_code = |v: Vec<u32>| u32_tensor(v, [1, 1, 32], &device).expand([rows, runs, 32]);
+    let mut codes = words.clone().select(2, index(lo)).bitwise_right_shift(per_code(lo_shift)); // [rows, runs, 32]
+    if !32usize.is_multiple_of(bits) {
+        let high = (words.select(2, index(hi)) * per_code(spill)).bitwise_left_shift(per_code(hi_shift));
+        codes = codes.bitwise_or(high);
+    }
+    codes.bitwise_and_scalar((1u32 << bits) - 1).reshape([rows, cols])
+}

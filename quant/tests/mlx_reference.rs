@@ -1,0 +1,173 @@
+//! The quantizers against `mlx.core.quantize` and the device dequantization against the
+//! host one, on random matrices (`tests/fixtures/quant/reference.safetensors`, made by
+//! `tests/fixtures/make_mlx_fixtures.py`).
+
+use std::path::Path;
+
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use lora_quant::affine::{self, AffineQuantized, AffineSpec};
+use lora_quant::{QuantWeight, nf4, pack};
+
+const COLS: usize = 384;
+const ROWS: usize = 6;
+
+struct Reference(Vec<u8>);
+
+impl Reference {
+    fn load() -> Self {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/quant/reference.safetensors");
+        Self(std::fs::read(path).unwrap())
+    }
+
+    fn f32(&self, name: &str) -> Vec<f32> {
+        let st = safetensors::SafeTensors::deserialize(&self.0).unwrap();
+        let t = st.tensor(name).unwrap();
+        t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
+
+    fn u32(&self, name: &str) -> Vec<u32> {
+        let st = safetensors::SafeTensors::deserialize(&self.0).unwrap();
+        let t = st.tensor(name).unwrap();
+        t.data().chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
+}
+
+fn round(v: &[f32], dtype: &str) -> Vec<f32> {
+    match dtype {
+        "f16" => v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect(),
+        "bf16" => v.iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect(),
+        _ => v.to_vec(),
+    }
+}
+
+fn cases() -> impl Iterator<Item = (&'static str, AffineSpec)> {
+    ["f32", "f16", "bf16"].into_iter().flat_map(|d| {
+        affine::BITS.into_iter().flat_map(move |b| affine::GROUP_SIZES.into_iter().map(move |g| (d, AffineSpec::new(b, g).unwrap())))
+    })
+}
+
+#[test]
+fn affine_quantize_matches_mlx_bit_for_bit() {
+    let r = Reference::load();
+    let mut checked = 0;
+    for (dtype, spec) in cases() {
+        let key = format!("{dtype}.b{}.g{}", spec.bits, spec.group_size);
+        let w = r.f32(&format!("{dtype}.w"));
+        let q = affine::quantize(&w, COLS, spec).unwrap();
+        assert_eq!(q.packed, r.u32(&format!("{key}.q")), "{key}: codes");
+        assert_eq!(round(&q.scales, dtype), r.f32(&format!("{key}.scales")), "{key}: scales");
+        assert_eq!(round(&q.biases, dtype), r.f32(&format!("{key}.biases")), "{key}: biases");
+        checked += 1;
+    }
+    assert_eq!(checked, 54);
+}
+
+#[test]
+fn affine_dequantize_matches_mlx() {
+    let r = Reference::load();
+    for (dtype, spec) in cases().filter(|(d, _)| *d == "f32") {
+        let key = format!("{dtype}.b{}.g{}", spec.bits, spec.group_size);
+        let back = affine::dequantize(
+            &r.u32(&format!("{key}.q")),
+            &r.f32(&format!("{key}.scales")),
+            &r.f32(&format!("{key}.biases")),
+            COLS,
+            spec,
+        );
+        let want = r.f32(&format!("{key}.dequant"));
+        let diff = back.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(diff <= 1e-6, "{key}: {diff}");
+    }
+}
+
+fn devices() -> Vec<Device> {
+    let mut d = vec![Device::flex()];
+    match lora_quant_test_wgpu() {
+        Some(w) => d.push(w),
+        None if std::env::var_os("LORA_REQUIRE_WGPU").is_some() => panic!("LORA_REQUIRE_WGPU is set but no wgpu adapter"),
+        None => eprintln!("no wgpu adapter: wgpu cases skipped"),
+    }
+    d
+}
+
+fn lora_quant_test_wgpu() -> Option<Device> {
+    use burn::tensor::wgpu::wgpu;
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
+    let gpu = adapters.iter().any(|a| !matches!(a.get_info().device_type, wgpu::DeviceType::Cpu | wgpu::DeviceType::Other));
+    if adapters.is_empty() {
+        None
+    } else if gpu {
+        Some(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice))
+    } else {
+        Some(Device::wgpu(burn::tensor::DeviceKind::Cpu))
+    }
+}
+
+fn to_vec(t: Tensor<2>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_to_vec().unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max)
+}
+
+/// Random inputs, never zeros: x·dequant(W)ᵀ on the device equals the host reference.
+#[test]
+fn device_dequantize_and_matmul_match_the_host_for_every_width() {
+    let r = Reference::load();
+    let w = r.f32("f32.w");
+    let x: Vec<f32> = (0..3 * COLS).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3 + 0.01).collect();
+    for device in devices() {
+        for spec in affine::BITS.into_iter().map(|b| AffineSpec::new(b, 32).unwrap()) {
+            let q: AffineQuantized = affine::quantize(&w, COLS, spec).unwrap();
+            let host = affine::dequantize(&q.packed, &q.scales, &q.biases, COLS, spec);
+            let dq = QuantWeight::from_affine(&q, ROWS, COLS, spec, &device, DType::F32);
+            let dense = dq.dequantize();
+            assert_eq!(dense.dims(), [ROWS, COLS]);
+            let diff = max_diff(&to_vec(dense.clone()), &host);
+            assert!(diff <= 1e-6, "{device:?} bits {}: {diff}", spec.bits);
+
+            let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [3, COLS]), (&device, DType::F32));
+            let y = to_vec(xt.matmul(dense.transpose()));
+            let want: Vec<f32> = (0..3)
+                .flat_map(|i| (0..ROWS).map(move |j| (i, j)))
+                .map(|(i, j)| (0..COLS).map(|k| x[i * COLS + k] * host[j * COLS + k]).sum())
+                .collect();
+            assert!(max_diff(&y, &want) < 1e-4, "{device:?} bits {} matmul", spec.bits);
+
+            // An embedding lookup dequantizes only the rows it reads.
+            let ids = Tensor::<1, Int>::from_data(TensorData::new(vec![4i32, 0, 4, 2], [4]), &device);
+            let rows = to_vec(dq.rows(ids));
+            let want: Vec<f32> = [4, 0, 4, 2].iter().flat_map(|&i| host[i * COLS..(i + 1) * COLS].to_vec()).collect();
+            assert!(max_diff(&rows, &want) <= 1e-6, "{device:?} bits {} rows", spec.bits);
+        }
+    }
+}
+
+#[test]
+fn device_nf4_matches_the_host_with_and_without_double_quant() {
+    let r = Reference::load();
+    let w = r.f32("f32.w");
+    for device in devices() {
+        for dq in [false, true] {
+            let q = nf4::quantize(&w, COLS, dq).unwrap();
+            let host = nf4::dequantize(&q, COLS);
+            let got = to_vec(QuantWeight::from_nf4(&q, ROWS, COLS, &device, DType::F32).dequantize());
+            let diff = max_diff(&got, &host);
+            assert!(diff <= 1e-6, "{device:?} double_quant {dq}: {diff}");
+        }
+    }
+}
+
+#[test]
+fn packed_weights_stay_packed_on_the_device() {
+    let r = Reference::load();
+    let q = affine::quantize(&r.f32("f32.w"), COLS, AffineSpec::new(4, 64).unwrap()).unwrap();
+    let dq = QuantWeight::from_affine(&q, ROWS, COLS, AffineSpec::new(4, 64).unwrap(), &Device::flex(), DType::F32);
+    let QuantWeight::Affine(a) = &dq else { panic!() };
+    assert_eq!(a.packed.dims(), [ROWS, COLS / 8]);
+    assert_eq!(a.packed.dtype(), DType::U32);
+    assert_eq!(pack::words_per_row(COLS, 4), COLS / 8);
+}
