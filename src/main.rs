@@ -1,5 +1,6 @@
 //! `lora`: on-device LoRA/QLoRA fine-tuning of Llama-family models.
 
+mod bench;
 mod device;
 mod generate;
 mod quantize;
@@ -20,6 +21,15 @@ struct Cli {
 enum Command {
     /// Generate text from a model, streaming the completion to stdout.
     Generate(generate::GenerateArgs),
+    /// Measure speed and memory.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Packed quantized weights against f16: device memory and matmul throughput.
+    Quant(bench::BenchQuantArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +43,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Bench(BenchCommand::Quant(args)) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

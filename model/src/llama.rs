@@ -85,6 +85,14 @@ impl Weight {
         }
     }
 
+    /// `x·Wᵀ`: `x` `[m, in]` -> `[m, out]`, a quantized weight one layer at a time.
+    pub fn matmul_t(&self, x: Tensor<2>) -> Tensor<2> {
+        match self {
+            Self::Dense(w) => x.matmul(w.val().transpose()),
+            Self::Quant(q) => q.matmul_t(x),
+        }
+    }
+
     /// `[out, in]`.
     pub fn dims(&self) -> [usize; 2] {
         match self {
@@ -184,9 +192,8 @@ impl Linear {
     /// `x` `[batch, seq, in]` -> `[batch, seq, out]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, s, i] = x.dims();
-        let w = self.weight.dense(); // [out, in]; one layer dequantized at a time
-        let out = w.dims()[0];
-        let y = x.reshape([b * s, i]).matmul(w.transpose()); // [b*s, out]
+        let out = self.weight.dims()[0];
+        let y = self.weight.matmul_t(x.reshape([b * s, i])); // [b*s, out]
         let y = match &self.bias {
             Some(bias) => y + bias.val().unsqueeze::<2>(),
             None => y,
@@ -543,9 +550,9 @@ impl CausalLm {
             Some(head) => head.forward(hidden),
             None => {
                 let [b, s, h] = hidden.dims();
-                let w = self.model.embed_tokens.weight.dense(); // [vocab, hidden]
+                let w = &self.model.embed_tokens.weight; // [vocab, hidden]
                 let vocab = w.dims()[0];
-                hidden.reshape([b * s, h]).matmul(w.transpose()).reshape([b, s, vocab])
+                w.matmul_t(hidden.reshape([b * s, h])).reshape([b, s, vocab])
             }
         }
     }

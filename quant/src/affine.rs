@@ -108,6 +108,39 @@ pub fn dequantize(packed: &[u32], scales: &[f32], biases: &[f32], cols: usize, s
         .collect()
 }
 
+/// `x·dequant(W)ᵀ` on the host without a dense `W`: `x` is `[m, cols]`, the result
+/// `[m, rows]`. Each group contributes `scale·Σ x·q + bias·Σ x`, so codes are read once,
+/// straight from the packed words. Parallel over the rows of `W`.
+pub fn matmul_t(x: &[f32], m: usize, q: &AffineQuantized, cols: usize, spec: AffineSpec) -> Vec<f32> {
+    use rayon::prelude::*;
+    let g = spec.group_size;
+    let groups = cols / g;
+    let rows = q.scales.len() / groups;
+    let wpr = pack::words_per_row(cols, spec.bits);
+    // Σ x over each group, per row of x.
+    let xsum: Vec<f32> = x.chunks_exact(g).map(|c| c.iter().sum()).collect();
+    let mut out_t = vec![0.0f32; rows * m]; // [rows, m]
+    out_t.par_chunks_mut(m).enumerate().for_each_init(|| vec![0u8; cols], |codes, (r, out)| {
+        pack::unpack_row(&q.packed[r * wpr..(r + 1) * wpr], spec.bits, codes);
+        for (i, o) in out.iter_mut().enumerate() {
+            let xi = &x[i * cols..(i + 1) * cols];
+            let mut acc = 0.0f32;
+            for j in 0..groups {
+                let dot: f32 = xi[j * g..(j + 1) * g].iter().zip(&codes[j * g..(j + 1) * g]).map(|(a, &c)| a * f32::from(c)).sum();
+                acc += q.scales[r * groups + j] * dot + q.biases[r * groups + j] * xsum[i * groups + j];
+            }
+            *o = acc;
+        }
+    });
+    let mut out = vec![0.0f32; m * rows];
+    for r in 0..rows {
+        for i in 0..m {
+            out[i * rows + r] = out_t[r * m + i];
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,6 +162,25 @@ mod tests {
         let back = dequantize(&q.packed, &q.scales, &q.biases, 32, spec);
         assert_eq!(back[7], -1.3);
         assert!(q.scales[0] > 0.0);
+    }
+
+    #[test]
+    fn packed_matmul_equals_dequantize_then_matmul() {
+        for bits in BITS {
+            let spec = AffineSpec::new(bits, 32).unwrap();
+            let (rows, cols, m) = (5, 96, 3);
+            let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 997) as f32 / 997.0 - 0.5) * 0.4).collect();
+            let x: Vec<f32> = (0..m * cols).map(|i| ((i * 104_729 % 1009) as f32 / 1009.0 - 0.45) * 2.0).collect();
+            let q = quantize(&w, cols, spec).unwrap();
+            let dense = dequantize(&q.packed, &q.scales, &q.biases, cols, spec);
+            let got = matmul_t(&x, m, &q, cols, spec);
+            for i in 0..m {
+                for r in 0..rows {
+                    let want: f32 = (0..cols).map(|k| x[i * cols + k] * dense[r * cols + k]).sum();
+                    assert!((got[i * rows + r] - want).abs() < 1e-4, "bits {bits}: {} vs {want}", got[i * rows + r]);
+                }
+            }
+        }
     }
 
     #[test]

@@ -9,7 +9,10 @@
 use burn::module::Module;
 use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
 
-use crate::affine::{AffineQuantized, AffineSpec};
+use crate::affine::{self, AffineQuantized, AffineSpec};
+
+/// Rows of `x` up to which the CPU backend multiplies straight from packed words.
+const HOST_ROWS: usize = 16;
 use crate::error::QuantError;
 use crate::nf4::{self, DQ_BLOCK, Nf4Quantized};
 
@@ -167,6 +170,34 @@ impl QuantWeight {
         }
     }
 
+    /// `x·Wᵀ`: `x` `[m, cols]` -> `[m, rows]`.
+    ///
+    /// On the CPU backend, for a few rows of `x` (decoding) outside autodiff, an affine
+    /// weight is multiplied straight from its packed words ([`affine::matmul_t`]): the
+    /// weight is read at bits/8 bytes per element instead of being dequantized first.
+    /// Elsewhere the layer is dequantized and multiplied.
+    pub fn matmul_t(&self, x: Tensor<2>) -> Tensor<2> {
+        let [m, _] = x.dims();
+        if m > HOST_ROWS || x.is_require_grad() || x.device() != Device::flex() {
+            return x.matmul(self.dequantize().transpose());
+        }
+        let (device, dtype) = (x.device(), x.dtype());
+        let floats = |t: Tensor<2>| t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data");
+        let words = |t: Tensor<2, Int>| t.into_data().try_into_vec::<u32>().expect("u32 packed words");
+        let [rows, cols] = self.dims();
+        let y = match self {
+            Self::Affine(w) => {
+                let q = AffineQuantized { packed: words(w.packed.clone()), scales: floats(w.scales.clone()), biases: floats(w.biases.clone()) };
+                affine::matmul_t(&floats(x), m, &q, cols, AffineSpec { bits: w.bits, group_size: w.group_size })
+            }
+            Self::Nf4(w) => {
+                let absmax = w.effective_absmax(rows * cols / nf4::BLOCK).into_data().try_into_vec::<f32>().expect("f32 data");
+                nf4::matmul_t(&floats(x), m, &words(w.packed.clone()), &absmax, cols)
+            }
+        };
+        Tensor::<2>::from_data(TensorData::new(y, [m, rows]), (&device, DType::F32)).cast(float_dtype(dtype))
+    }
+
     /// Dense rows `ids` `[n]` -> `[n, cols]`: an embedding lookup that dequantizes only
     /// the rows it reads.
     pub fn rows(&self, ids: Tensor<1, Int>) -> Tensor<2> {
@@ -192,22 +223,26 @@ impl AffineWeight {
 }
 
 impl Nf4Weight {
-    fn dequantize(&self) -> Tensor<2> {
-        let rows = self.packed.dims()[0];
-        let cols = self.cols;
-        let device = self.packed.device();
-        let codes = unpack(self.packed.clone(), 4, cols).reshape([rows * cols]).cast(burn::tensor::IntDType::I32);
-        let values = self.levels.clone().select(0, codes).reshape([rows * cols / nf4::BLOCK, nf4::BLOCK]);
-        let absmax = match (&self.absmax_f32, &self.dq_scales) {
+    /// The `n` absmax values in f32, decoded from 8 bits under double quantization.
+    fn effective_absmax(&self, n: usize) -> Tensor<1> {
+        match (&self.absmax_f32, &self.dq_scales) {
             (Some(a), _) => a.clone(),
             (None, Some(s)) => {
                 let padded = self.absmax.dims()[0] * 4;
                 let codes = unpack(self.absmax.clone().reshape([1, padded / 4]), 8, padded).reshape([padded / DQ_BLOCK, DQ_BLOCK]);
                 let a = (codes.cast(FloatDType::F32) - 128.0) * s.clone().unsqueeze_dim::<2>(1) + self.dq_offset;
-                a.reshape([padded]).slice(0..rows * cols / nf4::BLOCK)
+                a.reshape([padded]).slice(0..n)
             }
-            (None, None) => Tensor::zeros([rows * cols / nf4::BLOCK], (&device, DType::F32)),
-        };
+            (None, None) => Tensor::zeros([n], (&self.packed.device(), DType::F32)),
+        }
+    }
+
+    fn dequantize(&self) -> Tensor<2> {
+        let rows = self.packed.dims()[0];
+        let cols = self.cols;
+        let codes = unpack(self.packed.clone(), 4, cols).reshape([rows * cols]).cast(burn::tensor::IntDType::I32);
+        let values = self.levels.clone().select(0, codes).reshape([rows * cols / nf4::BLOCK, nf4::BLOCK]);
+        let absmax = self.effective_absmax(rows * cols / nf4::BLOCK);
         let w = values * absmax.unsqueeze_dim::<2>(1);
         w.reshape([rows, cols]).cast(float_dtype(self.dtype))
     }

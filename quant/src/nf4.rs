@@ -123,6 +123,30 @@ pub fn dequantize(q: &Nf4Quantized, cols: usize) -> Vec<f32> {
         .collect()
 }
 
+/// `x·dequant(W)ᵀ` on the host without a dense `W`: `x` `[m, cols]` -> `[m, rows]`, with
+/// `absmax` the effective absmax values (see [`Nf4Quantized::effective_absmax`]).
+pub fn matmul_t(x: &[f32], m: usize, packed: &[u32], absmax: &[f32], cols: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let blocks = cols / BLOCK;
+    let rows = absmax.len() / blocks;
+    let wpr = pack::words_per_row(cols, 4);
+    let mut out_t = vec![0.0f32; rows * m];
+    out_t.par_chunks_mut(m).enumerate().for_each_init(|| vec![0u8; cols], |codes, (r, out)| {
+        pack::unpack_row(&packed[r * wpr..(r + 1) * wpr], 4, codes);
+        for (i, o) in out.iter_mut().enumerate() {
+            let xi = &x[i * cols..(i + 1) * cols];
+            let mut acc = 0.0f32;
+            for b in 0..blocks {
+                let s = b * BLOCK..(b + 1) * BLOCK;
+                let dot: f32 = xi[s.clone()].iter().zip(&codes[s]).map(|(a, &c)| a * LEVELS[c as usize]).sum();
+                acc += absmax[r * blocks + b] * dot;
+            }
+            *o = acc;
+        }
+    });
+    (0..m * rows).map(|k| out_t[(k % rows) * m + k / rows]).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +200,22 @@ mod tests {
         let back = dequantize(&q, 640);
         let err = w.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         assert!(err < 0.03, "{err}");
+    }
+
+    #[test]
+    fn packed_matmul_equals_dequantize_then_matmul() {
+        let (rows, cols, m) = (3, 128, 2);
+        let w = normal(rows * cols, 4);
+        let x = normal(m * cols, 5);
+        let q = quantize(&w, cols, true).unwrap();
+        let dense = dequantize(&q, cols);
+        let got = matmul_t(&x, m, &q.packed, &q.effective_absmax(), cols);
+        for i in 0..m {
+            for r in 0..rows {
+                let want: f32 = (0..cols).map(|k| x[i * cols + k] * dense[r * cols + k]).sum();
+                assert!((got[i * rows + r] - want).abs() < 1e-5);
+            }
+        }
     }
 
     #[test]

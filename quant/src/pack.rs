@@ -30,6 +30,30 @@ pub fn pack(codes: &[u8], cols: usize, bits: usize) -> Vec<u32> {
     out
 }
 
+/// Unpacks one row of `out.len()` codes from its words.
+pub fn unpack_row(words: &[u32], bits: usize, out: &mut [u8]) {
+    if 32 % bits == 0 {
+        let per = 32 / bits;
+        let mask = (1u32 << bits) - 1;
+        for (w, chunk) in words.iter().zip(out.chunks_exact_mut(per)) {
+            for (k, c) in chunk.iter_mut().enumerate() {
+                *c = ((w >> (k * bits)) & mask) as u8;
+            }
+        }
+        return;
+    }
+    let mask = (1u64 << bits) - 1;
+    for (j, c) in out.iter_mut().enumerate() {
+        let bit = j * bits;
+        let (w, s) = (bit / 32, bit % 32);
+        let mut v = u64::from(words[w]) >> s;
+        if s + bits > 32 {
+            v |= u64::from(words[w + 1]) << (32 - s);
+        }
+        *c = (v & mask) as u8;
+    }
+}
+
 /// Unpacks `cols` codes per row from `packed`.
 pub fn unpack(packed: &[u32], cols: usize, bits: usize) -> Vec<u8> {
     let wpr = words_per_row(cols, bits);
@@ -61,6 +85,9 @@ mod tests {
             let packed = pack(&codes, cols, bits);
             assert_eq!(packed.len(), 3 * words_per_row(cols, bits));
             assert_eq!(unpack(&packed, cols, bits), codes, "bits {bits}");
+            let mut row = vec![0u8; cols];
+            unpack_row(&packed[words_per_row(cols, bits)..2 * words_per_row(cols, bits)], bits, &mut row);
+            assert_eq!(row, codes[cols..2 * cols], "bits {bits}");
         }
     }
 

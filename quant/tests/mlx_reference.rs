@@ -130,12 +130,15 @@ fn device_dequantize_and_matmul_match_the_host_for_every_width() {
             assert!(diff <= 1e-6, "{device:?} bits {}: {diff}", spec.bits);
 
             let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [3, COLS]), (&device, DType::F32));
-            let y = to_vec(xt.matmul(dense.transpose()));
+            let y = to_vec(xt.clone().matmul(dense.transpose()));
             let want: Vec<f32> = (0..3)
                 .flat_map(|i| (0..ROWS).map(move |j| (i, j)))
                 .map(|(i, j)| (0..COLS).map(|k| x[i * COLS + k] * host[j * COLS + k]).sum())
                 .collect();
             assert!(max_diff(&y, &want) < 1e-4, "{device:?} bits {} matmul", spec.bits);
+            // x·Wᵀ as the model computes it: from packed words on the CPU, dequantized on wgpu.
+            let y = to_vec(dq.matmul_t(xt));
+            assert!(max_diff(&y, &want) < 1e-4, "{device:?} bits {} matmul_t", spec.bits);
 
             // An embedding lookup dequantizes only the rows it reads.
             let ids = Tensor::<1, Int>::from_data(TensorData::new(vec![4i32, 0, 4, 2], [4]), &device);
@@ -154,9 +157,17 @@ fn device_nf4_matches_the_host_with_and_without_double_quant() {
         for dq in [false, true] {
             let q = nf4::quantize(&w, COLS, dq).unwrap();
             let host = nf4::dequantize(&q, COLS);
-            let got = to_vec(QuantWeight::from_nf4(&q, ROWS, COLS, &device, DType::F32).dequantize());
+            let weight = QuantWeight::from_nf4(&q, ROWS, COLS, &device, DType::F32);
+            let got = to_vec(weight.dequantize());
             let diff = max_diff(&got, &host);
             assert!(diff <= 1e-6, "{device:?} double_quant {dq}: {diff}");
+            let x: Vec<f32> = (0..2 * COLS).map(|i| ((i * 31 % 101) as f32 / 50.0 - 1.0) + 0.003).collect();
+            let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [2, COLS]), (&device, DType::F32));
+            let want: Vec<f32> = (0..2)
+                .flat_map(|i| (0..ROWS).map(move |j| (i, j)))
+                .map(|(i, j)| (0..COLS).map(|k| x[i * COLS + k] * host[j * COLS + k]).sum())
+                .collect();
+            assert!(max_diff(&to_vec(weight.matmul_t(xt)), &want) < 1e-4, "{device:?} double_quant {dq} matmul_t");
         }
     }
 }
