@@ -3,7 +3,8 @@
 //!
 //! * Memory: the device memory of a stack of Llama-style projection weights held packed
 //!   against the same weights in f16.
-//! * Throughput: `x·dequant(W)ᵀ` against a dense f16 `x·Wᵀ` of the same shape, at a
+//! * Throughput: `x·Wᵀ` as the model computes it for a packed `W` (`QuantWeight::matmul_t`)
+//!   against a dense f16 `x·Wᵀ` of the same shape, at a
 //!   prefill/training size (batch×seq rows) and at batch-1 decode.
 
 use std::time::Instant;
@@ -118,7 +119,7 @@ pub fn run(args: BenchQuantArgs) -> Result<()> {
     for rows in [args.rows, 1] {
         let x = Tensor::<2>::random([rows, n], Distribution::Normal(0.0, 1.0), (&device, dtype));
         let t_dense = time(&device, args.iters, || x.clone().matmul(wd.clone().transpose()))?;
-        let t_quant = time(&device, args.iters, || x.clone().matmul(q.dequantize().transpose()))?;
+        let t_quant = time(&device, args.iters, || q.matmul_t(x.clone()))?;
         let flops = 2.0 * rows as f64 * o as f64 * n as f64;
         println!(
             "matmul [{rows}x{n}]·[{n}x{o}]: f16 {:.3} ms ({:.1} TFLOP/s), {}-bit {:.3} ms ({:.1} TFLOP/s), quantized/dense throughput {:.2}x",

@@ -259,3 +259,86 @@ fn scales_that_do_not_fit_the_weight_name_the_tensor_and_both_shapes() {
     assert!(out.stdout.is_empty());
     assert!(stderr.contains("model.embed_tokens.scales") && stderr.contains("[400, 2]") && stderr.contains("[400, 1]"), "{stderr}");
 }
+
+/// A random llama of about 260 MB in f32 (hidden 512, 8 blocks, vocab 32000), written
+/// beside the fixture's tokenizer.
+fn large_checkpoint() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("llama").join(f), dir.path().join(f)).unwrap();
+    }
+    let (h, i, layers, vocab, kv) = (512usize, 2048usize, 8usize, 32000usize, 256usize);
+    let config = serde_json::json!({
+        "model_type": "llama", "hidden_size": h, "intermediate_size": i, "num_hidden_layers": layers,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": vocab, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "tie_word_embeddings": false, "torch_dtype": "float32", "eos_token_id": 1,
+    });
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![vocab, h]),
+        ("lm_head.weight".into(), vec![vocab, h]),
+        ("model.norm.weight".into(), vec![h]),
+    ];
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        for (name, shape) in [
+            ("self_attn.q_proj", vec![h, h]), ("self_attn.k_proj", vec![kv, h]), ("self_attn.v_proj", vec![kv, h]),
+            ("self_attn.o_proj", vec![h, h]), ("mlp.gate_proj", vec![i, h]), ("mlp.up_proj", vec![i, h]),
+            ("mlp.down_proj", vec![h, i]), ("input_layernorm", vec![h]), ("post_attention_layernorm", vec![h]),
+        ] {
+            shapes.push((format!("{p}.{name}.weight"), shape));
+        }
+    }
+    let data: Vec<Vec<u8>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(k, (_, s))| {
+            let n: usize = s.iter().product();
+            (0..n).flat_map(|j| ((((j * 7919 + k * 104_729) % 2001) as f32 / 1000.0 - 1.0) * 0.05).to_le_bytes()).collect()
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = shapes
+        .iter()
+        .zip(&data)
+        .map(|((n, s), d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap()))
+        .collect();
+    safetensors::tensor::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    dir
+}
+
+/// Loading copies one tensor at a time out of the memory map and drops its pages, so the
+/// process never holds the model twice.
+#[test]
+fn peak_host_memory_while_loading_stays_under_twice_the_model() {
+    let dir = large_checkpoint();
+    let size = std::fs::metadata(dir.path().join("model.safetensors")).unwrap().len() as f64;
+    let out = lora(&[
+        "generate", "--model", dir.path().to_str().unwrap(), "--prompt", "Hi", "--ignore-chat-template",
+        "--max-tokens", "1", "--device", "cpu",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let peak_gb: f64 = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("Peak memory: "))
+        .and_then(|v| v.trim_end_matches(" GB").parse().ok())
+        .unwrap_or_else(|| panic!("no peak memory in {stderr}"));
+    eprintln!("model {:.3} GB, peak {peak_gb:.3} GB", size / 1e9);
+    assert!(peak_gb * 1e9 > size, "the peak ({peak_gb} GB) cannot be below the model's size");
+    assert!(peak_gb * 1e9 < 2.0 * size, "peak {peak_gb} GB for a {:.3} GB model", size / 1e9);
+}
+
+/// `--device auto` uses a GPU through wgpu, and says in one line that it falls back to the
+/// CPU when there is none (a software adapter such as lavapipe does not count).
+#[test]
+fn auto_device_falls_back_to_the_cpu_with_one_line() {
+    let out = lora(&["generate", "--model", fixture("llama").to_str().unwrap(), "--prompt", "Hi", "--max-tokens", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let notes: Vec<&str> = stderr.lines().filter(|l| l.contains("No GPU adapter")).collect();
+    if lora_model::device::wgpu_adapters().gpu {
+        assert!(notes.is_empty(), "{stderr}");
+    } else {
+        assert_eq!(notes, ["No GPU adapter found through wgpu; running on the CPU backend."], "{stderr}");
+    }
+}
