@@ -76,7 +76,8 @@ fn generate_help_documents_every_flag() {
     let help = String::from_utf8_lossy(&out.stdout);
     for flag in [
         "--model", "--prompt", "--max-tokens", "--temp", "--top-p", "--top-k", "--repetition-penalty",
-        "--seed", "--system", "--ignore-chat-template", "--device", "--dtype",
+        "--seed", "--system", "--ignore-chat-template", "--device", "--dtype", "--quantize", "--q-bits",
+        "--q-group-size", "--double-quant", "--q-embeddings",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
     }
