@@ -6,10 +6,12 @@
 //! embedding lookup needs. Everything is plain burn tensor operations, so it runs on every
 //! backend (flex, wgpu, cuda) and keeps the packed data on each.
 
+use burn::backend::Dispatch;
 use burn::module::Module;
 use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
 
 use crate::affine::{self, AffineQuantized, AffineSpec};
+use crate::autodiff::PackedOps;
 
 /// Rows of `x` up to which the CPU backend multiplies straight from packed words.
 const HOST_ROWS: usize = 16;
@@ -172,14 +174,27 @@ impl QuantWeight {
 
     /// `x·Wᵀ`: `x` `[m, cols]` -> `[m, rows]`.
     ///
-    /// On the CPU backend, for a few rows of `x` (decoding) outside autodiff, an affine
-    /// weight is multiplied straight from its packed words ([`affine::matmul_t`]): the
-    /// weight is read at bits/8 bytes per element instead of being dequantized first.
-    /// Elsewhere the layer is dequantized and multiplied.
+    /// On the CPU backend, for a few rows of `x` (decoding) outside autodiff, the weight
+    /// is multiplied straight from its packed words ([`affine::matmul_t`],
+    /// [`nf4::matmul_t`]): read at bits/8 bytes per element, never dequantized whole.
+    /// Elsewhere the layer is dequantized and multiplied; for an affine weight this is one
+    /// differentiable operation ([`crate::autodiff::PackedOps`]) whose backward keeps only
+    /// the packed weight and computes only the input's gradient.
     pub fn matmul_t(&self, x: Tensor<2>) -> Tensor<2> {
         let [m, _] = x.dims();
         if m > HOST_ROWS || x.is_require_grad() || x.device() != Device::flex() {
-            return x.matmul(self.dequantize().transpose());
+            return match self {
+                // One operation whose backward keeps the packed weight, not its dense form.
+                Self::Affine(w) => Tensor::from_dispatch(<Dispatch as PackedOps>::packed_matmul_t(
+                    x.into_dispatch(),
+                    w.packed.clone().into_dispatch(),
+                    w.scales.clone().into_dispatch(),
+                    w.biases.clone().into_dispatch(),
+                    w.bits,
+                    w.group_size,
+                )),
+                Self::Nf4(_) => x.matmul(self.dequantize().transpose()),
+            };
         }
         let (device, dtype) = (x.device(), x.dtype());
         let floats = |t: Tensor<2>| t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data");

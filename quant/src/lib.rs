@@ -26,6 +26,7 @@
 #![warn(missing_docs)]
 
 pub mod affine;
+pub mod autodiff;
 pub mod device;
 pub mod error;
 pub mod nf4;

@@ -182,3 +182,73 @@ fn packed_weights_stay_packed_on_the_device() {
     assert_eq!(a.packed.dtype(), DType::U32);
     assert_eq!(pack::words_per_row(COLS, 4), COLS / 8);
 }
+
+/// Under autodiff the packed matmul gives the input the same gradient as a dense matmul,
+/// and the frozen weight none.
+#[test]
+fn packed_matmul_backward_matches_dense_and_gives_only_the_input_gradient() {
+    let r = Reference::load();
+    let w = r.f32("f32.w");
+    for device in devices() {
+        let device = device.autodiff();
+        for bits in [3, 4, 8] {
+            let spec = AffineSpec::new(bits, 64).unwrap();
+            let q = affine::quantize(&w, COLS, spec).unwrap();
+            let weight = QuantWeight::from_affine(&q, ROWS, COLS, spec, &device, DType::F32);
+            let dense = weight.dequantize(); // untracked, like a frozen base weight
+            let x: Vec<f32> = (0..20 * COLS).map(|i| ((i * 7919 % 997) as f32 / 997.0 - 0.5) + 0.01).collect();
+            let r: Vec<f32> = (0..20 * ROWS).map(|i| (i * 31 % 17) as f32 / 17.0 - 0.4).collect();
+            let weights = Tensor::<2>::from_data(TensorData::new(r, [20, ROWS]), (&device, DType::F32));
+            let grad = |packed: bool| {
+                // 20 rows: the device path, not the CPU decoding shortcut.
+                let x = Tensor::<2>::from_data(TensorData::new(x.clone(), [20, COLS]), (&device, DType::F32)).require_grad();
+                let y = if packed { weight.matmul_t(x.clone()) } else { x.clone().matmul(dense.clone().transpose()) };
+                let grads = (y.clone() * weights.clone()).sum().backward();
+                (to_vec(y), to_vec(x.grad(&grads).expect("x has a gradient")))
+            };
+            let (y_packed, g_packed) = grad(true);
+            let (y_dense, g_dense) = grad(false);
+            assert!(max_diff(&y_packed, &y_dense) < 1e-4, "{device:?} bits {bits}: forward");
+            let d = max_diff(&g_packed, &g_dense);
+            assert!(d < 1e-5, "{device:?} bits {bits}: input gradient differs by {d}");
+        }
+    }
+}
+
+/// What a forward pass leaves alive for backward: the packed path keeps the packed words
+/// (0.5 bytes per weight at 4 bits, plus scales), the dense path a dense copy of every layer.
+#[test]
+fn packed_matmul_keeps_no_dense_weight_for_backward() {
+    let Some(device) = devices().into_iter().find(|d| d.memory_pool_usage().is_some_and(|_| *d != Device::flex())) else {
+        eprintln!("no device with a memory pool: skipped");
+        return;
+    };
+    let device = device.autodiff();
+    let (rows, cols, layers) = (512, 512, 8);
+    let spec = AffineSpec::new(4, 64).unwrap();
+    let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 997) as f32 / 997.0 - 0.5) * 0.1).collect();
+    let q = affine::quantize(&w, cols, spec).unwrap();
+    let stack: Vec<QuantWeight> = (0..layers).map(|_| QuantWeight::from_affine(&q, rows, cols, spec, &device, DType::F32)).collect();
+    let in_use = || {
+        device.sync().unwrap();
+        device.memory_pool_usage().unwrap().bytes_in_use
+    };
+    let retained = |packed: bool| {
+        let x = Tensor::<2>::from_data(TensorData::new(vec![0.01f32; 32 * cols], [32, cols]), (&device, DType::F32)).require_grad();
+        let before = in_use();
+        let mut h = x.clone();
+        for layer in &stack {
+            h = if packed { layer.matmul_t(h) } else { h.clone().matmul(layer.dequantize().transpose()) };
+        }
+        let held = in_use() - before;
+        let grads = h.sum().backward();
+        assert!(x.grad(&grads).is_some());
+        held
+    };
+    let dense = retained(false);
+    let packed = retained(true);
+    let dense_weights = (layers * rows * cols * 4) as u64;
+    eprintln!("held before backward: packed {packed} B, dense {dense} B (dense weights {dense_weights} B)");
+    assert!(dense >= dense_weights, "the dense path should hold every layer's weight: {dense}");
+    assert!(packed < dense_weights / 4, "the packed path holds {packed} B");
+}
