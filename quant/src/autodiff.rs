@@ -14,7 +14,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Autodiff, Backend, Flex, Scalar, TensorMetadata, backend_extension};
-use burn::tensor::{DType, FloatDType, Shape, TensorData};
+use burn::tensor::{DType, FloatDType, IntDType, Shape, TensorData};
 
 /// Backend operations on an affine-packed weight `W` `[n, k]`: words `[n, k·bits/32]`
 /// (u32), scales and biases `[n, k/group_size]`.
@@ -32,6 +32,19 @@ pub trait PackedOps: Backend {
         let w = dequantize::<Self>(packed, scales, biases, bits, group_size); // [n, k]
         Self::float_matmul(x, Self::float_transpose(w))
     }
+
+    /// `x` `[m, k]` · `Wᵀ` -> `[m, n]` for an NF4 weight: 4-bit codes `[n, k/8]`, the f32
+    /// absmax of each block of 64 `[n·k/64]`, and the 16 levels `[16]`.
+    fn nf4_matmul_t(
+        x: FloatTensor<Self>,
+        packed: IntTensor<Self>,
+        absmax: FloatTensor<Self>,
+        levels: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let dtype = float_dtype(x.dtype());
+        let w = dequantize_nf4::<Self>(packed, absmax, levels, dtype); // [n, k]
+        Self::float_matmul(x, Self::float_transpose(w))
+    }
 }
 
 impl PackedOps for Flex {}
@@ -39,12 +52,18 @@ impl PackedOps for burn_cubecl::CubeBackend {}
 
 /// The saved state: the packed weight, never its dense form.
 #[derive(Debug, Clone)]
-struct PackedState<B: Backend> {
-    packed: IntTensor<B>,
-    scales: FloatTensor<B>,
-    biases: FloatTensor<B>,
-    bits: usize,
-    group_size: usize,
+enum PackedState<B: Backend> {
+    Affine { packed: IntTensor<B>, scales: FloatTensor<B>, biases: FloatTensor<B>, bits: usize, group_size: usize },
+    Nf4 { packed: IntTensor<B>, absmax: FloatTensor<B>, levels: FloatTensor<B>, dtype: FloatDType },
+}
+
+impl<B: Backend> PackedState<B> {
+    fn dequantize(self) -> FloatTensor<B> {
+        match self {
+            Self::Affine { packed, scales, biases, bits, group_size } => dequantize::<B>(packed, scales, biases, bits, group_size),
+            Self::Nf4 { packed, absmax, levels, dtype } => dequantize_nf4::<B>(packed, absmax, levels, dtype),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -54,11 +73,10 @@ impl<B: Backend> Backward<B, 1> for PackedMatmulBackward {
     type State = PackedState<B>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let s = ops.state;
+        let state = ops.state;
         unary::<B, _>(ops.parents, ops.node, grads, |grad| {
             // dx = dy · W, W dequantized again from the packed words.
-            let w = dequantize::<B>(s.packed, s.scales, s.biases, s.bits, s.group_size);
-            B::float_matmul(grad, w)
+            B::float_matmul(grad, state.dequantize())
         });
     }
 }
@@ -76,19 +94,53 @@ impl<B: Backend + PackedOps, C: CheckpointStrategy> PackedOps for Autodiff<B, C>
         let (scales, biases) = (scales.into_primitive(), biases.into_primitive());
         match PackedMatmulBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let state = PackedState { packed: packed.clone(), scales: scales.clone(), biases: biases.clone(), bits, group_size };
+                let state = PackedState::Affine { packed: packed.clone(), scales: scales.clone(), biases: biases.clone(), bits, group_size };
                 let y = B::packed_matmul_t(x.into_primitive(), packed, scales, biases, bits, group_size);
                 prep.finish(state, y)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::packed_matmul_t(x.into_primitive(), packed, scales, biases, bits, group_size)),
         }
     }
+
+    fn nf4_matmul_t(
+        x: FloatTensor<Self>,
+        packed: IntTensor<Self>,
+        absmax: FloatTensor<Self>,
+        levels: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let dtype = float_dtype(x.dtype());
+        let (absmax, levels) = (absmax.into_primitive(), levels.into_primitive());
+        match PackedMatmulBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let state = PackedState::Nf4 { packed: packed.clone(), absmax: absmax.clone(), levels: levels.clone(), dtype };
+                prep.finish(state, B::nf4_matmul_t(x.into_primitive(), packed, absmax, levels))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::nf4_matmul_t(x.into_primitive(), packed, absmax, levels)),
+        }
+    }
+}
+
+fn float_dtype(dtype: DType) -> FloatDType {
+    match dtype {
+        DType::F16 => FloatDType::F16,
+        DType::BF16 => FloatDType::BF16,
+        _ => FloatDType::F32,
+    }
+}
+
+/// The dense `[n, k]` NF4 weight in `dtype`: `level[code]·absmax` per block of 64.
+pub fn dequantize_nf4<B: Backend>(packed: IntTensor<B>, absmax: FloatTensor<B>, levels: FloatTensor<B>, dtype: FloatDType) -> FloatTensor<B> {
+    let codes = unpack::<B>(packed, 4); // [n, k]
+    let [rows, cols] = codes.shape().dims();
+    let blocks = rows * cols / crate::nf4::BLOCK;
+    let codes = B::int_cast(B::int_reshape(codes, Shape::new([rows * cols])), IntDType::I32);
+    let values = B::float_reshape(B::float_select(levels, 0, codes), Shape::new([blocks, crate::nf4::BLOCK]));
+    let absmax = B::float_expand(B::float_reshape(absmax, Shape::new([blocks, 1])), Shape::new([blocks, crate::nf4::BLOCK]));
+    let w = B::float_reshape(B::float_mul(values, absmax), Shape::new([rows, cols]));
+    B::float_cast(w, dtype)
 }
 
 /// The dense `[n, k]` weight from its packed words, in the scales' dtype.
-///
-/// Every 32 codes fill `bits` words; code `e` of such a run starts at bit `e·bits` of word
-/// `e·bits/32` and spills into the next word when it crosses a word boundary.
 pub fn dequantize<B: Backend>(
     packed: IntTensor<B>,
     scales: FloatTensor<B>,
@@ -96,6 +148,23 @@ pub fn dequantize<B: Backend>(
     bits: usize,
     group_size: usize,
 ) -> FloatTensor<B> {
+    let codes = unpack::<B>(packed, bits);
+    let [rows, cols] = codes.shape().dims();
+    let dtype = float_dtype(scales.dtype());
+    let groups = cols / group_size;
+    let q = B::float_reshape(B::int_into_float(codes, dtype), Shape::new([rows, groups, group_size]));
+    let spread = |t: FloatTensor<B>| {
+        B::float_expand(B::float_reshape(t, Shape::new([rows, groups, 1])), Shape::new([rows, groups, group_size]))
+    };
+    let w = B::float_add(B::float_mul(q, spread(scales)), spread(biases));
+    B::float_reshape(w, Shape::new([rows, cols]))
+}
+
+/// Codes `[n, k]` from packed words `[n, k·bits/32]`.
+///
+/// Every 32 codes fill `bits` words; code `e` of such a run starts at bit `e·bits` of word
+/// `e·bits/32` and spills into the next word when it crosses a word boundary.
+pub fn unpack<B: Backend>(packed: IntTensor<B>, bits: usize) -> IntTensor<B> {
     let device = packed.device();
     let [rows, words] = packed.shape().dims();
     let cols = words * 32 / bits;
@@ -123,16 +192,5 @@ pub fn dequantize<B: Backend>(
         codes = B::bitwise_or(codes, B::bitwise_left_shift(high, per_code(hi_shift)));
     }
     let codes = B::bitwise_and_scalar(codes, Scalar::from((1u32 << bits) - 1));
-    let dtype = match scales.dtype() {
-        DType::F16 => FloatDType::F16,
-        DType::BF16 => FloatDType::BF16,
-        _ => FloatDType::F32,
-    };
-    let groups = cols / group_size;
-    let q = B::float_reshape(B::int_into_float(codes, dtype), Shape::new([rows, groups, group_size]));
-    let spread = |t: FloatTensor<B>| {
-        B::float_expand(B::float_reshape(t, Shape::new([rows, groups, 1])), Shape::new([rows, groups, group_size]))
-    };
-    let w = B::float_add(B::float_mul(q, spread(scales)), spread(biases));
-    B::float_reshape(w, Shape::new([rows, cols]))
+    B::int_reshape(codes, Shape::new([rows, cols]))
 }

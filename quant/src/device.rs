@@ -177,9 +177,9 @@ impl QuantWeight {
     /// On the CPU backend, for a few rows of `x` (decoding) outside autodiff, the weight
     /// is multiplied straight from its packed words ([`affine::matmul_t`],
     /// [`nf4::matmul_t`]): read at bits/8 bytes per element, never dequantized whole.
-    /// Elsewhere the layer is dequantized and multiplied; for an affine weight this is one
-    /// differentiable operation ([`crate::autodiff::PackedOps`]) whose backward keeps only
-    /// the packed weight and computes only the input's gradient.
+    /// Elsewhere the layer is dequantized and multiplied in one differentiable operation
+    /// ([`crate::autodiff::PackedOps`]) whose backward keeps only the packed weight and
+    /// computes only the input's gradient.
     pub fn matmul_t(&self, x: Tensor<2>) -> Tensor<2> {
         let [m, _] = x.dims();
         if m > HOST_ROWS || x.is_require_grad() || x.device() != Device::flex() {
@@ -193,7 +193,15 @@ impl QuantWeight {
                     w.bits,
                     w.group_size,
                 )),
-                Self::Nf4(_) => x.matmul(self.dequantize().transpose()),
+                Self::Nf4(w) => {
+                    let [rows, cols] = self.dims();
+                    Tensor::from_dispatch(<Dispatch as PackedOps>::nf4_matmul_t(
+                        x.into_dispatch(),
+                        w.packed.clone().into_dispatch(),
+                        w.effective_absmax(rows * cols / nf4::BLOCK).into_dispatch(),
+                        w.levels.clone().into_dispatch(),
+                    ))
+                }
             };
         }
         let (device, dtype) = (x.device(), x.dtype());

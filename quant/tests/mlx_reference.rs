@@ -168,6 +168,22 @@ fn device_nf4_matches_the_host_with_and_without_double_quant() {
                 .map(|(i, j)| (0..COLS).map(|k| x[i * COLS + k] * host[j * COLS + k]).sum())
                 .collect();
             assert!(max_diff(&to_vec(weight.matmul_t(xt)), &want) < 1e-4, "{device:?} double_quant {dq} matmul_t");
+            // Through the differentiable operation (more rows than the CPU decoding shortcut), with its backward.
+            let ad = device.clone().autodiff();
+            let weight = QuantWeight::from_nf4(&q, ROWS, COLS, &ad, DType::F32);
+            let x: Vec<f32> = (0..20 * COLS).map(|i| ((i * 31 % 101) as f32 / 50.0 - 1.0) + 0.003).collect();
+            let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [20, COLS]), (&ad, DType::F32)).require_grad();
+            let y = weight.matmul_t(xt.clone());
+            let want: Vec<f32> = (0..20)
+                .flat_map(|i| (0..ROWS).map(move |j| (i, j)))
+                .map(|(i, j)| (0..COLS).map(|k| x[i * COLS + k] * host[j * COLS + k]).sum())
+                .collect();
+            assert!(max_diff(&to_vec(y.clone()), &want) < 1e-4, "{device:?} double_quant {dq} autodiff forward");
+            let grads = y.sum().backward();
+            // d(sum(x·Wᵀ))/dx = the column sums of W, for every row of x.
+            let colsum: Vec<f32> = (0..COLS).map(|k| (0..ROWS).map(|j| host[j * COLS + k]).sum()).collect();
+            let g = to_vec(xt.grad(&grads).expect("x has a gradient"));
+            assert!(max_diff(&g[..COLS], &colsum) < 1e-5 && max_diff(&g[19 * COLS..], &colsum) < 1e-5, "{device:?} nf4 gradient");
         }
     }
 }
