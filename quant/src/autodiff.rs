@@ -20,6 +20,32 @@ use burn::tensor::{DType, FloatDType, IntDType, Shape, TensorData};
 /// (u32), scales and biases `[n, k/group_size]`.
 #[backend_extension(Autodiff, Flex, Cube)]
 pub trait PackedOps: Backend {
+    /// Codes `[n, k]` from packed words `[n, k·bits/32]`.
+    fn unpack_codes(packed: IntTensor<Self>, bits: usize) -> IntTensor<Self> {
+        unpack::<Self>(packed, bits)
+    }
+
+    /// The dense affine weight `[n, k]`, in the scales' dtype.
+    fn packed_dequantize(
+        packed: IntTensor<Self>,
+        scales: FloatTensor<Self>,
+        biases: FloatTensor<Self>,
+        bits: usize,
+        group_size: usize,
+    ) -> FloatTensor<Self> {
+        dequantize::<Self>(packed, scales, biases, bits, group_size)
+    }
+
+    /// The dense NF4 weight `[n, k]` in `dtype`.
+    fn nf4_dequantize(
+        packed: IntTensor<Self>,
+        absmax: FloatTensor<Self>,
+        levels: FloatTensor<Self>,
+        dtype: FloatDType,
+    ) -> FloatTensor<Self> {
+        dequantize_nf4::<Self>(packed, absmax, levels, dtype)
+    }
+
     /// `x` `[m, k]` · `Wᵀ` -> `[m, n]`.
     fn packed_matmul_t(
         x: FloatTensor<Self>,

@@ -237,11 +237,13 @@ impl QuantWeight {
 
 impl AffineWeight {
     fn dequantize_rows(&self, packed: Tensor<2, Int>, scales: Tensor<2>, biases: Tensor<2>) -> Tensor<2> {
-        let rows = packed.dims()[0];
-        let (cols, g) = (self.cols, self.group_size);
-        let q = unpack(packed, self.bits, cols).cast(float_dtype(scales.dtype()));
-        let w = q.reshape([rows, cols / g, g]) * scales.unsqueeze_dim::<3>(2) + biases.unsqueeze_dim::<3>(2);
-        w.reshape([rows, cols])
+        Tensor::from_dispatch(<Dispatch as PackedOps>::packed_dequantize(
+            packed.into_dispatch(),
+            scales.into_dispatch(),
+            biases.into_dispatch(),
+            self.bits,
+            self.group_size,
+        ))
     }
 }
 
@@ -252,7 +254,9 @@ impl Nf4Weight {
             (Some(a), _) => a.clone(),
             (None, Some(s)) => {
                 let padded = self.absmax.dims()[0] * 4;
-                let codes = unpack(self.absmax.clone().reshape([1, padded / 4]), 8, padded).reshape([padded / DQ_BLOCK, DQ_BLOCK]);
+                let words = self.absmax.clone().reshape([1, padded / 4]).into_dispatch();
+                let codes = Tensor::<2, Int>::from_dispatch(<Dispatch as PackedOps>::unpack_codes(words, 8))
+                    .reshape([padded / DQ_BLOCK, DQ_BLOCK]);
                 let a = (codes.cast(FloatDType::F32) - 128.0) * s.clone().unsqueeze_dim::<2>(1) + self.dq_offset;
                 a.reshape([padded]).slice(0..n)
             }
@@ -261,42 +265,12 @@ impl Nf4Weight {
     }
 
     fn dequantize(&self) -> Tensor<2> {
-        let rows = self.packed.dims()[0];
-        let cols = self.cols;
-        let codes = unpack(self.packed.clone(), 4, cols).reshape([rows * cols]).cast(burn::tensor::IntDType::I32);
-        let values = self.levels.clone().select(0, codes).reshape([rows * cols / nf4::BLOCK, nf4::BLOCK]);
-        let absmax = self.effective_absmax(rows * cols / nf4::BLOCK);
-        let w = values * absmax.unsqueeze_dim::<2>(1);
-        w.reshape([rows, cols]).cast(float_dtype(self.dtype))
+        let [rows, _] = self.packed.dims();
+        Tensor::from_dispatch(<Dispatch as PackedOps>::nf4_dequantize(
+            self.packed.clone().into_dispatch(),
+            self.effective_absmax(rows * self.cols / nf4::BLOCK).into_dispatch(),
+            self.levels.clone().into_dispatch(),
+            float_dtype(self.dtype),
+        ))
     }
-}
-
-/// Unpacks `[rows, cols·bits/32]` words into `[rows, cols]` codes (`cols` a multiple of 32).
-///
-/// Every 32 codes fill `bits` words; code `e` of such a run starts at bit `e·bits`, in word
-/// `e·bits/32`, and spills into the next word when it crosses a word boundary.
-pub fn unpack(packed: Tensor<2, Int>, bits: usize, cols: usize) -> Tensor<2, Int> {
-    let rows = packed.dims()[0];
-    let device = packed.device();
-    let runs = cols / 32;
-    let words = packed.reshape([rows, runs, bits]); // [rows, runs, bits]
-    let (mut lo, mut lo_shift, mut hi, mut hi_shift, mut spill) = (vec![], vec![], vec![], vec![], vec![]);
-    for e in 0..32 {
-        let bit = e * bits;
-        let (w, s) = (bit / 32, bit % 32);
-        lo.push(w as i32);
-        lo_shift.push(s as u32);
-        let crosses = s + bits > 32;
-        hi.push(if crosses { w as i32 + 1 } else { w as i32 });
-        hi_shift.push(if crosses { (32 - s) as u32 } else { 0 });
-        spill.push(u32::from(crosses));
-    }
-    let index = |v: Vec<i32>| Tensor::<1, Int>::from_data(TensorData::new(v, [32]), &device);
-    let per_code = |v: Vec<u32>| u32_tensor(v, [1, 1, 32], &device).expand([rows, runs, 32]);
-    let mut codes = words.clone().select(2, index(lo)).bitwise_right_shift(per_code(lo_shift)); // [rows, runs, 32]
-    if !32usize.is_multiple_of(bits) {
-        let high = (words.select(2, index(hi)) * per_code(spill)).bitwise_left_shift(per_code(hi_shift));
-        codes = codes.bitwise_or(high);
-    }
-    codes.bitwise_and_scalar((1u32 << bits) - 1).reshape([rows, cols])
 }
