@@ -33,9 +33,9 @@ pub struct BenchQuantArgs {
     /// Transformer blocks whose projections are held for the memory figure.
     #[arg(long, default_value_t = 4)]
     pub layers: usize,
-    /// Rows of x for the prefill/training figure (batch × seq).
-    #[arg(long, default_value_t = 2048)]
-    pub rows: usize,
+    /// Rows of x for the throughput figures (batch × seq; 1 is decoding), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [2048, 512, 1])]
+    pub rows: Vec<usize>,
     /// Bits of the affine quantization.
     #[arg(long, default_value_t = 4)]
     pub bits: usize,
@@ -114,21 +114,26 @@ pub fn run(args: BenchQuantArgs) -> Result<()> {
     let [o, n] = [i, h];
     let w = random_host(o * n, 7);
     let q = QuantWeight::from_affine(&affine::quantize(&w, n, spec)?, o, n, spec, &device, dtype);
+    let nf4 = QuantWeight::from_nf4(&lora_quant::nf4::quantize(&w, n, false)?, o, n, &device, dtype);
     let wd = Tensor::<2>::from_data(burn::tensor::TensorData::new(w, [o, n]), (&device, DType::F32)).cast(float_dtype(dtype));
     drop(probe);
-    for rows in [args.rows, 1] {
+    for &rows in &args.rows {
         let x = Tensor::<2>::random([rows, n], Distribution::Normal(0.0, 1.0), (&device, dtype));
         let t_dense = time(&device, args.iters, || x.clone().matmul(wd.clone().transpose()))?;
         let t_quant = time(&device, args.iters, || q.matmul_t(x.clone()))?;
-        let flops = 2.0 * rows as f64 * o as f64 * n as f64;
+        let t_nf4 = time(&device, args.iters, || nf4.matmul_t(x.clone()))?;
+        let tflops = |t: f64| 2.0 * rows as f64 * o as f64 * n as f64 / t / 1e12;
         println!(
-            "matmul [{rows}x{n}]·[{n}x{o}]: f16 {:.3} ms ({:.1} TFLOP/s), {}-bit {:.3} ms ({:.1} TFLOP/s), quantized/dense throughput {:.2}x",
+            "matmul [{rows}x{n}]·[{n}x{o}]: {dtype:?} {:.3} ms ({:.1} TFLOP/s); {}-bit affine {:.3} ms ({:.1} TFLOP/s), {:.2}x dense; nf4 {:.3} ms ({:.1} TFLOP/s), {:.2}x dense",
             t_dense * 1e3,
-            flops / t_dense / 1e12,
+            tflops(t_dense),
             spec.bits,
             t_quant * 1e3,
-            flops / t_quant / 1e12,
-            t_dense / t_quant
+            tflops(t_quant),
+            t_dense / t_quant,
+            t_nf4 * 1e3,
+            tflops(t_nf4),
+            t_dense / t_nf4
         );
     }
     Ok(())

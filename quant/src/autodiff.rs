@@ -16,6 +16,9 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Autodiff, Backend, Flex, Scalar, TensorMetadata, backend_extension};
 use burn::tensor::{DType, FloatDType, IntDType, Shape, TensorData};
 
+use crate::kernels;
+use burn::backend::ops::FloatTensorOps;
+
 /// Backend operations on an affine-packed weight `W` `[n, k]`: words `[n, k·bits/32]`
 /// (u32), scales and biases `[n, k/group_size]`.
 #[backend_extension(Autodiff, Flex, Cube)]
@@ -74,7 +77,59 @@ pub trait PackedOps: Backend {
 }
 
 impl PackedOps for Flex {}
-impl PackedOps for burn_cubecl::CubeBackend {}
+
+/// Rows of `x` up to which the CubeCL backend multiplies straight from the packed words.
+pub const MATVEC_ROWS: usize = 8;
+
+/// wgpu and cuda: fused CubeCL kernels ([`crate::kernels`]).
+impl PackedOps for burn_cubecl::CubeBackend {
+    fn packed_dequantize(
+        packed: IntTensor<Self>,
+        scales: FloatTensor<Self>,
+        biases: FloatTensor<Self>,
+        bits: usize,
+        group_size: usize,
+    ) -> FloatTensor<Self> {
+        kernels::affine_dequantize(packed, scales, biases, bits, group_size)
+    }
+
+    fn nf4_dequantize(
+        packed: IntTensor<Self>,
+        absmax: FloatTensor<Self>,
+        levels: FloatTensor<Self>,
+        dtype: FloatDType,
+    ) -> FloatTensor<Self> {
+        kernels::nf4_dequantize(packed, absmax, levels, dtype.into())
+    }
+
+    fn packed_matmul_t(
+        x: FloatTensor<Self>,
+        packed: IntTensor<Self>,
+        scales: FloatTensor<Self>,
+        biases: FloatTensor<Self>,
+        bits: usize,
+        group_size: usize,
+    ) -> FloatTensor<Self> {
+        if x.shape()[0] <= MATVEC_ROWS && kernels::matvec_supports(bits) {
+            return kernels::affine_matvec(x, packed, scales, biases, bits, group_size);
+        }
+        let w = kernels::affine_dequantize(packed, scales, biases, bits, group_size);
+        Self::float_matmul(x, Self::float_transpose(w))
+    }
+
+    fn nf4_matmul_t(
+        x: FloatTensor<Self>,
+        packed: IntTensor<Self>,
+        absmax: FloatTensor<Self>,
+        levels: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if x.shape()[0] <= MATVEC_ROWS {
+            return kernels::nf4_matvec(x, packed, absmax, levels);
+        }
+        let w = kernels::nf4_dequantize(packed, absmax, levels, x.dtype);
+        Self::float_matmul(x, Self::float_transpose(w))
+    }
+}
 
 /// The saved state: the packed weight, never its dense form.
 #[derive(Debug, Clone)]
@@ -83,11 +138,11 @@ enum PackedState<B: Backend> {
     Nf4 { packed: IntTensor<B>, absmax: FloatTensor<B>, levels: FloatTensor<B>, dtype: FloatDType },
 }
 
-impl<B: Backend> PackedState<B> {
+impl<B: PackedOps> PackedState<B> {
     fn dequantize(self) -> FloatTensor<B> {
         match self {
-            Self::Affine { packed, scales, biases, bits, group_size } => dequantize::<B>(packed, scales, biases, bits, group_size),
-            Self::Nf4 { packed, absmax, levels, dtype } => dequantize_nf4::<B>(packed, absmax, levels, dtype),
+            Self::Affine { packed, scales, biases, bits, group_size } => B::packed_dequantize(packed, scales, biases, bits, group_size),
+            Self::Nf4 { packed, absmax, levels, dtype } => B::nf4_dequantize(packed, absmax, levels, dtype),
         }
     }
 }
@@ -95,7 +150,7 @@ impl<B: Backend> PackedState<B> {
 #[derive(Debug)]
 struct PackedMatmulBackward;
 
-impl<B: Backend> Backward<B, 1> for PackedMatmulBackward {
+impl<B: PackedOps> Backward<B, 1> for PackedMatmulBackward {
     type State = PackedState<B>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {

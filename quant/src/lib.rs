@@ -29,6 +29,7 @@ pub mod affine;
 pub mod autodiff;
 pub mod device;
 pub mod error;
+pub mod kernels;
 pub mod nf4;
 pub mod pack;
 

@@ -8,6 +8,9 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use lora_quant::affine::{self, AffineQuantized, AffineSpec};
 use lora_quant::{QuantWeight, nf4, pack};
 
+mod common;
+use common::devices;
+
 const COLS: usize = 384;
 const ROWS: usize = 6;
 
@@ -77,30 +80,6 @@ fn affine_dequantize_matches_mlx() {
         let want = r.f32(&format!("{key}.dequant"));
         let diff = back.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         assert!(diff <= 1e-6, "{key}: {diff}");
-    }
-}
-
-fn devices() -> Vec<Device> {
-    let mut d = vec![Device::flex()];
-    match lora_quant_test_wgpu() {
-        Some(w) => d.push(w),
-        None if std::env::var_os("LORA_REQUIRE_WGPU").is_some() => panic!("LORA_REQUIRE_WGPU is set but no wgpu adapter"),
-        None => eprintln!("no wgpu adapter: wgpu cases skipped"),
-    }
-    d
-}
-
-fn lora_quant_test_wgpu() -> Option<Device> {
-    use burn::tensor::wgpu::wgpu;
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
-    let gpu = adapters.iter().any(|a| !matches!(a.get_info().device_type, wgpu::DeviceType::Cpu | wgpu::DeviceType::Other));
-    if adapters.is_empty() {
-        None
-    } else if gpu {
-        Some(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice))
-    } else {
-        Some(Device::wgpu(burn::tensor::DeviceKind::Cpu))
     }
 }
 

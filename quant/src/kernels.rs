@@ -1,0 +1,281 @@
+//! CubeCL kernels for packed weights: they run on every CubeCL runtime (wgpu through
+//! Vulkan, Metal or DX12, and cuda).
+//!
+//! - [`affine_dequantize`] and [`nf4_dequantize`] turn one layer's packed words into its
+//!   dense weight in a single pass, one unit per weight. Large products (prefill and
+//!   training) multiply that with the backend's tuned matmul.
+//! - [`affine_matvec`] and [`nf4_matvec`] compute `x·Wᵀ` for a few rows of `x` (decoding)
+//!   straight from the packed words: 32 units share one output, each reads whole words
+//!   (consecutive units, consecutive words), and the partial sums meet in shared memory.
+//!   They read bits/8 bytes per weight instead of 2, which is what decoding is bound by.
+
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::TensorMetadata;
+use burn::tensor::{DType, Shape};
+use burn_cubecl::cubecl;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::calculate_cube_count_elemwise;
+use cubecl::prelude::*;
+
+/// Units that share one output of the matrix-vector kernels.
+const LANES: u32 = 32;
+/// Outputs per cube of the matrix-vector kernels.
+const OUTPUTS_PER_CUBE: u32 = 8;
+
+/// Whether [`affine_matvec`] handles `bits`: codes must not cross words.
+pub fn matvec_supports(bits: usize) -> bool {
+    32 % bits == 0
+}
+
+#[cube(launch_unchecked)]
+fn affine_dequantize_kernel<F: Float>(
+    packed: &Tensor<u32>,
+    scales: &Tensor<F>,
+    biases: &Tensor<F>,
+    output: &mut Tensor<F>,
+    #[comptime] bits: u32,
+    #[comptime] group_size: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let pos = ABSOLUTE_POS;
+    if pos >= output.len() {
+        terminate!();
+    }
+    let cols = output.shape(1);
+    let row = pos / cols;
+    let col = pos % cols;
+    let bit = col * comptime!(bits as usize);
+    let word = row * packed.shape(1) + bit / 32;
+    let shift = u32::cast_from(bit % 32);
+    let mut code = packed[word] >> shift;
+    if shift + bits > 32 {
+        code |= packed[word + 1] << (32 - shift);
+    }
+    code &= comptime!((1u32 << bits) - 1);
+    let group = row * scales.shape(1) + col / group_size;
+    output[pos] = F::cast_from(code) * scales[group] + biases[group];
+}
+
+#[cube(launch_unchecked)]
+fn nf4_dequantize_kernel<F: Float>(
+    packed: &Tensor<u32>,
+    absmax: &Tensor<f32>,
+    levels: &Tensor<f32>,
+    output: &mut Tensor<F>,
+    #[define(F)] _dtype: ElemType,
+) {
+    let pos = ABSOLUTE_POS;
+    if pos >= output.len() {
+        terminate!();
+    }
+    let code = (packed[pos / 8] >> u32::cast_from((pos % 8) * 4)) & 15;
+    output[pos] = F::cast_from(levels[code as usize] * absmax[pos / 64]);
+}
+
+/// Adds the partial sums of the `LANES` units of each output and returns the total to lane 0.
+#[cube]
+fn lane_total(acc: f32) -> f32 {
+    let mut shared = Shared::<[f32]>::new_slice(comptime!((LANES * OUTPUTS_PER_CUBE) as usize));
+    let unit = UNIT_POS as usize;
+    let lane = UNIT_POS_X;
+    shared[unit] = acc;
+    sync_cube();
+    #[unroll]
+    for step in 0..5u32 {
+        let stride = comptime!(LANES >> (step + 1));
+        if lane < stride {
+            shared[unit] += shared[unit + stride as usize];
+        }
+        sync_cube();
+    }
+    shared[unit - lane as usize]
+}
+
+#[cube(launch_unchecked)]
+fn affine_matvec_kernel<F: Float>(
+    x: &Tensor<F>,
+    packed: &Tensor<u32>,
+    scales: &Tensor<F>,
+    biases: &Tensor<F>,
+    output: &mut Tensor<F>,
+    #[comptime] bits: u32,
+    #[comptime] group_size: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let per_word = comptime!((32 / bits) as usize);
+    let mask = comptime!((1u32 << bits) - 1);
+    let lane = UNIT_POS_X as usize;
+    let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
+    let i = CUBE_POS_Y as usize;
+    let (rows, words, k, groups) = (packed.shape(0), packed.shape(1), x.shape(1), scales.shape(1));
+    let mut acc = 0f32;
+    if n < rows {
+        for w in range_stepped(lane, words, comptime!(LANES as usize)) {
+            let word = packed[n * words + w];
+            let k0 = w * per_word;
+            let base = i * k + k0;
+            let mut dot = 0f32;
+            let mut sum = 0f32;
+            #[unroll]
+            for j in 0..per_word {
+                let xv = f32::cast_from(x[base + j]);
+                dot += xv * f32::cast_from((word >> comptime!(j as u32 * bits)) & mask);
+                sum += xv;
+            }
+            let group = n * groups + k0 / group_size;
+            acc += f32::cast_from(scales[group]) * dot + f32::cast_from(biases[group]) * sum;
+        }
+    }
+    let total = lane_total(acc);
+    if lane == 0 && n < rows {
+        output[i * rows + n] = F::cast_from(total);
+    }
+}
+
+#[cube(launch_unchecked)]
+fn nf4_matvec_kernel<F: Float>(
+    x: &Tensor<F>,
+    packed: &Tensor<u32>,
+    absmax: &Tensor<f32>,
+    levels: &Tensor<f32>,
+    output: &mut Tensor<F>,
+    #[define(F)] _dtype: ElemType,
+) {
+    let lane = UNIT_POS_X as usize;
+    let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
+    let i = CUBE_POS_Y as usize;
+    let (rows, words, k) = (packed.shape(0), packed.shape(1), x.shape(1));
+    let mut acc = 0f32;
+    if n < rows {
+        for w in range_stepped(lane, words, comptime!(LANES as usize)) {
+            let word = packed[n * words + w];
+            let k0 = w * 8;
+            let base = i * k + k0;
+            let mut dot = 0f32;
+            #[unroll]
+            for j in 0..8u32 {
+                let code = (word >> comptime!(j * 4)) & 15;
+                dot += f32::cast_from(x[base + j as usize]) * levels[code as usize];
+            }
+            acc += absmax[(n * k + k0) / 64] * dot;
+        }
+    }
+    let total = lane_total(acc);
+    if lane == 0 && n < rows {
+        output[i * rows + n] = F::cast_from(total);
+    }
+}
+
+fn launch_elementwise(output: &CubeTensor) -> (CubeCount, CubeDim) {
+    let n = output.shape().num_elements();
+    let cube_dim = CubeDim::new(&output.client, n);
+    (calculate_cube_count_elemwise(&output.client, n, cube_dim), cube_dim)
+}
+
+fn launch_matvec(output: &CubeTensor) -> (CubeCount, CubeDim) {
+    let [m, rows] = output.shape().dims();
+    let cubes = (rows as u32).div_ceil(OUTPUTS_PER_CUBE);
+    (CubeCount::Static(cubes, m as u32, 1), CubeDim::new_2d(LANES, OUTPUTS_PER_CUBE))
+}
+
+fn empty(like: &CubeTensor, shape: [usize; 2], dtype: DType) -> CubeTensor {
+    empty_device_dtype(like.client.clone(), like.device.clone(), Shape::new(shape), dtype)
+}
+
+/// The dense affine weight `[n, k]` from words `[n, k·bits/32]`, in the scales' dtype.
+pub fn affine_dequantize(packed: CubeTensor, scales: CubeTensor, biases: CubeTensor, bits: usize, group_size: usize) -> CubeTensor {
+    let [rows, words] = packed.shape().dims();
+    let output = empty(&packed, [rows, words * 32 / bits], scales.dtype);
+    let (count, dim) = launch_elementwise(&output);
+    let dtype = dtype_to_storage_type(output.dtype);
+    // SAFETY: every index is within the shapes checked when the weight was built: the words
+    // hold exactly k·bits bits per row and scales/biases one value per group.
+    unsafe {
+        affine_dequantize_kernel::launch_unchecked(
+            &output.client,
+            count,
+            dim,
+            into_contiguous(packed).into_tensor_arg(),
+            into_contiguous(scales).into_tensor_arg(),
+            into_contiguous(biases).into_tensor_arg(),
+            output.clone().into_tensor_arg(),
+            bits as u32,
+            group_size,
+            dtype,
+        )
+    }
+    output
+}
+
+/// The dense NF4 weight `[n, k]` in `dtype` from words `[n, k/8]` and f32 absmax values
+/// `[n·k/64]`.
+pub fn nf4_dequantize(packed: CubeTensor, absmax: CubeTensor, levels: CubeTensor, dtype: DType) -> CubeTensor {
+    let [rows, words] = packed.shape().dims();
+    let output = empty(&packed, [rows, words * 8], dtype);
+    let (count, dim) = launch_elementwise(&output);
+    // SAFETY: `absmax` holds one value per 64 weights and `levels` 16; codes are 4 bits.
+    unsafe {
+        nf4_dequantize_kernel::launch_unchecked(
+            &output.client,
+            count,
+            dim,
+            into_contiguous(packed).into_tensor_arg(),
+            into_contiguous(absmax).into_tensor_arg(),
+            into_contiguous(levels).into_tensor_arg(),
+            output.clone().into_tensor_arg(),
+            dtype_to_storage_type(dtype),
+        )
+    }
+    output
+}
+
+/// `x` `[m, k]` · `Wᵀ` -> `[m, n]` straight from the affine words; `bits` divides 32.
+pub fn affine_matvec(x: CubeTensor, packed: CubeTensor, scales: CubeTensor, biases: CubeTensor, bits: usize, group_size: usize) -> CubeTensor {
+    assert!(matvec_supports(bits), "affine_matvec: {bits}-bit codes cross words");
+    let [m, _] = x.shape().dims();
+    let output = empty(&x, [m, packed.shape()[0]], x.dtype);
+    let (count, dim) = launch_matvec(&output);
+    let dtype = dtype_to_storage_type(x.dtype);
+    // SAFETY: as for `affine_dequantize`; `x` has k columns, k = words·32/bits.
+    unsafe {
+        affine_matvec_kernel::launch_unchecked(
+            &output.client,
+            count,
+            dim,
+            into_contiguous(x).into_tensor_arg(),
+            into_contiguous(packed).into_tensor_arg(),
+            into_contiguous(scales).into_tensor_arg(),
+            into_contiguous(biases).into_tensor_arg(),
+            output.clone().into_tensor_arg(),
+            bits as u32,
+            group_size,
+            dtype,
+        )
+    }
+    output
+}
+
+/// `x` `[m, k]` · `Wᵀ` -> `[m, n]` straight from the NF4 words.
+pub fn nf4_matvec(x: CubeTensor, packed: CubeTensor, absmax: CubeTensor, levels: CubeTensor) -> CubeTensor {
+    let [m, _] = x.shape().dims();
+    let output = empty(&x, [m, packed.shape()[0]], x.dtype);
+    let (count, dim) = launch_matvec(&output);
+    let dtype = dtype_to_storage_type(x.dtype);
+    // SAFETY: as for `nf4_dequantize`; `x` has k = words·8 columns.
+    unsafe {
+        nf4_matvec_kernel::launch_unchecked(
+            &output.client,
+            count,
+            dim,
+            into_contiguous(x).into_tensor_arg(),
+            into_contiguous(packed).into_tensor_arg(),
+            into_contiguous(absmax).into_tensor_arg(),
+            into_contiguous(levels).into_tensor_arg(),
+            output.clone().into_tensor_arg(),
+            dtype,
+        )
+    }
+    output
+}

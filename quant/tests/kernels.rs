@@ -1,0 +1,106 @@
+//! The packed kernels (CubeCL on wgpu, the default bodies on flex) against plain
+//! dequantize-then-matmul on the host, on random inputs: every width, every group size,
+//! f32 and f16, a row count that is not a multiple of a cube's outputs, and row counts of
+//! `x` on both sides of the matrix-vector threshold.
+
+use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
+use lora_quant::affine::{self, AffineSpec};
+use lora_quant::autodiff::MATVEC_ROWS;
+use lora_quant::{QuantWeight, nf4};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+mod common;
+use common::devices;
+
+const ROWS: usize = 13;
+const COLS: usize = 384;
+
+fn random(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| (rng.random::<f32>() - 0.5) * 2.0 * scale + 0.003).collect()
+}
+
+fn to_vec(t: Tensor<2>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_to_vec().unwrap()
+}
+
+/// `x·Wᵀ` in f64 from the host's dense weight.
+fn reference(x: &[f32], w: &[f32], m: usize) -> Vec<f32> {
+    (0..m)
+        .flat_map(|i| (0..ROWS).map(move |j| (i, j)))
+        .map(|(i, j)| (0..COLS).map(|k| f64::from(x[i * COLS + k]) * f64::from(w[j * COLS + k])).sum::<f64>() as f32)
+        .collect()
+}
+
+/// Relative to the largest output, so f16 and f32 read on one scale.
+fn rel_diff(got: &[f32], want: &[f32]) -> f32 {
+    let top = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / top
+}
+
+fn round_to(v: &[f32], dtype: DType) -> Vec<f32> {
+    Tensor::<1>::from_data(TensorData::new(v.to_vec(), [v.len()]), (&Device::flex(), DType::F32))
+        .cast(if dtype == DType::F16 { FloatDType::F16 } else { FloatDType::F32 })
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec()
+        .unwrap()
+}
+
+#[test]
+fn affine_kernels_match_dequantize_then_matmul() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let w = random(&mut rng, ROWS * COLS, 0.2);
+    for device in devices() {
+        for dtype in [DType::F32, DType::F16] {
+            let tol = if dtype == DType::F32 { 1e-5 } else { 4e-3 };
+            for bits in affine::BITS {
+                for group_size in affine::GROUP_SIZES {
+                    let spec = AffineSpec::new(bits, group_size).unwrap();
+                    let q = affine::quantize(&w, COLS, spec).unwrap();
+                    let weight = QuantWeight::from_affine(&q, ROWS, COLS, spec, &device, dtype);
+                    // The host dequantization with the scales as the device holds them.
+                    let host = affine::dequantize(&q.packed, &round_to(&q.scales, dtype), &round_to(&q.biases, dtype), COLS, spec);
+                    let dense = to_vec(weight.dequantize());
+                    let d = rel_diff(&dense, &host);
+                    assert!(d < tol, "{device:?} {dtype:?} bits {bits} group {group_size}: dequantize differs by {d}");
+                    for m in [1, 3, MATVEC_ROWS, MATVEC_ROWS + 1, 40] {
+                        let x = round_to(&random(&mut rng, m * COLS, 1.0), dtype);
+                        let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, COLS]), (&device, DType::F32)).cast(dtype_of(dtype));
+                        let got = to_vec(weight.matmul_t(xt));
+                        let d = rel_diff(&got, &reference(&x, &host, m));
+                        assert!(d < tol, "{device:?} {dtype:?} bits {bits} group {group_size} m {m}: matmul differs by {d}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn nf4_kernels_match_dequantize_then_matmul() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let w = random(&mut rng, ROWS * COLS, 0.2);
+    for device in devices() {
+        for dtype in [DType::F32, DType::F16] {
+            let tol = if dtype == DType::F32 { 1e-5 } else { 4e-3 };
+            for double_quant in [false, true] {
+                let q = nf4::quantize(&w, COLS, double_quant).unwrap();
+                let host = nf4::dequantize(&q, COLS);
+                let weight = QuantWeight::from_nf4(&q, ROWS, COLS, &device, dtype);
+                let d = rel_diff(&to_vec(weight.dequantize()), &host);
+                assert!(d < tol, "{device:?} {dtype:?} double quant {double_quant}: dequantize differs by {d}");
+                for m in [1, 2, MATVEC_ROWS, MATVEC_ROWS + 1, 33] {
+                    let x = round_to(&random(&mut rng, m * COLS, 1.0), dtype);
+                    let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, COLS]), (&device, DType::F32)).cast(dtype_of(dtype));
+                    let d = rel_diff(&to_vec(weight.matmul_t(xt)), &reference(&x, &host, m));
+                    assert!(d < tol, "{device:?} {dtype:?} double quant {double_quant} m {m}: matmul differs by {d}");
+                }
+            }
+        }
+    }
+}
+
+fn dtype_of(dtype: DType) -> FloatDType {
+    if dtype == DType::F16 { FloatDType::F16 } else { FloatDType::F32 }
+}
