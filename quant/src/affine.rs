@@ -65,36 +65,40 @@ pub fn quantize(w: &[f32], cols: usize, spec: AffineSpec) -> Result<AffineQuanti
     if !spec.fits(cols) || !w.len().is_multiple_of(cols) {
         return Err(QuantError::NotDivisible { cols, group_size: spec.group_size });
     }
+    use rayon::prelude::*;
     let n_bins = ((1u32 << spec.bits) - 1) as f32;
     let eps = 1e-7f32;
     let groups = w.len() / spec.group_size;
-    let mut codes = Vec::with_capacity(w.len());
-    let mut scales = Vec::with_capacity(groups);
-    let mut biases = Vec::with_capacity(groups);
-    for g in w.chunks_exact(spec.group_size) {
-        let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-        for &x in g {
-            lo = lo.min(x);
-            hi = hi.max(x);
-        }
-        let anchor_min = lo.abs() > hi.abs();
-        let mut scale = ((hi - lo) / n_bins).max(eps);
-        if !anchor_min {
-            scale = -scale;
-        }
-        let edge = if anchor_min { lo } else { hi };
-        let q0 = (edge / scale).round_ties_even();
-        let mut bias = 0.0;
-        if q0 != 0.0 {
-            scale = edge / q0;
-            bias = edge;
-        }
-        for &x in g {
-            codes.push(((x - bias) / scale).round_ties_even().clamp(0.0, n_bins) as u8);
-        }
-        scales.push(scale);
-        biases.push(bias);
-    }
+    let mut codes = vec![0u8; w.len()];
+    let mut scales = vec![0f32; groups];
+    let mut biases = vec![0f32; groups];
+    // Groups are independent: quantized in parallel, with the same result as in sequence.
+    (w.par_chunks_exact(spec.group_size), codes.par_chunks_exact_mut(spec.group_size), &mut scales, &mut biases)
+        .into_par_iter()
+        .for_each(|(g, out, scale_out, bias_out)| {
+            let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+            for &x in g {
+                lo = lo.min(x);
+                hi = hi.max(x);
+            }
+            let anchor_min = lo.abs() > hi.abs();
+            let mut scale = ((hi - lo) / n_bins).max(eps);
+            if !anchor_min {
+                scale = -scale;
+            }
+            let edge = if anchor_min { lo } else { hi };
+            let q0 = (edge / scale).round_ties_even();
+            let mut bias = 0.0;
+            if q0 != 0.0 {
+                scale = edge / q0;
+                bias = edge;
+            }
+            for (c, &x) in out.iter_mut().zip(g) {
+                *c = ((x - bias) / scale).round_ties_even().clamp(0.0, n_bins) as u8;
+            }
+            *scale_out = scale;
+            *bias_out = bias;
+        });
     Ok(AffineQuantized { packed: pack::pack(&codes, cols, spec.bits), scales, biases })
 }
 
