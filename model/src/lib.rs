@@ -20,6 +20,7 @@ pub mod device;
 pub mod error;
 pub mod generate;
 pub mod llama;
+pub mod lora;
 pub mod rope;
 pub mod sampling;
 
@@ -27,5 +28,6 @@ pub use checkpoint::Checkpoint;
 pub use config::{Architecture, HfConfig, MlxQuantization, ModelConfig, RopeScaling};
 pub use error::ModelError;
 pub use generate::{GenerationStats, generate};
-pub use llama::{CausalLm, KvCache, LoadEvent, LoadOptions, QuantizeAtLoad, Weight};
+pub use lora::LoraAdapter;
+pub use llama::{CausalLm, KvCache, Linear, LoadEvent, LoadOptions, PROJECTIONS, QuantizeAtLoad, Weight};
 pub use sampling::{Sampler, SamplingConfig};

@@ -14,6 +14,7 @@ use lora_quant::affine::AffineSpec;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::ModelError;
+use crate::lora::LoraAdapter;
 use crate::rope::{Rope, apply_rotary};
 
 /// What to do with the float weights of a checkpoint as they are loaded.
@@ -186,6 +187,8 @@ pub struct Linear {
     pub weight: Weight,
     /// `[out_features]`, when the checkpoint has one.
     pub bias: Option<Param<Tensor<1>>>,
+    /// A low-rank adapter over the frozen weight.
+    pub adapter: Option<LoraAdapter>,
 }
 
 impl Linear {
@@ -193,7 +196,12 @@ impl Linear {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, s, i] = x.dims();
         let out = self.weight.dims()[0];
-        let y = self.weight.matmul_t(x.reshape([b * s, i])); // [b*s, out]
+        let x = x.reshape([b * s, i]);
+        let y = self.weight.matmul_t(x.clone()); // [b*s, out]
+        let y = match &self.adapter {
+            Some(adapter) => adapter.forward(x, y, &self.weight),
+            None => y,
+        };
         let y = match &self.bias {
             Some(bias) => y + bias.val().unsqueeze::<2>(),
             None => y,
@@ -220,7 +228,7 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self { weight, bias, adapter: None })
     }
 }
 
@@ -385,6 +393,34 @@ pub struct DecoderLayer {
     pub window: Option<usize>,
 }
 
+/// The projection names inside a block, as in the checkpoint (`self_attn.q_proj`, ...).
+pub const PROJECTIONS: [&str; 7] =
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+
+impl DecoderLayer {
+    /// The block's linear projections, named as in [`PROJECTIONS`].
+    pub fn projections(&self) -> [(&'static str, &Linear); 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        let p = PROJECTIONS;
+        [(p[0], &a.q_proj), (p[1], &a.k_proj), (p[2], &a.v_proj), (p[3], &a.o_proj), (p[4], &m.gate_proj), (p[5], &m.up_proj), (p[6], &m.down_proj)]
+    }
+
+    /// The block's linear projections, mutable, named as in [`PROJECTIONS`].
+    pub fn projections_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        let p = PROJECTIONS;
+        [
+            (p[0], &mut a.q_proj),
+            (p[1], &mut a.k_proj),
+            (p[2], &mut a.v_proj),
+            (p[3], &mut a.o_proj),
+            (p[4], &mut m.gate_proj),
+            (p[5], &mut m.up_proj),
+            (p[6], &mut m.down_proj),
+        ]
+    }
+}
+
 /// The transformer body under the `model.` prefix.
 #[derive(Module, Debug)]
 pub struct Backbone {
@@ -513,6 +549,34 @@ impl CausalLm {
         })
     }
 
+    /// Switches adapter dropout on (training) or off (evaluation, generation).
+    pub fn set_training(&mut self, training: bool) {
+        for layer in &mut self.model.layers {
+            for (_, linear) in layer.projections_mut() {
+                if let Some(adapter) = &mut linear.adapter {
+                    adapter.training = training;
+                }
+            }
+        }
+    }
+
+    /// Rows × columns of every weight, whether dense or packed: the parameter count.
+    pub fn num_weights(&self) -> usize {
+        let linear = |l: &Linear| {
+            let [o, i] = l.weight.dims();
+            o * i + l.bias.as_ref().map_or(0, |b| b.dims()[0])
+        };
+        let norm = |n: &RmsNorm| n.weight.dims()[0];
+        let [v, h] = self.model.embed_tokens.weight.dims();
+        let mut total = v * h + norm(&self.model.norm) + self.lm_head.as_ref().map_or(0, linear);
+        for layer in &self.model.layers {
+            total += layer.projections().iter().map(|(_, l)| linear(l)).sum::<usize>();
+            total += norm(&layer.input_layernorm) + norm(&layer.post_attention_layernorm);
+            total += layer.self_attn.q_norm.as_ref().map_or(0, norm) + layer.self_attn.k_norm.as_ref().map_or(0, norm);
+        }
+        total
+    }
+
     /// The device the weights live on.
     pub fn device(&self) -> Device {
         self.model.norm.weight.val().device()
@@ -632,7 +696,7 @@ fn to_f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     if x.dtype() == DType::F32 { x } else { x.cast(FloatDType::F32) }
 }
 
-fn float_dtype(dtype: DType) -> FloatDType {
+pub(crate) fn float_dtype(dtype: DType) -> FloatDType {
     match dtype {
         DType::F16 => FloatDType::F16,
         DType::BF16 => FloatDType::BF16,

@@ -1,0 +1,320 @@
+//! Adapter directories in PEFT's layout and in mlx-lm's, read and written.
+//!
+//! - PEFT: `adapter_config.json` and `adapter_model.safetensors`, tensors
+//!   `base_model.model.<module>.lora_A.weight` `[r, in]`, `.lora_B.weight` `[out, r]`,
+//!   DoRA's `.lora_magnitude_vector` `[out]`; the scale is `lora_alpha/r` (or `/√r`).
+//! - mlx-lm: `adapter_config.json` and `adapters.safetensors`, tensors `<module>.lora_a`
+//!   `[in, r]`, `.lora_b` `[r, out]`, DoRA's `.m` `[out]`; the scale is used as written.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::{Value as Json, json};
+
+use crate::attach::AdapterWeights;
+use crate::io::write_atomic;
+use crate::spec::{AdapterSpec, FineTuneType, Scale};
+use crate::AdapterError;
+
+/// The two adapter layouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterFormat {
+    /// Hugging Face PEFT (the default: PEFT, vLLM and transformers load it).
+    #[default]
+    Peft,
+    /// mlx-lm.
+    Mlx,
+}
+
+impl AdapterFormat {
+    /// The weights file's name in an adapter directory.
+    pub fn weights_file(self) -> &'static str {
+        match self {
+            Self::Peft => "adapter_model.safetensors",
+            Self::Mlx => "adapters.safetensors",
+        }
+    }
+}
+
+/// The config file's name in both layouts.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+
+/// An adapter read from disk.
+#[derive(Debug, Clone)]
+pub struct AdapterFile {
+    /// The layout it was in.
+    pub format: AdapterFormat,
+    /// What its config says (rank, scale, dropout, type, layers, keys).
+    pub spec: AdapterSpec,
+    /// The weights, one entry per adapted projection.
+    pub weights: Vec<AdapterWeights>,
+    /// The weights file read.
+    pub path: PathBuf,
+}
+
+/// Reads an adapter: `path` is an adapter directory, or a weights file beside its
+/// `adapter_config.json` (mlx-lm's `--resume-adapter-file`). The layout is detected from
+/// the weights file's name, or its tensor names.
+pub fn load(path: &Path) -> Result<AdapterFile, AdapterError> {
+    let (dir, weights_path) = if path.is_dir() {
+        let found = [AdapterFormat::Peft, AdapterFormat::Mlx].into_iter().map(|f| path.join(f.weights_file())).find(|p| p.is_file());
+        let weights = found.ok_or_else(|| {
+            AdapterError::invalid(path, "not an adapter directory: neither adapter_model.safetensors (PEFT) nor adapters.safetensors (mlx-lm)")
+        })?;
+        (path.to_path_buf(), weights)
+    } else if path.is_file() {
+        (path.parent().unwrap_or(Path::new(".")).to_path_buf(), path.to_path_buf())
+    } else {
+        return Err(AdapterError::invalid(path, "no such adapter file or directory"));
+    };
+    let config_path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&config_path).map_err(|e| AdapterError::io(&config_path, e))?;
+    let config: Json = serde_json::from_str(&text).map_err(|e| AdapterError::invalid(&config_path, e.to_string()))?;
+    let bytes = std::fs::read(&weights_path).map_err(|e| AdapterError::io(&weights_path, e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| AdapterError::invalid(&weights_path, e.to_string()))?;
+    let peft = st.names().iter().any(|n| n.ends_with(".lora_A.weight"));
+    let format = if peft { AdapterFormat::Peft } else { AdapterFormat::Mlx };
+    let spec = match format {
+        AdapterFormat::Peft => peft_spec(&config, &config_path)?,
+        AdapterFormat::Mlx => mlx_spec(&config, &config_path)?,
+    };
+    let weights = read_weights(&st, format, &spec, &weights_path)?;
+    Ok(AdapterFile { format, spec, weights, path: weights_path })
+}
+
+fn field<'a>(config: &'a Json, key: &str) -> Option<&'a Json> {
+    config.get(key).filter(|v| !v.is_null())
+}
+
+fn peft_spec(config: &Json, path: &Path) -> Result<AdapterSpec, AdapterError> {
+    if let Some(t) = field(config, "peft_type").and_then(Json::as_str)
+        && t != "LORA"
+    {
+        return Err(AdapterError::invalid(path, format!("peft_type {t:?} is not supported (only LORA)")));
+    }
+    for key in ["rank_pattern", "alpha_pattern"] {
+        if field(config, key).and_then(Json::as_object).is_some_and(|m| !m.is_empty()) {
+            return Err(AdapterError::invalid(path, format!("{key} is not supported: every adapted projection must share r and lora_alpha")));
+        }
+    }
+    let num = |key: &str, default: f64| field(config, key).map_or(Some(default), Json::as_f64).ok_or_else(|| AdapterError::invalid(path, format!("{key} must be a number")));
+    let rank = num("r", 8.0)? as usize;
+    let alpha = num("lora_alpha", 8.0)?;
+    let rslora = field(config, "use_rslora").and_then(Json::as_bool).unwrap_or(false);
+    let dora = field(config, "use_dora").and_then(Json::as_bool).unwrap_or(false);
+    let keys = match field(config, "target_modules") {
+        Some(Json::Array(list)) => Some(list.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()),
+        _ => None,
+    };
+    Ok(AdapterSpec {
+        fine_tune_type: if dora { FineTuneType::Dora } else { FineTuneType::Lora },
+        num_layers: -1,
+        keys,
+        rank,
+        scale: Scale::Alpha { alpha, rslora },
+        dropout: num("lora_dropout", 0.0)?,
+        init: Default::default(),
+    })
+}
+
+fn mlx_spec(config: &Json, path: &Path) -> Result<AdapterSpec, AdapterError> {
+    let params = field(config, "lora_parameters").cloned().unwrap_or(json!({}));
+    let num = |v: Option<&Json>, key: &str, default: f64| v.map_or(Some(default), Json::as_f64).ok_or_else(|| AdapterError::invalid(path, format!("{key} must be a number")));
+    let kind = match field(config, "fine_tune_type").and_then(Json::as_str) {
+        Some("lora") | None => {
+            if field(config, "use_dora").and_then(Json::as_bool).unwrap_or(false) { FineTuneType::Dora } else { FineTuneType::Lora }
+        }
+        Some("dora") => FineTuneType::Dora,
+        Some(other) => return Err(AdapterError::invalid(path, format!("fine_tune_type {other:?} is not an adapter (lora or dora)"))),
+    };
+    let num_layers = num(field(config, "num_layers").or(field(config, "lora_layers")), "num_layers", 16.0)? as i64;
+    let keys = match field(&params, "keys") {
+        Some(Json::Array(list)) => Some(list.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()),
+        _ => None,
+    };
+    Ok(AdapterSpec {
+        fine_tune_type: kind,
+        num_layers,
+        keys,
+        rank: num(field(&params, "rank"), "rank", 8.0)? as usize,
+        scale: Scale::Raw(num(field(&params, "scale"), "scale", 20.0)?),
+        dropout: num(field(&params, "dropout"), "dropout", 0.0)?,
+        init: Default::default(),
+    })
+}
+
+/// f32 values of a tensor stored as f32, f16 or bf16.
+fn floats(view: &TensorView, name: &str, path: &Path) -> Result<Vec<f32>, AdapterError> {
+    let data = view.data();
+    Ok(match view.dtype() {
+        Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        other => return Err(AdapterError::invalid(path, format!("tensor {name} has dtype {other:?}; adapters are f32, f16 or bf16"))),
+    })
+}
+
+fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; v.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = v[r * cols + c];
+        }
+    }
+    out
+}
+
+fn read_weights(st: &SafeTensors, format: AdapterFormat, spec: &AdapterSpec, path: &Path) -> Result<Vec<AdapterWeights>, AdapterError> {
+    let (a_suffix, b_suffix, m_suffix, prefix) = match format {
+        AdapterFormat::Peft => (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", "base_model.model."),
+        AdapterFormat::Mlx => (".lora_a", ".lora_b", ".m", ""),
+    };
+    // Ordered as the model holds them: by block, then projection.
+    let mut modules: BTreeMap<(usize, usize, String), String> = BTreeMap::new();
+    for name in st.names() {
+        if let Some(stem) = name.strip_suffix(a_suffix) {
+            let module = stem.strip_prefix(prefix).unwrap_or(stem).to_string();
+            let (layer, proj) = match module.strip_prefix("model.layers.").and_then(|r| r.split_once('.')) {
+                Some((i, p)) => (i.parse().unwrap_or(usize::MAX), lora_model::PROJECTIONS.iter().position(|x| *x == p).unwrap_or(usize::MAX)),
+                None => (usize::MAX, usize::MAX),
+            };
+            modules.insert((layer, proj, module), stem.to_string());
+        } else if !name.ends_with(b_suffix) && !name.ends_with(m_suffix) {
+            return Err(AdapterError::invalid(path, format!("tensor {name} is not a LoRA tensor of the {format:?} layout")));
+        }
+    }
+    if modules.is_empty() {
+        return Err(AdapterError::invalid(path, "holds no adapter tensors"));
+    }
+    let mut out = Vec::with_capacity(modules.len());
+    for ((_, _, module), stem) in modules {
+        let get = |suffix: &str| {
+            let name = format!("{stem}{suffix}");
+            st.tensor(&name).map(|v| (name.clone(), v)).map_err(|_| AdapterError::invalid(path, format!("tensor {name} is missing")))
+        };
+        let (a_name, a) = get(a_suffix)?;
+        let (b_name, b) = get(b_suffix)?;
+        let two = |name: &str, v: &TensorView| match v.shape() {
+            [x, y] => Ok([*x, *y]),
+            s => Err(AdapterError::invalid(path, format!("tensor {name} has shape {s:?}; expected 2 dimensions"))),
+        };
+        let ([a0, a1], [b0, b1]) = (two(&a_name, &a)?, two(&b_name, &b)?);
+        // To PEFT's layout: A [r, in], B [out, r].
+        let (rank, inputs, outputs, av, bv) = match format {
+            AdapterFormat::Peft => (a0, a1, b0, floats(&a, &a_name, path)?, floats(&b, &b_name, path)?),
+            AdapterFormat::Mlx => (a1, a0, b1, transpose(&floats(&a, &a_name, path)?, a0, a1), transpose(&floats(&b, &b_name, path)?, b0, b1)),
+        };
+        let b_rank = if format == AdapterFormat::Peft { b1 } else { b0 };
+        if b_rank != rank {
+            let expected = if format == AdapterFormat::Peft { vec![b0, rank] } else { vec![rank, b1] };
+            return Err(AdapterError::ShapeMismatch { path: path.to_path_buf(), name: b_name, expected, found: b.shape().to_vec() });
+        }
+        let magnitude = match st.tensor(&format!("{stem}{m_suffix}")) {
+            Ok(m) => Some(floats(&m, &format!("{stem}{m_suffix}"), path)?),
+            Err(_) if spec.fine_tune_type == FineTuneType::Dora => {
+                return Err(AdapterError::invalid(path, format!("tensor {stem}{m_suffix} is missing (the config says DoRA)")));
+            }
+            Err(_) => None,
+        };
+        out.push(AdapterWeights { module, a: av, b: bv, magnitude, rank, inputs, outputs, scale: spec.scale.value(rank) });
+    }
+    Ok(out)
+}
+
+fn bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The weights file's bytes in `format`.
+pub fn weights_bytes(weights: &[AdapterWeights], format: AdapterFormat) -> Result<Vec<u8>, AdapterError> {
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for w in weights {
+        match format {
+            AdapterFormat::Peft => {
+                let p = format!("base_model.model.{}", w.module);
+                tensors.push((format!("{p}.lora_A.weight"), vec![w.rank, w.inputs], bytes(&w.a)));
+                tensors.push((format!("{p}.lora_B.weight"), vec![w.outputs, w.rank], bytes(&w.b)));
+                if let Some(m) = &w.magnitude {
+                    tensors.push((format!("{p}.lora_magnitude_vector"), vec![w.outputs], bytes(m)));
+                }
+            }
+            AdapterFormat::Mlx => {
+                let p = &w.module;
+                tensors.push((format!("{p}.lora_a"), vec![w.inputs, w.rank], bytes(&transpose(&w.a, w.rank, w.inputs))));
+                tensors.push((format!("{p}.lora_b"), vec![w.rank, w.outputs], bytes(&transpose(&w.b, w.outputs, w.rank))));
+                if let Some(m) = &w.magnitude {
+                    tensors.push((format!("{p}.m"), vec![w.outputs], bytes(m)));
+                }
+            }
+        }
+    }
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, shape, data)| (n.clone(), TensorView::new(Dtype::F32, shape.clone(), data).expect("shape matches the data")))
+        .collect();
+    let metadata = (format == AdapterFormat::Peft).then(|| [("format".to_string(), "pt".to_string())].into());
+    safetensors::serialize(views, metadata).map_err(|e| AdapterError::invalid(Path::new(format.weights_file()), e.to_string()))
+}
+
+/// The `adapter_config.json` for `spec` in `format`. `layers` are the adapted blocks;
+/// `extra` (the run's resolved settings) is merged into an mlx-lm config, as mlx-lm writes
+/// all of its arguments there.
+pub fn config_json(spec: &AdapterSpec, format: AdapterFormat, layers: &[usize], base_model: &str, extra: Option<&serde_json::Map<String, Json>>) -> Json {
+    let keys: Vec<String> = crate::attach::select_projections(spec.keys.as_deref()).unwrap_or_default().iter().map(|s| s.to_string()).collect();
+    match format {
+        AdapterFormat::Peft => {
+            let (alpha, rslora) = match spec.scale {
+                Scale::Alpha { alpha, rslora } => (alpha, rslora),
+                Scale::Raw(s) => (s * spec.rank as f64, false),
+            };
+            let short: Vec<&str> = keys.iter().map(|k| k.rsplit('.').next().unwrap_or(k)).collect();
+            json!({
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "base_model_name_or_path": base_model,
+                "r": spec.rank,
+                "lora_alpha": alpha,
+                "lora_dropout": spec.dropout,
+                "use_rslora": rslora,
+                "use_dora": spec.fine_tune_type == FineTuneType::Dora,
+                "target_modules": short,
+                "layers_to_transform": layers,
+                "layers_pattern": "layers",
+                "bias": "none",
+                "fan_in_fan_out": false,
+                "init_lora_weights": true,
+                "inference_mode": true,
+                "modules_to_save": null,
+                "rank_pattern": {},
+                "alpha_pattern": {},
+            })
+        }
+        AdapterFormat::Mlx => {
+            let mut config = extra.cloned().unwrap_or_default();
+            config.insert("fine_tune_type".into(), json!(spec.fine_tune_type));
+            config.insert("num_layers".into(), json!(spec.num_layers));
+            config.insert(
+                "lora_parameters".into(),
+                json!({ "rank": spec.rank, "scale": spec.scale.value(spec.rank), "dropout": spec.dropout, "keys": keys }),
+            );
+            Json::Object(config)
+        }
+    }
+}
+
+/// Writes an adapter directory: the config and the weights, each atomically.
+pub fn save(dir: &Path, format: AdapterFormat, spec: &AdapterSpec, weights: &[AdapterWeights], base_model: &str, extra: Option<&serde_json::Map<String, Json>>) -> Result<(), AdapterError> {
+    std::fs::create_dir_all(dir).map_err(|e| AdapterError::io(dir, e))?;
+    let mut layers: Vec<usize> = weights
+        .iter()
+        .filter_map(|w| w.module.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|i| i.parse().ok()))
+        .collect();
+    layers.dedup();
+    let config = config_json(spec, format, &layers, base_model, extra);
+    write_atomic(&dir.join(format.weights_file()), &weights_bytes(weights, format)?)?;
+    let text = serde_json::to_string_pretty(&config).expect("JSON values serialize");
+    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
+}
