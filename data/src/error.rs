@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-/// Everything that can go wrong while reading a tokenizer or rendering text.
+/// Everything that can go wrong while reading a tokenizer, rendering text or loading a dataset.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DataError {
@@ -44,10 +44,47 @@ pub enum DataError {
         /// minijinja's message with its location.
         message: String,
     },
+    /// A dataset row is malformed, or does not fit the dataset or the tokenizer.
+    #[error("{path}:{line}: {message}")]
+    Row {
+        /// The JSONL file.
+        path: PathBuf,
+        /// The 1-based line number.
+        line: usize,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// A dataset file holds no usable example.
+    #[error("{path}: no examples{}", skipped_note(*skipped))]
+    EmptyDataset {
+        /// The JSONL file.
+        path: PathBuf,
+        /// Bad rows skipped because `skip_bad_rows` was set.
+        skipped: usize,
+    },
+    /// A dataset has fewer examples than one batch holds.
+    #[error("the dataset has {examples} examples, fewer than batch_size {batch_size}")]
+    TooFewExamples {
+        /// Examples in the dataset.
+        examples: usize,
+        /// Rows per batch.
+        batch_size: usize,
+    },
+    /// A batch size of zero.
+    #[error("batch_size must be at least 1")]
+    ZeroBatchSize,
     /// A chat template was needed and the tokenizer has none.
     #[error("{dir} has no chat template (neither chat_template.jinja nor `chat_template` in tokenizer_config.json)")]
     NoChatTemplate {
         /// The tokenizer directory.
         dir: PathBuf,
     },
+}
+
+fn skipped_note(skipped: usize) -> String {
+    match skipped {
+        0 => String::new(),
+        1 => " (1 bad row skipped)".to_string(),
+        n => format!(" ({n} bad rows skipped)"),
+    }
 }

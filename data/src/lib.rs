@@ -1,4 +1,5 @@
-//! Text to tokens: Hugging Face tokenizers, chat templates and end-of-sequence ids.
+//! Text to tokens: Hugging Face tokenizers, chat templates and end-of-sequence ids; JSONL
+//! datasets tokenized as mlx-lm tokenizes them, and length-bucketed batches.
 //!
 //! ```no_run
 //! let tok = lora_data::Tokenizer::from_dir(std::path::Path::new("tests/fixtures/llama"))?;
@@ -8,10 +9,14 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod batch;
 pub mod chat;
+pub mod dataset;
 pub mod error;
 pub mod tokenizer;
 
+pub use batch::{Batch, Batcher, collate, count_too_long, padding_fraction};
 pub use chat::ChatTemplate;
+pub use dataset::{DataKeys, Example, Loaded, Splits, load_dir, load_jsonl};
 pub use error::DataError;
 pub use tokenizer::{StreamDecoder, Tokenizer};

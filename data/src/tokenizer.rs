@@ -96,6 +96,11 @@ impl Tokenizer {
             .map_err(|e| DataError::Tokenizer { path: self.dir.join("tokenizer.json"), message: e.to_string() })
     }
 
+    /// The directory the tokenizer was read from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// End-of-sequence ids: `generation_config.json`, `config.json` and the tokenizer's `eos_token`.
     pub fn eos_ids(&self) -> &[u32] {
         &self.eos_ids

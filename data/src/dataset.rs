@@ -1,0 +1,724 @@
+//! JSONL datasets in the three formats of mlx-lm (`mlx_lm/tuner/datasets.py`), tokenized
+//! the way mlx-lm tokenizes them:
+//!
+//! - `{"text": ...}`: the text with the tokenizer's BOS, and an EOS appended when the
+//!   tokenizer did not end it with one.
+//! - `{"prompt": ..., "completion": ...}`: a user turn and an assistant turn through the chat
+//!   template (with the row's `tools`, if any, as mlx-lm); without a template, `prompt`
+//!   (with BOS) then `completion` then EOS.
+//! - `{"messages": [...], "tools": [...]}`: the conversation through the chat template.
+//!
+//! The format is read from the keys of each row (`prompt` and `completion` first, then
+//! `messages`, then `text`, as mlx-lm's `create_dataset`), and every row of a file must have
+//! the same one. With `mask_prompt` only the completion, or the last message, is trained on.
+//!
+//! ```
+//! use std::io::Write as _;
+//! use std::path::Path;
+//! use lora_data::{DataKeys, Tokenizer, load_jsonl};
+//!
+//! let tok = Tokenizer::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen2"))?;
+//! let mut file = tempfile::NamedTempFile::new().unwrap();
+//! writeln!(file, r#"{{"prompt": "Hi", "completion": "Hello!"}}"#).unwrap();
+//! let data = load_jsonl(file.path(), &tok, &DataKeys::default(), true, false)?;
+//! let ex = &data.examples[0];
+//! assert!(tok.decode(&ex.tokens[ex.offset..], false)?.starts_with("Hello!"));
+//! # Ok::<(), lora_data::DataError>(())
+//! ```
+
+use std::path::Path;
+
+use serde_json::{Map, Value as Json};
+
+use crate::error::DataError;
+use crate::tokenizer::Tokenizer;
+
+/// The keys a row's fields are read from (mlx-lm's `text_feature`, `prompt_feature`,
+/// `completion_feature` and `chat_feature`; `tools` is fixed there).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataKeys {
+    /// Plain text rows. Default `"text"`.
+    pub text: String,
+    /// The prompt of a prompt/completion row. Default `"prompt"`.
+    pub prompt: String,
+    /// The completion of a prompt/completion row. Default `"completion"`.
+    pub completion: String,
+    /// The message list of a chat row. Default `"messages"`.
+    pub messages: String,
+    /// The optional tool list handed to the chat template. Default `"tools"`.
+    pub tools: String,
+}
+
+impl Default for DataKeys {
+    fn default() -> Self {
+        Self {
+            text: "text".to_string(),
+            prompt: "prompt".to_string(),
+            completion: "completion".to_string(),
+            messages: "messages".to_string(),
+            tools: "tools".to_string(),
+        }
+    }
+}
+
+/// One tokenized row.
+///
+/// The model reads `tokens[..n - 1]` and predicts `tokens[1..]`. Target token `j`
+/// (`1 <= j < n`) is trained on iff `j >= offset`: mlx-lm's `steps >= offset && steps < length`
+/// mask. `offset` is the index of the first completion token when the prompt is masked and
+/// 0 otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    /// Token ids, special tokens included.
+    pub tokens: Vec<u32>,
+    /// Index of the first token that is a training target.
+    pub offset: usize,
+}
+
+/// The examples of one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded {
+    /// The examples, in file order.
+    pub examples: Vec<Example>,
+    /// Bad rows left out because `skip_bad_rows` was set.
+    pub skipped: usize,
+}
+
+/// The splits of a dataset directory; `None` where the file is absent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Splits {
+    /// `train.jsonl`.
+    pub train: Option<Loaded>,
+    /// `valid.jsonl`.
+    pub valid: Option<Loaded>,
+    /// `test.jsonl`.
+    pub test: Option<Loaded>,
+}
+
+/// Reads `train.jsonl`, `valid.jsonl` and `test.jsonl` from `dir`, each that exists, with
+/// [`load_jsonl`]. A missing directory, or one holding none of the three, is an error.
+pub fn load_dir(
+    dir: &Path,
+    tokenizer: &Tokenizer,
+    keys: &DataKeys,
+    mask_prompt: bool,
+    skip_bad_rows: bool,
+) -> Result<Splits, DataError> {
+    if !dir.is_dir() {
+        return Err(DataError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "dataset directory not found"),
+        });
+    }
+    let load = |name: &str| {
+        let path = dir.join(format!("{name}.jsonl"));
+        if path.is_file() { load_jsonl(&path, tokenizer, keys, mask_prompt, skip_bad_rows).map(Some) } else { Ok(None) }
+    };
+    let splits = Splits { train: load("train")?, valid: load("valid")?, test: load("test")? };
+    if splits.train.is_none() && splits.valid.is_none() && splits.test.is_none() {
+        return Err(DataError::Invalid {
+            path: dir.to_path_buf(),
+            message: "holds none of train.jsonl, valid.jsonl, test.jsonl".to_string(),
+        });
+    }
+    Ok(splits)
+}
+
+/// Reads and tokenizes a JSONL file, one example per non-blank line.
+///
+/// A bad row (invalid JSON, a missing key, a field of the wrong type, an empty completion,
+/// a conversation the template refuses) fails with its file and line, or with
+/// `skip_bad_rows` is counted in [`Loaded::skipped`] and left out. Rows whose format differs
+/// from the first row's, `mask_prompt` on text rows, and chat rows for a tokenizer without a
+/// chat template always fail. A file without examples is an error.
+pub fn load_jsonl(
+    path: &Path,
+    tokenizer: &Tokenizer,
+    keys: &DataKeys,
+    mask_prompt: bool,
+    skip_bad_rows: bool,
+) -> Result<Loaded, DataError> {
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+    let mut reader = RowReader { tokenizer, keys, mask_prompt, format: None };
+    let mut examples = Vec::new();
+    let mut skipped = 0;
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = i + 1;
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let raw = if line == 1 { raw.strip_prefix("\u{feff}".as_bytes()).unwrap_or(raw) } else { raw };
+        match reader.row(raw, line) {
+            Ok(Some(example)) => examples.push(example),
+            Ok(None) => {}
+            Err(RowError::Bad(_)) if skip_bad_rows => skipped += 1,
+            Err(RowError::Bad(message) | RowError::Fatal(message)) => {
+                return Err(DataError::Row { path: path.to_path_buf(), line, message });
+            }
+        }
+    }
+    if examples.is_empty() {
+        return Err(DataError::EmptyDataset { path: path.to_path_buf(), skipped });
+    }
+    Ok(Loaded { examples, skipped })
+}
+
+/// What went wrong with a row: `Bad` rows may be skipped, `Fatal` ones concern the whole file.
+enum RowError {
+    Bad(String),
+    Fatal(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Text,
+    Completions,
+    Chat,
+}
+
+impl Format {
+    /// The keys that identify the format, quoted, for messages.
+    fn describe(self, keys: &DataKeys) -> String {
+        match self {
+            Format::Text => format!("{:?}", keys.text),
+            Format::Completions => format!("{:?}/{:?}", keys.prompt, keys.completion),
+            Format::Chat => format!("{:?}", keys.messages),
+        }
+    }
+}
+
+/// A row's fields, of the right types.
+enum Row<'a> {
+    Text(&'a str),
+    Completion { prompt: &'a str, completion: &'a str, tools: Option<&'a Json> },
+    Chat { messages: &'a Json, tools: Option<&'a Json> },
+}
+
+struct RowReader<'a> {
+    tokenizer: &'a Tokenizer,
+    keys: &'a DataKeys,
+    mask_prompt: bool,
+    /// The file's format and the line it was taken from.
+    format: Option<(Format, usize)>,
+}
+
+impl RowReader<'_> {
+    /// The example of one line; `None` for a blank line.
+    fn row(&mut self, raw: &[u8], line: usize) -> Result<Option<Example>, RowError> {
+        let text = std::str::from_utf8(raw).map_err(|_| RowError::Bad("not valid UTF-8".to_string()))?;
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        let value: Json = serde_json::from_str(text).map_err(|e| RowError::Bad(json_problem(&e)))?;
+        let Json::Object(object) = &value else {
+            return Err(RowError::Bad("not a JSON object".to_string()));
+        };
+        let format = self.detect(object).ok_or_else(|| {
+            let k = self.keys;
+            RowError::Bad(format!(
+                "missing key: expected one of {:?}, {:?}/{:?}, {:?}",
+                k.text, k.prompt, k.completion, k.messages
+            ))
+        })?;
+        self.check_format(format, line)?;
+        let row = self.fields(object, format).map_err(RowError::Bad)?;
+        self.tokenize(row).map(Some)
+    }
+
+    /// mlx-lm's order: prompt and completion, then messages, then text.
+    fn detect(&self, object: &Map<String, Json>) -> Option<Format> {
+        let k = self.keys;
+        if object.contains_key(&k.prompt) && object.contains_key(&k.completion) {
+            Some(Format::Completions)
+        } else if object.contains_key(&k.messages) {
+            Some(Format::Chat)
+        } else if object.contains_key(&k.text) {
+            Some(Format::Text)
+        } else {
+            None
+        }
+    }
+
+    /// The first row fixes the file's format; it must suit `mask_prompt` and the tokenizer.
+    fn check_format(&mut self, format: Format, line: usize) -> Result<(), RowError> {
+        if let Some((first, first_line)) = self.format {
+            if first != format {
+                return Err(RowError::Fatal(format!(
+                    "row has {} but line {first_line} has {}; all rows of a file must have the same format",
+                    format.describe(self.keys),
+                    first.describe(self.keys)
+                )));
+            }
+            return Ok(());
+        }
+        if format == Format::Text && self.mask_prompt {
+            return Err(RowError::Fatal(format!(
+                "mask_prompt needs {} or {} rows, and this file has {} rows",
+                Format::Completions.describe(self.keys),
+                Format::Chat.describe(self.keys),
+                format.describe(self.keys)
+            )));
+        }
+        if format == Format::Chat && self.tokenizer.chat_template().is_none() {
+            return Err(RowError::Fatal(format!(
+                "{} rows need a chat template and {} has none",
+                format.describe(self.keys),
+                self.tokenizer.dir().display()
+            )));
+        }
+        self.format = Some((format, line));
+        Ok(())
+    }
+
+    /// Checks the types of the format's fields.
+    fn fields<'v>(&self, object: &'v Map<String, Json>, format: Format) -> Result<Row<'v>, String> {
+        let k = self.keys;
+        let tools = match object.get(&k.tools) {
+            None | Some(Json::Null) => None,
+            Some(tools @ Json::Array(_)) => Some(tools),
+            Some(_) => return Err(format!("{:?} is not an array", k.tools)),
+        };
+        match format {
+            Format::Text => Ok(Row::Text(non_empty_string(object, &k.text)?)),
+            Format::Completions => {
+                let prompt = object[&k.prompt].as_str().ok_or_else(|| format!("{:?} is not a string", k.prompt))?;
+                let completion = non_empty_string(object, &k.completion)?;
+                Ok(Row::Completion { prompt, completion, tools })
+            }
+            Format::Chat => {
+                let messages = &object[&k.messages];
+                check_messages(messages, &k.messages, self.mask_prompt)?;
+                Ok(Row::Chat { messages, tools })
+            }
+        }
+    }
+
+    fn tokenize(&self, row: Row<'_>) -> Result<Example, RowError> {
+        let tok = self.tokenizer;
+        let bad = |e: DataError| RowError::Bad(e.to_string());
+        let eos = || {
+            tok.eos_ids().first().copied().ok_or_else(|| {
+                RowError::Fatal(format!("{} declares no end-of-sequence token", tok.dir().display()))
+            })
+        };
+        let (tokens, offset) = match row {
+            Row::Text(text) => {
+                let mut tokens = tok.encode(text, true).map_err(bad)?;
+                if tokens.last().is_none_or(|t| !tok.eos_ids().contains(t)) {
+                    tokens.push(eos()?);
+                }
+                (tokens, 0)
+            }
+            Row::Completion { prompt, completion, tools } if tok.chat_template().is_some() => {
+                let user = serde_json::json!({"role": "user", "content": prompt});
+                let assistant = serde_json::json!({"role": "assistant", "content": completion});
+                let tokens = tok.encode_chat(&Json::Array(vec![user.clone(), assistant]), tools, false).map_err(bad)?;
+                let offset = if self.mask_prompt {
+                    tok.encode_chat(&Json::Array(vec![user]), tools, true).map_err(bad)?.len()
+                } else {
+                    0
+                };
+                (tokens, offset)
+            }
+            Row::Completion { prompt, completion, .. } => {
+                let mut tokens = tok.encode(prompt, true).map_err(bad)?;
+                let offset = if self.mask_prompt { tokens.len() } else { 0 };
+                tokens.extend(tok.encode(completion, false).map_err(bad)?);
+                tokens.push(eos()?);
+                (tokens, offset)
+            }
+            Row::Chat { messages, tools } => {
+                let tokens = tok.encode_chat(messages, tools, false).map_err(bad)?;
+                let offset = match messages.as_array() {
+                    Some(list) if self.mask_prompt => {
+                        let prompt = Json::Array(list[..list.len() - 1].to_vec());
+                        tok.encode_chat(&prompt, tools, true).map_err(bad)?.len()
+                    }
+                    _ => 0,
+                };
+                (tokens, offset)
+            }
+        };
+        if offset >= tokens.len() {
+            return Err(RowError::Bad(format!(
+                "the prompt takes all {} tokens; nothing is left to train on",
+                tokens.len()
+            )));
+        }
+        Ok(Example { tokens, offset })
+    }
+}
+
+/// `object[key]` as a string that is not empty or only whitespace.
+fn non_empty_string<'v>(object: &'v Map<String, Json>, key: &str) -> Result<&'v str, String> {
+    let s = object[key].as_str().ok_or_else(|| format!("{key:?} is not a string"))?;
+    if s.trim().is_empty() {
+        return Err(format!("{key:?} is empty"));
+    }
+    Ok(s)
+}
+
+/// A non-empty list of `{role, content}` objects with string roles. `content` is a string,
+/// or absent or null on a message with `tool_calls`. The last message must not be empty,
+/// and with `mask_prompt` it must be the assistant's, the one message trained on.
+fn check_messages(messages: &Json, key: &str, mask_prompt: bool) -> Result<(), String> {
+    let list = messages.as_array().ok_or_else(|| format!("{key:?} is not an array"))?;
+    let Some(last) = list.last() else {
+        return Err(format!("{key:?} is empty"));
+    };
+    for (i, message) in list.iter().enumerate() {
+        let message = message.as_object().ok_or_else(|| format!("{key:?}[{i}] is not an object"))?;
+        if !message.get("role").is_some_and(Json::is_string) {
+            return Err(format!("{key:?}[{i}] has no string \"role\""));
+        }
+        let content_ok = match message.get("content") {
+            Some(Json::String(_)) => true,
+            None | Some(Json::Null) => message.contains_key("tool_calls"),
+            Some(_) => false,
+        };
+        if !content_ok {
+            return Err(format!("{key:?}[{i}] has no string \"content\""));
+        }
+    }
+    if last.get("content").and_then(Json::as_str).is_some_and(|c| c.trim().is_empty()) {
+        return Err(format!("the last message of {key:?} is empty"));
+    }
+    let role = last["role"].as_str().unwrap_or_default();
+    if mask_prompt && role != "assistant" {
+        return Err(format!(
+            "the last message of {key:?} has role {role:?}; mask_prompt trains on a last \"assistant\" message"
+        ));
+    }
+    Ok(())
+}
+
+/// serde_json's message without its "at line 1 column N", which would read as a file line.
+fn json_problem(e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    let message = message.rsplit_once(" at line ").map_or(message.as_str(), |(m, _)| m);
+    format!("invalid JSON: {message} (column {})", e.column())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+    use std::path::PathBuf;
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+    }
+
+    fn tokenizer(name: &str) -> Tokenizer {
+        Tokenizer::from_dir(&fixture(name)).unwrap()
+    }
+
+    /// The llama fixture's tokenizer without its chat_template.jinja.
+    fn tokenizer_without_template() -> (tempfile::TempDir, Tokenizer) {
+        let dir = tempfile::tempdir().unwrap();
+        for file in ["tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"] {
+            std::fs::copy(fixture("llama").join(file), dir.path().join(file)).unwrap();
+        }
+        let tok = Tokenizer::from_dir(dir.path()).unwrap();
+        assert!(tok.chat_template().is_none());
+        (dir, tok)
+    }
+
+    /// A JSONL file named `name` in a fresh directory.
+    fn jsonl(name: &str, lines: &[&str]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        let mut file = std::fs::File::create(&path).unwrap();
+        for line in lines {
+            writeln!(file, "{line}").unwrap();
+        }
+        (dir, path)
+    }
+
+    fn load(path: &Path, tok: &Tokenizer, mask_prompt: bool) -> Result<Loaded, DataError> {
+        load_jsonl(path, tok, &DataKeys::default(), mask_prompt, false)
+    }
+
+    fn error(path: &Path, tok: &Tokenizer, mask_prompt: bool) -> String {
+        load(path, tok, mask_prompt).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn text_rows_get_bos_and_one_eos() {
+        let tok = tokenizer("llama");
+        let (_d, path) = jsonl("train.jsonl", &[r#"{"text": "Hello world"}"#, r#"{"text": "Hi<|eot_id|>"}"#]);
+        let data = load(&path, &tok, false).unwrap();
+        let mut want = tok.encode("Hello world", true).unwrap();
+        assert_eq!(want[0], 0, "the llama fixture adds <|bos|> = 0");
+        want.push(7);
+        assert_eq!(data.examples[0], Example { tokens: want, offset: 0 });
+        // Already ends with an EOS id: none is added.
+        let want = tok.encode("Hi<|eot_id|>", true).unwrap();
+        assert_eq!(*want.last().unwrap(), 7);
+        assert_eq!(data.examples[1], Example { tokens: want, offset: 0 });
+        assert_eq!(data.skipped, 0);
+    }
+
+    #[test]
+    fn completions_use_the_chat_template_and_mask_up_to_the_assistant_turn() {
+        let tok = tokenizer("qwen2");
+        let (_d, path) = jsonl("train.jsonl", &[r#"{"prompt": "What is 2+2?", "completion": "Four."}"#]);
+        let messages = json!([
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "Four."},
+        ]);
+        let want = tok.encode_chat(&messages, None, false).unwrap();
+        let prompt = tok.encode_chat(&json!([{"role": "user", "content": "What is 2+2?"}]), None, true).unwrap();
+
+        let plain = load(&path, &tok, false).unwrap();
+        assert_eq!(plain.examples[0], Example { tokens: want.clone(), offset: 0 });
+
+        let masked = load(&path, &tok, true).unwrap();
+        let ex = &masked.examples[0];
+        assert_eq!(ex.tokens, want);
+        assert_eq!(ex.offset, prompt.len());
+        assert_eq!(ex.tokens[..ex.offset], prompt[..], "the prompt is a prefix of the whole");
+        let rest = tok.decode(&ex.tokens[ex.offset..], false).unwrap();
+        assert!(rest.starts_with("Four."), "{rest:?}");
+        let head = tok.decode(&ex.tokens[..ex.offset], false).unwrap();
+        assert!(head.ends_with("<|im_start|>assistant\n"), "{head:?}");
+    }
+
+    #[test]
+    fn completions_without_a_template_concatenate_prompt_completion_eos() {
+        let (_t, tok) = tokenizer_without_template();
+        let (_d, path) = jsonl("train.jsonl", &[r#"{"prompt": "Say hi.", "completion": " hi"}"#]);
+        let prompt = tok.encode("Say hi.", true).unwrap();
+        let mut want = prompt.clone();
+        want.extend(tok.encode(" hi", false).unwrap());
+        want.push(7);
+        assert_eq!(load(&path, &tok, false).unwrap().examples[0], Example { tokens: want.clone(), offset: 0 });
+        let masked = &load(&path, &tok, true).unwrap().examples[0];
+        assert_eq!(*masked, Example { tokens: want, offset: prompt.len() });
+        assert_eq!(tok.decode(&masked.tokens[masked.offset..], false).unwrap(), " hi<|eot_id|>");
+    }
+
+    #[test]
+    fn messages_train_on_the_last_assistant_message_when_masked() {
+        for name in ["qwen2", "qwen3", "llama", "mistral"] {
+            let tok = tokenizer(name);
+            let row = json!({
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello."},
+                    {"role": "user", "content": "Capital of France?"},
+                    {"role": "assistant", "content": "Paris."},
+                ]
+            });
+            let (_d, path) = jsonl("train.jsonl", &[&row.to_string()]);
+            let messages = &row["messages"];
+            let want = tok.encode_chat(messages, None, false).unwrap();
+            let prompt = Json::Array(messages.as_array().unwrap()[..4].to_vec());
+            let prompt = tok.encode_chat(&prompt, None, true).unwrap();
+
+            assert_eq!(load(&path, &tok, false).unwrap().examples[0], Example { tokens: want.clone(), offset: 0 }, "{name}");
+            let ex = &load(&path, &tok, true).unwrap().examples[0];
+            assert_eq!(ex.tokens, want, "{name}");
+            assert_eq!(ex.offset, prompt.len(), "{name}");
+            let rest = tok.decode(&ex.tokens[ex.offset..], false).unwrap();
+            assert!(rest.starts_with("Paris."), "{name}: {rest:?}");
+        }
+    }
+
+    #[test]
+    fn messages_pass_tools_to_the_template() {
+        let tok = tokenizer("qwen2");
+        let tools = json!([{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]);
+        let messages = json!([{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]);
+        let row = json!({"messages": messages, "tools": tools});
+        let (_d, path) = jsonl("train.jsonl", &[&row.to_string()]);
+        let ex = &load(&path, &tok, false).unwrap().examples[0];
+        let with_tools = tok.encode_chat(&messages, Some(&tools), false).unwrap();
+        assert_eq!(ex.tokens, with_tools);
+        assert_ne!(ex.tokens, tok.encode_chat(&messages, None, false).unwrap(), "the template shows the tools");
+    }
+
+    #[test]
+    fn custom_keys_are_used_for_detection_and_messages() {
+        let tok = tokenizer("qwen2");
+        let keys = DataKeys { prompt: "question".into(), completion: "answer".into(), ..DataKeys::default() };
+        let (_d, path) = jsonl("train.jsonl", &[r#"{"question": "Q?", "answer": "A."}"#, r#"{"question": "Q?", "answer": ""}"#]);
+        let err = load_jsonl(&path, &tok, &keys, false, false).unwrap_err().to_string();
+        assert!(err.ends_with("train.jsonl:2: \"answer\" is empty"), "{err}");
+        let data = load_jsonl(&path, &tok, &keys, false, true).unwrap();
+        assert_eq!((data.examples.len(), data.skipped), (1, 1));
+    }
+
+    #[test]
+    fn every_bad_row_error_names_file_line_and_problem() {
+        let tok = tokenizer("qwen2");
+        let good = r#"{"prompt": "p", "completion": "c"}"#;
+        let cases: &[(&str, &str)] = &[
+            (r#"{"prompt": "p", "completion": "c""#, "invalid JSON: EOF while parsing an object (column 33)"),
+            ("[1, 2]", "not a JSON object"),
+            (r#"{"input": "x"}"#, r#"missing key: expected one of "text", "prompt"/"completion", "messages""#),
+            (r#"{"prompt": 3, "completion": "c"}"#, r#""prompt" is not a string"#),
+            (r#"{"prompt": "p", "completion": null}"#, r#""completion" is not a string"#),
+            (r#"{"prompt": "p", "completion": "  "}"#, r#""completion" is empty"#),
+            (r#"{"prompt": "p", "completion": "c", "tools": {}}"#, r#""tools" is not an array"#),
+        ];
+        for (bad, problem) in cases {
+            // Line 1 good, line 2 blank (skipped silently), line 3 bad.
+            let (_d, path) = jsonl("train.jsonl", &[good, "", bad]);
+            let err = error(&path, &tok, false);
+            assert_eq!(err, format!("{}:3: {problem}", path.display()));
+        }
+
+        let chat_cases: &[(&str, &str)] = &[
+            (r#"{"messages": "hi"}"#, r#""messages" is not an array"#),
+            (r#"{"messages": []}"#, r#""messages" is empty"#),
+            (r#"{"messages": ["hi"]}"#, r#""messages"[0] is not an object"#),
+            (r#"{"messages": [{"content": "hi"}]}"#, r#""messages"[0] has no string "role""#),
+            (r#"{"messages": [{"role": "user", "content": 5}]}"#, r#""messages"[0] has no string "content""#),
+            (
+                r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}"#,
+                r#"the last message of "messages" is empty"#,
+            ),
+        ];
+        let good = r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}"#;
+        for (bad, problem) in chat_cases {
+            let (_d, path) = jsonl("valid.jsonl", &[good, bad]);
+            assert_eq!(error(&path, &tok, false), format!("{}:2: {problem}", path.display()));
+        }
+
+        let (_d, path) = jsonl("train.jsonl", &[r#"{"text": ""}"#]);
+        assert_eq!(error(&path, &tok, false), format!("{}:1: \"text\" is empty", path.display()));
+    }
+
+    #[test]
+    fn masked_messages_must_end_with_an_assistant_message() {
+        let tok = tokenizer("qwen2");
+        let (_d, path) = jsonl("train.jsonl", &[r#"{"messages": [{"role": "user", "content": "q"}]}"#]);
+        assert_eq!(
+            error(&path, &tok, true),
+            format!(
+                "{}:1: the last message of \"messages\" has role \"user\"; mask_prompt trains on a last \"assistant\" message",
+                path.display()
+            )
+        );
+        assert_eq!(load(&path, &tok, false).unwrap().examples.len(), 1, "unmasked, any last role trains");
+    }
+
+    #[test]
+    fn template_errors_are_bad_rows() {
+        // The llama template raises on a conversation without a user message.
+        let tok = tokenizer("llama");
+        let good = r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}"#;
+        let bad = r#"{"messages": [{"role": "assistant", "content": "a"}]}"#;
+        let (_d, path) = jsonl("train.jsonl", &[good, bad, good]);
+        let err = error(&path, &tok, false);
+        assert!(err.starts_with(&format!("{}:2: chat template: ", path.display())), "{err}");
+        assert!(err.contains("Conversations must contain a user message"), "{err}");
+        let data = load_jsonl(&path, &tok, &DataKeys::default(), false, true).unwrap();
+        assert_eq!((data.examples.len(), data.skipped), (2, 1));
+    }
+
+    #[test]
+    fn skip_bad_rows_counts_and_keeps_file_order() {
+        let tok = tokenizer("llama");
+        let (_d, path) = jsonl(
+            "train.jsonl",
+            &[r#"{"text": "a"}"#, "not json", r#"{"text": 1}"#, "", r#"{"text": "b"}"#, r#"{"other": 1}"#],
+        );
+        let data = load_jsonl(&path, &tok, &DataKeys::default(), false, true).unwrap();
+        assert_eq!(data.skipped, 3);
+        let first: Vec<u32> = [tok.encode("a", true).unwrap(), vec![7]].concat();
+        let second: Vec<u32> = [tok.encode("b", true).unwrap(), vec![7]].concat();
+        assert_eq!(data.examples, vec![Example { tokens: first, offset: 0 }, Example { tokens: second, offset: 0 }]);
+    }
+
+    #[test]
+    fn mixed_formats_fail_even_when_skipping() {
+        let tok = tokenizer("qwen2");
+        let (_d, path) = jsonl("train.jsonl", &["", r#"{"text": "a"}"#, r#"{"prompt": "p", "completion": "c"}"#]);
+        let want = format!(
+            "{}:3: row has \"prompt\"/\"completion\" but line 2 has \"text\"; all rows of a file must have the same format",
+            path.display()
+        );
+        assert_eq!(error(&path, &tok, false), want);
+        assert_eq!(load_jsonl(&path, &tok, &DataKeys::default(), false, true).unwrap_err().to_string(), want);
+    }
+
+    #[test]
+    fn prompt_and_completion_win_over_messages_as_in_mlx_lm() {
+        let tok = tokenizer("qwen2");
+        let (_d, path) = jsonl("train.jsonl", &[r#"{"prompt": "p", "completion": "c", "messages": 1, "text": 2}"#]);
+        let want = tok
+            .encode_chat(&json!([{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}]), None, false)
+            .unwrap();
+        assert_eq!(load(&path, &tok, false).unwrap().examples[0].tokens, want);
+    }
+
+    #[test]
+    fn mask_prompt_on_text_rows_is_refused() {
+        let tok = tokenizer("qwen2");
+        let (_d, path) = jsonl("train.jsonl", &[r#"{"text": "a"}"#]);
+        assert_eq!(
+            error(&path, &tok, true),
+            format!(
+                "{}:1: mask_prompt needs \"prompt\"/\"completion\" or \"messages\" rows, and this file has \"text\" rows",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn chat_rows_need_a_chat_template() {
+        let (tok_dir, tok) = tokenizer_without_template();
+        let (_d, path) = jsonl("train.jsonl", &[r#"{"messages": [{"role": "user", "content": "q"}]}"#]);
+        assert_eq!(
+            error(&path, &tok, false),
+            format!("{}:1: \"messages\" rows need a chat template and {} has none", path.display(), tok_dir.path().display())
+        );
+    }
+
+    #[test]
+    fn files_without_examples_are_errors() {
+        let tok = tokenizer("qwen2");
+        let (_d, path) = jsonl("train.jsonl", &["", "  "]);
+        assert_eq!(error(&path, &tok, false), format!("{}: no examples", path.display()));
+        let (_d, path) = jsonl("train.jsonl", &["{", "[]"]);
+        let err = load_jsonl(&path, &tok, &DataKeys::default(), false, true).unwrap_err().to_string();
+        assert_eq!(err, format!("{}: no examples (2 bad rows skipped)", path.display()));
+        let missing = path.with_file_name("absent.jsonl");
+        assert!(error(&missing, &tok, false).starts_with(&format!("cannot read {}", missing.display())));
+    }
+
+    #[test]
+    fn crlf_bom_and_invalid_utf8_lines() {
+        let tok = tokenizer("llama");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("train.jsonl");
+        std::fs::write(&path, b"\xef\xbb\xbf{\"text\": \"a\"}\r\n\xff\xfe\r\n").unwrap();
+        assert_eq!(error(&path, &tok, false), format!("{}:2: not valid UTF-8", path.display()));
+        let data = load_jsonl(&path, &tok, &DataKeys::default(), false, true).unwrap();
+        assert_eq!((data.examples.len(), data.skipped), (1, 1));
+        assert_eq!(data.examples[0].tokens, [tok.encode("a", true).unwrap(), vec![7]].concat());
+    }
+
+    #[test]
+    fn load_dir_reads_the_splits_that_exist() {
+        let tok = tokenizer("llama");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("train.jsonl"), "{\"text\": \"a\"}\n{\"text\": \"b\"}\n").unwrap();
+        std::fs::write(dir.path().join("valid.jsonl"), "{\"text\": \"c\"}\n").unwrap();
+        let splits = load_dir(dir.path(), &tok, &DataKeys::default(), false, false).unwrap();
+        assert_eq!(splits.train.unwrap().examples.len(), 2);
+        assert_eq!(splits.valid.unwrap().examples.len(), 1);
+        assert!(splits.test.is_none());
+
+        let empty = tempfile::tempdir().unwrap();
+        let err = load_dir(empty.path(), &tok, &DataKeys::default(), false, false).unwrap_err().to_string();
+        assert_eq!(err, format!("{}: holds none of train.jsonl, valid.jsonl, test.jsonl", empty.path().display()));
+        let missing = dir.path().join("nope");
+        let err = load_dir(&missing, &tok, &DataKeys::default(), false, false).unwrap_err().to_string();
+        assert_eq!(err, format!("cannot read {}: dataset directory not found", missing.display()));
+    }
+}
