@@ -1,0 +1,28 @@
+//! The trainable tensors of an adapted model, in one fixed order.
+
+use burn::module::Param;
+use burn::tensor::Tensor;
+use lora_model::CausalLm;
+
+/// One trainable tensor.
+pub enum Trainable<'a> {
+    /// An adapter's `A` or `B`.
+    Matrix(&'a mut Param<Tensor<2>>),
+    /// A DoRA magnitude.
+    Vector(&'a mut Param<Tensor<1>>),
+}
+
+/// Calls `f` on every trainable tensor: block by block, projection by projection, `A`, `B`,
+/// then the magnitude. The order is what optimizer state is saved and restored by.
+pub fn for_each_trainable(model: &mut CausalLm, mut f: impl FnMut(Trainable)) {
+    for layer in &mut model.model.layers {
+        for (_, linear) in layer.projections_mut() {
+            let Some(adapter) = &mut linear.adapter else { continue };
+            f(Trainable::Matrix(&mut adapter.a));
+            f(Trainable::Matrix(&mut adapter.b));
+            if let Some(m) = &mut adapter.magnitude {
+                f(Trainable::Vector(m));
+            }
+        }
+    }
+}
