@@ -125,12 +125,22 @@ pub fn matmul_t(x: &[f32], m: usize, q: &AffineQuantized, cols: usize, spec: Aff
     let xsum: Vec<f32> = x.chunks_exact(g).map(|c| c.iter().sum()).collect();
     let mut out_t = vec![0.0f32; rows * m]; // [rows, m]
     out_t.par_chunks_mut(m).enumerate().for_each_init(|| vec![0u8; cols], |codes, (r, out)| {
-        pack::unpack_row(&q.packed[r * wpr..(r + 1) * wpr], spec.bits, codes);
+        let words = &q.packed[r * wpr..(r + 1) * wpr];
+        // 4 bits, the common case, reads the words directly; other widths unpack first.
+        let four = spec.bits == 4;
+        if !four {
+            pack::unpack_row(words, spec.bits, codes);
+        }
         for (i, o) in out.iter_mut().enumerate() {
             let xi = &x[i * cols..(i + 1) * cols];
             let mut acc = 0.0f32;
             for j in 0..groups {
-                let dot: f32 = xi[j * g..(j + 1) * g].iter().zip(&codes[j * g..(j + 1) * g]).map(|(a, &c)| a * f32::from(c)).sum();
+                let xg = &xi[j * g..(j + 1) * g];
+                let dot = if four {
+                    pack::dot_words4(xg, &words[j * g / 8..(j + 1) * g / 8], |c| c as f32)
+                } else {
+                    pack::dot_codes(xg, &codes[j * g..(j + 1) * g], f32::from)
+                };
                 acc += q.scales[r * groups + j] * dot + q.biases[r * groups + j] * xsum[i * groups + j];
             }
             *o = acc;

@@ -135,14 +135,14 @@ pub fn matmul_t(x: &[f32], m: usize, packed: &[u32], absmax: &[f32], cols: usize
     let rows = absmax.len() / blocks;
     let wpr = pack::words_per_row(cols, 4);
     let mut out_t = vec![0.0f32; rows * m];
-    out_t.par_chunks_mut(m).enumerate().for_each_init(|| vec![0u8; cols], |codes, (r, out)| {
-        pack::unpack_row(&packed[r * wpr..(r + 1) * wpr], 4, codes);
+    out_t.par_chunks_mut(m).enumerate().for_each(|(r, out)| {
+        let words = &packed[r * wpr..(r + 1) * wpr];
         for (i, o) in out.iter_mut().enumerate() {
             let xi = &x[i * cols..(i + 1) * cols];
             let mut acc = 0.0f32;
             for b in 0..blocks {
-                let s = b * BLOCK..(b + 1) * BLOCK;
-                let dot: f32 = xi[s.clone()].iter().zip(&codes[s]).map(|(a, &c)| a * LEVELS[c as usize]).sum();
+                let xb = &xi[b * BLOCK..(b + 1) * BLOCK];
+                let dot = pack::dot_words4(xb, &words[b * BLOCK / 8..(b + 1) * BLOCK / 8], |c| LEVELS[c as usize]);
                 acc += absmax[r * blocks + b] * dot;
             }
             *o = acc;

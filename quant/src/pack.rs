@@ -54,6 +54,30 @@ pub fn unpack_row(words: &[u32], bits: usize, out: &mut [u8]) {
     }
 }
 
+/// `Σ x[k]·value(codes[k])`, summed in eight lanes so that the compiler vectorizes it.
+pub(crate) fn dot_codes(x: &[f32], codes: &[u8], value: impl Fn(u8) -> f32) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let (xc, cc) = (x.chunks_exact(8), codes.chunks_exact(8));
+    let tail: f32 = xc.remainder().iter().zip(cc.remainder()).map(|(a, &c)| a * value(c)).sum();
+    for (xs, cs) in xc.zip(cc) {
+        for l in 0..8 {
+            lanes[l] += xs[l] * value(cs[l]);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// [`dot_codes`] straight from 4-bit words: eight codes per word, one per lane.
+pub(crate) fn dot_words4(x: &[f32], words: &[u32], value: impl Fn(u32) -> f32) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    for (xs, &w) in x.chunks_exact(8).zip(words) {
+        for l in 0..8 {
+            lanes[l] += xs[l] * value((w >> (4 * l)) & 15);
+        }
+    }
+    lanes.iter().sum()
+}
+
 /// Unpacks `cols` codes per row from `packed`.
 pub fn unpack(packed: &[u32], cols: usize, bits: usize) -> Vec<u8> {
     let wpr = words_per_row(cols, bits);
