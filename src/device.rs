@@ -6,7 +6,8 @@ use lora_model::device::{is_cpu, wgpu_adapters, wgpu_device};
 use clap::ValueEnum;
 
 /// `--device`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DeviceArg {
     /// A GPU through wgpu (Metal, Vulkan or DX12); the CPU when there is none.
     Auto,
@@ -19,7 +20,8 @@ pub enum DeviceArg {
 }
 
 /// `--dtype`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DTypeArg {
     /// 32-bit float.
     F32,

@@ -52,6 +52,9 @@ pub struct GenerateArgs {
     /// Compute dtype; default f32 on the CPU, bf16 or f16 on a GPU.
     #[arg(long, value_enum, value_name = "DTYPE")]
     pub dtype: Option<DTypeArg>,
+    /// An adapter to apply, unmerged: a PEFT or mlx-lm adapter directory (or its weights file).
+    #[arg(long, value_name = "DIR")]
+    pub adapter_path: Option<PathBuf>,
     #[command(flatten)]
     pub quant: QuantArgs,
 }
@@ -77,8 +80,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let dtype = compute_dtype(&device, args.dtype, config.checkpoint_dtype.as_deref())?;
 
     let options = args.quant.load_options(&config)?;
-    let model = load_model(&config, &checkpoint, &device, dtype, options)?;
+    let mut model = load_model(&config, &checkpoint, &device, dtype, options)?;
     drop(checkpoint);
+    if let Some(path) = &args.adapter_path {
+        let adapter = lora_adapters::format::load(path)?;
+        lora_adapters::set_adapters(&mut model, &adapter.weights, 0.0, &adapter.path)?;
+    }
 
     let prompt = match tokenizer.chat_template() {
         Some(_) if !args.ignore_chat_template => {

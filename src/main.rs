@@ -3,7 +3,10 @@
 mod bench;
 mod device;
 mod generate;
+mod plot;
 mod quantize;
+mod train;
+mod train_config;
 
 use std::process::ExitCode;
 
@@ -19,6 +22,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Train a LoRA or DoRA adapter on a JSONL dataset.
+    Train(Box<train::TrainArgs>),
     /// Generate text from a model, streaming the completion to stdout.
     Generate(generate::GenerateArgs),
     /// Measure speed and memory.
@@ -42,6 +47,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Train(args) => train::run(*args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(BenchCommand::Quant(args)) => bench::run(args),
     };

@@ -6,7 +6,8 @@ use lora_model::{LoadOptions, ModelConfig, QuantizeAtLoad};
 use lora_quant::affine::AffineSpec;
 
 /// `--quantize`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum QuantMode {
     /// MLX-compatible affine quantization (`--q-bits`, `--q-group-size`).
     Affine,

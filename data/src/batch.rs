@@ -58,6 +58,13 @@ impl Batcher {
         Ok(Self { batches, shuffle, seed })
     }
 
+    /// Evaluation batches as mlx-lm builds them: examples sorted by length (stable), cut into
+    /// consecutive batches of `batch_size`, the remainder dropped, visited in that order.
+    pub fn by_length(lengths: &[usize], batch_size: usize) -> Result<Self, DataError> {
+        let sorted = Self::new(lengths, batch_size, true, 0)?;
+        Ok(Self { shuffle: false, ..sorted })
+    }
+
     /// Batches in one pass over the data: `examples / batch_size`, rounded down.
     pub fn batches_per_epoch(&self) -> usize {
         self.batches.len()

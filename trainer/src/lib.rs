@@ -1,12 +1,18 @@
-//! The pieces of `lora train`'s loop: the token-averaged loss, optimizers with PyTorch's
-//! update rules, learning-rate schedules, and the walk over the trainable tensors.
+//! `lora train`'s loop and its pieces: the token-averaged loss, optimizers with PyTorch's
+//! update rules, learning-rate schedules, the walk over the trainable tensors, and the resume
+//! file.
 #![warn(missing_docs)]
 
+pub mod checkpoint;
+pub mod error;
 pub mod loss;
 pub mod optim;
 pub mod params;
+pub mod run;
 pub mod schedule;
 
+pub use error::TrainError;
 pub use optim::{Optimizer, OptimizerConfig, OptimizerKind, clip_global_norm};
-pub use params::{Trainable, for_each_trainable};
+pub use params::{Trainable, for_each_trainable, trainable_tensors};
+pub use run::{Observer, Outcome, Progress, Report, Settings, State, evaluate, train};
 pub use schedule::{Schedule, ScheduleKind};

@@ -26,3 +26,19 @@ pub fn for_each_trainable(model: &mut CausalLm, mut f: impl FnMut(Trainable)) {
         }
     }
 }
+
+/// Every trainable tensor, flattened, in [`for_each_trainable`] order.
+pub fn trainable_tensors(model: &CausalLm) -> Vec<Tensor<1>> {
+    let mut out = Vec::new();
+    for layer in &model.model.layers {
+        for (_, linear) in layer.projections() {
+            let Some(adapter) = &linear.adapter else { continue };
+            out.push(adapter.a.val().flatten::<1>(0, 1));
+            out.push(adapter.b.val().flatten::<1>(0, 1));
+            if let Some(m) = &adapter.magnitude {
+                out.push(m.val());
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,383 @@
+//! `lora train`: LoRA/DoRA on the last blocks of a dense or 4-bit base, with checkpoints,
+//! exact resume, metrics and a loss plot in the adapter directory.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use lora_adapters::io::write_atomic;
+use lora_adapters::{AdapterSpec, add_adapters, adapter_weights, format, set_adapters, trainable_count};
+use lora_data::{DataKeys, Splits, Tokenizer, count_too_long, load_dir, padding_fraction};
+use lora_model::{CausalLm, Checkpoint, ModelConfig};
+use lora_trainer::checkpoint::{self, STATE_FILE};
+use lora_trainer::run::Quiet;
+use lora_trainer::{Observer, Optimizer, Outcome, Report, Schedule, Settings, State, TrainError};
+use serde_json::json;
+
+use crate::device::{PeakMemory, compute_dtype, select};
+use crate::generate::load_model;
+use crate::plot;
+use crate::train_config::{SAVED_CONFIG, TrainConfig, TrainFlags, resolve};
+
+/// Flags of `lora train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub flags: TrainFlags,
+}
+
+/// Set by Ctrl-C: the loop saves a checkpoint and stops.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// The metrics file's name in the adapter directory.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let flags = &args.flags;
+    let config = resolve(flags)?;
+    let resuming = flags.resume.is_some();
+    let model_dir = config.model.clone().expect("checked");
+    let out = config.adapter_path.clone();
+    let training = config.training();
+    if training && !resuming && out.join(STATE_FILE).exists() {
+        bail!(
+            "adapter_path {}: holds the checkpoints of an earlier run; continue it with --resume {0}, or choose another --adapter-path (nothing there is overwritten)",
+            out.display()
+        );
+    }
+
+    let model_config = ModelConfig::from_dir(&model_dir)?;
+    let tokenizer = Tokenizer::from_dir(&model_dir)?;
+    let data = load_data(&config, &tokenizer)?;
+    let device = select(config.device)?;
+    let dtype = compute_dtype(&device, config.dtype, model_config.checkpoint_dtype.as_deref())?;
+    let train_device = if config.grad_checkpoint { device.clone().autodiff().gradient_checkpointing() } else { device.clone().autodiff() };
+    let checkpoint = Checkpoint::open(&model_dir)?;
+    let options = config.quant_args().load_options(&model_config)?;
+    let mut model = load_model(&model_config, &checkpoint, if training { &train_device } else { &device }, dtype, options)?.no_grad();
+    drop(checkpoint);
+
+    if !training {
+        return test_only(&config, &mut model, &data);
+    }
+    let spec = attach(&config, &mut model)?;
+    let trainable = trainable_count(&model);
+    let total = model.num_weights() + trainable;
+    eprintln!(
+        "Trainable parameters: {:.3}% ({:.3}M/{:.3}M)",
+        100.0 * trainable as f64 / total as f64,
+        trainable as f64 / 1e6,
+        total as f64 / 1e6
+    );
+
+    let train = data.train.as_ref().map(|l| l.examples.as_slice()).with_context(|| format!("data {}: no train.jsonl", config.data.as_ref().expect("checked").display()))?;
+    let valid = data.valid.as_ref().map(|l| l.examples.as_slice());
+    let lengths: Vec<usize> = train.iter().map(|e| e.tokens.len()).collect();
+    let batcher = lora_data::Batcher::new(&lengths, config.batch_size, config.shuffle, config.seed)
+        .with_context(|| format!("{}", config.data.as_ref().expect("checked").join("train.jsonl").display()))?;
+    let iters = match config.epochs {
+        Some(e) => e * batcher.batches_per_epoch(),
+        None => config.iters.unwrap_or(1000),
+    };
+    let padding = padding_fraction(train, &batcher, config.max_seq_length);
+    eprintln!(
+        "Training on {} examples: {} batches of {} per epoch, {:.1}% padding; {iters} iterations ({:.2} epochs)",
+        train.len(),
+        batcher.batches_per_epoch(),
+        config.batch_size,
+        100.0 * padding,
+        iters as f64 / batcher.batches_per_epoch() as f64
+    );
+    let accumulation = config.grad_accumulation_steps;
+    let settings = Settings {
+        iters,
+        batch_size: config.batch_size,
+        grad_accumulation_steps: accumulation,
+        max_seq_length: config.max_seq_length,
+        steps_per_report: config.steps_per_report,
+        steps_per_eval: config.steps_per_eval,
+        val_batches: usize::try_from(config.val_batches).ok(),
+        save_every: config.save_every,
+        seed: config.seed,
+        shuffle: config.shuffle,
+        max_grad_norm: config.max_grad_norm,
+        schedule: Schedule {
+            kind: config.schedule_kind(),
+            lr: config.learning_rate,
+            warmup: config.lr_schedule.warmup,
+            total: iters / accumulation,
+            min_lr: config.lr_schedule.min_lr,
+        },
+    };
+
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let mut state = if resuming {
+        let state = checkpoint::restore(&mut model, &out.join(STATE_FILE))?;
+        if state.optimizer.config != config.optimizer_config() {
+            eprintln!("Note: the optimizer settings differ from the resumed run's; continuing with the new ones.");
+        }
+        let mut state = state;
+        state.optimizer.config = config.optimizer_config();
+        eprintln!("Resuming {} at iteration {}", out.display(), state.progress.iteration);
+        state
+    } else {
+        State::new(Optimizer::new(config.optimizer_config()))
+    };
+    write_atomic(&out.join(SAVED_CONFIG), config.to_toml().as_bytes())?;
+
+    let _ = ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+    let mut observer = Files::open(&config, spec, &model_dir, &out, &device, iters, state.progress.iteration)?;
+    let outcome = lora_trainer::train(&mut model, train, valid, &settings, &mut state, &mut observer);
+    observer.bar.finish_and_clear();
+    match outcome {
+        Err(TrainError::NonFinite { iteration, loss }) => {
+            let last = observer.last_checkpoint.map_or("none was saved".to_string(), |i| format!("iteration {i}, in {}", out.display()));
+            bail!("the training loss is {loss} at iteration {iteration}; stopped. The last good checkpoint: {last}. Try a lower --learning-rate or --max-grad-norm.");
+        }
+        Err(e) => return Err(e.into()),
+        Ok(Outcome::Stopped(i)) => {
+            eprintln!("Interrupted at iteration {i}; checkpoint saved. Continue with: lora train --resume {}", out.display());
+            std::process::exit(130);
+        }
+        Ok(Outcome::Finished) => eprintln!("Saved final adapter to {}", out.display()),
+    }
+    if config.test {
+        report_test(&config, &model, &data)?;
+    }
+    Ok(())
+}
+
+/// Tokenized splits, with the warnings mlx-lm prints.
+fn load_data(config: &TrainConfig, tokenizer: &Tokenizer) -> Result<Splits> {
+    let dir = config.data.as_ref().expect("checked");
+    let keys = DataKeys {
+        text: config.text_feature.clone(),
+        prompt: config.prompt_feature.clone(),
+        completion: config.completion_feature.clone(),
+        messages: config.chat_feature.clone(),
+        ..Default::default()
+    };
+    let splits = load_dir(dir, tokenizer, &keys, config.mask_prompt, config.skip_bad_rows)?;
+    for (name, split) in [("train", &splits.train), ("valid", &splits.valid), ("test", &splits.test)] {
+        let Some(split) = split else { continue };
+        if split.skipped > 0 {
+            eprintln!("Skipped {} bad row(s) of {name}.jsonl", split.skipped);
+        }
+        let long = count_too_long(&split.examples, config.max_seq_length);
+        if long > 0 {
+            eprintln!("[WARNING] {long} sequence(s) of {name}.jsonl are longer than {} tokens and will be truncated.", config.max_seq_length);
+        }
+    }
+    Ok(splits)
+}
+
+/// Puts the adapters on the model: from `resume_adapter_file`, or freshly initialized.
+fn attach(config: &TrainConfig, model: &mut CausalLm) -> Result<AdapterSpec> {
+    let spec = config.adapter_spec();
+    match &config.resume_adapter_file {
+        Some(path) => {
+            let file = format::load(path)?;
+            set_adapters(model, &file.weights, spec.dropout, &file.path)?;
+            eprintln!("Loaded the adapter {} ({:?} format, rank {})", file.path.display(), file.format, file.spec.rank);
+            Ok(AdapterSpec { dropout: spec.dropout, ..file.spec })
+        }
+        None => {
+            let n = add_adapters(model, &spec, config.seed)?;
+            if n == 0 {
+                bail!("lora_parameters.keys: no projection was adapted");
+            }
+            Ok(spec)
+        }
+    }
+}
+
+/// `--test` without training: the adapter in `adapter_path` if there is one, else the base.
+fn test_only(config: &TrainConfig, model: &mut CausalLm, data: &Splits) -> Result<()> {
+    let out = &config.adapter_path;
+    let path = config.resume_adapter_file.clone().unwrap_or_else(|| out.clone());
+    if path.join(format::CONFIG_FILE).is_file() || path.is_file() {
+        let file = format::load(&path)?;
+        set_adapters(model, &file.weights, 0.0, &file.path)?;
+        eprintln!("Testing with the adapter {}", file.path.display());
+    } else {
+        eprintln!("No adapter in {}: testing the base model", path.display());
+    }
+    report_test(config, model, data)
+}
+
+fn report_test(config: &TrainConfig, model: &CausalLm, data: &Splits) -> Result<()> {
+    let test = data.test.as_ref().with_context(|| format!("--test: no test.jsonl in {}", config.data.as_ref().expect("checked").display()))?;
+    let batches = usize::try_from(config.test_batches).ok();
+    let (loss, tokens) = lora_trainer::evaluate(model, &test.examples, config.batch_size, batches, config.max_seq_length, &mut Quiet)?;
+    println!("Test loss {loss:.3}, Test ppl {:.3}.", loss.exp());
+    eprintln!("({tokens} target tokens)");
+    Ok(())
+}
+
+/// What the loop's events become: a progress bar, report lines, `metrics.jsonl`, `loss.png`
+/// and checkpoints in the adapter directory.
+struct Files {
+    bar: ProgressBar,
+    out: PathBuf,
+    spec: AdapterSpec,
+    format: lora_adapters::AdapterFormat,
+    base_model: String,
+    extra: serde_json::Map<String, serde_json::Value>,
+    metrics: File,
+    train_curve: Vec<(f64, f64)>,
+    val_curve: Vec<(f64, f64)>,
+    peak: PeakMemory,
+    last_checkpoint: Option<usize>,
+    eval_bar: Option<ProgressBar>,
+}
+
+impl Files {
+    fn open(config: &TrainConfig, spec: AdapterSpec, model: &Path, out: &Path, device: &burn::tensor::Device, iters: usize, done: usize) -> Result<Self> {
+        // Metrics of iterations after the checkpoint resumed from are dropped: they are redone.
+        let path = out.join(METRICS_FILE);
+        let mut kept = String::new();
+        let (mut train_curve, mut val_curve) = (Vec::new(), Vec::new());
+        if done > 0 && path.is_file() {
+            for line in std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?.lines() {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+                let step = v["step"].as_u64().unwrap_or(u64::MAX) as usize;
+                let keep = if v.get("val_loss").is_some() { step < done } else { step <= done };
+                if keep {
+                    kept.push_str(line);
+                    kept.push('\n');
+                    if let Some(l) = v["train_loss"].as_f64() {
+                        train_curve.push((step as f64, l));
+                    }
+                    if let Some(l) = v["val_loss"].as_f64() {
+                        val_curve.push((step as f64, l));
+                    }
+                }
+            }
+        }
+        write_atomic(&path, kept.as_bytes())?;
+        let metrics = File::options().append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let bar = ProgressBar::new(iters as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("valid template"),
+        );
+        bar.set_position(done as u64);
+        bar.reset_eta();
+        let extra = match serde_json::to_value(config).context("config as JSON")? {
+            serde_json::Value::Object(m) => m,
+            _ => unreachable!("a struct serializes to an object"),
+        };
+        let last_checkpoint = (done > 0).then_some(done);
+        Ok(Self {
+            bar,
+            out: out.to_path_buf(),
+            spec,
+            format: config.adapter_format,
+            base_model: model.to_string_lossy().into_owned(),
+            extra,
+            metrics,
+            train_curve,
+            val_curve,
+            peak: PeakMemory::new(device),
+            last_checkpoint,
+            eval_bar: None,
+        })
+    }
+
+    fn log(&mut self, entry: serde_json::Value) {
+        if let Err(e) = writeln!(self.metrics, "{entry}").and_then(|_| self.metrics.flush()) {
+            say(&self.bar, format!("warning: writing {}: {e}", self.out.join(METRICS_FILE).display()));
+        }
+    }
+
+    fn plot(&self) {
+        if let Err(e) = plot::loss_curves(&self.out.join("loss.png"), &self.train_curve, &self.val_curve) {
+            say(&self.bar, format!("warning: loss.png: {e:#}"));
+        }
+    }
+
+    fn peak_gb(&self) -> f64 {
+        self.peak.peak().unwrap_or(0) as f64 / 1e9
+    }
+}
+
+impl Observer for Files {
+    fn iteration(&mut self, iteration: usize, loss: f64, _tokens: usize, lr: f64) {
+        if std::env::var("LORA_TEST_ABORT_AT").ok().and_then(|v| v.parse::<usize>().ok()) == Some(iteration) {
+            // For the resume tests: die as abruptly as `kill -9` would, mid-run.
+            std::process::abort();
+        }
+        self.peak.sample();
+        self.bar.set_position(iteration as u64);
+        let rate = self.bar.per_sec();
+        self.bar.set_message(format!("loss {loss:.3}, lr {lr:.2e}, {rate:.2} it/s"));
+    }
+
+    fn report(&mut self, r: &Report) {
+        let peak = self.peak_gb();
+        say(&self.bar, format!(
+            "Iter {}: Train loss {:.3}, Learning Rate {:.3e}, It/sec {:.3}, Tokens/sec {:.3}, Trained Tokens {}, Peak mem {:.3} GB",
+            r.iteration, r.train_loss, r.lr, r.iterations_per_s, r.tokens_per_s, r.trained_tokens, peak
+        ));
+        self.log(json!({
+            "step": r.iteration, "train_loss": r.train_loss, "lr": r.lr, "it_per_s": r.iterations_per_s,
+            "tokens_per_s": r.tokens_per_s, "trained_tokens": r.trained_tokens, "peak_mem_gb": peak,
+        }));
+        self.train_curve.push((r.iteration as f64, r.train_loss));
+    }
+
+    fn eval_start(&mut self, batches: usize) {
+        let bar = ProgressBar::new(batches as u64);
+        bar.set_style(ProgressStyle::with_template("validating {bar:30} {pos}/{len}").expect("valid template"));
+        self.eval_bar = Some(bar);
+    }
+
+    fn eval_batch(&mut self) {
+        if let Some(b) = &self.eval_bar {
+            b.inc(1);
+        }
+    }
+
+    fn eval(&mut self, iteration: usize, val_loss: f64, seconds: f64) {
+        if let Some(b) = self.eval_bar.take() {
+            b.finish_and_clear();
+        }
+        self.peak.sample();
+        let peak = self.peak_gb();
+        say(&self.bar, format!("Iter {}: Val loss {val_loss:.3}, Val took {seconds:.3}s", iteration + 1));
+        self.log(json!({ "step": iteration, "val_loss": val_loss, "val_time_s": seconds, "peak_mem_gb": peak }));
+        self.val_curve.push((iteration as f64, val_loss));
+        self.plot();
+    }
+
+    fn checkpoint(&mut self, model: &CausalLm, state: &State) -> Result<(), TrainError> {
+        let it = state.progress.iteration;
+        let weights = adapter_weights(model);
+        let snapshot = self.out.join(format!("{it:07}_{}", self.format.weights_file()));
+        write_atomic(&snapshot, &format::weights_bytes(&weights, self.format)?)?;
+        format::save(&self.out, self.format, &self.spec, &weights, &self.base_model, Some(&self.extra))?;
+        // Last: the resume file. Until it is renamed into place the previous one stands.
+        write_atomic(&self.out.join(STATE_FILE), &checkpoint::to_bytes(model, state)?)?;
+        self.last_checkpoint = Some(it);
+        say(&self.bar, format!("Iter {it}: Saved adapter weights to {} and {}.", self.out.display(), snapshot.display()));
+        self.plot();
+        Ok(())
+    }
+
+    fn stop_requested(&self) -> bool {
+        STOP.load(Ordering::SeqCst)
+    }
+}
+
+/// Prints a line above the progress bar (plainly when the bar is hidden, as in a pipe).
+fn say(bar: &ProgressBar, line: String) {
+    bar.suspend(|| eprintln!("{line}"));
+}

@@ -1,0 +1,128 @@
+//! The resume file: one safetensors file holding the trainable tensors, the optimizer's
+//! moments, any half-accumulated gradients, and (in its metadata) the optimizer's step count
+//! and the run's [`Progress`]. Being one file written atomically, it is always whole: a run
+//! killed at any moment resumes from the last one saved.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::module::Param;
+use burn::tensor::{DType, Tensor, TensorData};
+use lora_model::CausalLm;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::optim::{Optimizer, OptimizerConfig, Slot};
+use crate::params::{Trainable, for_each_trainable, trainable_tensors};
+use crate::run::{Progress, State};
+use crate::TrainError;
+
+/// The resume file's name in the adapter directory.
+pub const STATE_FILE: &str = "trainer_state.safetensors";
+
+const VERSION: &str = "1";
+
+fn host(t: &Tensor<1>) -> Vec<f32> {
+    t.clone().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data")
+}
+
+/// The resume file's bytes for `model`'s trainable tensors and `state`.
+pub fn to_bytes(model: &CausalLm, state: &State) -> Result<Vec<u8>, TrainError> {
+    let mut tensors: Vec<(String, Vec<f32>)> = Vec::new();
+    for (i, t) in trainable_tensors(model).iter().enumerate() {
+        tensors.push((format!("param.{i}"), host(t)));
+    }
+    for (i, slot) in state.optimizer.slots.iter().enumerate() {
+        if let Some(m) = &slot.first {
+            tensors.push((format!("optimizer.{i}.first"), host(m)));
+        }
+        if let Some(v) = &slot.second {
+            tensors.push((format!("optimizer.{i}.second"), host(v)));
+        }
+    }
+    for (i, g) in state.accumulated.iter().flatten().enumerate() {
+        tensors.push((format!("accumulated.{i}"), host(g)));
+    }
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, v), b)| TensorView::new(Dtype::F32, vec![v.len()], b).map(|view| (name.clone(), view)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TrainError::State(e.to_string()))?;
+    let mut metadata = HashMap::new();
+    metadata.insert("format_version".to_string(), VERSION.to_string());
+    metadata.insert("optimizer".to_string(), serde_json::to_string(&state.optimizer.config).expect("serializable"));
+    metadata.insert("optimizer_steps".to_string(), state.optimizer.steps.to_string());
+    metadata.insert("progress".to_string(), serde_json::to_string(&state.progress).expect("serializable"));
+    safetensors::serialize(views, Some(metadata)).map_err(|e| TrainError::State(e.to_string()))
+}
+
+/// Reads the resume file at `path`: puts its trainable tensors on `model` (whose adapters
+/// must have the shapes of the run that saved it) and returns the state to continue from.
+pub fn restore(model: &mut CausalLm, path: &Path) -> Result<State, TrainError> {
+    let invalid = |message: String| TrainError::Resume { path: path.to_path_buf(), message };
+    let bytes = std::fs::read(path).map_err(|e| invalid(e.to_string()))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| invalid(e.to_string()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    let field = |key: &str| meta.get(key).ok_or_else(|| invalid(format!("metadata has no {key:?}: not a lora resume file")));
+    if field("format_version")? != VERSION {
+        return Err(invalid(format!("format_version {} is not {VERSION}", field("format_version")?)));
+    }
+    let config: OptimizerConfig = serde_json::from_str(field("optimizer")?).map_err(|e| invalid(format!("optimizer: {e}")))?;
+    let steps: usize = field("optimizer_steps")?.parse().map_err(|_| invalid("optimizer_steps is not a number".into()))?;
+    let progress: Progress = serde_json::from_str(field("progress")?).map_err(|e| invalid(format!("progress: {e}")))?;
+    let device = model.device();
+    let read = |name: &str| -> Result<Option<Vec<f32>>, TrainError> {
+        match st.tensor(name) {
+            Ok(view) if view.dtype() == Dtype::F32 => {
+                Ok(Some(view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()))
+            }
+            Ok(view) => Err(invalid(format!("{name}: dtype {:?}, expected F32", view.dtype()))),
+            Err(_) => Ok(None),
+        }
+    };
+    let tensor = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v.clone(), [v.len()]), (&device, DType::F32));
+
+    // The trainable tensors, checked against the model before any is replaced.
+    let current = trainable_tensors(model);
+    let mut params = Vec::with_capacity(current.len());
+    for (i, t) in current.iter().enumerate() {
+        let name = format!("param.{i}");
+        let v = read(&name)?.ok_or_else(|| invalid(format!("{name} is missing: the adapters differ from the run that saved this file")))?;
+        if v.len() != t.dims()[0] {
+            return Err(invalid(format!("{name} has {} values, the model's tensor {}: the adapters differ from the run that saved this file", v.len(), t.dims()[0])));
+        }
+        params.push(v);
+    }
+    if read(&format!("param.{}", current.len()))?.is_some() {
+        return Err(invalid(format!("holds more than the model's {} trainable tensors: the adapters differ from the run that saved this file", current.len())));
+    }
+    let mut params = params.into_iter();
+    for_each_trainable(model, |t| {
+        let v = params.next().expect("checked above");
+        match t {
+            Trainable::Matrix(p) => {
+                let shape = p.val().dims();
+                let value = tensor(v).reshape(shape).require_grad();
+                *p = Param::initialized(p.id, value);
+            }
+            Trainable::Vector(p) => *p = Param::initialized(p.id, tensor(v).require_grad()),
+        }
+    });
+
+    let inner = |v: Vec<f32>| tensor(v).inner();
+    let mut slots = Vec::new();
+    for i in 0..current.len() {
+        let first = read(&format!("optimizer.{i}.first"))?.map(inner);
+        let second = read(&format!("optimizer.{i}.second"))?.map(inner);
+        slots.push(Slot { first, second });
+    }
+    if slots.iter().all(|s| s.first.is_none() && s.second.is_none()) {
+        slots.clear();
+    }
+    let accumulated: Vec<Tensor<1>> = (0..current.len()).map_while(|i| read(&format!("accumulated.{i}")).transpose()).map(|r| r.map(inner)).collect::<Result<_, _>>()?;
+    let accumulated = (!accumulated.is_empty()).then_some(accumulated);
+    Ok(State { optimizer: Optimizer { config, steps, slots }, accumulated, progress })
+}

@@ -1,0 +1,34 @@
+//! The error type of this crate.
+
+use std::path::PathBuf;
+
+/// What can stop a run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrainError {
+    /// The data cannot be batched (too few examples for the batch size, ...).
+    #[error(transparent)]
+    Data(#[from] lora_data::DataError),
+    /// Saving or loading adapters failed.
+    #[error(transparent)]
+    Adapter(#[from] lora_adapters::AdapterError),
+    /// The loss is NaN or infinite.
+    #[error("the training loss is {loss} at iteration {iteration}")]
+    NonFinite {
+        /// The iteration (1-based).
+        iteration: usize,
+        /// The loss.
+        loss: f64,
+    },
+    /// The resume state could not be serialized.
+    #[error("saving the resume state: {0}")]
+    State(String),
+    /// A resume file is unreadable or does not fit the run.
+    #[error("{path}: {message}")]
+    Resume {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}

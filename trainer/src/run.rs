@@ -1,0 +1,288 @@
+//! The training loop, top to bottom: learning rate -> batch -> forward -> loss -> backward ->
+//! (accumulate) -> clip -> optimizer step -> report -> evaluate -> checkpoint.
+//!
+//! Everything a run depends on is a function of the settings and the iteration number:
+//! the batch of iteration `i` comes from the seed and `i`, dropout is seeded from the seed
+//! and `i`. A [`State`] (the optimizer, any gradients accumulated so far and the
+//! [`Progress`]) plus the adapter weights is therefore all a resumed run needs to continue
+//! exactly where an interrupted one stopped.
+
+use std::time::Instant;
+
+use burn::tensor::Tensor;
+use lora_data::{Batcher, Example, collate};
+use lora_model::CausalLm;
+use serde::{Deserialize, Serialize};
+
+use crate::loss::batch_loss;
+use crate::optim::{Optimizer, clip_global_norm};
+use crate::params::{Trainable, for_each_trainable};
+use crate::schedule::Schedule;
+use crate::TrainError;
+
+/// What the loop needs to know (the binary builds it from the resolved config).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Iterations (micro-batches) in all, mlx-lm's `iters`.
+    pub iters: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are averaged into one optimizer step.
+    pub grad_accumulation_steps: usize,
+    /// Longer sequences are truncated to this many tokens.
+    pub max_seq_length: usize,
+    /// A report every this many iterations (and at the last).
+    pub steps_per_report: usize,
+    /// Validation every this many iterations (and at the first and the last).
+    pub steps_per_eval: usize,
+    /// Validation batches per evaluation; `None` for all.
+    pub val_batches: Option<usize>,
+    /// A checkpoint every this many iterations (0: only at the end).
+    pub save_every: usize,
+    /// The seed of the batch order and of dropout.
+    pub seed: u64,
+    /// Shuffle length-bucketed batches (true) or keep file order (false).
+    pub shuffle: bool,
+    /// Clip the gradients' global L2 norm to this.
+    pub max_grad_norm: Option<f64>,
+    /// The learning rate of each optimizer step.
+    pub schedule: Schedule,
+}
+
+/// Counters of the iterations since the last report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Window {
+    /// Sum of the iterations' losses.
+    pub loss_sum: f64,
+    /// Iterations.
+    pub iterations: usize,
+    /// Target tokens trained.
+    pub tokens: usize,
+    /// Seconds spent in training steps.
+    pub seconds: f64,
+}
+
+/// Where a run stands, besides the weights and the optimizer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Iterations done.
+    pub iteration: usize,
+    /// Target tokens trained over the whole run, as of the last report.
+    pub trained_tokens: usize,
+    /// The iterations since the last report.
+    pub window: Window,
+    /// The learning rate of the last optimizer step.
+    pub lr: f64,
+}
+
+/// The mutable state of a run besides the model.
+#[derive(Debug, Clone)]
+pub struct State {
+    /// The optimizer and its moments.
+    pub optimizer: Optimizer,
+    /// Gradients summed over the micro-batches of an unfinished accumulation, flattened, in
+    /// [`for_each_trainable`] order.
+    pub accumulated: Option<Vec<Tensor<1>>>,
+    /// Counters.
+    pub progress: Progress,
+}
+
+impl State {
+    /// The state of a run that has not started.
+    pub fn new(optimizer: Optimizer) -> Self {
+        Self { optimizer, accumulated: None, progress: Progress::default() }
+    }
+}
+
+/// One `steps_per_report` line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// The iteration reported at.
+    pub iteration: usize,
+    /// Mean loss over the iterations since the last report.
+    pub train_loss: f64,
+    /// The learning rate of the last optimizer step.
+    pub lr: f64,
+    /// Iterations per second of training steps.
+    pub iterations_per_s: f64,
+    /// Target tokens per second of training steps.
+    pub tokens_per_s: f64,
+    /// Target tokens trained so far.
+    pub trained_tokens: usize,
+}
+
+/// What the binary does with the loop's events: progress, reports, checkpoints, Ctrl-C.
+pub trait Observer {
+    /// After every iteration.
+    fn iteration(&mut self, _iteration: usize, _loss: f64, _tokens: usize, _lr: f64) {}
+    /// Every `steps_per_report` iterations.
+    fn report(&mut self, _report: &Report) {}
+    /// Before evaluating: how many batches.
+    fn eval_start(&mut self, _batches: usize) {}
+    /// After each evaluation batch.
+    fn eval_batch(&mut self) {}
+    /// After each evaluation, at `iteration` (the iterations done before it).
+    fn eval(&mut self, _iteration: usize, _val_loss: f64, _seconds: f64) {}
+    /// Saves a checkpoint of the model's adapters and `state`.
+    fn checkpoint(&mut self, model: &CausalLm, state: &State) -> Result<(), TrainError>;
+    /// Whether the user asked to stop (Ctrl-C): the loop saves a checkpoint and returns.
+    fn stop_requested(&self) -> bool {
+        false
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// All iterations done.
+    Finished,
+    /// Stopped at the user's request after this many iterations, checkpoint saved.
+    Stopped(usize),
+}
+
+/// Trains `model`'s adapters on `train` for `settings.iters` iterations from where `state`
+/// stands, evaluating on `valid`.
+pub fn train(
+    model: &mut CausalLm,
+    train: &[Example],
+    valid: Option<&[Example]>,
+    settings: &Settings,
+    state: &mut State,
+    observer: &mut dyn Observer,
+) -> Result<Outcome, TrainError> {
+    let s = settings;
+    let lengths: Vec<usize> = train.iter().map(|e| e.tokens.len()).collect();
+    let batcher = Batcher::new(&lengths, s.batch_size, s.shuffle, s.seed)?;
+    let device = model.device();
+    let accumulation = s.grad_accumulation_steps.max(1);
+    model.set_training(true);
+    for it in state.progress.iteration + 1..=s.iters {
+        if let Some(valid) = valid
+            && (it == 1 || it % s.steps_per_eval.max(1) == 0 || it == s.iters)
+        {
+            let start = Instant::now();
+            model.set_training(false);
+            let (val_loss, _) = evaluate(model, valid, s.batch_size, s.val_batches, s.max_seq_length, observer)?;
+            model.set_training(true);
+            observer.eval(it - 1, val_loss, start.elapsed().as_secs_f64());
+        }
+
+        let start = Instant::now();
+        // Dropout masks depend on the seed and the iteration only.
+        device.seed(s.seed ^ (it as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let batch = collate(train, batcher.indices(it - 1), s.max_seq_length);
+        let (loss, tokens) = batch_loss(model, &batch);
+        let value = loss.clone().into_scalar::<f64>();
+        if !value.is_finite() {
+            return Err(TrainError::NonFinite { iteration: it, loss: value });
+        }
+        let grads = loss.backward();
+        let mut flat = Vec::new();
+        for_each_trainable(model, |t| {
+            let g = match t {
+                Trainable::Matrix(p) => p.val().grad(&grads).map(|g| g.flatten::<1>(0, 1)),
+                Trainable::Vector(p) => p.val().grad(&grads),
+            };
+            flat.push(g.expect("every trainable tensor takes part in the loss"));
+        });
+        drop(grads);
+        let summed = match state.accumulated.take() {
+            Some(acc) => acc.into_iter().zip(flat).map(|(a, g)| a + g).collect(),
+            None => flat,
+        };
+        if it % accumulation == 0 {
+            let mut g: Vec<Tensor<1>> = if accumulation > 1 { summed.into_iter().map(|g| g / accumulation as f64).collect() } else { summed };
+            if let Some(max) = s.max_grad_norm {
+                clip_global_norm(&mut g, max);
+            }
+            let lr = s.schedule.lr(state.optimizer.steps);
+            apply(model, &mut state.optimizer, g, lr);
+            state.progress.lr = lr;
+        } else {
+            state.accumulated = Some(summed);
+        }
+        let p = &mut state.progress;
+        p.iteration = it;
+        p.window.loss_sum += value;
+        p.window.iterations += 1;
+        p.window.tokens += tokens;
+        p.window.seconds += start.elapsed().as_secs_f64();
+        observer.iteration(it, value, tokens, p.lr);
+
+        if it % s.steps_per_report.max(1) == 0 || it == s.iters {
+            let w = std::mem::take(&mut p.window);
+            p.trained_tokens += w.tokens;
+            let secs = w.seconds.max(1e-9);
+            observer.report(&Report {
+                iteration: it,
+                train_loss: w.loss_sum / w.iterations.max(1) as f64,
+                lr: p.lr,
+                iterations_per_s: w.iterations as f64 / secs,
+                tokens_per_s: w.tokens as f64 / secs,
+                trained_tokens: p.trained_tokens,
+            });
+        }
+        if it == s.iters || (s.save_every > 0 && it % s.save_every == 0) {
+            observer.checkpoint(model, state)?;
+        }
+        if observer.stop_requested() && it < s.iters {
+            if s.save_every == 0 || it % s.save_every != 0 {
+                observer.checkpoint(model, state)?;
+            }
+            model.set_training(false);
+            return Ok(Outcome::Stopped(it));
+        }
+    }
+    model.set_training(false);
+    Ok(Outcome::Finished)
+}
+
+/// One optimizer step over every trainable tensor with the flattened gradients `grads`.
+fn apply(model: &mut CausalLm, optimizer: &mut Optimizer, grads: Vec<Tensor<1>>, lr: f64) {
+    optimizer.begin_step();
+    let mut grads = grads.into_iter().enumerate();
+    for_each_trainable(model, |t| {
+        let (i, g) = grads.next().expect("one gradient per trainable tensor");
+        match t {
+            Trainable::Matrix(p) => {
+                let [r, c] = p.val().dims();
+                optimizer.update(i, p, g.reshape([r, c]), lr)
+            }
+            Trainable::Vector(p) => optimizer.update(i, p, g, lr),
+        }
+    });
+}
+
+/// The token-averaged loss over `batches` (all when `None`) batches of `examples`, sorted by
+/// length as mlx-lm's evaluation does: `Σ NLL / Σ target tokens`, and the token count.
+pub fn evaluate(
+    model: &CausalLm,
+    examples: &[Example],
+    batch_size: usize,
+    batches: Option<usize>,
+    max_seq_length: usize,
+    observer: &mut dyn Observer,
+) -> Result<(f64, usize), TrainError> {
+    let lengths: Vec<usize> = examples.iter().map(|e| e.tokens.len()).collect();
+    let batcher = Batcher::by_length(&lengths, batch_size)?;
+    let n = batches.map_or(batcher.batches_per_epoch(), |b| b.min(batcher.batches_per_epoch()));
+    observer.eval_start(n);
+    let (mut sum, mut tokens) = (0f64, 0usize);
+    for b in 0..n {
+        let batch = collate(examples, batcher.indices(b), max_seq_length);
+        let (loss, t) = batch_loss(model, &batch);
+        sum += loss.detach().into_scalar::<f64>() * t as f64;
+        tokens += t;
+        observer.eval_batch();
+    }
+    Ok((sum / tokens.max(1) as f64, tokens))
+}
+
+/// An observer that shows nothing and saves nothing (evaluation, tests).
+pub struct Quiet;
+
+impl Observer for Quiet {
+    fn checkpoint(&mut self, _model: &CausalLm, _state: &State) -> Result<(), TrainError> {
+        Ok(())
+    }
+}
