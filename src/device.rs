@@ -98,10 +98,11 @@ impl PeakMemory {
         Self { device: device.clone(), peak: 0 }
     }
 
-    /// Records the current usage.
+    /// Records the current usage: the bytes the device's memory pool holds, which only
+    /// grows past the largest working set (live tensors are only visible between steps).
     pub fn sample(&mut self) {
         if let Some(u) = self.device.memory_pool_usage() {
-            self.peak = self.peak.max(u.bytes_in_use);
+            self.peak = self.peak.max(u.bytes_reserved.max(u.bytes_in_use));
         }
     }
 

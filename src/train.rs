@@ -56,7 +56,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let data = load_data(&config, &tokenizer)?;
     let device = select(config.device)?;
     let dtype = compute_dtype(&device, config.dtype, model_config.checkpoint_dtype.as_deref())?;
-    let train_device = if config.grad_checkpoint { device.clone().autodiff().gradient_checkpointing() } else { device.clone().autodiff() };
+    let train_device = device.clone().autodiff();
     let checkpoint = Checkpoint::open(&model_dir)?;
     let options = config.quant_args().load_options(&model_config)?;
     let mut model = load_model(&model_config, &checkpoint, if training { &train_device } else { &device }, dtype, options)?.no_grad();
@@ -106,6 +106,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         seed: config.seed,
         shuffle: config.shuffle,
         max_grad_norm: config.max_grad_norm,
+        recompute: config.grad_checkpoint,
         schedule: Schedule {
             kind: config.schedule_kind(),
             lr: config.learning_rate,

@@ -684,6 +684,19 @@ mod tests {
     }
 
     #[test]
+    fn every_shipped_config_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let c = resolve(&TrainFlags { config: Some(path.clone()), ..Default::default() }).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            assert!(c.training(), "{}", path.display());
+            n += 1;
+        }
+        assert!(n >= 3);
+    }
+
+    #[test]
     fn the_saved_config_reads_back_the_same() {
         let flags = TrainFlags { model: Some("m".into()), data: Some("d".into()), alpha: Some(16.0), lr_schedule: Some(ScheduleName::Cosine), ..Default::default() };
         let c = resolve(&flags).unwrap();

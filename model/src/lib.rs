@@ -29,5 +29,5 @@ pub use config::{Architecture, HfConfig, MlxQuantization, ModelConfig, RopeScali
 pub use error::ModelError;
 pub use generate::{GenerationStats, generate};
 pub use lora::LoraAdapter;
-pub use llama::{CausalLm, KvCache, Linear, LoadEvent, LoadOptions, PROJECTIONS, QuantizeAtLoad, Weight};
+pub use llama::{BlockInputs, CausalLm, KvCache, Linear, LoadEvent, LoadOptions, PROJECTIONS, QuantizeAtLoad, Weight};
 pub use sampling::{Sampler, SamplingConfig};

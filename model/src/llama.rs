@@ -397,7 +397,25 @@ pub struct DecoderLayer {
 pub const PROJECTIONS: [&str; 7] =
     ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
 
+/// What the blocks of one forward pass share: the rotary tables `[seq, head_dim]` and one
+/// attention mask per distinct sliding window.
+#[derive(Debug, Clone)]
+pub struct BlockInputs {
+    cos: Tensor<2>,
+    sin: Tensor<2>,
+    masks: Vec<(Option<usize>, Tensor<5, Bool>)>,
+}
+
 impl DecoderLayer {
+    /// `x` `[batch, seq, hidden]` -> `[batch, seq, hidden]`: attention then the MLP, each
+    /// after its norm and added to the residual stream.
+    fn forward(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, mask: &Tensor<5, Bool>, cache: Option<&mut Option<LayerCache>>) -> Tensor<3> {
+        let h = self.self_attn.forward(self.input_layernorm.forward(x.clone()), cos, sin, mask, cache);
+        let x = x + h;
+        let h = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
+        x + h
+    }
+
     /// The block's linear projections, named as in [`PROJECTIONS`].
     pub fn projections(&self) -> [(&'static str, &Linear); 7] {
         let (a, m) = (&self.self_attn, &self.mlp);
@@ -608,7 +626,33 @@ impl CausalLm {
         logits.reshape([b, vocab])
     }
 
-    fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+    /// The embedded tokens `[batch, seq, hidden]` and what every block of this pass shares,
+    /// for running the blocks one at a time ([`Self::block`], [`Self::logits`]): training with
+    /// block-level recomputation does. Same conventions as [`Self::forward`].
+    pub fn embed(&self, tokens: Tensor<2, Int>, attention_mask: Option<&[bool]>) -> (Tensor<3>, BlockInputs) {
+        let [b, s] = tokens.dims();
+        let device = tokens.device();
+        let x = self.model.embed_tokens.forward(tokens);
+        let (cos, sin) = self.rope.tables(0, s, &device, x.dtype());
+        let mut masks: Vec<(Option<usize>, Tensor<5, Bool>)> = Vec::new();
+        for layer in &self.model.layers {
+            if !masks.iter().any(|(w, _)| *w == layer.window) {
+                masks.push((layer.window, build_mask(b, s, 0, layer.window, attention_mask, &device)));
+            }
+        }
+        (x, BlockInputs { cos, sin, masks })
+    }
+
+    /// Block `index` on `x` `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
+    pub fn block(&self, index: usize, x: Tensor<3>, inputs: &BlockInputs) -> Tensor<3> {
+        let layer = &self.model.layers[index];
+        let mask = &inputs.masks.iter().find(|(w, _)| *w == layer.window).expect("a mask per window").1;
+        layer.forward(x, &inputs.cos, &inputs.sin, mask, None)
+    }
+
+    /// The final norm and the head: hidden states `[batch, seq, hidden]` -> logits
+    /// `[batch, seq, vocab]`.
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         let hidden = self.model.norm.forward(hidden);
         match &self.lm_head {
             Some(head) => head.forward(hidden),
@@ -653,11 +697,7 @@ impl CausalLm {
                 }
             };
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            let h = layer.input_layernorm.forward(x.clone());
-            let h = layer.self_attn.forward(h, &cos, &sin, mask, slot);
-            x = x + h;
-            let h = layer.mlp.forward(layer.post_attention_layernorm.forward(x.clone()));
-            x = x + h;
+            x = layer.forward(x, &cos, &sin, mask, slot);
         }
         if let Some(c) = cache {
             c.len += s;

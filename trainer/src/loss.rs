@@ -1,6 +1,7 @@
 //! The training loss: the sum of the target tokens' negative log-likelihood divided by the
 //! number of target tokens in the batch (mlx-lm's and transformers' token average).
 
+use burn::module::Module;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
 use lora_data::Batch;
@@ -47,16 +48,99 @@ pub fn prepare(batch: &Batch, device: &burn::tensor::Device) -> Prepared {
     }
 }
 
+/// Positions per chunk of the head (final norm, lm_head, log-softmax) under recomputation:
+/// its `[positions, vocab]` logits in f32 are the largest tensors of a step.
+const HEAD_CHUNK: usize = 256;
+
+/// Sum of `-log p(target)` over the trained positions: `logits` `[rows, n, vocab]`,
+/// `targets` and `mask` `[rows, n]`. A `[1]` f32 tensor.
+fn nll_sum(logits: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>) -> Tensor<1> {
+    let [rows, n, _] = logits.dims();
+    let logp = log_softmax(logits.cast(FloatDType::F32), 2);
+    let picked = logp.gather(2, targets.reshape([rows, n, 1])).reshape([rows, n]); // [rows, n]
+    -(picked * mask).sum()
+}
+
+/// The batch's mean target NLL, its number of target tokens, and the gradient of every
+/// trainable tensor (flattened, on the inner backend, in [`for_each_trainable`] order).
+///
+/// With `recompute`, activations are not kept through the whole network: a first pass
+/// without autodiff keeps only each block's input; then the head and each adapted block,
+/// last to first, run again with autodiff and are differentiated on their own, the
+/// gradient of the block's output carried from one to the next. Peak memory is one block's
+/// activations plus the block inputs instead of every block's activations, for a second
+/// forward pass. Blocks below the lowest adapted one are never differentiated.
+///
+/// [`for_each_trainable`]: crate::params::for_each_trainable
+pub fn loss_and_gradients(model: &mut CausalLm, batch: &Batch, recompute: bool) -> (f64, usize, Vec<Tensor<1>>) {
+    if !recompute {
+        let (loss, tokens) = batch_loss(model, batch);
+        let value = loss.clone().into_scalar::<f64>();
+        let grads = loss.backward();
+        let mut flat = Vec::new();
+        crate::params::for_each_trainable(model, |t| {
+            let g = match t {
+                crate::Trainable::Matrix(p) => p.val().grad(&grads).map(|g| g.flatten::<1>(0, 1)),
+                crate::Trainable::Vector(p) => p.val().grad(&grads),
+            };
+            flat.push(g.expect("every trainable tensor takes part in the loss"));
+        });
+        return (value, tokens, flat);
+    }
+    let p = prepare(batch, &model.device());
+    let [rows, width] = p.inputs.dims();
+    let total = p.tokens.max(1) as f64;
+    // 1. Forward without autodiff, keeping each block's input.
+    let frozen = model.clone().no_grad();
+    let (mut x, inputs) = frozen.embed(p.inputs, None);
+    let blocks = model.model.layers.len();
+    let first = (0..blocks).find(|&i| crate::params::layer_is_trainable(&model.model.layers[i])).unwrap_or(blocks);
+    let mut saved = Vec::with_capacity(blocks - first);
+    for i in 0..blocks {
+        if i >= first {
+            saved.push(x.clone().detach());
+        }
+        x = frozen.block(i, x, &inputs).detach();
+    }
+    drop(frozen);
+    // 2. The head, in chunks of positions: the loss and its gradient at the last hidden state.
+    let chunk = (HEAD_CHUNK / rows).max(1);
+    let (mut value, mut grad_parts) = (0f64, Vec::new());
+    for start in (0..width).step_by(chunk) {
+        let n = chunk.min(width - start);
+        let h = x.clone().narrow(1, start, n).require_grad();
+        let loss = nll_sum(model.logits(h.clone()), p.targets.clone().narrow(1, start, n), p.mask.clone().narrow(1, start, n)) / total;
+        value += loss.clone().into_scalar::<f64>();
+        let grads = loss.backward();
+        grad_parts.push(h.grad(&grads).expect("the head depends on its input"));
+    }
+    drop(x);
+    let mut upstream = Some(Tensor::cat(grad_parts, 1)); // [rows, width, hidden], inner backend
+    // 3. The adapted blocks, last to first.
+    let mut per_block: Vec<Vec<Tensor<1>>> = Vec::with_capacity(blocks - first);
+    for i in (first..blocks).rev() {
+        let input = saved.pop().expect("one input per adapted block").require_grad();
+        let out = model.block(i, input.clone(), &inputs);
+        let g: Tensor<3> = Tensor::from_inner(upstream.take().expect("set for every block")).cast(FloatDType::F32);
+        let surrogate = (out.cast(FloatDType::F32) * g).sum();
+        let grads = surrogate.backward();
+        per_block.push(crate::params::layer_gradients(&model.model.layers[i], &grads));
+        if i > first {
+            upstream = Some(input.grad(&grads).expect("the block depends on its input"));
+        }
+    }
+    let flat = per_block.into_iter().rev().flatten().collect();
+    (value, p.tokens, flat)
+}
+
 /// The batch's mean target NLL (a scalar `[1]` tensor, f32, differentiable) and its number of
 /// target tokens.
 pub fn batch_loss(model: &CausalLm, batch: &Batch) -> (Tensor<1>, usize) {
     let p = prepare(batch, &model.device());
     let [rows, width] = p.inputs.dims();
-    let logits = model.forward(p.inputs, None).cast(FloatDType::F32); // [rows, width, vocab]
-    let logp = log_softmax(logits, 2);
-    let picked = logp.gather(2, p.targets.reshape([rows, width, 1])).reshape([rows, width]); // [rows, width]
-    let nll = -(picked * p.mask).sum();
-    (nll / p.tokens.max(1) as f64, p.tokens)
+    let logits = model.forward(p.inputs, None); // [rows, width, vocab]
+    debug_assert_eq!(logits.dims()[..2], [rows, width]);
+    (nll_sum(logits, p.targets, p.mask) / p.tokens.max(1) as f64, p.tokens)
 }
 
 #[cfg(test)]

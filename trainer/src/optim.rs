@@ -80,6 +80,7 @@ impl Optimizer {
         }
         let c = self.config;
         let shape = grad.shape();
+        let strategy = param.val().gradient_checkpointing_strategy();
         let p = param.val().inner().detach();
         let device = p.device();
         let flat = |t: Tensor<D>| t.reshape([shape.num_elements()]);
@@ -122,7 +123,13 @@ impl Optimizer {
                 p - g * lr
             }
         };
-        let value = updated.reshape(shape).autodiff().require_grad();
+        // Back on autodiff with the parameter's own checkpointing strategy (a plain
+        // `autodiff()` would take the default one, which cannot meet the model's tensors).
+        let mut value = updated.reshape(shape).autodiff();
+        if let Some(strategy) = strategy {
+            value = value.with_gradient_checkpointing_strategy(strategy);
+        }
+        let value = value.require_grad();
         *param = Param::initialized(param.id, value);
     }
 }

@@ -42,3 +42,28 @@ pub fn trainable_tensors(model: &CausalLm) -> Vec<Tensor<1>> {
     }
     out
 }
+
+/// The gradients of block `layer`'s trainable tensors in `grads`, flattened, in
+/// [`for_each_trainable`] order; a tensor without a gradient gets zeros.
+pub fn layer_gradients(layer: &lora_model::llama::DecoderLayer, grads: &burn::tensor::Gradients) -> Vec<Tensor<1>> {
+    let mut out = Vec::new();
+    for (_, linear) in layer.projections() {
+        let Some(adapter) = &linear.adapter else { continue };
+        let flat = |t: Tensor<2>| {
+            let n = t.shape().num_elements();
+            t.grad(grads).map_or_else(|| Tensor::zeros([n], &t.device()).inner(), |g| g.flatten::<1>(0, 1))
+        };
+        out.push(flat(adapter.a.val()));
+        out.push(flat(adapter.b.val()));
+        if let Some(m) = &adapter.magnitude {
+            let t = m.val();
+            out.push(t.grad(grads).unwrap_or_else(|| Tensor::zeros(t.dims(), &t.device()).inner()));
+        }
+    }
+    out
+}
+
+/// Whether block `layer` has any trainable tensor.
+pub fn layer_is_trainable(layer: &lora_model::llama::DecoderLayer) -> bool {
+    layer.projections().iter().any(|(_, l)| l.adapter.is_some())
+}

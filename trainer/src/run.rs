@@ -9,12 +9,13 @@
 
 use std::time::Instant;
 
+use burn::module::Module;
 use burn::tensor::Tensor;
 use lora_data::{Batcher, Example, collate};
 use lora_model::CausalLm;
 use serde::{Deserialize, Serialize};
 
-use crate::loss::batch_loss;
+use crate::loss::{batch_loss, loss_and_gradients};
 use crate::optim::{Optimizer, clip_global_norm};
 use crate::params::{Trainable, for_each_trainable};
 use crate::schedule::Schedule;
@@ -47,6 +48,9 @@ pub struct Settings {
     pub max_grad_norm: Option<f64>,
     /// The learning rate of each optimizer step.
     pub schedule: Schedule,
+    /// Recompute each block's activations in backward instead of keeping them
+    /// (`--grad-checkpoint`; see [`loss_and_gradients`]).
+    pub recompute: bool,
 }
 
 /// Counters of the iterations since the last report.
@@ -171,21 +175,12 @@ pub fn train(
         // Dropout masks depend on the seed and the iteration only.
         device.seed(s.seed ^ (it as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let batch = collate(train, batcher.indices(it - 1), s.max_seq_length);
-        let (loss, tokens) = batch_loss(model, &batch);
-        let value = loss.clone().into_scalar::<f64>();
+        trace(&device, "before the step");
+        let (value, tokens, flat) = loss_and_gradients(model, &batch, s.recompute);
+        trace(&device, "after backward");
         if !value.is_finite() {
             return Err(TrainError::NonFinite { iteration: it, loss: value });
         }
-        let grads = loss.backward();
-        let mut flat = Vec::new();
-        for_each_trainable(model, |t| {
-            let g = match t {
-                Trainable::Matrix(p) => p.val().grad(&grads).map(|g| g.flatten::<1>(0, 1)),
-                Trainable::Vector(p) => p.val().grad(&grads),
-            };
-            flat.push(g.expect("every trainable tensor takes part in the loss"));
-        });
-        drop(grads);
         let summed = match state.accumulated.take() {
             Some(acc) => acc.into_iter().zip(flat).map(|(a, g)| a + g).collect(),
             None => flat,
@@ -201,6 +196,7 @@ pub fn train(
         } else {
             state.accumulated = Some(summed);
         }
+        trace(&device, "after update");
         let p = &mut state.progress;
         p.iteration = it;
         p.window.loss_sum += value;
@@ -267,6 +263,8 @@ pub fn evaluate(
     let batcher = Batcher::by_length(&lengths, batch_size)?;
     let n = batches.map_or(batcher.batches_per_epoch(), |b| b.min(batcher.batches_per_epoch()));
     observer.eval_start(n);
+    // Parameters that do not ask for gradients: no graph is kept.
+    let model = &model.clone().no_grad();
     let (mut sum, mut tokens) = (0f64, 0usize);
     for b in 0..n {
         let batch = collate(examples, batcher.indices(b), max_seq_length);
@@ -284,5 +282,14 @@ pub struct Quiet;
 impl Observer for Quiet {
     fn checkpoint(&mut self, _model: &CausalLm, _state: &State) -> Result<(), TrainError> {
         Ok(())
+    }
+}
+
+/// With `LORA_MEM_TRACE` set: the device memory in use at `stage`, on stderr.
+fn trace(device: &burn::tensor::Device, stage: &str) {
+    if std::env::var_os("LORA_MEM_TRACE").is_some()
+        && let Some(u) = device.memory_pool_usage()
+    {
+        eprintln!("memory {stage}: {:.3} GB in use, {:.3} GB reserved", u.bytes_in_use as f64 / 1e9, u.bytes_reserved as f64 / 1e9);
     }
 }

@@ -1,0 +1,277 @@
+//! `lora train` end to end, as a user runs it: against a PyTorch + PEFT loop, the quickstart,
+//! exact resume after an abrupt death and after Ctrl-C, and its errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures").join(name)
+}
+
+fn lora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lora")).current_dir(root()).args(args).output().expect("run lora")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The `metrics.jsonl` entries of a run.
+fn metrics(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// `(step, loss)` of every entry that has `key`.
+fn curve(dir: &Path, key: &str) -> Vec<(u64, f64)> {
+    metrics(dir).iter().filter_map(|m| Some((m["step"].as_u64()?, m.get(key)?.as_f64()?))).collect()
+}
+
+/// The flags that reproduce `tests/fixtures/train_reference` (see its script), for `iters`
+/// iterations, starting from PEFT's initial adapter or (`initial` false) a fresh one.
+fn reference_flags(out: &Path, iters: usize, initial: bool) -> Vec<String> {
+    let r = fixture("train_reference");
+    let mut args: Vec<String> = [
+        "train", "--model", s(&fixture("llama")), "--data", s(&r.join("data")),
+        "--adapter-path", s(out), "--device", "cpu", "--num-layers", "-1", "--batch-size", "2",
+        "--optimizer", "adamw", "--weight-decay", "0.01", "--learning-rate", "1e-2", "--lr-schedule", "cosine", "--warmup", "3",
+        "--max-grad-norm", "1.0", "--shuffle", "false", "--steps-per-report", "1", "--save-every", "0",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    args.extend(["--iters".to_string(), iters.to_string()]);
+    if initial {
+        args.extend(["--resume-adapter-file".to_string(), s(&r.join("initial")).to_string()]);
+    }
+    args
+}
+
+#[test]
+fn the_cli_matches_a_torch_and_peft_loop_step_for_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = run_args(&reference_flags(&out, 30, true));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(fixture("train_reference/expected.json")).unwrap()).unwrap();
+    let want: Vec<f64> = serde_json::from_value(expected["losses"].clone()).unwrap();
+    let got = curve(&out, "train_loss");
+    assert_eq!(got.len(), want.len(), "one report per step");
+    for ((step, loss), want) in got.iter().zip(&want) {
+        assert!((loss - want).abs() < 1e-3, "step {step}: {loss} vs torch {want}");
+    }
+    // The saved PEFT adapter against the one PEFT saved after the same 30 steps.
+    let read = |p: PathBuf| {
+        let bytes = std::fs::read(p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut v: Vec<(String, Vec<f32>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let ours = read(out.join("adapter_model.safetensors"));
+    let peft = read(fixture("train_reference/final/adapter_model.safetensors"));
+    assert_eq!(ours.iter().map(|t| &t.0).collect::<Vec<_>>(), peft.iter().map(|t| &t.0).collect::<Vec<_>>());
+    let max = ours.iter().zip(&peft).flat_map(|(a, b)| a.1.iter().zip(&b.1).map(|(x, y)| (x - y).abs())).fold(0f32, f32::max);
+    assert!(max < 1e-3, "final adapter differs from PEFT's by {max}");
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((config["r"].as_u64(), config["lora_alpha"].as_f64()), (Some(4), Some(8.0)), "{config}");
+}
+
+#[test]
+fn recomputing_blocks_gives_the_same_run() {
+    // --grad-checkpoint recomputes each block in backward; the losses and the adapter must
+    // not change.
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("plain"), tmp.path().join("recompute"));
+    let run = |out: &Path, initial: bool, extra: &[&str]| {
+        let mut args = reference_flags(out, 8, initial);
+        args.extend(extra.iter().map(|x| x.to_string()));
+        let o = run_args(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    run(&a, true, &[]);
+    run(&b, true, &["--grad-checkpoint"]);
+    let (x, y) = (curve(&a, "train_loss"), curve(&b, "train_loss"));
+    for ((_, p), (_, q)) in x.iter().zip(&y) {
+        assert!((p - q).abs() < 1e-5, "{x:?} vs {y:?}");
+    }
+    // Only the last block adapted: the first is never differentiated.
+    let (c, d) = (tmp.path().join("plain1"), tmp.path().join("recompute1"));
+    let last = |out: &Path, extra: &[&str]| {
+        let mut args = reference_flags(out, 8, false);
+        let at = args.iter().position(|a| a == "--num-layers").unwrap();
+        args[at + 1] = "1".into();
+        args.extend(extra.iter().map(|x| x.to_string()));
+        let o = run_args(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    last(&c, &[]);
+    last(&d, &["--grad-checkpoint"]);
+    let (x, y) = (curve(&c, "train_loss"), curve(&d, "train_loss"));
+    assert!(x.len() == 8 && x[7].1 < x[0].1, "{x:?}");
+    for ((_, p), (_, q)) in x.iter().zip(&y) {
+        assert!((p - q).abs() < 1e-5, "{x:?} vs {y:?}");
+    }
+}
+
+/// A run whose every source of randomness matters: shuffled batches, dropout, gradient
+/// accumulation, validation.
+fn resumable(out: &Path, iters: usize, save_every: usize) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "train", "--config", "configs/quickstart.toml", "--adapter-path", s(out),
+        "--steps-per-report", "1", "--steps-per-eval", "3", "--dropout", "0.1", "--grad-accumulation-steps", "2",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    args.extend(["--iters".to_string(), iters.to_string(), "--save-every".to_string(), save_every.to_string()]);
+    args
+}
+
+fn run_args(args: &[String]) -> Output {
+    lora(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[test]
+fn a_run_killed_mid_way_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let whole = tmp.path().join("whole");
+    let o = run_args(&resumable(&whole, 12, 4));
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // Dies like `kill -9` after iteration 6: the last checkpoint is at 4, metrics exist up to 5.
+    let cut = tmp.path().join("cut");
+    let o = Command::new(env!("CARGO_BIN_EXE_lora")).current_dir(root()).args(resumable(&cut, 12, 4)).env("LORA_TEST_ABORT_AT", "6").output().unwrap();
+    assert!(!o.status.success(), "the run was meant to die");
+    assert!(curve(&cut, "train_loss").iter().any(|(s, _)| *s == 5), "it had gone past its checkpoint");
+    assert!(!cut.join("0000008_adapter_model.safetensors").exists());
+    let o = lora(&["train", "--resume", s(&cut)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("Resuming") && stderr(&o).contains("iteration 4"), "{}", stderr(&o));
+
+    assert_eq!(curve(&cut, "train_loss"), curve(&whole, "train_loss"), "the same loss curve");
+    assert_eq!(curve(&cut, "val_loss"), curve(&whole, "val_loss"), "the same validation curve");
+    for name in ["adapter_model.safetensors", "0000008_adapter_model.safetensors", "0000012_adapter_model.safetensors"] {
+        assert_eq!(std::fs::read(cut.join(name)).unwrap(), std::fs::read(whole.join(name)).unwrap(), "{name} differs");
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_saves_a_checkpoint_that_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let args = resumable(&out, 100_000, 100_000);
+    let child = Command::new(env!("CARGO_BIN_EXE_lora")).current_dir(root()).args(&args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // Wait until it trains, then interrupt it.
+    let metrics = out.join("metrics.jsonl");
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(start.elapsed().as_secs() < 120, "the run did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(err.contains("Interrupted at iteration") && err.contains("--resume"), "{err}");
+    assert!(out.join("trainer_state.safetensors").is_file() && out.join("adapter_model.safetensors").is_file());
+    // It continues from there.
+    let o = lora(&["train", "--resume", s(&out), "--iters", &(curve(&out, "train_loss").last().unwrap().0 + 2).to_string()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn the_quickstart_learns_and_generate_shows_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("qs");
+    let o = lora(&["train", "--config", "configs/quickstart.toml", "--adapter-path", s(&out), "--test"]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("Trainable parameters: ") && err.contains("% (0.030M/0.143M)"), "{err}");
+    assert!(err.contains("Iter 20: Train loss") && err.contains("Peak mem"), "{err}");
+    let train = curve(&out, "train_loss");
+    assert!(train.last().unwrap().1 < train[0].1 - 3.0, "the loss must visibly drop: {train:?}");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.starts_with("Test loss ") && stdout.contains("Test ppl"), "{stdout}");
+    // Every report and evaluation is in metrics.jsonl with the documented fields.
+    let m = metrics(&out);
+    let report = m.iter().find(|v| v.get("train_loss").is_some()).unwrap();
+    for key in ["step", "train_loss", "lr", "tokens_per_s", "trained_tokens", "peak_mem_gb"] {
+        assert!(report.get(key).is_some(), "{key} missing in {report}");
+    }
+    assert!(m.iter().any(|v| v.get("val_loss").is_some()));
+    let png = std::fs::read(out.join("loss.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 5000, "loss.png");
+    let saved = std::fs::read_to_string(out.join("train_config.toml")).unwrap();
+    assert!(saved.contains("learning_rate = 0.005") && saved.contains("[lora_parameters]"), "{saved}");
+    for name in ["adapter_config.json", "adapter_model.safetensors", "0000800_adapter_model.safetensors", "trainer_state.safetensors"] {
+        assert!(out.join(name).is_file(), "{name}");
+    }
+
+    let o = lora(&["generate", "--model", "tests/fixtures/llama", "--adapter-path", s(&out), "--prompt", "What is the capital of Germany?", "--max-tokens", "24"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "The capital of Germany is Berlin.");
+
+    // --test alone evaluates the adapter it finds, and the base without one.
+    let test = |adapter: &Path| {
+        let o = lora(&["train", "--model", "tests/fixtures/llama", "--data", "tests/fixtures/quickstart", "--test", "--adapter-path", s(adapter), "--mask-prompt", "--device", "cpu"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        text.trim().strip_prefix("Test loss ").unwrap().split(',').next().unwrap().parse::<f64>().unwrap()
+    };
+    let (adapted, base) = (test(&out), test(&tmp.path().join("none")));
+    assert!(adapted < base - 1.0, "adapter {adapted} vs base {base}");
+}
+
+#[test]
+fn bad_configs_and_flags_name_the_key_and_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("x.toml");
+    std::fs::write(&config, "model = \"tests/fixtures/llama\"\ndata = \"tests/fixtures/quickstart\"\nlearning_rat = 1e-4\n").unwrap();
+    let out = tmp.path().join("out");
+    let o = lora(&["train", "--config", s(&config), "--adapter-path", s(&out)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("learning_rat") && stderr(&o).contains("x.toml"), "{}", stderr(&o));
+    assert!(!out.exists());
+
+    let o = lora(&["train", "--model", "tests/fixtures/llama", "--data", "tests/fixtures/quickstart", "--batch-size", "0", "--adapter-path", s(&out)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("batch_size"), "{}", stderr(&o));
+
+    let o = lora(&["train", "--model", "tests/fixtures/llama", "--data", "tests/fixtures/quickstart", "--keys", "q_prj", "--adapter-path", s(&out), "--device", "cpu"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("q_prj"), "{}", stderr(&o));
+    assert!(!out.join("adapter_model.safetensors").exists());
+}
+
+#[test]
+fn a_diverging_run_stops_with_the_last_good_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("nan");
+    let o = lora(&[
+        "train", "--config", "configs/quickstart.toml", "--adapter-path", s(&out), "--learning-rate", "1e30", "--lr-schedule", "constant",
+        "--warmup", "0", "--optimizer", "sgd", "--save-every", "1", "--iters", "50",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("the training loss is") && err.contains("at iteration") && err.contains("last good checkpoint"), "{err}");
+    assert!(out.join("trainer_state.safetensors").is_file(), "the last good checkpoint stays");
+    // A new run does not overwrite it.
+    let o = lora(&["train", "--config", "configs/quickstart.toml", "--adapter-path", s(&out), "--iters", "2"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--resume"), "{}", stderr(&o));
+}
