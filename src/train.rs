@@ -239,6 +239,8 @@ struct Files {
     peak: PeakMemory,
     last_checkpoint: Option<usize>,
     eval_bar: Option<ProgressBar>,
+    tokens: usize,
+    started: std::time::Instant,
 }
 
 impl Files {
@@ -290,6 +292,8 @@ impl Files {
             peak: PeakMemory::new(device),
             last_checkpoint,
             eval_bar: None,
+            tokens: 0,
+            started: std::time::Instant::now(),
         })
     }
 
@@ -311,15 +315,17 @@ impl Files {
 }
 
 impl Observer for Files {
-    fn iteration(&mut self, iteration: usize, loss: f64, _tokens: usize, lr: f64) {
+    fn iteration(&mut self, iteration: usize, loss: f64, tokens: usize, lr: f64) {
         if std::env::var("LORA_TEST_ABORT_AT").ok().and_then(|v| v.parse::<usize>().ok()) == Some(iteration) {
             // For the resume tests: die as abruptly as `kill -9` would, mid-run.
             std::process::abort();
         }
         self.peak.sample();
         self.bar.set_position(iteration as u64);
+        self.tokens += tokens;
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
         let rate = self.bar.per_sec();
-        self.bar.set_message(format!("loss {loss:.3}, lr {lr:.2e}, {rate:.2} it/s"));
+        self.bar.set_message(format!("loss {loss:.3}, lr {lr:.2e}, {rate:.2} it/s, {:.0} tok/s", self.tokens as f64 / secs));
     }
 
     fn report(&mut self, r: &Report) {

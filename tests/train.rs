@@ -275,3 +275,52 @@ fn a_diverging_run_stops_with_the_last_good_checkpoint() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--resume"), "{}", stderr(&o));
 }
+
+/// `tests/fixtures/train_reference_q4`: a torch + PEFT loop on the MLX-dequantized base,
+/// over chat-templated prompt/completion rows with the prompt masked.
+fn four_bit_chat_run(device: &str, dtype: &str) -> Option<Vec<(u64, f64)>> {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("q4");
+    let r = fixture("train_reference_q4");
+    let o = lora(&[
+        "train", "--model", "tests/fixtures/llama", "--data", s(&r.join("data")), "--quantize", "affine", "--q-group-size", "32",
+        "--resume-adapter-file", s(&r.join("initial")), "--mask-prompt", "--batch-size", "2", "--iters", "20", "--optimizer", "adamw",
+        "--weight-decay", "0", "--learning-rate", "1e-2", "--lr-schedule", "linear", "--warmup", "2", "--shuffle", "false",
+        "--steps-per-report", "1", "--num-layers", "-1", "--save-every", "0", "--device", device, "--dtype", dtype, "--adapter-path", s(&out),
+    ]);
+    if device == "wgpu" && !o.status.success() && stderr(&o).contains("no wgpu adapter") && std::env::var_os("LORA_REQUIRE_WGPU").is_none() {
+        eprintln!("wgpu does not run here: skipped");
+        return None;
+    }
+    assert!(o.status.success(), "{}", stderr(&o));
+    Some(curve(&out, "train_loss"))
+}
+
+fn check_four_bit(got: &[(u64, f64)], tolerance: f64) {
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(fixture("train_reference_q4/expected.json")).unwrap()).unwrap();
+    let want: Vec<f64> = serde_json::from_value(expected["losses"].clone()).unwrap();
+    assert_eq!(got.len(), want.len());
+    for ((step, loss), want) in got.iter().zip(&want) {
+        assert!((loss - want).abs() < tolerance, "step {step}: {loss} vs torch on the dequantized base {want}");
+    }
+    assert!(want[19] < want[0] - 2.0, "the reference learns");
+}
+
+#[test]
+fn a_four_bit_base_with_masked_chat_rows_matches_torch_on_the_dequantized_base() {
+    check_four_bit(&four_bit_chat_run("cpu", "f32").unwrap(), 1e-3);
+}
+
+#[test]
+fn a_four_bit_base_with_masked_chat_rows_matches_torch_on_wgpu() {
+    if let Some(got) = four_bit_chat_run("wgpu", "f32") {
+        check_four_bit(&got, 1e-3);
+    }
+}
+
+#[test]
+fn half_precision_compute_with_f32_adapters_stays_near_the_f32_reference() {
+    // Measured: f16 within 2.6e-3 of the f32 reference over 20 steps, bf16 within 0.024.
+    check_four_bit(&four_bit_chat_run("cpu", "f16").unwrap(), 0.01);
+    check_four_bit(&four_bit_chat_run("cpu", "bf16").unwrap(), 0.05);
+}
