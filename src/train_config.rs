@@ -524,6 +524,13 @@ pub fn resolve(flags: &TrainFlags) -> Result<TrainConfig> {
         (None, Some(file)) => read_file(file)?,
         (None, None) => toml::Table::new(),
     };
+    // A length given on the command line replaces the file's, in either unit.
+    if flags.epochs.is_some() && flags.iters.is_none() {
+        table.remove("iters");
+    }
+    if flags.iters.is_some() && flags.epochs.is_none() {
+        table.remove("epochs");
+    }
     merge(&mut table, flags.table()?);
     let config: TrainConfig = table.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("flags: {}", e.message()))?;
     config.check()?;

@@ -324,3 +324,17 @@ fn half_precision_compute_with_f32_adapters_stays_near_the_f32_reference() {
     check_four_bit(&four_bit_chat_run("cpu", "f16").unwrap(), 0.01);
     check_four_bit(&four_bit_chat_run("cpu", "bf16").unwrap(), 0.05);
 }
+
+#[test]
+fn epochs_set_the_length_from_the_batches_per_epoch() {
+    // 32 rows in batches of 4: 8 iterations an epoch.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ep");
+    let o = lora(&["train", "--config", "configs/quickstart.toml", "--adapter-path", s(&out), "--epochs", "2", "--steps-per-report", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("16 iterations (2.00 epochs)"), "{}", stderr(&o));
+    assert_eq!(curve(&out, "train_loss").last().unwrap().0, 16);
+    // The flag replaced the file's `iters`; both flags at once is an error naming the key.
+    let o = lora(&["train", "--config", "configs/quickstart.toml", "--adapter-path", s(&tmp.path().join("x")), "--epochs", "2", "--iters", "5"]);
+    assert!(!o.status.success() && stderr(&o).contains("epochs"), "{}", stderr(&o));
+}
