@@ -52,9 +52,13 @@ pub struct GenerateArgs {
     /// Compute dtype; default f32 on the CPU, bf16 or f16 on a GPU.
     #[arg(long, value_enum, value_name = "DTYPE")]
     pub dtype: Option<DTypeArg>,
-    /// An adapter to apply, unmerged: a PEFT or mlx-lm adapter directory (or its weights file).
+    /// An adapter to apply, unmerged: a PEFT or mlx-lm adapter directory (or its weights
+    /// file). Repeat it to apply several at once.
     #[arg(long, value_name = "DIR")]
-    pub adapter_path: Option<PathBuf>,
+    pub adapter_path: Vec<PathBuf>,
+    /// A weight per --adapter-path, comma-separated [default: 1 each].
+    #[arg(long, value_name = "W,..", value_delimiter = ',')]
+    pub adapter_scales: Vec<f64>,
     #[command(flatten)]
     pub quant: QuantArgs,
 }
@@ -82,10 +86,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let options = args.quant.load_options(&config)?;
     let mut model = load_model(&config, &checkpoint, &device, dtype, options)?;
     drop(checkpoint);
-    if let Some(path) = &args.adapter_path {
-        let adapter = lora_adapters::format::load(path)?;
-        lora_adapters::set_adapters(&mut model, &adapter.weights, 0.0, &adapter.path)?;
-    }
+    apply_adapters(&mut model, &args.adapter_path, &args.adapter_scales)?;
 
     let prompt = match tokenizer.chat_template() {
         Some(_) if !args.ignore_chat_template => {
@@ -190,4 +191,30 @@ pub fn load_model(
         );
     }
     Ok(model)
+}
+
+/// Puts the adapters at `paths`, weighted by `scales` (1 each when empty), on the model,
+/// unmerged.
+pub fn apply_adapters(model: &mut CausalLm, paths: &[PathBuf], scales: &[f64]) -> Result<()> {
+    if paths.is_empty() {
+        if !scales.is_empty() {
+            bail!("--adapter-scales needs --adapter-path");
+        }
+        return Ok(());
+    }
+    if !scales.is_empty() && scales.len() != paths.len() {
+        bail!("--adapter-scales has {} value(s) for {} --adapter-path", scales.len(), paths.len());
+    }
+    if let Some(s) = scales.iter().find(|s| !s.is_finite()) {
+        bail!("--adapter-scales: {s} is not a finite number");
+    }
+    let files = paths.iter().map(|p| lora_adapters::format::load(p)).collect::<Result<Vec<_>, _>>()?;
+    let parts: Vec<_> = files.iter().enumerate().map(|(i, f)| (f.weights.as_slice(), scales.get(i).copied().unwrap_or(1.0), f.path.as_path())).collect();
+    let combined = lora_adapters::combine(&parts)?;
+    // Each adapter alone is checked against the model first, so an error names its file.
+    for f in &files {
+        lora_adapters::set_adapters(model, &f.weights, 0.0, &f.path)?;
+    }
+    lora_adapters::set_adapters(model, &combined, 0.0, &files[0].path)?;
+    Ok(())
 }

@@ -1,7 +1,9 @@
 //! `lora`: on-device LoRA/QLoRA fine-tuning of Llama-family models.
 
 mod bench;
+mod convert;
 mod device;
+mod fuse;
 mod generate;
 mod plot;
 mod quantize;
@@ -26,6 +28,10 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Generate text from a model, streaming the completion to stdout.
     Generate(generate::GenerateArgs),
+    /// Merge an adapter into the model's weights and save the result.
+    Fuse(fuse::FuseArgs),
+    /// Convert an adapter between PEFT's and mlx-lm's formats.
+    ConvertAdapter(convert::ConvertArgs),
     /// Measure speed and memory.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -49,6 +55,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => train::run(*args),
         Command::Generate(args) => generate::run(args),
+        Command::ConvertAdapter(args) => convert::run(args),
+        Command::Fuse(args) => fuse::run(args),
         Command::Bench(BenchCommand::Quant(args)) => bench::run(args),
     };
     match result {

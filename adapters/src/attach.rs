@@ -186,3 +186,109 @@ pub fn trainable_count(model: &CausalLm) -> usize {
         .map(|a| a.a.shape().num_elements() + a.b.shape().num_elements() + a.magnitude.as_ref().map_or(0, |m| m.dims()[0]))
         .sum()
 }
+
+/// Several adapters as one, each weighted: `Σ wᵢ·sᵢ·Bᵢ·Aᵢ` is `B·A` with `A` the rows of
+/// every `Aᵢ` stacked and `B` the columns `wᵢ·sᵢ·Bᵢ` side by side (scale 1), so the sum runs
+/// as one unmerged adapter of rank `Σ rᵢ`. A single adapter comes back unchanged but for its
+/// weight. DoRA cannot be summed or weighted this way: it is accepted alone, with weight 1.
+pub fn combine(adapters: &[(&[AdapterWeights], f64, &std::path::Path)]) -> Result<Vec<AdapterWeights>, AdapterError> {
+    let dora = adapters.iter().find(|(w, _, _)| w.iter().any(|a| a.magnitude.is_some()));
+    if let Some((_, weight, path)) = dora
+        && (adapters.len() > 1 || *weight != 1.0)
+    {
+        return Err(AdapterError::invalid(path, "a DoRA adapter cannot be combined with others or given a scale other than 1"));
+    }
+    if let [(weights, weight, _)] = adapters {
+        return Ok(weights.iter().cloned().map(|mut a| {
+            a.scale *= weight;
+            a
+        }).collect());
+    }
+    let mut modules: Vec<String> = Vec::new();
+    for (weights, _, _) in adapters {
+        for a in weights.iter() {
+            if !modules.contains(&a.module) {
+                modules.push(a.module.clone());
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(modules.len());
+    for module in modules {
+        let parts: Vec<(&AdapterWeights, f64, &std::path::Path)> =
+            adapters.iter().filter_map(|(w, weight, path)| w.iter().find(|a| a.module == module).map(|a| (a, *weight, *path))).collect();
+        let (first, _, _) = parts[0];
+        let rank: usize = parts.iter().map(|(a, _, _)| a.rank).sum();
+        let mut a_rows = Vec::with_capacity(rank * first.inputs);
+        let mut b = vec![0f32; first.outputs * rank];
+        let mut col = 0;
+        for (p, weight, path) in &parts {
+            if (p.inputs, p.outputs) != (first.inputs, first.outputs) {
+                return Err(AdapterError::ShapeMismatch {
+                    path: path.to_path_buf(),
+                    name: format!("{module}.lora_B"),
+                    expected: vec![first.outputs, first.inputs],
+                    found: vec![p.outputs, p.inputs],
+                });
+            }
+            a_rows.extend_from_slice(&p.a);
+            let factor = (p.scale * weight) as f32;
+            for o in 0..p.outputs {
+                for r in 0..p.rank {
+                    b[o * rank + col + r] = p.b[o * p.rank + r] * factor;
+                }
+            }
+            col += p.rank;
+        }
+        out.push(AdapterWeights { module, a: a_rows, b, magnitude: None, rank, inputs: first.inputs, outputs: first.outputs, scale: 1.0 });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn adapter(module: &str, rank: usize, seed: f32, scale: f64) -> AdapterWeights {
+        let (inputs, outputs) = (3, 2);
+        AdapterWeights {
+            module: module.into(),
+            a: (0..rank * inputs).map(|i| seed + i as f32 * 0.1).collect(),
+            b: (0..outputs * rank).map(|i| seed - i as f32 * 0.2).collect(),
+            magnitude: None,
+            rank,
+            inputs,
+            outputs,
+            scale,
+        }
+    }
+
+    /// `scale·B·A` `[out, in]`.
+    fn delta(a: &AdapterWeights) -> Vec<f32> {
+        let mut d = vec![0f32; a.outputs * a.inputs];
+        for o in 0..a.outputs {
+            for i in 0..a.inputs {
+                d[o * a.inputs + i] = (0..a.rank).map(|r| a.b[o * a.rank + r] * a.a[r * a.inputs + i]).sum::<f32>() * a.scale as f32;
+            }
+        }
+        d
+    }
+
+    #[test]
+    fn combined_adapters_add_their_weighted_deltas() {
+        let p = std::path::Path::new("x");
+        let one = vec![adapter("m.q", 2, 1.0, 2.0), adapter("m.k", 1, 0.5, 1.0)];
+        let two = vec![adapter("m.q", 3, -1.0, 0.5)];
+        let c = combine(&[(&one, 0.5, p), (&two, 1.5, p)]).unwrap();
+        assert_eq!(c.len(), 2);
+        let q = &c[0];
+        assert_eq!((q.module.as_str(), q.rank), ("m.q", 5));
+        let want: Vec<f32> = delta(&one[0]).iter().zip(delta(&two[0])).map(|(x, y)| 0.5 * x + 1.5 * y).collect();
+        for (g, w) in delta(q).iter().zip(&want) {
+            assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+        }
+        // A module only the first adapter has keeps its own delta, weighted.
+        for (g, w) in delta(&c[1]).iter().zip(delta(&one[1])) {
+            assert!((g - 0.5 * w).abs() < 1e-6);
+        }
+    }
+}

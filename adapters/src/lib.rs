@@ -12,10 +12,11 @@
 pub mod attach;
 pub mod error;
 pub mod format;
+pub mod fuse;
 pub mod io;
 pub mod spec;
 
-pub use attach::{AdapterWeights, adapter_weights, add_adapters, select_projections, set_adapters, trainable_count};
+pub use attach::{AdapterWeights, adapter_weights, add_adapters, combine, select_projections, set_adapters, trainable_count};
 pub use error::AdapterError;
 pub use format::{AdapterFile, AdapterFormat};
 pub use spec::{AdapterSpec, FineTuneType, Init, Scale};

@@ -1,0 +1,184 @@
+//! `lora fuse`: a model directory with the adapter merged into its weights.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use lora_adapters::fuse::{FloatType, FuseOptions, OutTensor, fuse};
+use lora_model::{Checkpoint, ModelConfig};
+use safetensors::tensor::TensorView;
+
+use crate::device::DTypeArg;
+
+/// Shards are cut at this many bytes, as transformers' `max_shard_size="5GB"`.
+const MAX_SHARD: usize = 5_000_000_000;
+
+/// Flags of `lora fuse`.
+#[derive(Debug, Args)]
+pub struct FuseArgs {
+    /// The base model directory (float or MLX quantized).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// The adapter: a PEFT or mlx-lm directory (or its weights file).
+    #[arg(long, value_name = "DIR")]
+    pub adapter_path: PathBuf,
+    /// Where to write the fused model (a new or empty directory).
+    #[arg(long, value_name = "DIR", default_value = "fused_model")]
+    pub save_path: PathBuf,
+    /// Write a quantized base's layers in float instead of quantizing them again.
+    #[arg(long)]
+    pub dequantize: bool,
+    /// The float type of the written weights [default: each tensor's own].
+    #[arg(long, value_enum, value_name = "DTYPE")]
+    pub dtype: Option<DTypeArg>,
+    /// Replace a save path that exists and is not empty.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn run(args: FuseArgs) -> Result<()> {
+    let out = &args.save_path;
+    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+    let adapter_dir = if args.adapter_path.is_dir() { args.adapter_path.clone() } else { args.adapter_path.parent().map(PathBuf::from).unwrap_or_default() };
+    if let Some(o) = canonical(out)
+        && (Some(&o) == canonical(&args.model).as_ref() || Some(&o) == canonical(&adapter_dir).as_ref())
+    {
+        bail!("--save-path {} is one of the inputs; fuse never writes over its inputs", out.display());
+    }
+    if out.is_file() || (out.is_dir() && std::fs::read_dir(out)?.next().is_some() && !args.force) {
+        bail!("--save-path {} exists and is not empty; choose another, or pass --force to replace it", out.display());
+    }
+    let config = ModelConfig::from_dir(&args.model)?;
+    let checkpoint = Checkpoint::open(&args.model)?;
+    let adapter = lora_adapters::format::load(&args.adapter_path)?;
+    let dtype = args.dtype.map(|d| match d {
+        DTypeArg::F32 => FloatType::F32,
+        DTypeArg::F16 => FloatType::F16,
+        DTypeArg::Bf16 => FloatType::Bf16,
+    });
+    let options = FuseOptions { dequantize: args.dequantize, dtype };
+
+    // Everything goes into a temporary sibling directory, renamed into place at the end.
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "fused".into());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = write(&args, &config, &checkpoint, &adapter, options, &tmp);
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if out.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(out, &old).with_context(|| format!("moving the old {} aside", out.display()))?;
+        std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    } else {
+        std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+    }
+    eprintln!("Fused {} into {} and saved it to {}", adapter.path.display(), args.model.display(), out.display());
+    Ok(())
+}
+
+fn write(args: &FuseArgs, config: &ModelConfig, checkpoint: &Checkpoint, adapter: &lora_adapters::AdapterFile, options: FuseOptions, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let bar = ProgressBar::new(checkpoint.names().len() as u64);
+    bar.set_style(ProgressStyle::with_template("Fusing {bar:30} {pos}/{len} {msg}").expect("valid template"));
+    let mut shards: Vec<Vec<String>> = Vec::new();
+    let mut pending: Vec<OutTensor> = Vec::new();
+    let mut pending_bytes = 0usize;
+    let mut total = 0usize;
+    let flush = |pending: &mut Vec<OutTensor>, shards: &mut Vec<Vec<String>>| -> Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let path = dir.join(format!("shard-{}.safetensors", shards.len()));
+        let views: Vec<(String, TensorView)> = pending
+            .iter()
+            .map(|t| Ok((t.name.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.data)?)))
+            .collect::<Result<_, safetensors::SafeTensorError>>()?;
+        let metadata = Some([("format".to_string(), "pt".to_string())].into());
+        safetensors::serialize_to_file(views, metadata, &path).with_context(|| format!("writing {}", path.display()))?;
+        shards.push(pending.iter().map(|t| t.name.clone()).collect());
+        pending.clear();
+        Ok(())
+    };
+    let mut failure: Option<anyhow::Error> = None;
+    let quantized = fuse(
+        checkpoint,
+        config,
+        &adapter.weights,
+        options,
+        &adapter.path,
+        |t| {
+            if failure.is_some() {
+                return Ok(());
+            }
+            if pending_bytes + t.data.len() > MAX_SHARD && !pending.is_empty() {
+                if let Err(e) = flush(&mut pending, &mut shards) {
+                    failure = Some(e);
+                }
+                pending_bytes = 0;
+            }
+            pending_bytes += t.data.len();
+            total += t.data.len();
+            pending.push(t);
+            Ok(())
+        },
+        |name| {
+            bar.set_message(name.to_string());
+            bar.inc(1);
+        },
+    )?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    flush(&mut pending, &mut shards)?;
+    bar.finish_and_clear();
+
+    // One shard is model.safetensors; several get transformers' names and an index.
+    let n = shards.len();
+    if n == 1 {
+        std::fs::rename(dir.join("shard-0.safetensors"), dir.join("model.safetensors"))?;
+    } else {
+        let mut map = serde_json::Map::new();
+        for (i, names) in shards.iter().enumerate() {
+            let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+            std::fs::rename(dir.join(format!("shard-{i}.safetensors")), dir.join(&file))?;
+            for t in names {
+                map.insert(t.clone(), serde_json::Value::String(file.clone()));
+            }
+        }
+        let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": map });
+        std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?)?;
+    }
+
+    // config.json: no quantization section once dequantized; the new dtype when one was asked.
+    let config_path = args.model.join("config.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?)?;
+    if let Some(obj) = json.as_object_mut() {
+        if !quantized {
+            obj.remove("quantization");
+            obj.remove("quantization_config");
+        }
+        if let Some(d) = options.dtype {
+            for key in ["torch_dtype", "dtype"] {
+                if obj.contains_key(key) || key == "torch_dtype" {
+                    obj.insert(key.into(), serde_json::Value::String(d.config_name().into()));
+                }
+            }
+        }
+    }
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&json)?)?;
+    // Tokenizer, chat template, generation config and the rest, copied.
+    for entry in std::fs::read_dir(&args.model)? {
+        let path = entry?.path();
+        let file = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let weights = file.ends_with(".safetensors") || file == "model.safetensors.index.json" || file.ends_with(".bin") || file.ends_with(".pt");
+        if path.is_file() && !weights && file != "config.json" {
+            std::fs::copy(&path, dir.join(&file)).with_context(|| format!("copying {}", path.display()))?;
+        }
+    }
+    Ok(())
+}

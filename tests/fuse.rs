@@ -1,0 +1,189 @@
+//! `lora fuse`, `lora convert-adapter` and adapters at inference, against PEFT's and
+//! mlx-lm's own results (`tests/fixtures/fuse_reference`, made by its script).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use lora_model::{CausalLm, Checkpoint, ModelConfig};
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures").join(name)
+}
+
+fn lora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lora")).current_dir(root()).args(args).output().expect("run lora")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn ok(o: &Output) {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn expected() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture("fuse_reference/expected.json")).unwrap()).unwrap()
+}
+
+fn load(dir: &Path) -> CausalLm {
+    let config = ModelConfig::from_dir(dir).unwrap();
+    CausalLm::load(&config, &Checkpoint::open(dir).unwrap(), &Device::flex(), DType::F32, |_| {}).unwrap()
+}
+
+/// Last-position logits of `model` on the reference ids.
+fn logits(model: &CausalLm) -> Vec<f32> {
+    let ids: Vec<i32> = expected()["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap() as i32).collect();
+    let n = ids.len();
+    let t = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &Device::flex());
+    let out = model.forward(t, None); // [1, n, vocab]
+    let vocab = out.dims()[2];
+    out.narrow(1, n - 1, 1).reshape([vocab]).into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn reference_logits(key: &str) -> Vec<f32> {
+    expected()[key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+}
+
+/// Every tensor of a safetensors file, as f32.
+fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn with_adapter(base: &Path, adapter: &Path) -> CausalLm {
+    let mut model = load(base);
+    let file = lora_adapters::format::load(adapter).unwrap();
+    lora_adapters::set_adapters(&mut model, &file.weights, 0.0, &file.path).unwrap();
+    model
+}
+
+#[test]
+fn fused_weights_equal_peft_merge_and_unload_and_the_unmerged_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    for kind in ["lora", "dora"] {
+        let adapter = fixture("fuse_reference").join(kind);
+        let out = tmp.path().join(kind);
+        ok(&lora(&["fuse", "--model", "tests/fixtures/llama", "--adapter-path", s(&adapter), "--save-path", s(&out)]));
+        // The weights, against PEFT's merge_and_unload().
+        let (ours, peft) = (tensors(&out.join("model.safetensors")), tensors(&fixture("fuse_reference").join(format!("{kind}_merged.safetensors"))));
+        assert_eq!(ours.iter().map(|t| &t.0).collect::<Vec<_>>(), peft.iter().map(|t| &t.0).collect::<Vec<_>>(), "{kind}");
+        let worst = ours.iter().zip(&peft).map(|(a, b)| max_diff(&a.1, &b.1)).fold(0.0, f32::max);
+        assert!(worst < 1e-5, "{kind}: fused weights differ from PEFT's by {worst}");
+        // A complete model directory.
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"] {
+            assert!(out.join(f).is_file(), "{kind}: {f}");
+        }
+        // Base plus the unmerged adapter, the fused model, and PEFT.
+        let unmerged = logits(&with_adapter(&fixture("llama"), &adapter));
+        let fused = logits(&load(&out));
+        let d = max_diff(&unmerged, &fused);
+        assert!(d < 1e-5, "{kind}: unmerged vs fused logits {d}");
+        let d = max_diff(&unmerged, &reference_logits(kind));
+        assert!(d < 1e-4, "{kind}: unmerged logits vs PEFT's {d}");
+    }
+}
+
+#[test]
+fn an_mlx_lm_adapter_gives_mlx_lms_logits() {
+    // Over the 4-bit fixture, whose logits match mlx-lm's without an adapter.
+    let unmerged = logits(&with_adapter(&fixture("llama_mlx_q4"), &fixture("fuse_reference/mlx")));
+    let d = max_diff(&unmerged, &reference_logits("mlx"));
+    assert!(d < 1e-4, "logits differ from mlx-lm's by {d}");
+}
+
+#[test]
+fn a_four_bit_base_fuses_to_four_bits_or_to_float_and_the_cost_is_measured() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (q, f) = (tmp.path().join("q4"), tmp.path().join("float"));
+    let base = fixture("llama_mlx_q4");
+    let adapter = fixture("fuse_reference/mlx");
+    ok(&lora(&["fuse", "--model", s(&base), "--adapter-path", s(&adapter), "--save-path", s(&q)]));
+    ok(&lora(&["fuse", "--model", s(&base), "--adapter-path", s(&adapter), "--save-path", s(&f), "--dequantize"]));
+    let config = |d: &Path| -> Value { serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap() };
+    assert!(config(&q).get("quantization").is_some(), "the 4-bit output keeps its quantization section");
+    assert!(config(&f).get("quantization").is_none(), "the float output has none");
+    // The float fuse is exact: it equals the quantized base with the adapter unmerged.
+    let unmerged = logits(&with_adapter(&base, &adapter));
+    let float = logits(&load(&f));
+    assert!(max_diff(&unmerged, &float) < 1e-4, "{}", max_diff(&unmerged, &float));
+    // Quantizing the merged weights again costs some accuracy: measured, and bounded.
+    let cost = max_diff(&logits(&load(&q)), &float);
+    eprintln!("4-bit fuse: max logit difference against the float fuse {cost:.4}");
+    assert!(cost > 0.0 && cost < 1.0, "{cost}");
+}
+
+#[test]
+fn fuse_refuses_to_overwrite_and_names_a_misfit_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    let o = lora(&["fuse", "--model", "tests/fixtures/llama", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&out)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+    assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "mine");
+    let o = lora(&["fuse", "--model", "tests/fixtures/llama", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", "tests/fixtures/llama"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("inputs"), "{}", String::from_utf8_lossy(&o.stderr));
+    // With --force the old contents are replaced, atomically.
+    ok(&lora(&["fuse", "--model", "tests/fixtures/llama", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&out), "--force", "--dtype", "f16"]));
+    assert!(!out.join("keep.txt").exists() && out.join("model.safetensors").is_file());
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["dtype"], "float16");
+    // An adapter for another model: the first tensor that does not fit, with both shapes.
+    let o = lora(&["fuse", "--model", "tests/fixtures/qwen3", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&tmp.path().join("x"))]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("model.layers.0.self_attn.q_proj.lora_B") && err.contains("[96, 4]") && err.contains("[64, 4]"), "{err}");
+    assert!(!tmp.path().join("x").exists(), "nothing half-written");
+}
+
+#[test]
+fn convert_adapter_round_trips_peft_and_mlx() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mlx, back) = (tmp.path().join("mlx"), tmp.path().join("peft"));
+    ok(&lora(&["convert-adapter", "--adapter-path", "tests/fixtures/fuse_reference/dora", "--save-path", s(&mlx)]));
+    assert!(mlx.join("adapters.safetensors").is_file());
+    ok(&lora(&["convert-adapter", "--adapter-path", s(&mlx), "--save-path", s(&back)]));
+    let (a, b) = (tensors(&back.join("adapter_model.safetensors")), tensors(&fixture("fuse_reference/dora/adapter_model.safetensors")));
+    assert_eq!(a, b, "PEFT -> mlx-lm -> PEFT loses nothing");
+    let o = lora(&["convert-adapter", "--adapter-path", s(&mlx), "--save-path", s(&back)]);
+    assert_eq!(o.status.code(), Some(2), "a non-empty save path is refused");
+}
+
+#[test]
+fn generate_applies_several_weighted_adapters() {
+    let greedy = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", "tests/fixtures/llama", "--prompt", "Hello, world!", "--max-tokens", "12", "--device", "cpu"];
+        args.extend_from_slice(extra);
+        let o = lora(&args);
+        ok(&o);
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let (a, b) = ("tests/fixtures/fuse_reference/lora", "tests/fixtures/fuse_reference/mlx");
+    let one = greedy(&["--adapter-path", a]);
+    assert_ne!(one, greedy(&[]), "the adapter changes the output");
+    assert_eq!(greedy(&["--adapter-path", a, "--adapter-path", b, "--adapter-scales", "1,0"]), one);
+    assert_eq!(greedy(&["--adapter-path", b, "--adapter-path", a, "--adapter-scales", "0,1"]), one);
+    let o = lora(&["generate", "--model", "tests/fixtures/llama", "--prompt", "x", "--adapter-path", a, "--adapter-scales", "1,2"]);
+    assert_eq!(o.status.code(), Some(2));
+}
