@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::TensorView;
+use lora_model::checkpoint::{decode_floats, encode_floats};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{Value as Json, json};
 
@@ -148,13 +149,8 @@ fn mlx_spec(config: &Json, path: &Path) -> Result<AdapterSpec, AdapterError> {
 
 /// f32 values of a tensor stored as f32, f16 or bf16.
 fn floats(view: &TensorView, name: &str, path: &Path) -> Result<Vec<f32>, AdapterError> {
-    let data = view.data();
-    Ok(match view.dtype() {
-        Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        other => return Err(AdapterError::invalid(path, format!("tensor {name} has dtype {other:?}; adapters are f32, f16 or bf16"))),
-    })
+    decode_floats(view.data(), view.dtype())
+        .ok_or_else(|| AdapterError::invalid(path, format!("tensor {name} has dtype {:?}; adapters are f32, f16 or bf16", view.dtype())))
 }
 
 fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -224,10 +220,6 @@ fn read_weights(st: &SafeTensors, format: AdapterFormat, spec: &AdapterSpec, pat
     Ok(out)
 }
 
-fn bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
 /// The weights file's bytes in `format`.
 pub fn weights_bytes(weights: &[AdapterWeights], format: AdapterFormat) -> Result<Vec<u8>, AdapterError> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
@@ -235,18 +227,18 @@ pub fn weights_bytes(weights: &[AdapterWeights], format: AdapterFormat) -> Resul
         match format {
             AdapterFormat::Peft => {
                 let p = format!("base_model.model.{}", w.module);
-                tensors.push((format!("{p}.lora_A.weight"), vec![w.rank, w.inputs], bytes(&w.a)));
-                tensors.push((format!("{p}.lora_B.weight"), vec![w.outputs, w.rank], bytes(&w.b)));
+                tensors.push((format!("{p}.lora_A.weight"), vec![w.rank, w.inputs], encode_floats(&w.a, Dtype::F32)));
+                tensors.push((format!("{p}.lora_B.weight"), vec![w.outputs, w.rank], encode_floats(&w.b, Dtype::F32)));
                 if let Some(m) = &w.magnitude {
-                    tensors.push((format!("{p}.lora_magnitude_vector"), vec![w.outputs], bytes(m)));
+                    tensors.push((format!("{p}.lora_magnitude_vector"), vec![w.outputs], encode_floats(m, Dtype::F32)));
                 }
             }
             AdapterFormat::Mlx => {
                 let p = &w.module;
-                tensors.push((format!("{p}.lora_a"), vec![w.inputs, w.rank], bytes(&transpose(&w.a, w.rank, w.inputs))));
-                tensors.push((format!("{p}.lora_b"), vec![w.rank, w.outputs], bytes(&transpose(&w.b, w.outputs, w.rank))));
+                tensors.push((format!("{p}.lora_a"), vec![w.inputs, w.rank], encode_floats(&transpose(&w.a, w.rank, w.inputs), Dtype::F32)));
+                tensors.push((format!("{p}.lora_b"), vec![w.rank, w.outputs], encode_floats(&transpose(&w.b, w.outputs, w.rank), Dtype::F32)));
                 if let Some(m) = &w.magnitude {
-                    tensors.push((format!("{p}.m"), vec![w.outputs], bytes(m)));
+                    tensors.push((format!("{p}.m"), vec![w.outputs], encode_floats(m, Dtype::F32)));
                 }
             }
         }

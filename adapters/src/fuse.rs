@@ -7,6 +7,7 @@
 //! group size, as `mlx_lm.fuse` does, or left in float with `dequantize`.
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
+use lora_model::checkpoint::{decode_floats, encode_floats};
 use lora_model::{Checkpoint, ModelConfig};
 use lora_quant::affine::{self, AffineSpec};
 use safetensors::Dtype;
@@ -76,22 +77,9 @@ fn parse_dtype(name: &str) -> Option<Dtype> {
     })
 }
 
-/// `values` stored as `dtype` (F32, F16 or BF16).
-fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
-    match dtype {
-        Dtype::F16 => values.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
-        Dtype::BF16 => values.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
-        _ => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    }
-}
-
-/// f32 values of float bytes.
-fn decode(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
-    match dtype {
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        _ => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-    }
+/// f32 values of a float tensor's bytes (its dtype checked by the caller).
+fn floats(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
+    decode_floats(bytes, dtype).expect("a float dtype")
 }
 
 /// `w` `[out, in]` merged with `adapter`: `W + s·B·A`, then DoRA's rescaling.
@@ -166,7 +154,9 @@ pub fn fuse(
             let spec: AffineSpec = spec_of(module).expect("checked with the adapters or below");
             let (scales_bytes, scales_meta) = checkpoint.raw(&format!("{module}.scales")).map_err(model_err)?;
             let (biases_bytes, _) = checkpoint.raw(&format!("{module}.biases")).map_err(model_err)?;
-            let scales_dtype = parse_dtype(&scales_meta.dtype).unwrap_or(Dtype::F32);
+            let scales_dtype = parse_dtype(&scales_meta.dtype)
+                .filter(|d| *d != Dtype::U32)
+                .ok_or_else(|| AdapterError::invalid(&scales_meta.path, format!("{module}.scales: dtype {} is not f32, f16 or bf16", scales_meta.dtype)))?;
             let (rows, cols) = (meta.shape[0], meta.shape[1] * 32 / spec.bits);
             if adapter.is_none() && !options.dequantize {
                 for (n, b, m) in [(name.to_string(), bytes, &meta), (format!("{module}.scales"), scales_bytes, &scales_meta)] {
@@ -178,21 +168,21 @@ pub fn fuse(
                 continue;
             }
             let packed: Vec<u32> = bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-            let w = affine::dequantize(&packed, &decode(scales_bytes, scales_dtype), &decode(biases_bytes, scales_dtype), cols, spec);
+            let w = affine::dequantize(&packed, &floats(scales_bytes, scales_dtype), &floats(biases_bytes, scales_dtype), cols, spec);
             let w = match adapter {
                 Some(a) => merge(&w, a),
                 None => w,
             };
             if options.dequantize {
                 let dtype = options.dtype.map_or(scales_dtype, FloatType::dtype);
-                emit(OutTensor { name: name.to_string(), dtype, shape: vec![rows, cols], data: encode(&w, dtype) })?;
+                emit(OutTensor { name: name.to_string(), dtype, shape: vec![rows, cols], data: encode_floats(&w, dtype) })?;
             } else {
                 let q = affine::quantize(&w, cols, spec).map_err(|e| AdapterError::invalid(checkpoint.dir(), format!("{name}: {e}")))?;
                 let words: Vec<u8> = q.packed.iter().flat_map(|x| x.to_le_bytes()).collect();
                 emit(OutTensor { name: name.to_string(), dtype: Dtype::U32, shape: meta.shape.clone(), data: words })?;
                 let groups = vec![rows, cols / spec.group_size];
-                emit(OutTensor { name: format!("{module}.scales"), dtype: scales_dtype, shape: groups.clone(), data: encode(&q.scales, scales_dtype) })?;
-                emit(OutTensor { name: format!("{module}.biases"), dtype: scales_dtype, shape: groups, data: encode(&q.biases, scales_dtype) })?;
+                emit(OutTensor { name: format!("{module}.scales"), dtype: scales_dtype, shape: groups.clone(), data: encode_floats(&q.scales, scales_dtype) })?;
+                emit(OutTensor { name: format!("{module}.biases"), dtype: scales_dtype, shape: groups, data: encode_floats(&q.biases, scales_dtype) })?;
                 any_quantized = true;
             }
         } else if stored == Dtype::U32 {
@@ -201,11 +191,11 @@ pub fn fuse(
             let dtype = options.dtype.map_or(stored, FloatType::dtype);
             match adapter {
                 Some(a) => {
-                    let w = merge(&decode(bytes, stored), a);
-                    emit(OutTensor { name: name.to_string(), dtype, shape: meta.shape.clone(), data: encode(&w, dtype) })?;
+                    let w = merge(&floats(bytes, stored), a);
+                    emit(OutTensor { name: name.to_string(), dtype, shape: meta.shape.clone(), data: encode_floats(&w, dtype) })?;
                 }
                 None if dtype == stored => emit(OutTensor { name: name.to_string(), dtype, shape: meta.shape.clone(), data: bytes.to_vec() })?,
-                None => emit(OutTensor { name: name.to_string(), dtype, shape: meta.shape.clone(), data: encode(&decode(bytes, stored), dtype) })?,
+                None => emit(OutTensor { name: name.to_string(), dtype, shape: meta.shape.clone(), data: encode_floats(&floats(bytes, stored), dtype) })?,
             }
         }
         progress(name);

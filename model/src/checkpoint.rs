@@ -203,18 +203,12 @@ impl Checkpoint {
         let shard = self.shard(name)?;
         let info = shard.info(name)?;
         self.check_shape(shard, name, &info.shape, expected)?;
-        let bytes = shard.bytes(info.data_offsets);
-        let out: Vec<f32> = match info.dtype {
-            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            other => {
-                return Err(ModelError::UnsupportedDType {
-                    name: name.to_string(),
-                    path: shard.path.clone(),
-                    found: format!("{other:?}"),
-                });
-            }
+        let Some(out) = decode_floats(shard.bytes(info.data_offsets), info.dtype) else {
+            return Err(ModelError::UnsupportedDType {
+                name: name.to_string(),
+                path: shard.path.clone(),
+                found: format!("{:?}", info.dtype),
+            });
         };
         shard.release(info.data_offsets);
         Ok(out)
@@ -263,6 +257,25 @@ impl Checkpoint {
             shape: info.shape.clone(),
         };
         Ok((shard.bytes(info.data_offsets), meta))
+    }
+}
+
+/// f32 values of little-endian F32, F16 or BF16 bytes; `None` for any other dtype.
+pub fn decode_floats(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        _ => return None,
+    })
+}
+
+/// `values` as little-endian F16 or BF16 bytes, else F32.
+pub fn encode_floats(values: &[f32], dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::F16 => values.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+        Dtype::BF16 => values.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
+        _ => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
     }
 }
 

@@ -9,6 +9,7 @@ use std::path::Path;
 use burn::module::Param;
 use burn::tensor::{DType, Tensor, TensorData};
 use lora_model::CausalLm;
+use lora_model::checkpoint::{decode_floats, encode_floats};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
@@ -43,7 +44,7 @@ pub fn to_bytes(model: &CausalLm, state: &State) -> Result<Vec<u8>, TrainError> 
     for (i, g) in state.accumulated.iter().flatten().enumerate() {
         tensors.push((format!("accumulated.{i}"), host(g)));
     }
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, v)| encode_floats(v, Dtype::F32)).collect();
     let views = tensors
         .iter()
         .zip(&bytes)
@@ -76,14 +77,15 @@ pub fn restore(model: &mut CausalLm, path: &Path) -> Result<State, TrainError> {
     let device = model.device();
     let read = |name: &str| -> Result<Option<Vec<f32>>, TrainError> {
         match st.tensor(name) {
-            Ok(view) if view.dtype() == Dtype::F32 => {
-                Ok(Some(view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()))
-            }
+            Ok(view) if view.dtype() == Dtype::F32 => Ok(decode_floats(view.data(), Dtype::F32)),
             Ok(view) => Err(invalid(format!("{name}: dtype {:?}, expected F32", view.dtype()))),
             Err(_) => Ok(None),
         }
     };
-    let tensor = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v.clone(), [v.len()]), (&device, DType::F32));
+    let tensor = |v: Vec<f32>| {
+        let n = v.len();
+        Tensor::<1>::from_data(TensorData::new(v, [n]), (&device, DType::F32))
+    };
 
     // The trainable tensors, checked against the model before any is replaced.
     let current = trainable_tensors(model);
