@@ -213,7 +213,7 @@ pub fn apply_adapters(model: &mut CausalLm, paths: &[PathBuf], scales: &[f64]) -
     let combined = lora_adapters::combine(&parts)?;
     // Each adapter alone is checked against the model first, so an error names its file.
     for f in &files {
-        lora_adapters::set_adapters(model, &f.weights, 0.0, &f.path)?;
+        lora_adapters::check_adapters(model, &f.weights, &f.path)?;
     }
     lora_adapters::set_adapters(model, &combined, 0.0, &files[0].path)?;
     Ok(())

@@ -100,6 +100,27 @@ fn gaussian(rng: &mut StdRng) -> f32 {
 /// anything changes.
 pub fn set_adapters(model: &mut CausalLm, weights: &[AdapterWeights], dropout: f64, source: &std::path::Path) -> Result<(), AdapterError> {
     let device = model.device();
+    let places = check_adapters(model, weights, source)?;
+    for (w, (layer, proj)) in weights.iter().zip(places) {
+        let tensor = |v: &[f32], shape: [usize; 2]| Param::from_tensor(Tensor::<2>::from_data(TensorData::new(v.to_vec(), shape), (&device, DType::F32)));
+        let (_, linear) = model.model.layers[layer].projections_mut().into_iter().nth(proj).expect("located");
+        let training = linear.adapter.as_ref().is_some_and(|a| a.training);
+        linear.adapter = Some(LoraAdapter {
+            a: tensor(&w.a, [w.rank, w.inputs]),
+            b: tensor(&w.b, [w.outputs, w.rank]),
+            magnitude: w.magnitude.as_ref().map(|m| Param::from_tensor(Tensor::<1>::from_data(TensorData::new(m.clone(), [m.len()]), (&device, DType::F32)))),
+            scale: w.scale,
+            dropout,
+            training,
+        });
+    }
+    Ok(())
+}
+
+/// Checks that `weights` fit the model without changing it: every module exists and every
+/// shape fits, else an error naming the first tensor of `source` that does not. Returns each
+/// adapter's `(block, index in PROJECTIONS)`.
+pub fn check_adapters(model: &CausalLm, weights: &[AdapterWeights], source: &std::path::Path) -> Result<Vec<(usize, usize)>, AdapterError> {
     let mut places = Vec::with_capacity(weights.len());
     for w in weights {
         let place = locate(model, &w.module).ok_or_else(|| AdapterError::UnknownModule {
@@ -127,20 +148,7 @@ pub fn set_adapters(model: &mut CausalLm, weights: &[AdapterWeights], dropout: f
         }
         places.push(place);
     }
-    for (w, (layer, proj)) in weights.iter().zip(places) {
-        let tensor = |v: &[f32], shape: [usize; 2]| Param::from_tensor(Tensor::<2>::from_data(TensorData::new(v.to_vec(), shape), (&device, DType::F32)));
-        let (_, linear) = model.model.layers[layer].projections_mut().into_iter().nth(proj).expect("located");
-        let training = linear.adapter.as_ref().is_some_and(|a| a.training);
-        linear.adapter = Some(LoraAdapter {
-            a: tensor(&w.a, [w.rank, w.inputs]),
-            b: tensor(&w.b, [w.outputs, w.rank]),
-            magnitude: w.magnitude.as_ref().map(|m| Param::from_tensor(Tensor::<1>::from_data(TensorData::new(m.clone(), [m.len()]), (&device, DType::F32)))),
-            scale: w.scale,
-            dropout,
-            training,
-        });
-    }
-    Ok(())
+    Ok(places)
 }
 
 /// `(block, index in PROJECTIONS)` of a module path such as `model.layers.3.mlp.up_proj`.

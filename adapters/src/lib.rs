@@ -16,7 +16,7 @@ pub mod fuse;
 pub mod io;
 pub mod spec;
 
-pub use attach::{AdapterWeights, adapter_weights, add_adapters, combine, select_projections, set_adapters, trainable_count};
+pub use attach::{AdapterWeights, adapter_weights, add_adapters, check_adapters, combine, select_projections, set_adapters, trainable_count};
 pub use error::AdapterError;
 pub use format::{AdapterFile, AdapterFormat};
 pub use spec::{AdapterSpec, FineTuneType, Init, Scale};

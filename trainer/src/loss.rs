@@ -77,14 +77,7 @@ pub fn loss_and_gradients(model: &mut CausalLm, batch: &Batch, recompute: bool) 
         let (loss, tokens) = batch_loss(model, batch);
         let value = loss.clone().into_scalar::<f64>();
         let grads = loss.backward();
-        let mut flat = Vec::new();
-        crate::params::for_each_trainable(model, |t| {
-            let g = match t {
-                crate::Trainable::Matrix(p) => p.val().grad(&grads).map(|g| g.flatten::<1>(0, 1)),
-                crate::Trainable::Vector(p) => p.val().grad(&grads),
-            };
-            flat.push(g.expect("every trainable tensor takes part in the loss"));
-        });
+        let flat = model.model.layers.iter().flat_map(|l| crate::params::layer_gradients(l, &grads)).collect();
         return (value, tokens, flat);
     }
     let p = prepare(batch, &model.device());

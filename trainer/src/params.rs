@@ -43,21 +43,21 @@ pub fn trainable_tensors(model: &CausalLm) -> Vec<Tensor<1>> {
     out
 }
 
-/// The gradients of block `layer`'s trainable tensors in `grads`, flattened, in
-/// [`for_each_trainable`] order; a tensor without a gradient gets zeros.
+/// The gradients of block `layer`'s trainable tensors in `grads`, flattened, on the inner
+/// backend, in [`for_each_trainable`] order.
+///
+/// # Panics
+///
+/// If a trainable tensor has no gradient: every one takes part in the loss.
 pub fn layer_gradients(layer: &lora_model::llama::DecoderLayer, grads: &burn::tensor::Gradients) -> Vec<Tensor<1>> {
+    const MISSING: &str = "every trainable tensor takes part in the loss";
     let mut out = Vec::new();
     for (_, linear) in layer.projections() {
         let Some(adapter) = &linear.adapter else { continue };
-        let flat = |t: Tensor<2>| {
-            let n = t.shape().num_elements();
-            t.grad(grads).map_or_else(|| Tensor::zeros([n], &t.device()).inner(), |g| g.flatten::<1>(0, 1))
-        };
-        out.push(flat(adapter.a.val()));
-        out.push(flat(adapter.b.val()));
+        out.push(adapter.a.val().grad(grads).expect(MISSING).flatten::<1>(0, 1));
+        out.push(adapter.b.val().grad(grads).expect(MISSING).flatten::<1>(0, 1));
         if let Some(m) = &adapter.magnitude {
-            let t = m.val();
-            out.push(t.grad(grads).unwrap_or_else(|| Tensor::zeros(t.dims(), &t.device()).inner()));
+            out.push(m.val().grad(grads).expect(MISSING));
         }
     }
     out
