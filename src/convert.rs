@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::{Args, ValueEnum};
 use lora_adapters::{AdapterFormat, format};
 
@@ -41,15 +41,9 @@ pub fn run(args: ConvertArgs) -> Result<()> {
         None => AdapterFormat::Peft,
     };
     let out = &args.save_path;
-    let source_dir = if args.adapter_path.is_dir() { args.adapter_path.clone() } else { args.adapter_path.parent().map(PathBuf::from).unwrap_or_default() };
-    if out.exists() && std::fs::canonicalize(out)? == std::fs::canonicalize(&source_dir)? {
-        bail!("--save-path {} is the adapter's own directory; choose another", out.display());
-    }
-    if out.is_dir() && std::fs::read_dir(out)?.next().is_some() && !args.force {
-        bail!("--save-path {} exists and is not empty; choose another, or pass --force", out.display());
-    }
+    crate::fuse::check_save_path(out, &[file.dir()], args.force)?;
     // The base model's name as the source config gives it (PEFT's key, or mlx-lm's `model`).
-    let config: serde_json::Value = std::fs::read_to_string(source_dir.join(format::CONFIG_FILE))
+    let config: serde_json::Value = std::fs::read_to_string(file.dir().join(format::CONFIG_FILE))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default();

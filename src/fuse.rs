@@ -37,21 +37,27 @@ pub struct FuseArgs {
     pub force: bool,
 }
 
-pub fn run(args: FuseArgs) -> Result<()> {
-    let out = &args.save_path;
+/// Refuses a save path that is one of `inputs`, a file, or (without `force`) a directory
+/// that holds anything.
+pub fn check_save_path(out: &Path, inputs: &[&Path], force: bool) -> Result<()> {
     let canonical = |p: &Path| std::fs::canonicalize(p).ok();
-    let adapter_dir = if args.adapter_path.is_dir() { args.adapter_path.clone() } else { args.adapter_path.parent().map(PathBuf::from).unwrap_or_default() };
     if let Some(o) = canonical(out)
-        && (Some(&o) == canonical(&args.model).as_ref() || Some(&o) == canonical(&adapter_dir).as_ref())
+        && inputs.iter().any(|i| canonical(i).as_ref() == Some(&o))
     {
-        bail!("--save-path {} is one of the inputs; fuse never writes over its inputs", out.display());
+        bail!("--save-path {} is one of the inputs; nothing is ever written over them", out.display());
     }
-    if out.is_file() || (out.is_dir() && std::fs::read_dir(out)?.next().is_some() && !args.force) {
+    if out.is_file() || (out.is_dir() && std::fs::read_dir(out)?.next().is_some() && !force) {
         bail!("--save-path {} exists and is not empty; choose another, or pass --force to replace it", out.display());
     }
+    Ok(())
+}
+
+pub fn run(args: FuseArgs) -> Result<()> {
+    let out = &args.save_path;
+    let adapter = lora_adapters::format::load(&args.adapter_path)?;
+    check_save_path(out, &[&args.model, adapter.dir()], args.force)?;
     let config = ModelConfig::from_dir(&args.model)?;
     let checkpoint = Checkpoint::open(&args.model)?;
-    let adapter = lora_adapters::format::load(&args.adapter_path)?;
     let dtype = args.dtype.map(|d| match d {
         DTypeArg::F32 => FloatType::F32,
         DTypeArg::F16 => FloatType::F16,

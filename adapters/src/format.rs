@@ -56,6 +56,13 @@ pub struct AdapterFile {
     pub path: PathBuf,
 }
 
+impl AdapterFile {
+    /// The directory the adapter was read from.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+}
+
 /// Reads an adapter: `path` is an adapter directory, or a weights file beside its
 /// `adapter_config.json` (mlx-lm's `--resume-adapter-file`). The layout is detected from
 /// the weights file's name, or its tensor names.
