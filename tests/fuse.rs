@@ -1,28 +1,15 @@
 //! `lora fuse`, `lora convert-adapter` and adapters at inference, against PEFT's and
 //! mlx-lm's own results (`tests/fixtures/fuse_reference`, made by its script).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use std::path::Path;
+use std::process::Output;
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use common::{fixture, lora, s};
 use lora_model::{CausalLm, Checkpoint, ModelConfig};
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
-
-fn fixture(name: &str) -> PathBuf {
-    root().join("tests/fixtures").join(name)
-}
-
-fn lora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lora")).current_dir(root()).args(args).output().expect("run lora")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn ok(o: &Output) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

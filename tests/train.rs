@@ -1,30 +1,13 @@
 //! `lora train` end to end, as a user runs it: against a PyTorch + PEFT loop, the quickstart,
 //! exact resume after an abrupt death and after Ctrl-C, and its errors.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::{fixture, lora, root, s, stderr};
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
-
-fn fixture(name: &str) -> PathBuf {
-    root().join("tests/fixtures").join(name)
-}
-
-fn lora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lora")).current_dir(root()).args(args).output().expect("run lora")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// The `metrics.jsonl` entries of a run.
 fn metrics(dir: &Path) -> Vec<Value> {
