@@ -10,7 +10,7 @@ use burn::tensor::{DType, Device, Tensor};
 use lora_adapters::{format, set_adapters};
 use lora_data::{Batcher, DataKeys, Tokenizer, collate, load_jsonl};
 use lora_model::{CausalLm, Checkpoint, ModelConfig};
-use lora_trainer::loss::batch_loss;
+use lora_trainer::loss::loss_and_gradients;
 use lora_trainer::{Optimizer, OptimizerConfig, OptimizerKind, Schedule, ScheduleKind, Trainable, clip_global_norm, for_each_trainable};
 
 fn fixtures() -> PathBuf {
@@ -67,20 +67,7 @@ fn run(device: Device) -> (f64, f32) {
     let mut worst = 0f64;
     for (step, want_loss) in want.iter().enumerate().take(steps) {
         let batch = collate(&data.examples, batcher.indices(step), 2048);
-        let (loss, _) = batch_loss(&model, &batch);
-        let value = loss.clone().into_scalar::<f64>();
-        let grads = loss.backward();
-        let mut flat: Vec<Tensor<1>> = Vec::new();
-        let mut shapes = Vec::new();
-        for_each_trainable(&mut model, |t| {
-            let g = match t {
-                Trainable::Matrix(p) => p.val().grad(&grads).map(|g| (g.dims().to_vec(), g.flatten::<1>(0, 1))),
-                Trainable::Vector(p) => p.val().grad(&grads).map(|g| (g.dims().to_vec(), g)),
-            };
-            let (shape, g) = g.expect("every adapter tensor has a gradient");
-            shapes.push(shape);
-            flat.push(g);
-        });
+        let (value, _, mut flat) = loss_and_gradients(&mut model, &batch, false);
         clip_global_norm(&mut flat, 1.0);
         let lr = schedule.lr(step);
         optimizer.begin_step();
@@ -88,7 +75,10 @@ fn run(device: Device) -> (f64, f32) {
         for_each_trainable(&mut model, |t| {
             let g = flat[i].clone();
             match t {
-                Trainable::Matrix(p) => optimizer.update(i, p, g.reshape([shapes[i][0], shapes[i][1]]), lr),
+                Trainable::Matrix(p) => {
+                    let [r, c] = p.val().dims();
+                    optimizer.update(i, p, g.reshape([r, c]), lr)
+                }
                 Trainable::Vector(p) => optimizer.update(i, p, g, lr),
             }
             i += 1;
