@@ -6,6 +6,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lora_adapters::fuse::{FloatType, FuseOptions, OutTensor, fuse};
+use lora_gguf::ModelExport;
+use lora_model::checkpoint::decode_floats;
 use lora_model::{Checkpoint, ModelConfig};
 use safetensors::tensor::TensorView;
 
@@ -32,9 +34,30 @@ pub struct FuseArgs {
     /// The float type of the written weights [default: each tensor's own].
     #[arg(long, value_enum, value_name = "DTYPE")]
     pub dtype: Option<DTypeArg>,
-    /// Replace a save path that exists and is not empty.
+    /// Also write the fused model, in float, as one f16 GGUF file for llama.cpp.
+    #[arg(long, value_name = "FILE")]
+    pub export_gguf: Option<PathBuf>,
+    /// Replace a save path (or GGUF file) that exists and is not empty.
     #[arg(long)]
     pub force: bool,
+}
+
+/// Refuses a file to be written that is one of `inputs`, a directory, or (without `force`)
+/// a file that exists.
+pub fn check_save_file(out: &Path, inputs: &[&Path], force: bool, flag: &str) -> Result<()> {
+    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+    if let Some(o) = canonical(out)
+        && inputs.iter().any(|i| canonical(i).is_some_and(|i| o.starts_with(i)))
+    {
+        bail!("{flag} {} is inside one of the inputs; nothing is ever written into them", out.display());
+    }
+    if out.is_dir() {
+        bail!("{flag} {} is a directory; it names the file to write", out.display());
+    }
+    if out.exists() && !force {
+        bail!("{flag} {} exists; choose another, or pass --force to replace it", out.display());
+    }
+    Ok(())
 }
 
 /// Refuses a save path that is one of `inputs`, a file, or (without `force`) a directory
@@ -58,6 +81,17 @@ pub fn run(args: FuseArgs) -> Result<()> {
     check_save_path(out, &[&args.model, adapter.dir()], args.force)?;
     let config = ModelConfig::from_dir(&args.model)?;
     let checkpoint = Checkpoint::open(&args.model)?;
+    // The GGUF export is checked (architecture, tokenizer) before anything is fused.
+    let gguf = match &args.export_gguf {
+        Some(path) => {
+            check_save_file(path, &[&args.model, adapter.dir()], args.force, "--export-gguf")?;
+            if path.starts_with(out) {
+                bail!("--export-gguf {} is inside --save-path {}, which is replaced as a whole; write it beside", path.display(), out.display());
+            }
+            Some((path, ModelExport::new(&args.model, &config, path)?))
+        }
+        None => None,
+    };
     let dtype = args.dtype.map(|d| match d {
         DTypeArg::F32 => FloatType::F32,
         DTypeArg::F16 => FloatType::F16,
@@ -70,7 +104,13 @@ pub fn run(args: FuseArgs) -> Result<()> {
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "fused".into());
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = write(&args, &config, &checkpoint, &adapter, options, &tmp);
+    let mut result = write(&args, &config, &checkpoint, &adapter, options, &tmp);
+    if let (Ok(()), Some((path, export))) = (&result, gguf) {
+        result = write_gguf(&checkpoint, &config, &adapter, export).with_context(|| format!("writing {}", path.display()));
+        if result.is_ok() {
+            eprintln!("Wrote the fused model as f16 GGUF to {}", path.display());
+        }
+    }
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
@@ -87,10 +127,57 @@ pub fn run(args: FuseArgs) -> Result<()> {
     Ok(())
 }
 
+/// Runs [`fuse`] behind a progress bar labelled `label`, handing each output tensor to
+/// `emit`; the first error `emit` returns ends the work and is returned. Returns whether
+/// the output is quantized.
+fn fuse_with_bar(
+    label: &str,
+    checkpoint: &Checkpoint,
+    config: &ModelConfig,
+    adapter: &lora_adapters::AdapterFile,
+    options: FuseOptions,
+    mut emit: impl FnMut(OutTensor) -> Result<()>,
+) -> Result<bool> {
+    let bar = ProgressBar::new(checkpoint.names().len() as u64);
+    bar.set_style(ProgressStyle::with_template(&format!("{label:<6} {{bar:30}} {{pos}}/{{len}} {{msg}}")).expect("valid template"));
+    let mut failure: Option<anyhow::Error> = None;
+    let quantized = fuse(
+        checkpoint,
+        config,
+        &adapter.weights,
+        options,
+        &adapter.path,
+        |t| {
+            if failure.is_none() {
+                failure = emit(t).err();
+            }
+            Ok(())
+        },
+        |name| {
+            bar.set_message(name.to_string());
+            bar.inc(1);
+        },
+    )?;
+    bar.finish_and_clear();
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(quantized),
+    }
+}
+
+/// The fused model in float, streamed into a GGUF export.
+fn write_gguf(checkpoint: &Checkpoint, config: &ModelConfig, adapter: &lora_adapters::AdapterFile, mut export: ModelExport) -> Result<()> {
+    let options = FuseOptions { dequantize: true, dtype: Some(FloatType::F32) };
+    fuse_with_bar("GGUF", checkpoint, config, adapter, options, |t| {
+        let values = decode_floats(&t.data, t.dtype).ok_or_else(|| anyhow::anyhow!("{}: a {:?} tensor has no float GGUF form", t.name, t.dtype))?;
+        Ok(export.add(&t.name, &t.shape, &values)?)
+    })?;
+    export.finish()?;
+    Ok(())
+}
+
 fn write(args: &FuseArgs, config: &ModelConfig, checkpoint: &Checkpoint, adapter: &lora_adapters::AdapterFile, options: FuseOptions, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let bar = ProgressBar::new(checkpoint.names().len() as u64);
-    bar.set_style(ProgressStyle::with_template("Fusing {bar:30} {pos}/{len} {msg}").expect("valid template"));
     let mut shards: Vec<Vec<String>> = Vec::new();
     let mut pending: Vec<OutTensor> = Vec::new();
     let mut pending_bytes = 0usize;
@@ -110,38 +197,17 @@ fn write(args: &FuseArgs, config: &ModelConfig, checkpoint: &Checkpoint, adapter
         pending.clear();
         Ok(())
     };
-    let mut failure: Option<anyhow::Error> = None;
-    let quantized = fuse(
-        checkpoint,
-        config,
-        &adapter.weights,
-        options,
-        &adapter.path,
-        |t| {
-            if failure.is_some() {
-                return Ok(());
-            }
-            if pending_bytes + t.data.len() > MAX_SHARD && !pending.is_empty() {
-                if let Err(e) = flush(&mut pending, &mut shards) {
-                    failure = Some(e);
-                }
-                pending_bytes = 0;
-            }
-            pending_bytes += t.data.len();
-            total += t.data.len();
-            pending.push(t);
-            Ok(())
-        },
-        |name| {
-            bar.set_message(name.to_string());
-            bar.inc(1);
-        },
-    )?;
-    if let Some(e) = failure {
-        return Err(e);
-    }
+    let quantized = fuse_with_bar("Fusing", checkpoint, config, adapter, options, |t| {
+        if pending_bytes + t.data.len() > MAX_SHARD && !pending.is_empty() {
+            flush(&mut pending, &mut shards)?;
+            pending_bytes = 0;
+        }
+        pending_bytes += t.data.len();
+        total += t.data.len();
+        pending.push(t);
+        Ok(())
+    })?;
     flush(&mut pending, &mut shards)?;
-    bar.finish_and_clear();
 
     // One shard is model.safetensors; several get transformers' names and an index.
     let n = shards.len();

@@ -30,7 +30,7 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Merge an adapter into the model's weights and save the result.
     Fuse(fuse::FuseArgs),
-    /// Convert an adapter between PEFT's and mlx-lm's formats.
+    /// Convert an adapter between PEFT's and mlx-lm's formats, or to GGUF for llama.cpp.
     ConvertAdapter(convert::ConvertArgs),
     /// Measure speed and memory.
     #[command(subcommand)]

@@ -6,9 +6,8 @@ mod common;
 use std::path::Path;
 use std::process::Output;
 
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
-use common::{fixture, lora, s};
-use lora_model::{CausalLm, Checkpoint, ModelConfig};
+use common::{all_logits, fixture, load_model, lora, max_diff, s};
+use lora_model::CausalLm;
 use serde_json::Value;
 
 fn ok(o: &Output) {
@@ -20,23 +19,15 @@ fn expected() -> Value {
 }
 
 fn load(dir: &Path) -> CausalLm {
-    let config = ModelConfig::from_dir(dir).unwrap();
-    CausalLm::load(&config, &Checkpoint::open(dir).unwrap(), &Device::flex(), DType::F32, |_| {}).unwrap()
+    load_model(dir)
 }
 
 /// Last-position logits of `model` on the reference ids.
 fn logits(model: &CausalLm) -> Vec<f32> {
     let ids: Vec<i32> = expected()["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap() as i32).collect();
     let n = ids.len();
-    let t = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &Device::flex());
-    let out = model.forward(t, None); // [1, n, vocab]
-    let vocab = out.dims()[2];
-    out.narrow(1, n - 1, 1).reshape([vocab]).into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    let all = all_logits(model, ids);
+    all[all.len() - all.len() / n..].to_vec()
 }
 
 fn reference_logits(key: &str) -> Vec<f32> {

@@ -99,23 +99,11 @@ pub fn merge(w: &[f32], adapter: &AdapterWeights) -> Vec<f32> {
     merged.into_data().try_into_vec::<f32>().expect("f32 data")
 }
 
-/// Fuses `adapters` into `checkpoint`, handing each output tensor to `emit` in name order,
-/// and `progress` each tensor name as it is done. Returns whether the output is quantized.
-///
-/// Every adapter is checked first: a module the checkpoint lacks, or a shape that does not
-/// fit, is an error naming the tensor and both shapes, before anything is emitted.
-pub fn fuse(
-    checkpoint: &Checkpoint,
-    config: &ModelConfig,
-    adapters: &[AdapterWeights],
-    options: FuseOptions,
-    source: &std::path::Path,
-    mut emit: impl FnMut(OutTensor) -> Result<(), AdapterError>,
-    mut progress: impl FnMut(&str),
-) -> Result<bool, AdapterError> {
+/// Checks that every adapter (read from `source`) fits `checkpoint`: a module the checkpoint
+/// lacks, or a shape that does not fit, is an error naming the tensor and both shapes.
+pub fn check_fits(checkpoint: &Checkpoint, config: &ModelConfig, adapters: &[AdapterWeights], source: &std::path::Path) -> Result<(), AdapterError> {
     let model_err = |e: lora_model::ModelError| AdapterError::invalid(checkpoint.dir(), e.to_string());
     let spec_of = |module: &str| config.quantization.as_ref().map(|q| q.spec(module));
-    // Check every adapter against the checkpoint.
     for a in adapters {
         let name = format!("{}.weight", a.module);
         if !checkpoint.contains(&name) {
@@ -135,6 +123,26 @@ pub fn fuse(
             return Err(AdapterError::ShapeMismatch { path: source.to_path_buf(), name: format!("{}.lora_B", a.module), expected: vec![out, a.rank], found: vec![a.outputs, a.rank] });
         }
     }
+    Ok(())
+}
+
+/// Fuses `adapters` into `checkpoint`, handing each output tensor to `emit` in name order,
+/// and `progress` each tensor name as it is done. Returns whether the output is quantized.
+///
+/// Every adapter is checked first: a module the checkpoint lacks, or a shape that does not
+/// fit, is an error naming the tensor and both shapes, before anything is emitted.
+pub fn fuse(
+    checkpoint: &Checkpoint,
+    config: &ModelConfig,
+    adapters: &[AdapterWeights],
+    options: FuseOptions,
+    source: &std::path::Path,
+    mut emit: impl FnMut(OutTensor) -> Result<(), AdapterError>,
+    mut progress: impl FnMut(&str),
+) -> Result<bool, AdapterError> {
+    check_fits(checkpoint, config, adapters, source)?;
+    let model_err = |e: lora_model::ModelError| AdapterError::invalid(checkpoint.dir(), e.to_string());
+    let spec_of = |module: &str| config.quantization.as_ref().map(|q| q.spec(module));
 
     let mut any_quantized = false;
     for name in checkpoint.names() {

@@ -4,6 +4,21 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::config::RopeScaling;
 
+/// Llama 3.1's divisor of one inverse frequency `freq`: 1 where the wavelength is shorter
+/// than `old / high`, `factor` where it is longer than `old / low`, a smooth blend between.
+/// llama.cpp stores these divisors as the `rope_freqs` tensor.
+pub fn llama3_divisor(freq: f64, factor: f64, low: f64, high: f64, old: f64) -> f64 {
+    let wavelen = 2.0 * std::f64::consts::PI / freq;
+    if wavelen < old / high {
+        1.0
+    } else if wavelen > old / low {
+        factor
+    } else {
+        let smooth = (old / wavelen - low) / (high - low);
+        1.0 / ((1.0 - smooth) / factor + smooth)
+    }
+}
+
 /// Rotary frequencies of one model; cos/sin tables are built for the positions in use.
 #[derive(Debug, Clone)]
 pub struct Rope {
@@ -23,25 +38,10 @@ impl Rope {
         match *scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor as f32),
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings: old,
-            } => {
-                let low_freq_wavelen = old / low_freq_factor;
-                let high_freq_wavelen = old / high_freq_factor;
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                 for f in &mut inv_freq {
                     let freq = *f as f64;
-                    let wavelen = 2.0 * std::f64::consts::PI / freq;
-                    *f = if wavelen < high_freq_wavelen {
-                        *f
-                    } else if wavelen > low_freq_wavelen {
-                        (freq / factor) as f32
-                    } else {
-                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
-                        ((1.0 - smooth) * freq / factor + smooth * freq) as f32
-                    };
+                    *f = (freq / llama3_divisor(freq, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)) as f32;
                 }
             }
         }

@@ -29,3 +29,24 @@ pub fn stderr(out: &Output) -> String {
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// The f32 model in `dir`, on the CPU.
+pub fn load_model(dir: &Path) -> lora_model::CausalLm {
+    use burn::tensor::{DType, Device};
+    let config = lora_model::ModelConfig::from_dir(dir).unwrap();
+    lora_model::CausalLm::load(&config, &lora_model::Checkpoint::open(dir).unwrap(), &Device::flex(), DType::F32, |_| {}).unwrap()
+}
+
+/// `model`'s logits for one sequence of `ids`: `[ids.len() * vocab]`, position-major.
+pub fn all_logits(model: &lora_model::CausalLm, ids: Vec<i32>) -> Vec<f32> {
+    use burn::tensor::{Device, Int, Tensor, TensorData};
+    let n = ids.len();
+    let t = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &Device::flex());
+    model.forward(t, None).into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+}
+
+/// The largest absolute difference of two equally long slices.
+pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}

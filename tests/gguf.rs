@@ -1,0 +1,234 @@
+//! GGUF export (`lora fuse --export-gguf`, `lora convert-adapter --to gguf`) against
+//! llama.cpp's own converters and llama.cpp's own logits (`tests/fixtures/gguf_reference`,
+//! made by its script).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::Path;
+
+use common::{all_logits, fixture, load_model, lora, max_diff, s, stderr};
+use gguf_rs_lib::format::metadata::MetadataValue;
+use gguf_rs_lib::reader::GGUFFileReader;
+use gguf_rs_lib::tensor::TensorType;
+use lora_model::CausalLm;
+use serde_json::Value;
+
+/// Metadata llama.cpp's converters take from a model card or a directory's name: not the model.
+const DESCRIPTIVE: &[&str] = &["general.name", "general.size_label", "general.tags", "general.base_model."];
+
+struct Gguf {
+    metadata: BTreeMap<String, MetadataValue>,
+    /// name -> (type, ne, values as f32)
+    tensors: BTreeMap<String, (TensorType, Vec<u64>, Vec<f32>)>,
+}
+
+fn read(path: &Path) -> Gguf {
+    let mut r = GGUFFileReader::new(File::open(path).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let metadata = r.metadata().data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let infos: Vec<_> = r.tensor_infos().to_vec();
+    let mut tensors = BTreeMap::new();
+    for info in infos {
+        let data = r.load_tensor_data(info.name()).unwrap().unwrap();
+        let values: Vec<f32> = match info.tensor_type() {
+            TensorType::F32 => data.as_slice().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+            TensorType::F16 => data.as_slice().chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            t => panic!("{}: unexpected type {t:?}", info.name()),
+        };
+        tensors.insert(info.name().to_string(), (info.tensor_type(), info.shape().dims().to_vec(), values));
+    }
+    Gguf { metadata, tensors }
+}
+
+/// Ours holds every key of the reference with the same value (descriptive keys aside), and the
+/// same tensors with the same types and shapes; f16 values within one unit in the last
+/// place, f32 values within 1e-6 relative.
+fn assert_matches(ours: &Path, reference: &Path) {
+    let (a, b) = (read(ours), read(reference));
+    for (key, value) in &b.metadata {
+        if DESCRIPTIVE.iter().any(|d| key.starts_with(d)) {
+            continue;
+        }
+        let mine = a.metadata.get(key).unwrap_or_else(|| panic!("{}: {key} missing (reference: {value:?})", ours.display()));
+        assert_eq!(mine, value, "{}: {key}", ours.display());
+    }
+    assert_eq!(a.tensors.keys().collect::<Vec<_>>(), b.tensors.keys().collect::<Vec<_>>(), "{}", ours.display());
+    for (name, (ty, ne, values)) in &a.tensors {
+        let (rty, rne, rvalues) = &b.tensors[name];
+        assert_eq!((ty, ne), (rty, rne), "{name}");
+        for (x, y) in values.iter().zip(rvalues) {
+            let close = match ty {
+                TensorType::F16 => (half::f16::from_f32(*x).to_bits() as i32 - half::f16::from_f32(*y).to_bits() as i32).abs() <= 1,
+                _ => (x - y).abs() <= 1e-6 * y.abs().max(1e-3),
+            };
+            assert!(close, "{name}: {x} against llama.cpp's converter's {y}");
+        }
+    }
+}
+
+fn expected() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture("gguf_reference/expected.json")).unwrap()).unwrap()
+}
+
+/// Logits at every position of the reference ids, `[n * vocab]`.
+fn logits(model: &CausalLm) -> Vec<f32> {
+    all_logits(model, expected()["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap() as i32).collect())
+}
+
+/// llama.cpp's logits (`[n][vocab]` in expected.json), flattened.
+fn llama_cpp_logits(key: &str) -> Vec<f32> {
+    expected()[key].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32)).collect()
+}
+
+fn ok(o: &std::process::Output) {
+    assert!(o.status.success(), "{}", stderr(o));
+}
+
+/// Files and directories in `dir`.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn export_gguf_writes_what_llama_cpp_converts_and_llama_cpp_runs_it_as_we_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("llama.gguf");
+    let fused = tmp.path().join("fused");
+    ok(&lora(&["fuse", "--model", "tests/fixtures/llama", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&fused), "--export-gguf", s(&gguf)]));
+    // The Llama fixture has grouped-query attention (q/k rows reordered for llama.cpp's
+    // rotation) and Llama 3.1 rope scaling (a rope_freqs tensor).
+    assert_matches(&gguf, &fixture("gguf_reference/llama_lora_f16.gguf"));
+    assert_eq!(entries(tmp.path()), ["fused", "llama.gguf"], "no temporary file is left");
+
+    // llama.cpp ran the converter's file (equal to ours above) on the reference ids: its
+    // logits at every position are ours, within f16 weights' rounding.
+    let ours = logits(&load_model(&fused));
+    let diff = max_diff(&ours, &llama_cpp_logits("fused"));
+    eprintln!("llama: llama.cpp's logits against ours, max difference {diff}");
+    assert!(diff < 0.02, "llama.cpp's logits differ from ours by {diff}");
+
+    // And its tokenizer, from the metadata we write, splits text as ours does.
+    let e = expected();
+    let tokenizer = tokenizers::Tokenizer::from_file(fixture("llama/tokenizer.json")).unwrap();
+    let ids = tokenizer.encode(e["text"].as_str().unwrap(), true).unwrap().get_ids().to_vec();
+    let llama_cpp: Vec<u32> = e["llama_cpp_tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(ids, llama_cpp);
+}
+
+#[test]
+fn qwen2_exports_with_biases_tied_embeddings_and_rows_as_they_are() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("qwen2.gguf");
+    ok(&lora(&["fuse", "--model", "tests/fixtures/qwen2", "--adapter-path", "tests/fixtures/gguf_reference/qwen2_lora", "--save-path", s(&tmp.path().join("fused")), "--export-gguf", s(&gguf)]));
+    assert_matches(&gguf, &fixture("gguf_reference/qwen2_lora_f16.gguf"));
+    let ours = logits(&load_model(&tmp.path().join("fused")));
+    let diff = max_diff(&ours, &llama_cpp_logits("qwen2"));
+    eprintln!("qwen2: llama.cpp's logits against ours, max difference {diff}");
+    assert!(diff < 0.02, "llama.cpp's logits differ from ours by {diff}");
+}
+
+#[test]
+fn gguf_lora_adapters_match_llama_cpp_s_converter_and_its_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (model, adapter, reference) in [("llama", "fuse_reference/lora", "lora.gguf"), ("qwen2", "gguf_reference/qwen2_lora", "qwen2_lora.gguf")] {
+        let out = tmp.path().join(reference);
+        ok(&lora(&["convert-adapter", "--adapter-path", s(&fixture(adapter)), "--to", "gguf", "--model", s(&fixture(model)), "--save-path", s(&out)]));
+        assert_matches(&out, &fixture("gguf_reference").join(reference));
+    }
+    // llama.cpp with the base GGUF and `--lora lora.gguf` gives the logits of our base with
+    // the adapter unmerged.
+    let mut model = load_model(&fixture("llama"));
+    let file = lora_adapters::format::load(&fixture("fuse_reference/lora")).unwrap();
+    lora_adapters::set_adapters(&mut model, &file.weights, 0.0, &file.path).unwrap();
+    let diff = max_diff(&logits(&model), &llama_cpp_logits("adapter"));
+    eprintln!("llama.cpp --lora against our unmerged adapter, max difference {diff}");
+    assert!(diff < 0.02, "llama.cpp's logits with the GGUF adapter differ from ours by {diff}");
+}
+
+#[test]
+fn alpha_is_what_makes_llama_cpp_apply_each_adapter_s_own_scale() {
+    // llama.cpp applies alpha / rank. rsLoRA's scale is lora_alpha / sqrt(rank), so the file
+    // carries lora_alpha · sqrt(rank) (llama.cpp's converter copies lora_alpha and so
+    // applies rsLoRA adapters at the wrong scale); mlx-lm's raw scale s carries s · rank.
+    let tmp = tempfile::tempdir().unwrap();
+    let rs = tmp.path().join("rslora");
+    std::fs::create_dir(&rs).unwrap();
+    let src = fixture("fuse_reference/lora");
+    std::fs::copy(src.join("adapter_model.safetensors"), rs.join("adapter_model.safetensors")).unwrap();
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
+    config["use_rslora"] = Value::Bool(true);
+    std::fs::write(rs.join("adapter_config.json"), config.to_string()).unwrap();
+    for (adapter, model, alpha) in [(rs.as_path(), "llama", 8.0 * 2.0), (&fixture("fuse_reference/mlx"), "llama_mlx_q4", 2.0 * 4.0)] {
+        let out = tmp.path().join("out.gguf");
+        ok(&lora(&["convert-adapter", "--adapter-path", s(adapter), "--to", "gguf", "--model", s(&fixture(model)), "--save-path", s(&out), "--force"]));
+        let g = read(&out);
+        assert_eq!(g.metadata["adapter.lora.alpha"], MetadataValue::F32(alpha), "{}", adapter.display());
+        // B as trained (v_proj is not reordered).
+        let file = lora_adapters::format::load(adapter).unwrap();
+        let v = file.weights.iter().find(|w| w.module == "model.layers.1.self_attn.v_proj").unwrap();
+        assert_eq!(g.tensors["blk.1.attn_v.weight.lora_b"].2, v.b);
+        assert_eq!(g.tensors["blk.1.attn_v.weight.lora_a"].2, v.a);
+    }
+}
+
+#[test]
+fn a_quantized_base_exports_its_dequantized_fusion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("q4.gguf");
+    let float = tmp.path().join("float");
+    ok(&lora(&["fuse", "--model", "tests/fixtures/llama_mlx_q4", "--adapter-path", "tests/fixtures/fuse_reference/mlx", "--save-path", s(&float), "--dequantize", "--dtype", "f32", "--export-gguf", s(&gguf)]));
+    let g = read(&gguf);
+    // The GGUF holds the float fusion in f16: compare one adapted and one plain weight.
+    let bytes = std::fs::read(float.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (hf, name) in [("model.layers.1.self_attn.v_proj.weight", "blk.1.attn_v.weight"), ("model.embed_tokens.weight", "token_embd.weight")] {
+        let t = st.tensor(hf).unwrap();
+        let want: Vec<f32> = t.data().chunks_exact(4).map(|b| half::f16::from_f32(f32::from_le_bytes(b.try_into().unwrap())).to_f32()).collect();
+        let (ty, ne, values) = &g.tensors[name];
+        assert_eq!((*ty, ne.iter().rev().map(|&d| d as usize).collect::<Vec<_>>()), (TensorType::F16, t.shape().to_vec()), "{name}");
+        assert_eq!(values, &want, "{name}");
+    }
+}
+
+#[test]
+fn what_gguf_cannot_hold_is_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    // DoRA: llama.cpp's --lora has no magnitude.
+    let out = tmp.path().join("dora.gguf");
+    let o = lora(&["convert-adapter", "--adapter-path", "tests/fixtures/fuse_reference/dora", "--to", "gguf", "--model", "tests/fixtures/llama", "--save-path", s(&out)]);
+    assert!(!o.status.success() && stderr(&o).contains("DoRA"), "{}", stderr(&o));
+    // No base model.
+    let o = lora(&["convert-adapter", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--to", "gguf", "--save-path", s(&out)]);
+    assert!(!o.status.success() && stderr(&o).contains("--model"), "{}", stderr(&o));
+    // An adapter for another model names the tensor and both shapes.
+    let o = lora(&["convert-adapter", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--to", "gguf", "--model", "tests/fixtures/mistral", "--save-path", s(&out)]);
+    assert!(!o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("q_proj.lora_B") && stderr(&o).contains("[64, 4]") && stderr(&o).contains("[128, 4]"), "{}", stderr(&o));
+    assert_eq!(entries(tmp.path()), Vec::<String>::new());
+
+    // A SentencePiece tokenizer: llama.cpp's gpt2 vocabulary cannot hold it. Neither the
+    // model directory nor the GGUF is written.
+    let model = tmp.path().join("spm");
+    std::fs::create_dir(&model).unwrap();
+    for f in std::fs::read_dir(fixture("llama")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(model.join("tokenizer.json")).unwrap()).unwrap();
+    tok["model"]["byte_fallback"] = Value::Bool(true);
+    std::fs::write(model.join("tokenizer.json"), tok.to_string()).unwrap();
+    let o = lora(&["fuse", "--model", s(&model), "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&tmp.path().join("fused")), "--export-gguf", s(&tmp.path().join("spm.gguf"))]);
+    assert!(!o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("tokenizer.json") && stderr(&o).contains("SentencePiece"), "{}", stderr(&o));
+    assert_eq!(entries(tmp.path()), ["spm"]);
+
+    // An existing file is not replaced without --force.
+    let taken = tmp.path().join("taken.gguf");
+    std::fs::write(&taken, b"mine").unwrap();
+    let o = lora(&["convert-adapter", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--to", "gguf", "--model", "tests/fixtures/llama", "--save-path", s(&taken)]);
+    assert!(!o.status.success() && stderr(&o).contains("--force"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&taken).unwrap(), b"mine");
+}
