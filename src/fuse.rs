@@ -7,6 +7,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lora_adapters::fuse::{FloatType, FuseOptions, OutTensor, fuse};
 use lora_gguf::ModelExport;
+use lora_gguf::file::Written;
 use lora_model::checkpoint::decode_floats;
 use lora_model::{Checkpoint, ModelConfig};
 use safetensors::tensor::TensorView;
@@ -42,13 +43,30 @@ pub struct FuseArgs {
     pub force: bool,
 }
 
-/// Refuses a file to be written that is one of `inputs`, a directory, or (without `force`)
-/// a file that exists.
+/// `p` as an absolute path with symbolic links resolved, whether it exists or not (then its
+/// parent is resolved, as far up as exists, and the rest joined).
+fn resolve(p: &Path) -> PathBuf {
+    let p = if p.as_os_str().is_empty() { Path::new(".") } else { p };
+    if let Ok(c) = std::fs::canonicalize(p) {
+        return c;
+    }
+    let absolute = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    match (absolute.parent(), absolute.file_name()) {
+        (Some(parent), Some(name)) if parent != absolute => resolve(parent).join(name),
+        _ => absolute,
+    }
+}
+
+/// Whether `out` is, holds or lies inside one of `inputs`.
+fn overlaps(out: &Path, inputs: &[&Path]) -> bool {
+    let o = resolve(out);
+    inputs.iter().map(|i| resolve(i)).any(|i| o.starts_with(&i) || i.starts_with(&o))
+}
+
+/// Refuses a file to be written inside one of `inputs`, over a directory, or (without
+/// `force`) over a file that exists.
 pub fn check_save_file(out: &Path, inputs: &[&Path], force: bool, flag: &str) -> Result<()> {
-    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
-    if let Some(o) = canonical(out)
-        && inputs.iter().any(|i| canonical(i).is_some_and(|i| o.starts_with(i)))
-    {
+    if overlaps(out, inputs) {
         bail!("{flag} {} is inside one of the inputs; nothing is ever written into them", out.display());
     }
     if out.is_dir() {
@@ -60,17 +78,31 @@ pub fn check_save_file(out: &Path, inputs: &[&Path], force: bool, flag: &str) ->
     Ok(())
 }
 
-/// Refuses a save path that is one of `inputs`, a file, or (without `force`) a directory
-/// that holds anything.
+/// Refuses a save path that is, holds or lies inside one of `inputs`, a file, or (without
+/// `force`) a directory that holds anything.
 pub fn check_save_path(out: &Path, inputs: &[&Path], force: bool) -> Result<()> {
-    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
-    if let Some(o) = canonical(out)
-        && inputs.iter().any(|i| canonical(i).as_ref() == Some(&o))
-    {
-        bail!("--save-path {} is one of the inputs; nothing is ever written over them", out.display());
+    if overlaps(out, inputs) {
+        bail!("--save-path {} is, holds or lies inside one of the inputs; nothing is ever written over them", out.display());
     }
     if out.is_file() || (out.is_dir() && std::fs::read_dir(out)?.next().is_some() && !force) {
         bail!("--save-path {} exists and is not empty; choose another, or pass --force to replace it", out.display());
+    }
+    Ok(())
+}
+
+/// Moves the finished directory `tmp` to `out`, replacing what is there; on failure the old
+/// `out` is put back.
+fn replace_dir(tmp: &Path, out: &Path, old: &Path) -> Result<()> {
+    if !out.exists() {
+        return std::fs::rename(tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()));
+    }
+    std::fs::rename(out, old).with_context(|| format!("moving the old {} aside", out.display()))?;
+    if let Err(e) = std::fs::rename(tmp, out) {
+        let _ = std::fs::rename(old, out);
+        return Err(e).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()));
+    }
+    if let Err(e) = std::fs::remove_dir_all(old) {
+        eprintln!("warning: could not remove the replaced {}: {e}", old.display());
     }
     Ok(())
 }
@@ -85,7 +117,7 @@ pub fn run(args: FuseArgs) -> Result<()> {
     let gguf = match &args.export_gguf {
         Some(path) => {
             check_save_file(path, &[&args.model, adapter.dir()], args.force, "--export-gguf")?;
-            if path.starts_with(out) {
+            if overlaps(path, &[out]) {
                 bail!("--export-gguf {} is inside --save-path {}, which is replaced as a whole; write it beside", path.display(), out.display());
             }
             Some((path, ModelExport::new(&args.model, &config, path)?))
@@ -104,24 +136,26 @@ pub fn run(args: FuseArgs) -> Result<()> {
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "fused".into());
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let mut result = write(&args, &config, &checkpoint, &adapter, options, &tmp);
-    if let (Ok(()), Some((path, export))) = (&result, gguf) {
-        result = write_gguf(&checkpoint, &config, &adapter, export).with_context(|| format!("writing {}", path.display()));
-        if result.is_ok() {
-            eprintln!("Wrote the fused model as f16 GGUF to {}", path.display());
-        }
+    // Both outputs are written to temporary names first; the directory is then moved into
+    // place, and the GGUF after it.
+    let mut result = write(&args, &config, &checkpoint, &adapter, options, &tmp).map(|()| None);
+    if let (Ok(_), Some((path, export))) = (&result, gguf) {
+        result = write_gguf(&checkpoint, &config, &adapter, export).map(|w| Some((path, w))).with_context(|| format!("writing {}", path.display()));
     }
-    if let Err(e) = result {
+    let gguf = match result {
+        Ok(gguf) => gguf,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    if let Err(e) = replace_dir(&tmp, out, &parent.join(format!(".{name}.old-{}", std::process::id()))) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    if out.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(out, &old).with_context(|| format!("moving the old {} aside", out.display()))?;
-        std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
-        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
-    } else {
-        std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+    if let Some((path, written)) = gguf {
+        written.commit()?;
+        eprintln!("Wrote the fused model as f16 GGUF to {}", path.display());
     }
     eprintln!("Fused {} into {} and saved it to {}", adapter.path.display(), args.model.display(), out.display());
     Ok(())
@@ -165,15 +199,14 @@ fn fuse_with_bar(
     }
 }
 
-/// The fused model in float, streamed into a GGUF export.
-fn write_gguf(checkpoint: &Checkpoint, config: &ModelConfig, adapter: &lora_adapters::AdapterFile, mut export: ModelExport) -> Result<()> {
+/// The fused model in float, streamed into a GGUF export, written but not yet in place.
+fn write_gguf(checkpoint: &Checkpoint, config: &ModelConfig, adapter: &lora_adapters::AdapterFile, mut export: ModelExport) -> Result<Written> {
     let options = FuseOptions { dequantize: true, dtype: Some(FloatType::F32) };
     fuse_with_bar("GGUF", checkpoint, config, adapter, options, |t| {
         let values = decode_floats(&t.data, t.dtype).ok_or_else(|| anyhow::anyhow!("{}: a {:?} tensor has no float GGUF form", t.name, t.dtype))?;
         Ok(export.add(&t.name, &t.shape, &values)?)
     })?;
-    export.finish()?;
-    Ok(())
+    Ok(export.finish()?)
 }
 
 fn write(args: &FuseArgs, config: &ModelConfig, checkpoint: &Checkpoint, adapter: &lora_adapters::AdapterFile, options: FuseOptions, dir: &Path) -> Result<()> {

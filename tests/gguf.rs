@@ -18,6 +18,10 @@ use serde_json::Value;
 /// Metadata llama.cpp's converters take from a model card or a directory's name: not the model.
 const DESCRIPTIVE: &[&str] = &["general.name", "general.size_label", "general.tags", "general.base_model."];
 
+/// Keys we write for every architecture where llama.cpp's converter writes them for some
+/// (Llama, or a config.json with `head_dim`): each holds the value llama.cpp would derive.
+const DERIVED: &[&str] = &[".attention.key_length", ".attention.value_length", ".rope.dimension_count", ".vocab_size"];
+
 struct Gguf {
     metadata: BTreeMap<String, MetadataValue>,
     /// name -> (type, ne, values as f32)
@@ -41,11 +45,15 @@ fn read(path: &Path) -> Gguf {
     Gguf { metadata, tensors }
 }
 
-/// Ours holds every key of the reference with the same value (descriptive keys aside), and the
-/// same tensors with the same types and shapes; f16 values within one unit in the last
-/// place, f32 values within 1e-6 relative.
+/// Ours holds every key of the reference with the same value (descriptive keys aside) and no
+/// others (but [`DERIVED`] ones), and the same tensors with the same types and shapes; f16
+/// values within one unit in the last place, f32 values within 1e-6 relative.
 fn assert_matches(ours: &Path, reference: &Path) {
     let (a, b) = (read(ours), read(reference));
+    for key in a.metadata.keys() {
+        let allowed = b.metadata.contains_key(key) || DESCRIPTIVE.iter().chain(DERIVED).any(|d| key.starts_with(d) || key.ends_with(d));
+        assert!(allowed, "{}: {key} is not in llama.cpp's converter's output", ours.display());
+    }
     for (key, value) in &b.metadata {
         if DESCRIPTIVE.iter().any(|d| key.starts_with(d)) {
             continue;
@@ -103,14 +111,16 @@ fn export_gguf_writes_what_llama_cpp_converts_and_llama_cpp_runs_it_as_we_do() {
     assert_matches(&gguf, &fixture("gguf_reference/llama_lora_f16.gguf"));
     assert_eq!(entries(tmp.path()), ["fused", "llama.gguf"], "no temporary file is left");
 
-    // llama.cpp ran the converter's file (equal to ours above) on the reference ids: its
-    // logits at every position are ours, within f16 weights' rounding.
+    // llama.cpp ran the converter's file (equal to ours, as just checked; the fixture script's
+    // --check mode runs llama.cpp on ours directly) on the reference ids: its logits at every
+    // position are our fused model's, within f16 weights' rounding.
     let ours = logits(&load_model(&fused));
     let diff = max_diff(&ours, &llama_cpp_logits("fused"));
     eprintln!("llama: llama.cpp's logits against ours, max difference {diff}");
     assert!(diff < 0.02, "llama.cpp's logits differ from ours by {diff}");
 
-    // And its tokenizer, from the metadata we write, splits text as ours does.
+    // And its tokenizer, built from that file's tokenizer metadata (equal to ours), splits
+    // text as our tokenizer does.
     let e = expected();
     let tokenizer = tokenizers::Tokenizer::from_file(fixture("llama/tokenizer.json")).unwrap();
     let ids = tokenizer.encode(e["text"].as_str().unwrap(), true).unwrap().get_ids().to_vec();
@@ -119,21 +129,25 @@ fn export_gguf_writes_what_llama_cpp_converts_and_llama_cpp_runs_it_as_we_do() {
 }
 
 #[test]
-fn qwen2_exports_with_biases_tied_embeddings_and_rows_as_they_are() {
+fn qwen_models_export_with_biases_norms_tied_embeddings_and_rows_as_they_are() {
+    // Qwen2: q/k/v biases, tied embeddings. Qwen3: q/k norms, head_dim 24 (not hidden/heads).
+    // Neither reorders rows: llama.cpp rotates them as transformers does.
     let tmp = tempfile::tempdir().unwrap();
-    let gguf = tmp.path().join("qwen2.gguf");
-    ok(&lora(&["fuse", "--model", "tests/fixtures/qwen2", "--adapter-path", "tests/fixtures/gguf_reference/qwen2_lora", "--save-path", s(&tmp.path().join("fused")), "--export-gguf", s(&gguf)]));
-    assert_matches(&gguf, &fixture("gguf_reference/qwen2_lora_f16.gguf"));
-    let ours = logits(&load_model(&tmp.path().join("fused")));
-    let diff = max_diff(&ours, &llama_cpp_logits("qwen2"));
-    eprintln!("qwen2: llama.cpp's logits against ours, max difference {diff}");
-    assert!(diff < 0.02, "llama.cpp's logits differ from ours by {diff}");
+    for arch in ["qwen2", "qwen3"] {
+        let gguf = tmp.path().join(format!("{arch}.gguf"));
+        let fused = tmp.path().join(arch);
+        ok(&lora(&["fuse", "--model", s(&fixture(arch)), "--adapter-path", s(&fixture(&format!("gguf_reference/{arch}_lora"))), "--save-path", s(&fused), "--export-gguf", s(&gguf)]));
+        assert_matches(&gguf, &fixture(&format!("gguf_reference/{arch}_lora_f16.gguf")));
+        let diff = max_diff(&logits(&load_model(&fused)), &llama_cpp_logits(arch));
+        eprintln!("{arch}: llama.cpp's logits on the converter's file (equal to ours) against ours, max difference {diff}");
+        assert!(diff < 0.02, "{arch}: llama.cpp's logits differ from ours by {diff}");
+    }
 }
 
 #[test]
 fn gguf_lora_adapters_match_llama_cpp_s_converter_and_its_logits() {
     let tmp = tempfile::tempdir().unwrap();
-    for (model, adapter, reference) in [("llama", "fuse_reference/lora", "lora.gguf"), ("qwen2", "gguf_reference/qwen2_lora", "qwen2_lora.gguf")] {
+    for (model, adapter, reference) in [("llama", "fuse_reference/lora", "lora.gguf"), ("qwen2", "gguf_reference/qwen2_lora", "qwen2_lora.gguf"), ("qwen3", "gguf_reference/qwen3_lora", "qwen3_lora.gguf")] {
         let out = tmp.path().join(reference);
         ok(&lora(&["convert-adapter", "--adapter-path", s(&fixture(adapter)), "--to", "gguf", "--model", s(&fixture(model)), "--save-path", s(&out)]));
         assert_matches(&out, &fixture("gguf_reference").join(reference));
@@ -225,10 +239,31 @@ fn what_gguf_cannot_hold_is_refused_before_anything_is_written() {
     assert!(stderr(&o).contains("tokenizer.json") && stderr(&o).contains("SentencePiece"), "{}", stderr(&o));
     assert_eq!(entries(tmp.path()), ["spm"]);
 
+    // Sliding-window attention: llama.cpp's llama architecture would attend past the window
+    // (on the Mistral fixture, window 8, its logits at position 10 are off by 7.7).
+    let o = lora(&["fuse", "--model", "tests/fixtures/mistral", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&tmp.path().join("fused")), "--export-gguf", s(&tmp.path().join("m.gguf"))]);
+    assert!(!o.status.success() && stderr(&o).contains("sliding-window"), "{}", stderr(&o));
+    assert_eq!(entries(tmp.path()), ["spm"]);
+
+    // A GGUF inside the save path would go with the directory it replaces; one inside an
+    // input would write into it. Spelled differently, they are still caught.
+    std::fs::create_dir(tmp.path().join("fused")).unwrap();
+    for (save, gguf) in [("fused", "./fused/m.gguf"), ("./fused", "fused/sub/m.gguf"), ("fused2", "tests/fixtures/llama/m.gguf")] {
+        let save = tmp.path().join(save);
+        let gguf = if gguf.starts_with("tests/") { common::root().join(gguf) } else { tmp.path().join(gguf) };
+        let o = lora(&["fuse", "--model", "tests/fixtures/llama", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&save), "--export-gguf", s(&gguf), "--force"]);
+        assert!(!o.status.success() && stderr(&o).contains("inside"), "{}", stderr(&o));
+    }
+    assert!(!fixture("llama/m.gguf").exists());
+    std::fs::remove_dir(tmp.path().join("fused")).unwrap();
+
     // An existing file is not replaced without --force.
     let taken = tmp.path().join("taken.gguf");
     std::fs::write(&taken, b"mine").unwrap();
     let o = lora(&["convert-adapter", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--to", "gguf", "--model", "tests/fixtures/llama", "--save-path", s(&taken)]);
     assert!(!o.status.success() && stderr(&o).contains("--force"), "{}", stderr(&o));
     assert_eq!(std::fs::read(&taken).unwrap(), b"mine");
+    // With --force it is replaced, and only then.
+    ok(&lora(&["convert-adapter", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--to", "gguf", "--model", "tests/fixtures/llama", "--save-path", s(&taken), "--force"]));
+    assert_matches(&taken, &fixture("gguf_reference/lora.gguf"));
 }

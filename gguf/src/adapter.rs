@@ -23,16 +23,21 @@ pub fn export_adapter(config: &ModelConfig, adapters: &[AdapterWeights], source:
     if let Some(a) = adapters.iter().find(|a| a.magnitude.is_some()) {
         return Err(GgufError::unsupported(source, format!("{} is a DoRA adapter; llama.cpp's --lora applies LoRA only (fuse it with `lora fuse --export-gguf` instead)", a.module)));
     }
-    let alpha = first.scale * first.rank as f64;
+    // llama.cpp reads alpha 0 as "no scaling": alpha comes from a layer that scales.
+    let alpha = adapters.iter().find(|a| a.scale != 0.0).map_or(first.rank as f64, |a| a.scale * a.rank as f64);
     let mut file = GgufFile::create(path)?;
     for a in adapters {
+        if a.b.len() != a.outputs * a.rank || a.a.len() != a.rank * a.inputs {
+            return Err(GgufError::invalid(source, format!("{}: A or B does not hold rank {} for {} inputs and {} outputs", a.module, a.rank, a.inputs, a.outputs)));
+        }
         let weight = format!("{}.weight", a.module);
         let name = tensor_name(&weight, source)?.ok_or_else(|| GgufError::unsupported(source, format!("{weight} has no GGUF tensor")))?;
         // llama.cpp applies alpha / rank; what this layer needs beyond that goes into B.
         let fold = (a.scale * a.rank as f64 / alpha) as f32;
         let b: Vec<f32> = if fold == 1.0 { a.b.clone() } else { a.b.iter().map(|v| v * fold).collect() };
         let b = match rope_heads(arch, config, &weight) {
-            Some(heads) => rope_rows(&b, a.outputs, heads),
+            Some(heads) if a.outputs == heads * config.head_dim => rope_rows(&b, a.outputs, heads),
+            Some(heads) => return Err(GgufError::invalid(source, format!("{} has {} outputs; {heads} heads of {} need {}", a.module, a.outputs, config.head_dim, heads * config.head_dim))),
             None => b,
         };
         file.add(&format!("{name}.lora_a"), &[a.rank, a.inputs], Element::F32, &a.a)?;
@@ -47,7 +52,7 @@ pub fn export_adapter(config: &ModelConfig, adapters: &[AdapterWeights], source:
         ("adapter.type".into(), Meta::Str("lora".into())),
         ("adapter.lora.alpha".into(), Meta::F32(alpha as f32)),
     ];
-    file.finish(&metadata)
+    file.finish(&metadata)?.commit()
 }
 
 #[cfg(test)]

@@ -107,7 +107,9 @@ impl GgufFile {
 
     /// Appends a tensor of row-major `shape` (outermost first, as torch writes it).
     pub fn add(&mut self, name: &str, shape: &[usize], element: Element, values: &[f32]) -> Result<(), GgufError> {
-        debug_assert_eq!(shape.iter().product::<usize>(), values.len());
+        if shape.iter().product::<usize>() != values.len() {
+            return Err(GgufError::invalid(&self.path, format!("{name}: {} values for shape {shape:?}", values.len())));
+        }
         let bytes = element.encode(values);
         let offset = self.end.next_multiple_of(ALIGNMENT);
         let data = self.data.as_mut().expect("open until finished");
@@ -119,8 +121,9 @@ impl GgufFile {
         Ok(())
     }
 
-    /// Writes the header with `metadata` and the tensors, and renames the file into place.
-    pub fn finish(mut self, metadata: &[(String, Meta)]) -> Result<(), GgufError> {
+    /// Writes the header with `metadata` and the tensors to a temporary name beside the
+    /// file; [`Written::commit`] renames it into place.
+    pub fn finish(mut self, metadata: &[(String, Meta)]) -> Result<Written, GgufError> {
         let mut data = self.data.take().expect("finished once");
         data.flush().map_err(|e| GgufError::io(&self.data_path, e))?;
         drop(data);
@@ -156,8 +159,32 @@ impl GgufFile {
         out.flush().map_err(|e| GgufError::io(&self.file_path, e))?;
         let file = out.into_inner().map_err(|e| GgufError::io(&self.file_path, e.into_error()))?;
         file.sync_all().map_err(|e| GgufError::io(&self.file_path, e))?;
-        std::fs::rename(&self.file_path, &self.path).map_err(|e| GgufError::io(&self.path, e))?;
+        let _ = std::fs::remove_file(&self.data_path);
+        Ok(Written { tmp: std::mem::take(&mut self.file_path), path: self.path.clone() })
+    }
+}
+
+/// A finished GGUF file under a temporary name. Dropped uncommitted, it is removed.
+#[must_use = "a written GGUF file is removed unless committed"]
+pub struct Written {
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl Written {
+    /// Renames the file into place, replacing what is there.
+    pub fn commit(mut self) -> Result<(), GgufError> {
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| GgufError::io(&self.path, e))?;
+        self.tmp = PathBuf::new();
         Ok(())
+    }
+}
+
+impl Drop for Written {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
 
@@ -165,7 +192,9 @@ impl Drop for GgufFile {
     fn drop(&mut self) {
         self.data.take();
         let _ = std::fs::remove_file(&self.data_path);
-        let _ = std::fs::remove_file(&self.file_path);
+        if !self.file_path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.file_path);
+        }
     }
 }
 
@@ -181,7 +210,9 @@ mod tests {
         let mut f = GgufFile::create(&path).unwrap();
         f.add("a.weight", &[2, 3], Element::F16, &[1.0, 2.0, 3.0, 4.0, 5.0, -0.5]).unwrap();
         f.add("b.bias", &[3], Element::F32, &[0.25, 0.5, 0.75]).unwrap();
-        f.finish(&[("general.architecture".into(), Meta::Str("llama".into())), ("x.list".into(), Meta::I32Array(vec![1, 3]))]).unwrap();
+        let written = f.finish(&[("general.architecture".into(), Meta::Str("llama".into())), ("x.list".into(), Meta::I32Array(vec![1, 3]))]).unwrap();
+        assert!(!path.exists(), "not in place before commit");
+        written.commit().unwrap();
         // Only the finished file is left.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 
@@ -203,6 +234,11 @@ mod tests {
         let mut f = GgufFile::create(&dir.path().join("t.gguf")).unwrap();
         f.add("a.weight", &[1, 2], Element::F32, &[1.0, 2.0]).unwrap();
         drop(f);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        // Finished but not committed: nothing either.
+        let mut f = GgufFile::create(&dir.path().join("t.gguf")).unwrap();
+        f.add("a.weight", &[1, 2], Element::F32, &[1.0, 2.0]).unwrap();
+        drop(f.finish(&[]).unwrap());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use lora_model::rope::llama3_divisor;
 use lora_model::{ModelConfig, RopeScaling};
 
-use crate::file::{Element, GgufFile, Meta};
+use crate::file::{Element, GgufFile, Meta, Written};
 use crate::names::{GgufArch, rope_heads, rope_rows, tensor_name};
 use crate::{GgufError, vocab};
 
@@ -57,9 +57,10 @@ impl ModelExport {
             (format!("{a}.rope.dimension_count"), u(config.head_dim)),
             (format!("{a}.vocab_size"), u(config.vocab_size)),
         ];
-        if let Some(n) = raw["max_position_embeddings"].as_u64() {
-            metadata.push((format!("{a}.context_length"), Meta::U32(n as u32)));
-        }
+        // llama.cpp requires the training context; config.json spells it several ways.
+        let context = ["max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length", "model_max_length"].iter().find_map(|k| raw[k].as_u64());
+        let context = context.ok_or_else(|| GgufError::invalid(&config_path, "no max_position_embeddings: llama.cpp needs the model's context length"))?;
+        metadata.push((format!("{a}.context_length"), Meta::U32(context as u32)));
         if let RopeScaling::Linear { factor } = config.rope_scaling {
             metadata.push((format!("{a}.rope.scaling.type"), Meta::Str("linear".into())));
             metadata.push((format!("{a}.rope.scaling.factor"), Meta::F32(factor as f32)));
@@ -75,15 +76,21 @@ impl ModelExport {
     pub fn add(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<(), GgufError> {
         let Some(gguf_name) = tensor_name(name, &self.source)? else { return Ok(()) };
         let values = match rope_heads(self.arch, &self.config, name) {
-            Some(heads) => rope_rows(values, shape[0], heads),
+            Some(heads) => {
+                if shape.first() != Some(&(heads * self.config.head_dim)) {
+                    return Err(GgufError::invalid(&self.source, format!("{name} has shape {shape:?}; {heads} heads of {} need {} rows", self.config.head_dim, heads * self.config.head_dim)));
+                }
+                rope_rows(values, shape[0], heads)
+            }
             None => values.to_vec(),
         };
         let element = if shape.len() <= 1 || gguf_name.ends_with("_norm.weight") || !gguf_name.ends_with(".weight") { Element::F32 } else { Element::F16 };
         self.file.add(&gguf_name, shape, element, &values)
     }
 
-    /// Adds what llama.cpp needs beyond the checkpoint and writes the file.
-    pub fn finish(mut self) -> Result<(), GgufError> {
+    /// Adds what llama.cpp needs beyond the checkpoint and writes the file under a
+    /// temporary name, to be committed.
+    pub fn finish(mut self) -> Result<Written, GgufError> {
         if let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } = self.config.rope_scaling {
             // One divisor per rotated pair, applied by llama.cpp to its own frequencies.
             let d = self.config.head_dim;

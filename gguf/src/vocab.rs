@@ -152,12 +152,11 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, 
             meta.push((format!("tokenizer.ggml.{key}"), Meta::U32(*id)));
         }
     }
-    for (kind, add) in &special.add {
+    // gguf-py writes these three; llama.cpp reads no others.
+    for (kind, add) in special.add.iter().filter(|(k, _)| matches!(**k, "bos" | "eos" | "sep")) {
         meta.push((format!("tokenizer.ggml.add_{kind}_token"), Meta::Bool(*add)));
     }
-    if let Some(template) = special.chat_template {
-        meta.push(("tokenizer.chat_template".into(), Meta::Str(template)));
-    }
+    meta.extend(special.chat_template);
     Ok(meta)
 }
 
@@ -166,7 +165,7 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, 
 struct SpecialTokens {
     ids: BTreeMap<&'static str, u32>,
     add: BTreeMap<&'static str, bool>,
-    chat_template: Option<String>,
+    chat_template: Vec<(String, Meta)>,
 }
 
 impl SpecialTokens {
@@ -241,8 +240,8 @@ impl SpecialTokens {
                 }
             }
             s.chat_template = match &config["chat_template"] {
-                Json::String(t) => Some(t.clone()),
-                _ => chat_template_file(dir)?,
+                Json::Null => chat_template_file(dir)?.map(|t| template_metadata(&Json::String(t))).unwrap_or_default(),
+                t => template_metadata(t),
             };
         }
         // config.json fills the ids tokenizer_config.json left unset.
@@ -254,6 +253,33 @@ impl SpecialTokens {
             }
         }
         Ok(s)
+    }
+}
+
+/// The chat template keys: a template string is `tokenizer.chat_template`; a list of named
+/// templates (`[{"name", "template"}]`) gives the `default` one that key, each other one
+/// `tokenizer.chat_template.<name>`, and their names `tokenizer.chat_templates`.
+fn template_metadata(template: &Json) -> Vec<(String, Meta)> {
+    match template {
+        Json::String(t) => vec![("tokenizer.chat_template".into(), Meta::Str(t.clone()))],
+        Json::Array(list) => {
+            let mut meta = Vec::new();
+            let mut names = Vec::new();
+            for entry in list {
+                let (Some(name), Some(t)) = (entry["name"].as_str(), entry["template"].as_str()) else { continue };
+                if name == "default" {
+                    meta.push(("tokenizer.chat_template".into(), Meta::Str(t.into())));
+                } else {
+                    meta.push((format!("tokenizer.chat_template.{name}"), Meta::Str(t.into())));
+                    names.push(name.to_string());
+                }
+            }
+            if !names.is_empty() {
+                meta.push(("tokenizer.chat_templates".into(), Meta::StrArray(names)));
+            }
+            meta
+        }
+        _ => Vec::new(),
     }
 }
 
@@ -291,5 +317,18 @@ mod tests {
         let err = pre_tokenizer_name(&other, p).unwrap_err().to_string();
         assert!(err.contains("tokenizer.json") && err.contains("\\\\p{N}+"), "{err}");
         assert!(pre_tokenizer_name(&json!({"type": "Metaspace"}), p).is_err());
+    }
+
+    #[test]
+    fn named_chat_templates_are_written_as_gguf_py_writes_them() {
+        let list = json!([{"name": "default", "template": "D"}, {"name": "tool_use", "template": "T"}]);
+        assert_eq!(
+            template_metadata(&list),
+            vec![
+                ("tokenizer.chat_template".into(), Meta::Str("D".into())),
+                ("tokenizer.chat_template.tool_use".into(), Meta::Str("T".into())),
+                ("tokenizer.chat_templates".into(), Meta::StrArray(vec!["tool_use".into()])),
+            ]
+        );
     }
 }
