@@ -120,7 +120,7 @@ pub fn run(args: FuseArgs) -> Result<()> {
             if overlaps(path, &[out]) {
                 bail!("--export-gguf {} is inside --save-path {}, which is replaced as a whole; write it beside", path.display(), out.display());
             }
-            Some((path, ModelExport::new(&args.model, &config, path)?))
+            Some((path, ModelExport::new(&args.model, &config, &checkpoint, path)?))
         }
         None => None,
     };

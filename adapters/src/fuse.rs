@@ -99,23 +99,43 @@ pub fn merge(w: &[f32], adapter: &AdapterWeights) -> Vec<f32> {
     merged.into_data().try_into_vec::<f32>().expect("f32 data")
 }
 
+/// Whether `name` is a quantized weight's `scales` or `biases`, which travel with the weight.
+pub fn is_quantization_companion(checkpoint: &Checkpoint, name: &str) -> bool {
+    name.strip_suffix(".scales")
+        .or_else(|| name.strip_suffix(".biases"))
+        .is_some_and(|m| checkpoint.contains(&format!("{m}.weight")) && checkpoint.contains(&format!("{m}.scales")))
+}
+
+/// The shape the checkpoint tensor `name` has in float: a quantized weight's unpacked
+/// `[rows, cols]`, any other tensor's stored shape; `None` for a quantized weight's scales
+/// and biases ([`is_quantization_companion`]).
+pub fn float_shape(checkpoint: &Checkpoint, config: &ModelConfig, name: &str) -> Result<Option<Vec<usize>>, AdapterError> {
+    if is_quantization_companion(checkpoint, name) {
+        return Ok(None);
+    }
+    let shape = checkpoint.shape(name).map_err(|e| AdapterError::invalid(checkpoint.dir(), e.to_string()))?;
+    let module = name.strip_suffix(".weight").unwrap_or("");
+    if module.is_empty() || !checkpoint.contains(&format!("{module}.scales")) {
+        return Ok(Some(shape));
+    }
+    let spec = config.quantization.as_ref().map(|q| q.spec(module));
+    match (spec, shape.as_slice()) {
+        (Some(spec), &[rows, packed]) => Ok(Some(vec![rows, packed * 32 / spec.bits])),
+        (None, _) => Err(AdapterError::invalid(checkpoint.dir(), format!("{name} has scales but config.json has no quantization section"))),
+        (Some(_), _) => Err(AdapterError::invalid(checkpoint.dir(), format!("{name}: a quantized weight of shape {shape:?} is not two-dimensional"))),
+    }
+}
+
 /// Checks that every adapter (read from `source`) fits `checkpoint`: a module the checkpoint
 /// lacks, or a shape that does not fit, is an error naming the tensor and both shapes.
 pub fn check_fits(checkpoint: &Checkpoint, config: &ModelConfig, adapters: &[AdapterWeights], source: &std::path::Path) -> Result<(), AdapterError> {
-    let model_err = |e: lora_model::ModelError| AdapterError::invalid(checkpoint.dir(), e.to_string());
-    let spec_of = |module: &str| config.quantization.as_ref().map(|q| q.spec(module));
     for a in adapters {
         let name = format!("{}.weight", a.module);
         if !checkpoint.contains(&name) {
             return Err(AdapterError::UnknownModule { path: source.to_path_buf(), name: format!("{}.lora_A", a.module), module: a.module.clone() });
         }
-        let shape = checkpoint.shape(&name).map_err(model_err)?;
-        let quantized = checkpoint.contains(&format!("{}.scales", a.module));
-        let (out, inp) = match (quantized, spec_of(&a.module)) {
-            (true, Some(spec)) => (shape[0], shape[1] * 32 / spec.bits),
-            (true, None) => return Err(AdapterError::invalid(checkpoint.dir(), format!("{name} has scales but config.json has no quantization section"))),
-            _ => (shape[0], shape[1]),
-        };
+        let shape = float_shape(checkpoint, config, &name)?.unwrap_or_default();
+        let (out, inp) = (shape.first().copied().unwrap_or(0), shape.get(1).copied().unwrap_or(0));
         if a.inputs != inp {
             return Err(AdapterError::ShapeMismatch { path: source.to_path_buf(), name: format!("{}.lora_A", a.module), expected: vec![a.rank, inp], found: vec![a.rank, a.inputs] });
         }
@@ -149,10 +169,7 @@ pub fn fuse(
         let module = name.strip_suffix(".weight").unwrap_or("");
         let is_quantized_weight = !module.is_empty() && checkpoint.contains(&format!("{module}.scales"));
         // Scales and biases travel with their weight.
-        if let Some(m) = name.strip_suffix(".scales").or_else(|| name.strip_suffix(".biases"))
-            && checkpoint.contains(&format!("{m}.weight"))
-            && checkpoint.contains(&format!("{m}.scales"))
-        {
+        if is_quantization_companion(checkpoint, name) {
             continue;
         }
         let (bytes, meta) = checkpoint.raw(name).map_err(model_err)?;

@@ -11,7 +11,7 @@ use std::path::Path;
 use lora_adapters::AdapterWeights;
 use lora_model::ModelConfig;
 
-use crate::file::{Element, GgufFile, Meta};
+use crate::file::{Declared, Element, GgufFile, Meta};
 use crate::model::QUANTIZATION_VERSION;
 use crate::names::{GgufArch, rope_heads, rope_rows, tensor_name};
 use crate::GgufError;
@@ -25,7 +25,8 @@ pub fn export_adapter(config: &ModelConfig, adapters: &[AdapterWeights], source:
     }
     // llama.cpp reads alpha 0 as "no scaling": alpha comes from a layer that scales.
     let alpha = adapters.iter().find(|a| a.scale != 0.0).map_or(first.rank as f64, |a| a.scale * a.rank as f64);
-    let mut file = GgufFile::create(path)?;
+    let mut declared = Vec::new();
+    let mut values = Vec::new();
     for a in adapters {
         if a.b.len() != a.outputs * a.rank || a.a.len() != a.rank * a.inputs {
             return Err(GgufError::invalid(source, format!("{}: A or B does not hold rank {} for {} inputs and {} outputs", a.module, a.rank, a.inputs, a.outputs)));
@@ -40,8 +41,10 @@ pub fn export_adapter(config: &ModelConfig, adapters: &[AdapterWeights], source:
             Some(heads) => return Err(GgufError::invalid(source, format!("{} has {} outputs; {heads} heads of {} need {}", a.module, a.outputs, config.head_dim, heads * config.head_dim))),
             None => b,
         };
-        file.add(&format!("{name}.lora_a"), &[a.rank, a.inputs], Element::F32, &a.a)?;
-        file.add(&format!("{name}.lora_b"), &[a.outputs, a.rank], Element::F32, &b)?;
+        declared.push(Declared { name: format!("{name}.lora_a"), shape: vec![a.rank, a.inputs], element: Element::F32 });
+        values.push(a.a.clone());
+        declared.push(Declared { name: format!("{name}.lora_b"), shape: vec![a.outputs, a.rank], element: Element::F32 });
+        values.push(b);
     }
     let name = source.parent().and_then(|d| d.canonicalize().ok()).and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| "adapter".into());
     let metadata = vec![
@@ -52,7 +55,11 @@ pub fn export_adapter(config: &ModelConfig, adapters: &[AdapterWeights], source:
         ("adapter.type".into(), Meta::Str("lora".into())),
         ("adapter.lora.alpha".into(), Meta::F32(alpha as f32)),
     ];
-    file.finish(&metadata)?.commit()
+    let mut file = GgufFile::create(path, &metadata, &declared)?;
+    for v in &values {
+        file.add(v)?;
+    }
+    file.finish()?.commit()
 }
 
 #[cfg(test)]

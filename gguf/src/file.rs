@@ -1,10 +1,11 @@
-//! Writing a GGUF file through `gguf-rs-lib`, atomically: tensor data are streamed to a
-//! temporary sibling as they come, the header (metadata and tensor descriptors, which name
-//! each tensor's offset) is written once all are known, and the finished file is renamed
-//! into place. Nothing of a failed export is left behind.
+//! Writing a GGUF file through `gguf-rs-lib`, atomically and in one pass: the header
+//! (metadata, and every tensor's name, shape, type and offset) is written first, each
+//! tensor's data is streamed after it as it comes, and the finished file, written under a
+//! temporary name, is renamed into place when committed. Nothing of a failed export is
+//! left behind.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use gguf_rs_lib::format::metadata::{MetadataArray, MetadataValue};
@@ -65,6 +66,14 @@ impl Element {
         }
     }
 
+    /// Bytes per element.
+    fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 => 2,
+        }
+    }
+
     /// `values` as little-endian bytes of this type.
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
         match self {
@@ -74,93 +83,112 @@ impl Element {
     }
 }
 
-struct Entry {
-    name: String,
-    /// GGUF's `ne`: the fastest-moving dimension first.
-    ne: Vec<u64>,
-    element: Element,
-    offset: u64,
-    len: u64,
+/// A tensor to be written: its name, row-major shape (outermost first, as torch writes it)
+/// and element type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Declared {
+    /// The GGUF tensor name.
+    pub name: String,
+    /// Row-major shape.
+    pub shape: Vec<usize>,
+    /// The element type written.
+    pub element: Element,
 }
 
-/// A GGUF file being written: [`GgufFile::add`] each tensor, then [`GgufFile::finish`].
-/// Dropped unfinished, it removes its temporary files.
+/// A GGUF file being written: created with its metadata and every tensor declared, then
+/// each tensor's values [`GgufFile::add`]ed in the declared order, then
+/// [`GgufFile::finish`]ed. Dropped unfinished, it removes its temporary file.
 pub struct GgufFile {
     path: PathBuf,
-    data_path: PathBuf,
-    file_path: PathBuf,
-    data: Option<BufWriter<File>>,
-    entries: Vec<Entry>,
-    end: u64,
+    tmp: PathBuf,
+    writer: Option<GGUFFileWriter<BufWriter<File>>>,
+    infos: Vec<TensorInfo>,
+    shapes: Vec<Vec<usize>>,
+    elements: Vec<Element>,
+    next: usize,
 }
 
 impl GgufFile {
-    /// Starts a file to be renamed to `path` when finished.
-    pub fn create(path: &Path) -> Result<Self, GgufError> {
+    /// Starts the file to be renamed to `path` when committed, writing its header.
+    pub fn create(path: &Path, metadata: &[(String, Meta)], tensors: &[Declared]) -> Result<Self, GgufError> {
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model.gguf".into());
-        let data_path = dir.join(format!(".{name}.data-{}", std::process::id()));
-        let file_path = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-        let data = File::create(&data_path).map_err(|e| GgufError::io(&data_path, e))?;
-        Ok(Self { path: path.to_path_buf(), data_path, file_path, data: Some(BufWriter::new(data)), entries: Vec::new(), end: 0 })
-    }
-
-    /// Appends a tensor of row-major `shape` (outermost first, as torch writes it).
-    pub fn add(&mut self, name: &str, shape: &[usize], element: Element, values: &[f32]) -> Result<(), GgufError> {
-        if shape.iter().product::<usize>() != values.len() {
-            return Err(GgufError::invalid(&self.path, format!("{name}: {} values for shape {shape:?}", values.len())));
-        }
-        let bytes = element.encode(values);
-        let offset = self.end.next_multiple_of(ALIGNMENT);
-        let data = self.data.as_mut().expect("open until finished");
-        let pad = vec![0u8; (offset - self.end) as usize];
-        data.write_all(&pad).and_then(|()| data.write_all(&bytes)).map_err(|e| GgufError::io(&self.data_path, e))?;
-        self.end = offset + bytes.len() as u64;
-        let ne = shape.iter().rev().map(|&d| d as u64).collect();
-        self.entries.push(Entry { name: name.to_string(), ne, element, offset, len: bytes.len() as u64 });
-        Ok(())
-    }
-
-    /// Writes the header with `metadata` and the tensors to a temporary name beside the
-    /// file; [`Written::commit`] renames it into place.
-    pub fn finish(mut self, metadata: &[(String, Meta)]) -> Result<Written, GgufError> {
-        let mut data = self.data.take().expect("finished once");
-        data.flush().map_err(|e| GgufError::io(&self.data_path, e))?;
-        drop(data);
-        let writer_err = |e: gguf_rs_lib::error::GGUFError| GgufError::Write { path: self.path.clone(), message: e.to_string() };
+        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let writer_err = |e: gguf_rs_lib::error::GGUFError| GgufError::Write { path: path.to_path_buf(), message: e.to_string() };
 
         let mut meta = Metadata::new();
         for (key, value) in metadata {
-            meta.insert(key.clone(), value.value().map_err(|m| GgufError::Write { path: self.path.clone(), message: format!("{key}: {m}") })?);
+            meta.insert(key.clone(), value.value().map_err(|m| GgufError::Write { path: path.to_path_buf(), message: format!("{key}: {m}") })?);
         }
-        let infos: Vec<TensorInfo> = self
-            .entries
-            .iter()
-            .map(|e| Ok(TensorInfo::new(e.name.clone(), TensorShape::new(e.ne.clone())?, e.element.tensor_type(), e.offset)))
-            .collect::<Result<_, gguf_rs_lib::error::GGUFError>>()
-            .map_err(writer_err)?;
+        let mut infos = Vec::with_capacity(tensors.len());
+        let mut offset = 0u64;
+        for t in tensors {
+            let ne: Vec<u64> = t.shape.iter().rev().map(|&d| d as u64).collect();
+            offset = offset.next_multiple_of(ALIGNMENT);
+            infos.push(TensorInfo::new(t.name.clone(), TensorShape::new(ne).map_err(writer_err)?, t.element.tensor_type(), offset));
+            offset += (t.shape.iter().product::<usize>() * t.element.size()) as u64;
+        }
 
-        let file = File::create(&self.file_path).map_err(|e| GgufError::io(&self.file_path, e))?;
+        let file = File::create(&tmp).map_err(|e| GgufError::io(&tmp, e))?;
+        let mut this = Self {
+            path: path.to_path_buf(),
+            tmp,
+            writer: None,
+            infos,
+            shapes: tensors.iter().map(|t| t.shape.clone()).collect(),
+            elements: tensors.iter().map(|t| t.element).collect(),
+            next: 0,
+        };
         let mut writer = GGUFFileWriter::new(BufWriter::new(file));
-        writer.write_header(&GGUFHeader::new(infos.len() as u64, meta.len() as u64)).map_err(writer_err)?;
+        writer.write_header(&GGUFHeader::new(this.infos.len() as u64, meta.len() as u64)).map_err(writer_err)?;
         writer.write_metadata(&meta).map_err(writer_err)?;
-        writer.write_tensor_infos(&infos).map_err(writer_err)?;
+        writer.write_tensor_infos(&this.infos).map_err(writer_err)?;
         writer.align_for_tensor_data().map_err(writer_err)?;
-        let mut source = BufReader::new(File::open(&self.data_path).map_err(|e| GgufError::io(&self.data_path, e))?);
-        let mut position = 0u64;
-        for (entry, info) in self.entries.iter().zip(&infos) {
-            let mut skip = vec![0u8; (entry.offset - position) as usize];
-            let mut bytes = vec![0u8; entry.len as usize];
-            source.read_exact(&mut skip).and_then(|()| source.read_exact(&mut bytes)).map_err(|e| GgufError::io(&self.data_path, e))?;
-            position = entry.offset + entry.len;
-            writer.write_tensor_data(info, &TensorData::new_owned(bytes)).map_err(writer_err)?;
+        this.writer = Some(writer);
+        Ok(this)
+    }
+
+    /// The name of the tensor [`GgufFile::add`] expects next, if any.
+    pub fn expects(&self) -> Option<&str> {
+        self.infos.get(self.next).map(|i| i.name())
+    }
+
+    /// Writes the next declared tensor's `values` (row-major, `shape.iter().product()` of them).
+    pub fn add(&mut self, values: &[f32]) -> Result<(), GgufError> {
+        let (Some(info), Some(shape)) = (self.infos.get(self.next), self.shapes.get(self.next)) else {
+            return Err(GgufError::invalid(&self.path, "more tensors than were declared"));
+        };
+        if shape.iter().product::<usize>() != values.len() {
+            return Err(GgufError::invalid(&self.path, format!("{}: {} values for shape {shape:?}", info.name(), values.len())));
         }
-        let mut out = writer.finalize().map_err(writer_err)?;
-        out.flush().map_err(|e| GgufError::io(&self.file_path, e))?;
-        let file = out.into_inner().map_err(|e| GgufError::io(&self.file_path, e.into_error()))?;
-        file.sync_all().map_err(|e| GgufError::io(&self.file_path, e))?;
-        let _ = std::fs::remove_file(&self.data_path);
-        Ok(Written { tmp: std::mem::take(&mut self.file_path), path: self.path.clone() })
+        let bytes = self.elements[self.next].encode(values);
+        let writer = self.writer.as_mut().expect("open until finished");
+        writer.write_tensor_data(info, &TensorData::new_owned(bytes)).map_err(|e| GgufError::Write { path: self.path.clone(), message: e.to_string() })?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Checks that every declared tensor was written and flushes the file, still under its
+    /// temporary name; [`Written::commit`] renames it into place.
+    pub fn finish(mut self) -> Result<Written, GgufError> {
+        if let Some(missing) = self.expects() {
+            return Err(GgufError::invalid(&self.path, format!("tensor {missing} was declared but never written")));
+        }
+        let writer = self.writer.take().expect("finished once");
+        let mut out = writer.finalize().map_err(|e| GgufError::Write { path: self.path.clone(), message: e.to_string() })?;
+        out.flush().map_err(|e| GgufError::io(&self.tmp, e))?;
+        let file = out.into_inner().map_err(|e| GgufError::io(&self.tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| GgufError::io(&self.tmp, e))?;
+        Ok(Written { tmp: std::mem::take(&mut self.tmp), path: self.path.clone() })
+    }
+}
+
+impl Drop for GgufFile {
+    fn drop(&mut self) {
+        self.writer.take();
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
 
@@ -188,29 +216,26 @@ impl Drop for Written {
     }
 }
 
-impl Drop for GgufFile {
-    fn drop(&mut self) {
-        self.data.take();
-        let _ = std::fs::remove_file(&self.data_path);
-        if !self.file_path.as_os_str().is_empty() {
-            let _ = std::fs::remove_file(&self.file_path);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use gguf_rs_lib::reader::GGUFFileReader;
 
+    fn declared(name: &str, shape: &[usize], element: Element) -> Declared {
+        Declared { name: name.into(), shape: shape.to_vec(), element }
+    }
+
     #[test]
     fn tensors_and_metadata_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.gguf");
-        let mut f = GgufFile::create(&path).unwrap();
-        f.add("a.weight", &[2, 3], Element::F16, &[1.0, 2.0, 3.0, 4.0, 5.0, -0.5]).unwrap();
-        f.add("b.bias", &[3], Element::F32, &[0.25, 0.5, 0.75]).unwrap();
-        let written = f.finish(&[("general.architecture".into(), Meta::Str("llama".into())), ("x.list".into(), Meta::I32Array(vec![1, 3]))]).unwrap();
+        let meta = [("general.architecture".into(), Meta::Str("llama".into())), ("x.list".into(), Meta::I32Array(vec![1, 3]))];
+        let mut f = GgufFile::create(&path, &meta, &[declared("a.weight", &[2, 3], Element::F16), declared("b.bias", &[3], Element::F32)]).unwrap();
+        assert_eq!(f.expects(), Some("a.weight"));
+        f.add(&[1.0, 2.0, 3.0, 4.0, 5.0, -0.5]).unwrap();
+        f.add(&[0.25, 0.5, 0.75]).unwrap();
+        assert_eq!(f.expects(), None);
+        let written = f.finish().unwrap();
         assert!(!path.exists(), "not in place before commit");
         written.commit().unwrap();
         // Only the finished file is left.
@@ -231,14 +256,22 @@ mod tests {
     #[test]
     fn an_unfinished_file_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let mut f = GgufFile::create(&dir.path().join("t.gguf")).unwrap();
-        f.add("a.weight", &[1, 2], Element::F32, &[1.0, 2.0]).unwrap();
+        let path = dir.path().join("t.gguf");
+        let two = [declared("a.weight", &[1, 2], Element::F32), declared("b.weight", &[2], Element::F32)];
+        // Dropped half written; finished with a tensor missing; finished but not committed.
+        let mut f = GgufFile::create(&path, &[], &two).unwrap();
+        f.add(&[1.0, 2.0]).unwrap();
         drop(f);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-        // Finished but not committed: nothing either.
-        let mut f = GgufFile::create(&dir.path().join("t.gguf")).unwrap();
-        f.add("a.weight", &[1, 2], Element::F32, &[1.0, 2.0]).unwrap();
-        drop(f.finish(&[]).unwrap());
+        let mut f = GgufFile::create(&path, &[], &two).unwrap();
+        f.add(&[1.0, 2.0]).unwrap();
+        let err = f.finish().err().unwrap().to_string();
+        assert!(err.contains("b.weight"), "{err}");
+        let mut f = GgufFile::create(&path, &[], &two).unwrap();
+        assert!(f.add(&[1.0]).is_err(), "a wrong count of values");
+        f.add(&[1.0, 2.0]).unwrap();
+        f.add(&[3.0, 4.0]).unwrap();
+        assert!(f.add(&[5.0]).is_err(), "an undeclared tensor");
+        drop(f.finish().unwrap());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

@@ -7,30 +7,36 @@ use std::path::{Path, PathBuf};
 use lora_model::rope::llama3_divisor;
 use lora_model::{ModelConfig, RopeScaling};
 
-use crate::file::{Element, GgufFile, Meta, Written};
+use lora_adapters::fuse::float_shape;
+use lora_model::Checkpoint;
+
+use crate::file::{Declared, Element, GgufFile, Meta, Written};
 use crate::names::{GgufArch, rope_heads, rope_rows, tensor_name};
 use crate::{GgufError, vocab};
 
 /// GGUF's `general.file_type` for "mostly f16" (llama.cpp's `LLAMA_FTYPE_MOSTLY_F16`).
 const FILE_TYPE_MOSTLY_F16: u32 = 1;
+/// llama.cpp's tensor of Llama 3.1's rotary frequency divisors.
+const ROPE_FREQS: &str = "rope_freqs.weight";
 /// `general.quantization_version` as llama.cpp's converter writes it.
 pub(crate) const QUANTIZATION_VERSION: u32 = 2;
 
-/// An export in progress: [`ModelExport::add`] every tensor of the (fused, float) model, in
-/// any order, then [`ModelExport::finish`].
+/// An export in progress: [`ModelExport::add`] every tensor of the (fused, float) model in
+/// the checkpoint's order, as `lora_adapters::fuse::fuse` hands them out, then
+/// [`ModelExport::finish`]. The header is written first and the data streamed after it, so
+/// the export takes the disk space of the file once.
 pub struct ModelExport {
     arch: GgufArch,
     config: ModelConfig,
-    metadata: Vec<(String, Meta)>,
     file: GgufFile,
     source: PathBuf,
 }
 
 impl ModelExport {
-    /// Starts writing `path` for the model in `model_dir` (its config.json and tokenizer
-    /// files). Everything that can be checked before the weights is checked here: the
-    /// architecture, the tokenizer, the rotary scaling.
-    pub fn new(model_dir: &Path, config: &ModelConfig, path: &Path) -> Result<Self, GgufError> {
+    /// Starts writing `path` for the model in `model_dir` (its config.json, tokenizer files
+    /// and `checkpoint`). Everything that can be checked before the weights is checked here:
+    /// the architecture, the tokenizer, every tensor's name and shape.
+    pub fn new(model_dir: &Path, config: &ModelConfig, checkpoint: &Checkpoint, path: &Path) -> Result<Self, GgufError> {
         let arch = GgufArch::of(config);
         let config_path = model_dir.join("config.json");
         let raw: serde_json::Value = std::fs::read_to_string(&config_path)
@@ -69,23 +75,38 @@ impl ModelExport {
             return Err(GgufError::unsupported(&config_path, "sliding-window attention is not exported to GGUF (llama.cpp's llama, qwen2 and qwen3 attend to the whole context)"));
         }
         metadata.extend(vocab::tokenizer_metadata(model_dir, config.vocab_size)?);
-        Ok(Self { arch, config: config.clone(), metadata, file: GgufFile::create(path)?, source: config_path })
+
+        // Every tensor, in the order fuse hands them out, then what llama.cpp adds.
+        let adapter_err = |e: lora_adapters::AdapterError| GgufError::invalid(checkpoint.dir(), e.to_string());
+        let mut declared = Vec::new();
+        for name in checkpoint.names() {
+            let Some(shape) = float_shape(checkpoint, config, name).map_err(adapter_err)? else { continue };
+            let Some(gguf_name) = tensor_name(name, &config_path)? else { continue };
+            if let Some(heads) = rope_heads(arch, config, name)
+                && shape.first() != Some(&(heads * config.head_dim))
+            {
+                return Err(GgufError::invalid(checkpoint.dir(), format!("{name} has shape {shape:?}; {heads} heads of {} need {} rows", config.head_dim, heads * config.head_dim)));
+            }
+            let element = if shape.len() <= 1 || gguf_name.ends_with("_norm.weight") || !gguf_name.ends_with(".weight") { Element::F32 } else { Element::F16 };
+            declared.push(Declared { name: gguf_name, shape, element });
+        }
+        if matches!(config.rope_scaling, RopeScaling::Llama3 { .. }) {
+            declared.push(Declared { name: ROPE_FREQS.into(), shape: vec![config.head_dim / 2], element: Element::F32 });
+        }
+        Ok(Self { arch, config: config.clone(), file: GgufFile::create(path, &metadata, &declared)?, source: config_path })
     }
 
-    /// Adds the Hugging Face tensor `name` of row-major `shape` (weights `[out, in]`).
+    /// Adds the Hugging Face tensor `name` of row-major `shape` (weights `[out, in]`), which
+    /// must be the next of the checkpoint's tensors.
     pub fn add(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<(), GgufError> {
         let Some(gguf_name) = tensor_name(name, &self.source)? else { return Ok(()) };
-        let values = match rope_heads(self.arch, &self.config, name) {
-            Some(heads) => {
-                if shape.first() != Some(&(heads * self.config.head_dim)) {
-                    return Err(GgufError::invalid(&self.source, format!("{name} has shape {shape:?}; {heads} heads of {} need {} rows", self.config.head_dim, heads * self.config.head_dim)));
-                }
-                rope_rows(values, shape[0], heads)
-            }
-            None => values.to_vec(),
-        };
-        let element = if shape.len() <= 1 || gguf_name.ends_with("_norm.weight") || !gguf_name.ends_with(".weight") { Element::F32 } else { Element::F16 };
-        self.file.add(&gguf_name, shape, element, &values)
+        if self.file.expects() != Some(gguf_name.as_str()) {
+            return Err(GgufError::invalid(&self.source, format!("{name} came when {} was expected", self.file.expects().unwrap_or("nothing more"))));
+        }
+        match rope_heads(self.arch, &self.config, name) {
+            Some(heads) => self.file.add(&rope_rows(values, shape[0], heads)),
+            None => self.file.add(values),
+        }
     }
 
     /// Adds what llama.cpp needs beyond the checkpoint and writes the file under a
@@ -101,8 +122,8 @@ impl ModelExport {
                     llama3_divisor(freq as f64, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings) as f32
                 })
                 .collect();
-            self.file.add("rope_freqs.weight", &[d / 2], Element::F32, &divisors)?;
+            self.file.add(&divisors)?;
         }
-        self.file.finish(&self.metadata)
+        self.file.finish()
     }
 }
