@@ -89,6 +89,16 @@ fn llama_cpp_logits(key: &str) -> Vec<f32> {
     expected()[key].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32)).collect()
 }
 
+/// Our tokenizer (the `tokenizers` crate on the model's tokenizer.json, special tokens
+/// added) gives the reference text the ids llama.cpp gave it (`expected[key]`).
+fn assert_tokenizes_as_llama_cpp(model: &str, key: &str) {
+    let e = expected();
+    let tokenizer = tokenizers::Tokenizer::from_file(fixture(model).join("tokenizer.json")).unwrap();
+    let ids = tokenizer.encode(e["text"].as_str().unwrap(), true).unwrap().get_ids().to_vec();
+    let llama_cpp: Vec<u32> = e[key].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(ids, llama_cpp, "{model}");
+}
+
 fn ok(o: &std::process::Output) {
     assert!(o.status.success(), "{}", stderr(o));
 }
@@ -121,33 +131,33 @@ fn export_gguf_writes_what_llama_cpp_converts_and_llama_cpp_runs_it_as_we_do() {
 
     // And its tokenizer, built from that file's tokenizer metadata (equal to ours), splits
     // text as our tokenizer does.
-    let e = expected();
-    let tokenizer = tokenizers::Tokenizer::from_file(fixture("llama/tokenizer.json")).unwrap();
-    let ids = tokenizer.encode(e["text"].as_str().unwrap(), true).unwrap().get_ids().to_vec();
-    let llama_cpp: Vec<u32> = e["llama_cpp_tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-    assert_eq!(ids, llama_cpp);
+    assert_tokenizes_as_llama_cpp("llama", "llama_cpp_tokens");
 }
 
 #[test]
-fn qwen_models_export_with_biases_norms_tied_embeddings_and_rows_as_they_are() {
-    // Qwen2: q/k/v biases, tied embeddings. Qwen3: q/k norms, head_dim 24 (not hidden/heads).
-    // Neither reorders rows: llama.cpp rotates them as transformers does.
+fn qwen_and_mistral_models_export_as_llama_cpp_converts_them() {
+    // Qwen2: q/k/v biases, tied embeddings. Qwen3: q/k norms, head_dim 24 (not
+    // hidden/heads). Neither reorders rows: llama.cpp rotates them as transformers does.
+    // Mistral (as 7B v0.3): GGUF's llama, with a SentencePiece tokenizer.model whose pieces,
+    // scores and types become GGUF's `llama` tokenizer.
     let tmp = tempfile::tempdir().unwrap();
-    for arch in ["qwen2", "qwen3"] {
-        let gguf = tmp.path().join(format!("{arch}.gguf"));
-        let fused = tmp.path().join(arch);
-        ok(&lora(&["fuse", "--model", s(&fixture(arch)), "--adapter-path", s(&fixture(&format!("gguf_reference/{arch}_lora"))), "--save-path", s(&fused), "--export-gguf", s(&gguf)]));
-        assert_matches(&gguf, &fixture(&format!("gguf_reference/{arch}_lora_f16.gguf")));
-        let diff = max_diff(&logits(&load_model(&fused)), &llama_cpp_logits(arch));
-        eprintln!("{arch}: llama.cpp's logits on the converter's file (equal to ours) against ours, max difference {diff}");
-        assert!(diff < 0.02, "{arch}: llama.cpp's logits differ from ours by {diff}");
+    for (model, key) in [("qwen2", "qwen2"), ("qwen3", "qwen3"), ("gguf_reference/mistral_spm", "mistral_spm")] {
+        let gguf = tmp.path().join(format!("{key}.gguf"));
+        let fused = tmp.path().join(key);
+        ok(&lora(&["fuse", "--model", s(&fixture(model)), "--adapter-path", s(&fixture(&format!("gguf_reference/{key}_lora"))), "--save-path", s(&fused), "--export-gguf", s(&gguf)]));
+        assert_matches(&gguf, &fixture(&format!("gguf_reference/{key}_lora_f16.gguf")));
+        let diff = max_diff(&logits(&load_model(&fused)), &llama_cpp_logits(key));
+        eprintln!("{key}: llama.cpp's logits on the converter's file (equal to ours) against ours, max difference {diff}");
+        assert!(diff < 0.02, "{key}: llama.cpp's logits differ from ours by {diff}");
     }
+    // llama.cpp's SentencePiece tokenizer, from the metadata we write, splits text as ours.
+    assert_tokenizes_as_llama_cpp("gguf_reference/mistral_spm", "mistral_spm_llama_cpp_tokens");
 }
 
 #[test]
 fn gguf_lora_adapters_match_llama_cpp_s_converter_and_its_logits() {
     let tmp = tempfile::tempdir().unwrap();
-    for (model, adapter, reference) in [("llama", "fuse_reference/lora", "lora.gguf"), ("qwen2", "gguf_reference/qwen2_lora", "qwen2_lora.gguf"), ("qwen3", "gguf_reference/qwen3_lora", "qwen3_lora.gguf")] {
+    for (model, adapter, reference) in [("llama", "fuse_reference/lora", "lora.gguf"), ("qwen2", "gguf_reference/qwen2_lora", "qwen2_lora.gguf"), ("qwen3", "gguf_reference/qwen3_lora", "qwen3_lora.gguf"), ("gguf_reference/mistral_spm", "gguf_reference/mistral_spm_lora", "mistral_spm_lora.gguf")] {
         let out = tmp.path().join(reference);
         ok(&lora(&["convert-adapter", "--adapter-path", s(&fixture(adapter)), "--to", "gguf", "--model", s(&fixture(model)), "--save-path", s(&out)]));
         assert_matches(&out, &fixture("gguf_reference").join(reference));
@@ -223,8 +233,9 @@ fn what_gguf_cannot_hold_is_refused_before_anything_is_written() {
     assert!(stderr(&o).contains("q_proj.lora_B") && stderr(&o).contains("[64, 4]") && stderr(&o).contains("[128, 4]"), "{}", stderr(&o));
     assert_eq!(entries(tmp.path()), Vec::<String>::new());
 
-    // A SentencePiece tokenizer: llama.cpp's gpt2 vocabulary cannot hold it. Neither the
-    // model directory nor the GGUF is written.
+    // A SentencePiece tokenizer without its tokenizer.model: llama.cpp's gpt2 vocabulary
+    // cannot hold it, and the scores are in tokenizer.model. Neither the model directory nor
+    // the GGUF is written.
     let model = tmp.path().join("spm");
     std::fs::create_dir(&model).unwrap();
     for f in std::fs::read_dir(fixture("llama")).unwrap() {
@@ -236,7 +247,7 @@ fn what_gguf_cannot_hold_is_refused_before_anything_is_written() {
     std::fs::write(model.join("tokenizer.json"), tok.to_string()).unwrap();
     let o = lora(&["fuse", "--model", s(&model), "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&tmp.path().join("fused")), "--export-gguf", s(&tmp.path().join("spm.gguf"))]);
     assert!(!o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("tokenizer.json") && stderr(&o).contains("SentencePiece"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("tokenizer.json") && stderr(&o).contains("tokenizer.model"), "{}", stderr(&o));
     assert_eq!(entries(tmp.path()), ["spm"]);
 
     // Sliding-window attention: llama.cpp's llama architecture would attend past the window

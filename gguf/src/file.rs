@@ -33,6 +33,8 @@ pub enum Meta {
     StrArray(Vec<String>),
     /// An array of signed 32-bit integers.
     I32Array(Vec<i32>),
+    /// An array of 32-bit floats.
+    F32Array(Vec<f32>),
 }
 
 impl Meta {
@@ -45,6 +47,7 @@ impl Meta {
             Self::Bool(v) => MetadataValue::Bool(*v),
             Self::StrArray(v) => array(GGUFValueType::String, v.iter().cloned().map(MetadataValue::String).collect())?,
             Self::I32Array(v) => array(GGUFValueType::I32, v.iter().copied().map(MetadataValue::I32).collect())?,
+            Self::F32Array(v) => array(GGUFValueType::F32, v.iter().copied().map(MetadataValue::F32).collect())?,
         })
     }
 }

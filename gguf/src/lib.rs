@@ -14,6 +14,7 @@ pub mod error;
 pub mod file;
 pub mod model;
 pub mod names;
+mod spm;
 pub mod vocab;
 
 pub use adapter::export_adapter;

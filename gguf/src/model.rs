@@ -74,7 +74,7 @@ impl ModelExport {
         if config.layer_windows.iter().any(Option::is_some) {
             return Err(GgufError::unsupported(&config_path, "sliding-window attention is not exported to GGUF (llama.cpp's llama, qwen2 and qwen3 attend to the whole context)"));
         }
-        metadata.extend(vocab::tokenizer_metadata(model_dir, config.vocab_size)?);
+        metadata.extend(vocab::tokenizer_metadata(model_dir, config.vocab_size, arch == GgufArch::Llama)?);
 
         // Every tensor, in the order fuse hands them out, then what llama.cpp adds.
         let adapter_err = |e: lora_adapters::AdapterError| GgufError::invalid(checkpoint.dir(), e.to_string());

@@ -15,12 +15,14 @@ use serde_json::Value as Json;
 use crate::GgufError;
 use crate::file::Meta;
 
-/// GGUF token types (llama.cpp's `llama_token_type`).
-mod token_type {
+/// GGUF token types (llama.cpp's `llama_token_type`, sentencepiece's piece types).
+pub(crate) mod token_type {
     pub const NORMAL: i32 = 1;
+    pub const UNKNOWN: i32 = 2;
     pub const CONTROL: i32 = 3;
     pub const USER_DEFINED: i32 = 4;
     pub const UNUSED: i32 = 5;
+    pub const BYTE: i32 = 6;
 }
 
 /// Pre-tokenizer regexes as tokenizer.json writes them, and the name llama.cpp knows each by.
@@ -41,7 +43,7 @@ const SPECIAL: &[(&str, &str)] = &[
     ("mask", "mask_token_id"),
 ];
 
-fn read_json(path: &Path) -> Result<Option<Json>, GgufError> {
+pub(crate) fn read_json(path: &Path) -> Result<Option<Json>, GgufError> {
     if !path.is_file() {
         return Ok(None);
     }
@@ -72,7 +74,7 @@ fn pre_tokenizer_name(pre: &Json, path: &Path) -> Result<&'static str, GgufError
 }
 
 /// Whether an added token that is not marked special still reads as a control token.
-fn looks_special(token: &str) -> bool {
+pub(crate) fn looks_special(token: &str) -> bool {
     matches!(token, "<pad>" | "<mask>" | "<2mass>" | "[@BOS@]")
         || (token.starts_with("<|") && token.ends_with("|>"))
         || (token.starts_with("<｜") && token.ends_with("｜>"))
@@ -80,14 +82,30 @@ fn looks_special(token: &str) -> bool {
 }
 
 /// The tokenizer metadata of the model in `dir`, with `vocab_size` rows of embeddings.
-pub fn tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Meta)>, GgufError> {
+/// `sentencepiece` says a `tokenizer.model` beside it is read, as llama.cpp's converter does
+/// for its `llama` architecture (Llama 2, Mistral).
+pub fn tokenizer_metadata(dir: &Path, vocab_size: usize, sentencepiece: bool) -> Result<Vec<(String, Meta)>, GgufError> {
     let path = dir.join("tokenizer.json");
     let tokenizer = read_json(&path)?.ok_or_else(|| GgufError::unsupported(&path, "GGUF export needs the model's tokenizer.json, and there is none"))?;
+    let spm = dir.join("tokenizer.model");
+    if sentencepiece && spm.is_file() {
+        let mut meta = crate::spm::metadata(dir, &spm, vocab_size)?;
+        if let Some(add) = read_json(&dir.join("tokenizer_config.json"))?.and_then(|c| c["add_prefix_space"].as_bool()) {
+            meta.push(("tokenizer.ggml.add_space_prefix".into(), Meta::Bool(add)));
+        }
+        meta.extend(SpecialTokens::read(dir, &tokenizer, vocab_size)?.metadata());
+        return Ok(meta);
+    }
     let model = &tokenizer["model"];
     if model["type"] != "BPE" || model["byte_fallback"].as_bool() == Some(true) {
         return Err(GgufError::unsupported(
             &path,
-            format!("the tokenizer is a {} model{}; GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen), not SentencePiece ones", model["type"].as_str().unwrap_or("unknown"), if model["byte_fallback"] == true { " with byte fallback" } else { "" }),
+            format!(
+                "the tokenizer is a {} model{}; GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen), and SentencePiece ones (Llama 2, Mistral) of a Llama or Mistral model from their tokenizer.model, which {}",
+                model["type"].as_str().unwrap_or("unknown"),
+                if model["byte_fallback"] == true { " with byte fallback" } else { "" },
+                if sentencepiece { "this directory does not have" } else { "this architecture does not use" }
+            ),
         ));
     }
     let pre = pre_tokenizer_name(&tokenizer["pre_tokenizer"], &path)?;
@@ -99,8 +117,7 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, 
         let id = id.as_u64().ok_or_else(|| invalid(format!("model.vocab: {token:?} has no integer id")))? as usize;
         by_id.insert(id, (token.clone(), token_type::NORMAL));
     }
-    let added = tokenizer["added_tokens"].as_array().cloned().unwrap_or_default();
-    for t in &added {
+    for t in tokenizer["added_tokens"].as_array().map(Vec::as_slice).unwrap_or_default() {
         let (Some(id), Some(content)) = (t["id"].as_u64(), t["content"].as_str()) else {
             return Err(invalid(format!("added_tokens: entry {t} has no id or content")));
         };
@@ -146,17 +163,7 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, 
     if !merges.is_empty() {
         meta.push(("tokenizer.ggml.merges".into(), Meta::StrArray(merges)));
     }
-    let special = SpecialTokens::read(dir, &tokenizer, &added)?;
-    for (kind, key) in SPECIAL {
-        if let Some(id) = special.ids.get(kind) {
-            meta.push((format!("tokenizer.ggml.{key}"), Meta::U32(*id)));
-        }
-    }
-    // gguf-py writes these three; llama.cpp reads no others.
-    for (kind, add) in special.add.iter().filter(|(k, _)| matches!(**k, "bos" | "eos" | "sep")) {
-        meta.push((format!("tokenizer.ggml.add_{kind}_token"), Meta::Bool(*add)));
-    }
-    meta.extend(special.chat_template);
+    meta.extend(SpecialTokens::read(dir, &tokenizer, vocab_size)?.metadata());
     Ok(meta)
 }
 
@@ -169,8 +176,10 @@ struct SpecialTokens {
 }
 
 impl SpecialTokens {
-    fn read(dir: &Path, tokenizer: &Json, added: &[Json]) -> Result<Self, GgufError> {
+    /// As gguf-py's `SpecialVocab` reads them; ids at or past `vocab_size` are left out.
+    fn read(dir: &Path, tokenizer: &Json, vocab_size: usize) -> Result<Self, GgufError> {
         let mut s = Self::default();
+        let added = tokenizer["added_tokens"].as_array().map(Vec::as_slice).unwrap_or_default();
         let config = read_json(&dir.join("tokenizer_config.json"))?;
         let content = |key: &str| -> Option<String> {
             let v = &config.as_ref()?[key];
@@ -235,7 +244,9 @@ impl SpecialTokens {
                     "eos" => eos.clone(),
                     _ => content(&format!("{kind}_token")),
                 };
-                if let Some(id) = name.and_then(|n| added.iter().find(|t| t["content"] == n.as_str())).and_then(|t| t["id"].as_u64()) {
+                if let Some(id) = name.and_then(|n| added.iter().find(|t| t["content"] == n.as_str())).and_then(|t| t["id"].as_u64())
+                    && (id as usize) < vocab_size
+                {
                     s.ids.insert(kind, id as u32);
                 }
             }
@@ -247,12 +258,28 @@ impl SpecialTokens {
         // config.json fills the ids tokenizer_config.json left unset.
         if let Some(model_config) = read_json(&dir.join("config.json"))? {
             for (kind, _) in SPECIAL {
-                if let Some(id) = model_config[format!("{kind}_token_id")].as_u64() {
+                if let Some(id) = model_config[format!("{kind}_token_id")].as_u64().filter(|&id| (id as usize) < vocab_size) {
                     s.ids.entry(kind).or_insert(id as u32);
                 }
             }
         }
         Ok(s)
+    }
+
+    /// `tokenizer.ggml.*_token_id`, `tokenizer.ggml.add_*_token` and the chat template.
+    fn metadata(self) -> Vec<(String, Meta)> {
+        let mut meta = Vec::new();
+        for (kind, key) in SPECIAL {
+            if let Some(id) = self.ids.get(kind) {
+                meta.push((format!("tokenizer.ggml.{key}"), Meta::U32(*id)));
+            }
+        }
+        // gguf-py writes these three; llama.cpp reads no others.
+        for (kind, add) in self.add.iter().filter(|(k, _)| matches!(**k, "bos" | "eos" | "sep")) {
+            meta.push((format!("tokenizer.ggml.add_{kind}_token"), Meta::Bool(*add)));
+        }
+        meta.extend(self.chat_template);
+        meta
     }
 }
 
