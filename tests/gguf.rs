@@ -99,6 +99,16 @@ fn assert_tokenizes_as_llama_cpp(model: &str, key: &str) {
     assert_eq!(ids, llama_cpp, "{model}");
 }
 
+/// A copy of the fixture model `name` at `to`.
+fn copy_model(name: &str, to: &Path) -> std::path::PathBuf {
+    std::fs::create_dir(to).unwrap();
+    for f in std::fs::read_dir(fixture(name)).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+    }
+    to.to_path_buf()
+}
+
 fn ok(o: &std::process::Output) {
     assert!(o.status.success(), "{}", stderr(o));
 }
@@ -132,6 +142,17 @@ fn export_gguf_writes_what_llama_cpp_converts_and_llama_cpp_runs_it_as_we_do() {
     // And its tokenizer, built from that file's tokenizer metadata (equal to ours), splits
     // text as our tokenizer does.
     assert_tokenizes_as_llama_cpp("llama", "llama_cpp_tokens");
+}
+
+#[test]
+fn a_byte_level_tokenizer_json_wins_over_a_tokenizer_model_beside_it() {
+    // Some Llama 3 directories carry tiktoken's vocabulary under the name tokenizer.model.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = copy_model("llama", &tmp.path().join("llama"));
+    std::fs::write(model.join("tokenizer.model"), "IQ== 0\nIg== 1\n").unwrap();
+    let gguf = tmp.path().join("llama.gguf");
+    ok(&lora(&["fuse", "--model", s(&model), "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&tmp.path().join("fused")), "--export-gguf", s(&gguf)]));
+    assert_matches(&gguf, &fixture("gguf_reference/llama_lora_f16.gguf"));
 }
 
 #[test]
@@ -236,12 +257,7 @@ fn what_gguf_cannot_hold_is_refused_before_anything_is_written() {
     // A SentencePiece tokenizer without its tokenizer.model: llama.cpp's gpt2 vocabulary
     // cannot hold it, and the scores are in tokenizer.model. Neither the model directory nor
     // the GGUF is written.
-    let model = tmp.path().join("spm");
-    std::fs::create_dir(&model).unwrap();
-    for f in std::fs::read_dir(fixture("llama")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
-    }
+    let model = copy_model("llama", &tmp.path().join("spm"));
     let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(model.join("tokenizer.json")).unwrap()).unwrap();
     tok["model"]["byte_fallback"] = Value::Bool(true);
     std::fs::write(model.join("tokenizer.json"), tok.to_string()).unwrap();

@@ -82,13 +82,18 @@ pub(crate) fn looks_special(token: &str) -> bool {
 }
 
 /// The tokenizer metadata of the model in `dir`, with `vocab_size` rows of embeddings.
-/// `sentencepiece` says a `tokenizer.model` beside it is read, as llama.cpp's converter does
-/// for its `llama` architecture (Llama 2, Mistral).
+/// `sentencepiece` says a `tokenizer.model` beside it is read when tokenizer.json is not a
+/// byte-level BPE, as llama.cpp's converter does for its `llama` architecture (Llama 2,
+/// Mistral).
 pub fn tokenizer_metadata(dir: &Path, vocab_size: usize, sentencepiece: bool) -> Result<Vec<(String, Meta)>, GgufError> {
     let path = dir.join("tokenizer.json");
     let tokenizer = read_json(&path)?.ok_or_else(|| GgufError::unsupported(&path, "GGUF export needs the model's tokenizer.json, and there is none"))?;
     let spm = dir.join("tokenizer.model");
-    if sentencepiece && spm.is_file() {
+    let model = &tokenizer["model"];
+    // A byte-level BPE tokenizer.json wins over a tokenizer.model beside it (some Llama 3
+    // directories carry tiktoken's file under that name).
+    let byte_level = model["type"] == "BPE" && model["byte_fallback"].as_bool() != Some(true);
+    if sentencepiece && !byte_level && spm.is_file() {
         let mut meta = crate::spm::metadata(dir, &spm, vocab_size)?;
         if let Some(add) = read_json(&dir.join("tokenizer_config.json"))?.and_then(|c| c["add_prefix_space"].as_bool()) {
             meta.push(("tokenizer.ggml.add_space_prefix".into(), Meta::Bool(add)));
@@ -96,8 +101,7 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize, sentencepiece: bool) ->
         meta.extend(SpecialTokens::read(dir, &tokenizer, vocab_size)?.metadata());
         return Ok(meta);
     }
-    let model = &tokenizer["model"];
-    if model["type"] != "BPE" || model["byte_fallback"].as_bool() == Some(true) {
+    if !byte_level {
         return Err(GgufError::unsupported(
             &path,
             format!(
