@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::Output;
 
-use common::{all_logits, fixture, load_model, lora, max_diff, s};
+use common::{all_logits, fixture, load_model, lora, max_diff, s, tensors};
 use lora_model::CausalLm;
 use serde_json::Value;
 
@@ -32,19 +32,6 @@ fn logits(model: &CausalLm) -> Vec<f32> {
 
 fn reference_logits(key: &str) -> Vec<f32> {
     expected()[key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
-}
-
-/// Every tensor of a safetensors file, as f32.
-fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<(String, Vec<f32>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 fn with_adapter(base: &Path, adapter: &Path) -> CausalLm {

@@ -13,6 +13,8 @@ use gguf_rs_lib::format::metadata::MetadataValue;
 use gguf_rs_lib::reader::GGUFFileReader;
 use gguf_rs_lib::tensor::TensorType;
 use lora_model::CausalLm;
+use lora_model::checkpoint::decode_floats;
+use safetensors::Dtype;
 use serde_json::Value;
 
 /// Metadata llama.cpp's converters take from a model card or a directory's name: not the model.
@@ -35,11 +37,12 @@ fn read(path: &Path) -> Gguf {
     let mut tensors = BTreeMap::new();
     for info in infos {
         let data = r.load_tensor_data(info.name()).unwrap().unwrap();
-        let values: Vec<f32> = match info.tensor_type() {
-            TensorType::F32 => data.as_slice().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-            TensorType::F16 => data.as_slice().chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        let dtype = match info.tensor_type() {
+            TensorType::F32 => Dtype::F32,
+            TensorType::F16 => Dtype::F16,
             t => panic!("{}: unexpected type {t:?}", info.name()),
         };
+        let values = decode_floats(data.as_slice(), dtype).unwrap();
         tensors.insert(info.name().to_string(), (info.tensor_type(), info.shape().dims().to_vec(), values));
     }
     Gguf { metadata, tensors }
@@ -109,6 +112,20 @@ fn copy_model(name: &str, to: &Path) -> std::path::PathBuf {
     to.to_path_buf()
 }
 
+/// `lora fuse` of `adapter` into `model`, saving to `fused` and exporting `gguf`.
+fn fuse_with_gguf(model: &Path, adapter: &Path, fused: &Path, gguf: &Path) {
+    ok(&lora(&["fuse", "--model", s(model), "--adapter-path", s(adapter), "--save-path", s(fused), "--export-gguf", s(gguf)]));
+}
+
+/// llama.cpp's logits at every position (`expected[key]`, run on the converter's file, which
+/// equals ours by `assert_matches`) are those of our fused model in `fused`, within f16
+/// weights' rounding.
+fn assert_llama_cpp_logits(fused: &Path, key: &str) {
+    let diff = max_diff(&logits(&load_model(fused)), &llama_cpp_logits(key));
+    eprintln!("{key}: llama.cpp's logits on the converter's file (equal to ours) against ours, max difference {diff}");
+    assert!(diff < 0.02, "{key}: llama.cpp's logits differ from ours by {diff}");
+}
+
 fn ok(o: &std::process::Output) {
     assert!(o.status.success(), "{}", stderr(o));
 }
@@ -125,7 +142,7 @@ fn export_gguf_writes_what_llama_cpp_converts_and_llama_cpp_runs_it_as_we_do() {
     let tmp = tempfile::tempdir().unwrap();
     let gguf = tmp.path().join("llama.gguf");
     let fused = tmp.path().join("fused");
-    ok(&lora(&["fuse", "--model", "tests/fixtures/llama", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&fused), "--export-gguf", s(&gguf)]));
+    fuse_with_gguf(&fixture("llama"), &fixture("fuse_reference/lora"), &fused, &gguf);
     // The Llama fixture has grouped-query attention (q/k rows reordered for llama.cpp's
     // rotation) and Llama 3.1 rope scaling (a rope_freqs tensor).
     assert_matches(&gguf, &fixture("gguf_reference/llama_lora_f16.gguf"));
@@ -134,10 +151,7 @@ fn export_gguf_writes_what_llama_cpp_converts_and_llama_cpp_runs_it_as_we_do() {
     // llama.cpp ran the converter's file (equal to ours, as just checked; the fixture script's
     // --check mode runs llama.cpp on ours directly) on the reference ids: its logits at every
     // position are our fused model's, within f16 weights' rounding.
-    let ours = logits(&load_model(&fused));
-    let diff = max_diff(&ours, &llama_cpp_logits("fused"));
-    eprintln!("llama: llama.cpp's logits against ours, max difference {diff}");
-    assert!(diff < 0.02, "llama.cpp's logits differ from ours by {diff}");
+    assert_llama_cpp_logits(&fused, "fused");
 
     // And its tokenizer, built from that file's tokenizer metadata (equal to ours), splits
     // text as our tokenizer does.
@@ -151,7 +165,7 @@ fn a_byte_level_tokenizer_json_wins_over_a_tokenizer_model_beside_it() {
     let model = copy_model("llama", &tmp.path().join("llama"));
     std::fs::write(model.join("tokenizer.model"), "IQ== 0\nIg== 1\n").unwrap();
     let gguf = tmp.path().join("llama.gguf");
-    ok(&lora(&["fuse", "--model", s(&model), "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&tmp.path().join("fused")), "--export-gguf", s(&gguf)]));
+    fuse_with_gguf(&model, &fixture("fuse_reference/lora"), &tmp.path().join("fused"), &gguf);
     assert_matches(&gguf, &fixture("gguf_reference/llama_lora_f16.gguf"));
 }
 
@@ -165,11 +179,9 @@ fn qwen_and_mistral_models_export_as_llama_cpp_converts_them() {
     for (model, key) in [("qwen2", "qwen2"), ("qwen3", "qwen3"), ("gguf_reference/mistral_spm", "mistral_spm")] {
         let gguf = tmp.path().join(format!("{key}.gguf"));
         let fused = tmp.path().join(key);
-        ok(&lora(&["fuse", "--model", s(&fixture(model)), "--adapter-path", s(&fixture(&format!("gguf_reference/{key}_lora"))), "--save-path", s(&fused), "--export-gguf", s(&gguf)]));
+        fuse_with_gguf(&fixture(model), &fixture(&format!("gguf_reference/{key}_lora")), &fused, &gguf);
         assert_matches(&gguf, &fixture(&format!("gguf_reference/{key}_lora_f16.gguf")));
-        let diff = max_diff(&logits(&load_model(&fused)), &llama_cpp_logits(key));
-        eprintln!("{key}: llama.cpp's logits on the converter's file (equal to ours) against ours, max difference {diff}");
-        assert!(diff < 0.02, "{key}: llama.cpp's logits differ from ours by {diff}");
+        assert_llama_cpp_logits(&fused, key);
     }
     // llama.cpp's SentencePiece tokenizer, from the metadata we write, splits text as ours.
     assert_tokenizes_as_llama_cpp("gguf_reference/mistral_spm", "mistral_spm_llama_cpp_tokens");
@@ -231,7 +243,7 @@ fn a_quantized_base_exports_its_dequantized_fusion() {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     for (hf, name) in [("model.layers.1.self_attn.v_proj.weight", "blk.1.attn_v.weight"), ("model.embed_tokens.weight", "token_embd.weight")] {
         let t = st.tensor(hf).unwrap();
-        let want: Vec<f32> = t.data().chunks_exact(4).map(|b| half::f16::from_f32(f32::from_le_bytes(b.try_into().unwrap())).to_f32()).collect();
+        let want: Vec<f32> = decode_floats(t.data(), t.dtype()).unwrap().into_iter().map(|v| half::f16::from_f32(v).to_f32()).collect();
         let (ty, ne, values) = &g.tensors[name];
         assert_eq!((*ty, ne.iter().rev().map(|&d| d as usize).collect::<Vec<_>>()), (TensorType::F16, t.shape().to_vec()), "{name}");
         assert_eq!(values, &want, "{name}");

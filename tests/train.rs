@@ -3,10 +3,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{fixture, lora, root, s, stderr};
+use common::{fixture, lora, root, s, stderr, tensors};
 use serde_json::Value;
 
 /// The `metrics.jsonl` entries of a run.
@@ -53,19 +53,8 @@ fn the_cli_matches_a_torch_and_peft_loop_step_for_step() {
         assert!((loss - want).abs() < 1e-3, "step {step}: {loss} vs torch {want}");
     }
     // The saved PEFT adapter against the one PEFT saved after the same 30 steps.
-    let read = |p: PathBuf| {
-        let bytes = std::fs::read(p).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut v: Vec<(String, Vec<f32>)> = st
-            .tensors()
-            .into_iter()
-            .map(|(n, t)| (n, t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()))
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
-    };
-    let ours = read(out.join("adapter_model.safetensors"));
-    let peft = read(fixture("train_reference/final/adapter_model.safetensors"));
+    let ours = tensors(&out.join("adapter_model.safetensors"));
+    let peft = tensors(&fixture("train_reference/final/adapter_model.safetensors"));
     assert_eq!(ours.iter().map(|t| &t.0).collect::<Vec<_>>(), peft.iter().map(|t| &t.0).collect::<Vec<_>>());
     let max = ours.iter().zip(&peft).flat_map(|(a, b)| a.1.iter().zip(&b.1).map(|(x, y)| (x - y).abs())).fold(0f32, f32::max);
     assert!(max < 1e-3, "final adapter differs from PEFT's by {max}");

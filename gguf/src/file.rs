@@ -13,6 +13,9 @@ use gguf_rs_lib::format::{GGUFHeader, GGUFValueType, Metadata};
 use gguf_rs_lib::tensor::{TensorData, TensorInfo, TensorShape, TensorType};
 use gguf_rs_lib::writer::GGUFFileWriter;
 
+use lora_model::checkpoint::encode_floats;
+use safetensors::Dtype;
+
 use crate::GgufError;
 
 /// Tensor data offsets are multiples of this (GGUF's default `general.alignment`).
@@ -77,11 +80,11 @@ impl Element {
         }
     }
 
-    /// `values` as little-endian bytes of this type.
-    pub fn encode(self, values: &[f32]) -> Vec<u8> {
+    /// The same type as safetensors names it.
+    pub fn dtype(self) -> Dtype {
         match self {
-            Self::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            Self::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+            Self::F32 => Dtype::F32,
+            Self::F16 => Dtype::F16,
         }
     }
 }
@@ -164,7 +167,7 @@ impl GgufFile {
         if shape.iter().product::<usize>() != values.len() {
             return Err(GgufError::invalid(&self.path, format!("{}: {} values for shape {shape:?}", info.name(), values.len())));
         }
-        let bytes = self.elements[self.next].encode(values);
+        let bytes = encode_floats(values, self.elements[self.next].dtype());
         let writer = self.writer.as_mut().expect("open until finished");
         writer.write_tensor_data(info, &TensorData::new_owned(bytes)).map_err(|e| GgufError::Write { path: self.path.clone(), message: e.to_string() })?;
         self.next += 1;
@@ -250,10 +253,10 @@ mod tests {
         assert_eq!(a.shape().dims(), &[3, 2]);
         assert_eq!(a.tensor_type(), TensorType::F16);
         let data = r.load_tensor_data("a.weight").unwrap().unwrap();
-        let halves: Vec<f32> = data.as_slice().chunks(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+        let halves = lora_model::checkpoint::decode_floats(data.as_slice(), Dtype::F16).unwrap();
         assert_eq!(halves, vec![1.0, 2.0, 3.0, 4.0, 5.0, -0.5]);
         let b = r.load_tensor_data("b.bias").unwrap().unwrap();
-        assert_eq!(b.as_slice(), Element::F32.encode(&[0.25, 0.5, 0.75]).as_slice());
+        assert_eq!(b.as_slice(), encode_floats(&[0.25, 0.5, 0.75], Dtype::F32).as_slice());
     }
 
     #[test]

@@ -39,9 +39,7 @@ impl ModelExport {
     pub fn new(model_dir: &Path, config: &ModelConfig, checkpoint: &Checkpoint, path: &Path) -> Result<Self, GgufError> {
         let arch = GgufArch::of(config);
         let config_path = model_dir.join("config.json");
-        let raw: serde_json::Value = std::fs::read_to_string(&config_path)
-            .map_err(|e| GgufError::io(&config_path, e))
-            .and_then(|t| serde_json::from_str(&t).map_err(|e| GgufError::invalid(&config_path, e.to_string())))?;
+        let raw = vocab::read_json(&config_path)?.ok_or_else(|| GgufError::invalid(&config_path, "no such file"))?;
         let name = model_dir.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| "model".into());
         let a = arch.name();
         let u = |v: usize| Meta::U32(v as u32);
@@ -74,7 +72,7 @@ impl ModelExport {
         if config.layer_windows.iter().any(Option::is_some) {
             return Err(GgufError::unsupported(&config_path, "sliding-window attention is not exported to GGUF (llama.cpp's llama, qwen2 and qwen3 attend to the whole context)"));
         }
-        metadata.extend(vocab::tokenizer_metadata(model_dir, config.vocab_size, arch == GgufArch::Llama)?);
+        metadata.extend(vocab::tokenizer_metadata(model_dir, &raw, config.vocab_size, arch == GgufArch::Llama)?);
 
         // Every tensor, in the order fuse hands them out, then what llama.cpp adds.
         let adapter_err = |e: lora_adapters::AdapterError| GgufError::invalid(checkpoint.dir(), e.to_string());

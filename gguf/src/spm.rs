@@ -40,8 +40,9 @@ const PAD_SCORE: f32 = -10000.0;
 const ADDED_SCORE: f32 = -1000.0;
 
 /// `tokenizer.ggml.{model, pre, tokens, scores, token_type}` for the SentencePiece model at
-/// `path`, in a model directory `dir` with `vocab_size` embedding rows.
-pub fn metadata(dir: &Path, path: &Path, vocab_size: usize) -> Result<Vec<(String, Meta)>, GgufError> {
+/// `path`, in a model directory `dir` with `vocab_size` embedding rows, whose
+/// tokenizer_config.json (with its path) is `config`.
+pub fn metadata(dir: &Path, path: &Path, config: Option<(&Json, &Path)>, vocab_size: usize) -> Result<Vec<(String, Meta)>, GgufError> {
     let bytes = std::fs::read(path).map_err(|e| GgufError::io(path, e))?;
     let model = ModelProto::decode(bytes.as_slice()).map_err(|e| GgufError::invalid(path, format!("not a SentencePiece model: {e}")))?;
     let mut tokens: Vec<String> = (0..vocab_size).map(|i| format!("[PAD{i}]")).collect();
@@ -68,13 +69,12 @@ pub fn metadata(dir: &Path, path: &Path, vocab_size: usize) -> Result<Vec<(Strin
         }
     }
     // tokenizer_config.json's added_tokens_decoder: {"id": {"content", "special"}}.
-    let config_path = dir.join("tokenizer_config.json");
-    if let Some(config) = crate::vocab::read_json(&config_path)?
+    if let Some((config, config_path)) = config
         && let Some(decoder) = config["added_tokens_decoder"].as_object()
     {
         for (id, entry) in decoder {
             let (Ok(id), Some(content)) = (id.parse::<usize>(), entry["content"].as_str()) else {
-                return Err(GgufError::invalid(&config_path, format!("added_tokens_decoder: entry {id:?} has no integer id or content")));
+                return Err(GgufError::invalid(config_path, format!("added_tokens_decoder: entry {id:?} has no integer id or content")));
             };
             if id >= vocab_size {
                 continue;
@@ -113,14 +113,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokenizer.model");
         std::fs::write(&path, model.encode_to_vec()).unwrap();
-        let meta = metadata(dir.path(), &path, 6).unwrap();
+        let meta = metadata(dir.path(), &path, None, 6).unwrap();
         let get = |k: &str| meta.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).unwrap();
         assert_eq!(get("tokenizer.ggml.tokens"), Meta::StrArray(vec!["<unk>".into(), "<s>".into(), "<0x41>".into(), "\u{2581}the".into(), "<mine>".into(), "[PAD5]".into()]));
         assert_eq!(get("tokenizer.ggml.scores"), Meta::F32Array(vec![0.0, 0.0, 0.0, -3.0, 0.0, PAD_SCORE]));
         assert_eq!(get("tokenizer.ggml.token_type"), Meta::I32Array(vec![2, 3, 6, 1, 1, 5]));
 
         std::fs::write(&path, b"\xff\xff not protobuf").unwrap();
-        let err = metadata(dir.path(), &path, 6).unwrap_err().to_string();
+        let err = metadata(dir.path(), &path, None, 6).unwrap_err().to_string();
         assert!(err.contains("tokenizer.model"), "{err}");
     }
 }

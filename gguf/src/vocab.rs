@@ -81,24 +81,27 @@ pub(crate) fn looks_special(token: &str) -> bool {
         || (token.starts_with("<unused") && token.ends_with('>'))
 }
 
-/// The tokenizer metadata of the model in `dir`, with `vocab_size` rows of embeddings.
-/// `sentencepiece` says a `tokenizer.model` beside it is read when tokenizer.json is not a
+/// The tokenizer metadata of the model in `dir`, whose config.json is `model_config`, with
+/// `vocab_size` rows of embeddings. `sentencepiece` says a `tokenizer.model` beside it is read when tokenizer.json is not a
 /// byte-level BPE, as llama.cpp's converter does for its `llama` architecture (Llama 2,
 /// Mistral).
-pub fn tokenizer_metadata(dir: &Path, vocab_size: usize, sentencepiece: bool) -> Result<Vec<(String, Meta)>, GgufError> {
+pub fn tokenizer_metadata(dir: &Path, model_config: &Json, vocab_size: usize, sentencepiece: bool) -> Result<Vec<(String, Meta)>, GgufError> {
     let path = dir.join("tokenizer.json");
     let tokenizer = read_json(&path)?.ok_or_else(|| GgufError::unsupported(&path, "GGUF export needs the model's tokenizer.json, and there is none"))?;
+    let config_path = dir.join("tokenizer_config.json");
+    let config = read_json(&config_path)?;
+    let special = || SpecialTokens::read(dir, &tokenizer, config.as_ref(), model_config, vocab_size).map(SpecialTokens::metadata);
     let spm = dir.join("tokenizer.model");
     let model = &tokenizer["model"];
     // A byte-level BPE tokenizer.json wins over a tokenizer.model beside it (some Llama 3
     // directories carry tiktoken's file under that name).
     let byte_level = model["type"] == "BPE" && model["byte_fallback"].as_bool() != Some(true);
     if sentencepiece && !byte_level && spm.is_file() {
-        let mut meta = crate::spm::metadata(dir, &spm, vocab_size)?;
-        if let Some(add) = read_json(&dir.join("tokenizer_config.json"))?.and_then(|c| c["add_prefix_space"].as_bool()) {
+        let mut meta = crate::spm::metadata(dir, &spm, config.as_ref().map(|c| (c, config_path.as_path())), vocab_size)?;
+        if let Some(add) = config.as_ref().and_then(|c| c["add_prefix_space"].as_bool()) {
             meta.push(("tokenizer.ggml.add_space_prefix".into(), Meta::Bool(add)));
         }
-        meta.extend(SpecialTokens::read(dir, &tokenizer, vocab_size)?.metadata());
+        meta.extend(special()?);
         return Ok(meta);
     }
     if !byte_level {
@@ -167,7 +170,7 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize, sentencepiece: bool) ->
     if !merges.is_empty() {
         meta.push(("tokenizer.ggml.merges".into(), Meta::StrArray(merges)));
     }
-    meta.extend(SpecialTokens::read(dir, &tokenizer, vocab_size)?.metadata());
+    meta.extend(special()?);
     Ok(meta)
 }
 
@@ -180,13 +183,13 @@ struct SpecialTokens {
 }
 
 impl SpecialTokens {
-    /// As gguf-py's `SpecialVocab` reads them; ids at or past `vocab_size` are left out.
-    fn read(dir: &Path, tokenizer: &Json, vocab_size: usize) -> Result<Self, GgufError> {
+    /// As gguf-py's `SpecialVocab` reads them from tokenizer.json, tokenizer_config.json
+    /// (`config`) and config.json (`model_config`); ids at or past `vocab_size` are left out.
+    fn read(dir: &Path, tokenizer: &Json, config: Option<&Json>, model_config: &Json, vocab_size: usize) -> Result<Self, GgufError> {
         let mut s = Self::default();
         let added = tokenizer["added_tokens"].as_array().map(Vec::as_slice).unwrap_or_default();
-        let config = read_json(&dir.join("tokenizer_config.json"))?;
         let content = |key: &str| -> Option<String> {
-            let v = &config.as_ref()?[key];
+            let v = &config?[key];
             v.as_str().or_else(|| v["content"].as_str()).map(str::to_string)
         };
         let bos = content("bos_token").or_else(|| content("cls_token"));
@@ -238,7 +241,7 @@ impl SpecialTokens {
                 _ => {}
             }
         }
-        if let Some(config) = &config {
+        if let Some(config) = config {
             for (kind, _) in SPECIAL {
                 if let Some(add) = config[format!("add_{kind}_token")].as_bool() {
                     s.add.entry(kind).or_insert(add);
@@ -260,11 +263,9 @@ impl SpecialTokens {
             };
         }
         // config.json fills the ids tokenizer_config.json left unset.
-        if let Some(model_config) = read_json(&dir.join("config.json"))? {
-            for (kind, _) in SPECIAL {
-                if let Some(id) = model_config[format!("{kind}_token_id")].as_u64().filter(|&id| (id as usize) < vocab_size) {
-                    s.ids.entry(kind).or_insert(id as u32);
-                }
+        for (kind, _) in SPECIAL {
+            if let Some(id) = model_config[format!("{kind}_token_id")].as_u64().filter(|&id| (id as usize) < vocab_size) {
+                s.ids.entry(kind).or_insert(id as u32);
             }
         }
         Ok(s)
