@@ -2,8 +2,8 @@
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::{DType, Device, DeviceKind};
-use lora_model::device::{is_cpu, wgpu_adapters, wgpu_device};
 use clap::ValueEnum;
+use lora_model::device::{ShaderCompiler, choose_compiler, is_cpu, wgpu_adapters, wgpu_device};
 
 /// `--device`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -43,18 +43,19 @@ impl From<DTypeArg> for DType {
 
 /// Resolves `--device` to a burn device.
 pub fn select(arg: DeviceArg) -> Result<Device> {
+    let compiler = ShaderCompiler::from_env().map_err(anyhow::Error::msg)?;
     match arg {
         DeviceArg::Cpu => Ok(Device::flex()),
         DeviceArg::Auto => {
             if wgpu_adapters().gpu {
+                choose_compiler(compiler, false);
                 Ok(Device::wgpu(DeviceKind::DefaultDevice))
             } else {
                 eprintln!("No GPU adapter found through wgpu; running on the CPU backend.");
                 Ok(Device::flex())
             }
         }
-        DeviceArg::Wgpu => wgpu_device()
-            .context("--device wgpu: no wgpu adapter found (is a Vulkan, Metal or DX12 driver installed?)"),
+        DeviceArg::Wgpu => wgpu_device().context("--device wgpu: no wgpu adapter found (is a Vulkan, Metal or DX12 driver installed?)"),
         DeviceArg::Cuda => cuda(),
     }
 }
@@ -120,10 +121,6 @@ fn process_peak_rss() -> Result<u64> {
     let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
         return Ok(0);
     };
-    let kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or(0);
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).unwrap_or(0);
     Ok(kb * 1024)
 }

@@ -40,7 +40,11 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// Packed quantized weights against f16: device memory and matmul throughput.
-    Quant(bench::BenchQuantArgs),
+    Quant(bench::quant::BenchQuantArgs),
+    /// Training steps of a random model of a named shape: tokens/s, peak memory, TFLOP/s.
+    Train(Box<bench::train::BenchTrainArgs>),
+    /// The model's matrix products at given shapes, dense and 4-bit: TFLOP/s.
+    Matmul(bench::matmul::BenchMatmulArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,7 +61,9 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::ConvertAdapter(args) => convert::run(args),
         Command::Fuse(args) => fuse::run(args),
-        Command::Bench(BenchCommand::Quant(args)) => bench::run(args),
+        Command::Bench(BenchCommand::Quant(args)) => bench::quant::run(args),
+        Command::Bench(BenchCommand::Train(args)) => bench::train::run(*args),
+        Command::Bench(BenchCommand::Matmul(args)) => bench::matmul::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{fixture, lora, root, s, stderr, tensors};
+use common::{command, fixture, lora, s, stderr, tensors};
 use serde_json::Value;
 
 /// The `metrics.jsonl` entries of a run.
@@ -126,7 +126,7 @@ fn a_run_killed_mid_way_resumes_exactly() {
 
     // Dies like `kill -9` after iteration 6: the last checkpoint is at 4, metrics exist up to 5.
     let cut = tmp.path().join("cut");
-    let o = Command::new(env!("CARGO_BIN_EXE_lora")).current_dir(root()).args(resumable(&cut, 12, 4)).env("LORA_TEST_ABORT_AT", "6").output().unwrap();
+    let o = command().args(resumable(&cut, 12, 4)).env("LORA_TEST_ABORT_AT", "6").output().unwrap();
     assert!(!o.status.success(), "the run was meant to die");
     assert!(curve(&cut, "train_loss").iter().any(|(s, _)| *s == 5), "it had gone past its checkpoint");
     assert!(!cut.join("0000008_adapter_model.safetensors").exists());
@@ -147,7 +147,7 @@ fn ctrl_c_saves_a_checkpoint_that_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let args = resumable(&out, 100_000, 100_000);
-    let child = Command::new(env!("CARGO_BIN_EXE_lora")).current_dir(root()).args(&args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = command().args(&args).stderr(std::process::Stdio::piped()).spawn().unwrap();
     // Wait until it trains, then interrupt it.
     let metrics = out.join("metrics.jsonl");
     let start = std::time::Instant::now();

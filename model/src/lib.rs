@@ -19,6 +19,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod generate;
+pub mod geometry;
 pub mod llama;
 pub mod lora;
 pub mod rope;
@@ -28,6 +29,10 @@ pub use checkpoint::Checkpoint;
 pub use config::{Architecture, HfConfig, MlxQuantization, ModelConfig, RopeScaling};
 pub use error::ModelError;
 pub use generate::{GenerationStats, generate};
+pub use geometry::Geometry;
+pub use llama::{
+    BlockInputs, CausalLm, KvCache, Linear, LoadEvent, LoadOptions, PROJECTIONS, QuantizeAtLoad,
+    Weight,
+};
 pub use lora::LoraAdapter;
-pub use llama::{BlockInputs, CausalLm, KvCache, Linear, LoadEvent, LoadOptions, PROJECTIONS, QuantizeAtLoad, Weight};
 pub use sampling::{Sampler, SamplingConfig};

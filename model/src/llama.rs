@@ -89,6 +89,8 @@ impl Weight {
     /// `x·Wᵀ`: `x` `[m, in]` -> `[m, out]`, a quantized weight one layer at a time.
     pub fn matmul_t(&self, x: Tensor<2>) -> Tensor<2> {
         match self {
+            // A frozen weight: one operation whose backward computes only dx = dy·W.
+            Self::Dense(w) if !w.is_require_grad() => lora_kernels::frozen_linear(x, w.val()),
             Self::Dense(w) => x.matmul(w.val().transpose()),
             Self::Quant(q) => q.matmul_t(x),
         }
@@ -130,18 +132,12 @@ impl Weight {
             let (packed, shape) = ckpt.read_u32(&name)?;
             let expected = [out, inp * spec.bits / 32];
             if shape != expected {
-                return Err(ModelError::ShapeMismatch {
-                    name,
-                    path: ckpt.meta(&format!("{prefix}.weight"))?.path,
-                    expected: expected.to_vec(),
-                    found: shape,
-                });
+                return Err(ModelError::ShapeMismatch { name, path: ckpt.meta(&format!("{prefix}.weight"))?.path, expected: expected.to_vec(), found: shape });
             }
             let groups = [out, inp / spec.group_size];
             let scales = ckpt.load(&format!("{prefix}.scales"), groups, device, dtype)?;
             let biases = ckpt.load(&format!("{prefix}.biases"), groups, device, dtype)?;
-            let q = QuantWeight::from_packed(prefix, packed, [out, expected[1]], scales, biases, inp, spec, device)
-                .map_err(quant_err)?;
+            let q = QuantWeight::from_packed(prefix, packed, [out, expected[1]], scales, biases, inp, spec, device).map_err(quant_err)?;
             return Ok(Self::Quant(q));
         }
         let Some(quantize) = quantize else {
@@ -223,11 +219,7 @@ impl Linear {
         on_event: &mut dyn FnMut(LoadEvent),
     ) -> Result<Self, ModelError> {
         let weight = Weight::load(ckpt, config, prefix, [out, inp], quantize, device, dtype, on_event)?;
-        let bias = if bias {
-            Some(Param::from_tensor(ckpt.load(&format!("{prefix}.bias"), [out], device, dtype)?))
-        } else {
-            None
-        };
+        let bias = if bias { Some(Param::from_tensor(ckpt.load(&format!("{prefix}.bias"), [out], device, dtype)?)) } else { None };
         Ok(Self { weight, bias, adapter: None })
     }
 }
@@ -312,14 +304,7 @@ impl Attention {
     ///
     /// `mask` `[batch, 1, 1, seq, past + seq]` is true where a query may not look;
     /// `cos`/`sin` are `[seq, head_dim]` for this step's positions.
-    fn forward(
-        &self,
-        x: Tensor<3>,
-        cos: &Tensor<2>,
-        sin: &Tensor<2>,
-        mask: &Tensor<5, Bool>,
-        cache: Option<&mut Option<LayerCache>>,
-    ) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, mask: &Tensor<5, Bool>, cache: Option<&mut Option<LayerCache>>) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
@@ -484,13 +469,7 @@ impl CausalLm {
     /// Builds the model from a checkpoint, loading each tensor on `device` in `dtype`.
     ///
     /// `on_tensor` is called once per loaded module (for a progress bar).
-    pub fn load(
-        config: &ModelConfig,
-        ckpt: &Checkpoint,
-        device: &Device,
-        dtype: DType,
-        mut on_tensor: impl FnMut(&str),
-    ) -> Result<Self, ModelError> {
+    pub fn load(config: &ModelConfig, ckpt: &Checkpoint, device: &Device, dtype: DType, mut on_tensor: impl FnMut(&str)) -> Result<Self, ModelError> {
         Self::load_with(config, ckpt, device, dtype, LoadOptions::default(), |e| {
             if let LoadEvent::Loaded(name) = e {
                 on_tensor(name)
@@ -514,9 +493,7 @@ impl CausalLm {
         // A checkpoint that is already quantized is loaded as it is.
         let quantize = if c.quantization.is_some() { None } else { options.quantize };
         let quantize_outer = quantize.filter(|_| options.quantize_embeddings);
-        let embed_tokens = Embedding {
-            weight: Weight::load(ckpt, c, "model.embed_tokens", [c.vocab_size, hid], quantize_outer, device, dtype, on_event)?,
-        };
+        let embed_tokens = Embedding { weight: Weight::load(ckpt, c, "model.embed_tokens", [c.vocab_size, hid], quantize_outer, device, dtype, on_event)? };
         on_event(LoadEvent::Loaded("model.embed_tokens"));
         let mut layers = Vec::with_capacity(c.num_layers);
         for (i, window) in c.layer_windows.iter().enumerate() {
@@ -524,9 +501,7 @@ impl CausalLm {
             let mut lin = |name: &str, out: usize, inp: usize, bias: bool| {
                 Linear::load(ckpt, c, &format!("{p}.{name}"), out, inp, bias, quantize, device, dtype, on_event)
             };
-            let norm = |name: &str, dim: usize| {
-                RmsNorm::load(ckpt, &format!("{p}.{name}.weight"), dim, c.rms_norm_eps, device, dtype)
-            };
+            let norm = |name: &str, dim: usize| RmsNorm::load(ckpt, &format!("{p}.{name}.weight"), dim, c.rms_norm_eps, device, dtype);
             let self_attn = Attention {
                 q_proj: lin("self_attn.q_proj", c.num_heads * d, hid, c.qkv_bias)?,
                 k_proj: lin("self_attn.k_proj", c.num_kv_heads * d, hid, c.qkv_bias)?,
@@ -560,11 +535,7 @@ impl CausalLm {
             Some(Linear::load(ckpt, c, "lm_head", c.vocab_size, hid, false, quantize_outer, device, dtype, on_event)?)
         };
         on_event(LoadEvent::Loaded("lm_head"));
-        Ok(Self {
-            model: Backbone { embed_tokens, layers, norm },
-            lm_head,
-            rope: Rope::new(d, c.rope_theta, &c.rope_scaling),
-        })
+        Ok(Self { model: Backbone { embed_tokens, layers, norm }, lm_head, rope: Rope::new(d, c.rope_theta, &c.rope_scaling) })
     }
 
     /// Switches adapter dropout on (training) or off (evaluation, generation).
@@ -666,12 +637,7 @@ impl CausalLm {
     }
 
     /// Runs the blocks; returns the last hidden states `[batch, seq, hidden]` before the final norm.
-    fn hidden_states(
-        &self,
-        tokens: Tensor<2, Int>,
-        attention_mask: Option<&[bool]>,
-        mut cache: Option<&mut KvCache>,
-    ) -> Tensor<3> {
+    fn hidden_states(&self, tokens: Tensor<2, Int>, attention_mask: Option<&[bool]>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [b, s] = tokens.dims();
         let device = tokens.device();
         let past = cache.as_ref().map_or(0, |c| c.len);
@@ -708,14 +674,7 @@ impl CausalLm {
 
 /// The attention mask `[batch, 1, 1, seq, past + seq]`, true where attention is forbidden:
 /// future keys, keys outside the sliding window (`q - k >= window`), and padding keys.
-fn build_mask(
-    batch: usize,
-    seq: usize,
-    past: usize,
-    window: Option<usize>,
-    attention_mask: Option<&[bool]>,
-    device: &Device,
-) -> Tensor<5, Bool> {
+fn build_mask(batch: usize, seq: usize, past: usize, window: Option<usize>, attention_mask: Option<&[bool]>, device: &Device) -> Tensor<5, Bool> {
     let total = past + seq;
     let mut flags = Vec::with_capacity(batch * seq * total);
     for row in 0..batch {
@@ -736,7 +695,8 @@ fn to_f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     if x.dtype() == DType::F32 { x } else { x.cast(FloatDType::F32) }
 }
 
-pub(crate) fn float_dtype(dtype: DType) -> FloatDType {
+/// The float dtype of a compute `dtype` (f32 for anything that is not a half or f64).
+pub fn float_dtype(dtype: DType) -> FloatDType {
     match dtype {
         DType::F16 => FloatDType::F16,
         DType::BF16 => FloatDType::BF16,

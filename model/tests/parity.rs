@@ -189,6 +189,7 @@ fn cpu_greedy_ids_match_transformers() {
 /// The wgpu device, or `None` (test skipped) when this machine has no adapter. CI sets
 /// `LORA_REQUIRE_WGPU=1` so that a missing adapter fails instead of skipping.
 fn wgpu() -> Option<Device> {
+    lora_model::device::minimal_autotune_for_tests();
     let device = wgpu_device();
     if device.is_none() {
         assert!(std::env::var_os("LORA_REQUIRE_WGPU").is_none(), "LORA_REQUIRE_WGPU is set but no wgpu adapter was found");

@@ -17,39 +17,32 @@ use burn::backend::{Autodiff, Backend, Flex, Scalar, TensorMetadata, backend_ext
 use burn::tensor::{DType, FloatDType, IntDType, Shape, TensorData};
 
 use crate::kernels;
-use burn::backend::ops::FloatTensorOps;
+use lora_kernels::linear::LinearOps;
 
 /// Backend operations on an affine-packed weight `W` `[n, k]`: words `[n, k·bits/32]`
 /// (u32), scales and biases `[n, k/group_size]`.
-#[backend_extension(Autodiff, Flex, Cube)]
+#[backend_extension(Autodiff, Flex, Cube, Fusion)]
 pub trait PackedOps: Backend {
     /// Codes `[n, k]` from packed words `[n, k·bits/32]`.
+    #[fusion(dtype = packed, shape = Shape::new([packed[0], packed[1] * 32 / *bits]))]
     fn unpack_codes(packed: IntTensor<Self>, bits: usize) -> IntTensor<Self> {
         unpack::<Self>(packed, bits)
     }
 
     /// The dense affine weight `[n, k]`, in the scales' dtype.
-    fn packed_dequantize(
-        packed: IntTensor<Self>,
-        scales: FloatTensor<Self>,
-        biases: FloatTensor<Self>,
-        bits: usize,
-        group_size: usize,
-    ) -> FloatTensor<Self> {
+    #[fusion(dtype = scales, shape = Shape::new([packed[0], packed[1] * 32 / *bits]))]
+    fn packed_dequantize(packed: IntTensor<Self>, scales: FloatTensor<Self>, biases: FloatTensor<Self>, bits: usize, group_size: usize) -> FloatTensor<Self> {
         dequantize::<Self>(packed, scales, biases, bits, group_size)
     }
 
     /// The dense NF4 weight `[n, k]` in `dtype`.
-    fn nf4_dequantize(
-        packed: IntTensor<Self>,
-        absmax: FloatTensor<Self>,
-        levels: FloatTensor<Self>,
-        dtype: FloatDType,
-    ) -> FloatTensor<Self> {
+    #[fusion(dtype = DType::from(*dtype), shape = Shape::new([packed[0], packed[1] * 8]))]
+    fn nf4_dequantize(packed: IntTensor<Self>, absmax: FloatTensor<Self>, levels: FloatTensor<Self>, dtype: FloatDType) -> FloatTensor<Self> {
         dequantize_nf4::<Self>(packed, absmax, levels, dtype)
     }
 
     /// `x` `[m, k]` · `Wᵀ` -> `[m, n]`.
+    #[fusion(dtype = x, shape = Shape::new([x[0], packed[0]]))]
     fn packed_matmul_t(
         x: FloatTensor<Self>,
         packed: IntTensor<Self>,
@@ -64,12 +57,8 @@ pub trait PackedOps: Backend {
 
     /// `x` `[m, k]` · `Wᵀ` -> `[m, n]` for an NF4 weight: 4-bit codes `[n, k/8]`, the f32
     /// absmax of each block of 64 `[n·k/64]`, and the 16 levels `[16]`.
-    fn nf4_matmul_t(
-        x: FloatTensor<Self>,
-        packed: IntTensor<Self>,
-        absmax: FloatTensor<Self>,
-        levels: FloatTensor<Self>,
-    ) -> FloatTensor<Self> {
+    #[fusion(dtype = x, shape = Shape::new([x[0], packed[0]]))]
+    fn nf4_matmul_t(x: FloatTensor<Self>, packed: IntTensor<Self>, absmax: FloatTensor<Self>, levels: FloatTensor<Self>) -> FloatTensor<Self> {
         let dtype = float_dtype(x.dtype());
         let w = dequantize_nf4::<Self>(packed, absmax, levels, dtype); // [n, k]
         Self::float_matmul(x, Self::float_transpose(w))
@@ -83,22 +72,11 @@ pub const MATVEC_ROWS: usize = 8;
 
 /// wgpu and cuda: fused CubeCL kernels ([`crate::kernels`]).
 impl PackedOps for burn_cubecl::CubeBackend {
-    fn packed_dequantize(
-        packed: IntTensor<Self>,
-        scales: FloatTensor<Self>,
-        biases: FloatTensor<Self>,
-        bits: usize,
-        group_size: usize,
-    ) -> FloatTensor<Self> {
+    fn packed_dequantize(packed: IntTensor<Self>, scales: FloatTensor<Self>, biases: FloatTensor<Self>, bits: usize, group_size: usize) -> FloatTensor<Self> {
         kernels::affine_dequantize(packed, scales, biases, bits, group_size)
     }
 
-    fn nf4_dequantize(
-        packed: IntTensor<Self>,
-        absmax: FloatTensor<Self>,
-        levels: FloatTensor<Self>,
-        dtype: FloatDType,
-    ) -> FloatTensor<Self> {
+    fn nf4_dequantize(packed: IntTensor<Self>, absmax: FloatTensor<Self>, levels: FloatTensor<Self>, dtype: FloatDType) -> FloatTensor<Self> {
         kernels::nf4_dequantize(packed, absmax, levels, dtype.into())
     }
 
@@ -114,20 +92,15 @@ impl PackedOps for burn_cubecl::CubeBackend {
             return kernels::affine_matvec(x, packed, scales, biases, bits, group_size);
         }
         let w = kernels::affine_dequantize(packed, scales, biases, bits, group_size);
-        Self::float_matmul(x, Self::float_transpose(w))
+        <Self as LinearOps>::frozen_linear_t(x, w)
     }
 
-    fn nf4_matmul_t(
-        x: FloatTensor<Self>,
-        packed: IntTensor<Self>,
-        absmax: FloatTensor<Self>,
-        levels: FloatTensor<Self>,
-    ) -> FloatTensor<Self> {
+    fn nf4_matmul_t(x: FloatTensor<Self>, packed: IntTensor<Self>, absmax: FloatTensor<Self>, levels: FloatTensor<Self>) -> FloatTensor<Self> {
         if x.shape()[0] <= MATVEC_ROWS {
             return kernels::nf4_matvec(x, packed, absmax, levels);
         }
         let w = kernels::nf4_dequantize(packed, absmax, levels, x.dtype);
-        Self::float_matmul(x, Self::float_transpose(w))
+        <Self as LinearOps>::frozen_linear_t(x, w)
     }
 }
 
@@ -150,19 +123,19 @@ impl<B: PackedOps> PackedState<B> {
 #[derive(Debug)]
 struct PackedMatmulBackward;
 
-impl<B: PackedOps> Backward<B, 1> for PackedMatmulBackward {
+impl<B: PackedOps + LinearOps> Backward<B, 1> for PackedMatmulBackward {
     type State = PackedState<B>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let state = ops.state;
         unary::<B, _>(ops.parents, ops.node, grads, |grad| {
             // dx = dy · W, W dequantized again from the packed words.
-            B::float_matmul(grad, state.dequantize())
+            B::frozen_matmul(grad, state.dequantize())
         });
     }
 }
 
-impl<B: Backend + PackedOps, C: CheckpointStrategy> PackedOps for Autodiff<B, C> {
+impl<B: Backend + PackedOps + LinearOps, C: CheckpointStrategy> PackedOps for Autodiff<B, C> {
     fn packed_matmul_t(
         x: FloatTensor<Self>,
         packed: IntTensor<Self>,
@@ -183,12 +156,7 @@ impl<B: Backend + PackedOps, C: CheckpointStrategy> PackedOps for Autodiff<B, C>
         }
     }
 
-    fn nf4_matmul_t(
-        x: FloatTensor<Self>,
-        packed: IntTensor<Self>,
-        absmax: FloatTensor<Self>,
-        levels: FloatTensor<Self>,
-    ) -> FloatTensor<Self> {
+    fn nf4_matmul_t(x: FloatTensor<Self>, packed: IntTensor<Self>, absmax: FloatTensor<Self>, levels: FloatTensor<Self>) -> FloatTensor<Self> {
         let dtype = float_dtype(x.dtype());
         let (absmax, levels) = (absmax.into_primitive(), levels.into_primitive());
         match PackedMatmulBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
@@ -222,21 +190,13 @@ pub fn dequantize_nf4<B: Backend>(packed: IntTensor<B>, absmax: FloatTensor<B>, 
 }
 
 /// The dense `[n, k]` weight from its packed words, in the scales' dtype.
-pub fn dequantize<B: Backend>(
-    packed: IntTensor<B>,
-    scales: FloatTensor<B>,
-    biases: FloatTensor<B>,
-    bits: usize,
-    group_size: usize,
-) -> FloatTensor<B> {
+pub fn dequantize<B: Backend>(packed: IntTensor<B>, scales: FloatTensor<B>, biases: FloatTensor<B>, bits: usize, group_size: usize) -> FloatTensor<B> {
     let codes = unpack::<B>(packed, bits);
     let [rows, cols] = codes.shape().dims();
     let dtype = float_dtype(scales.dtype());
     let groups = cols / group_size;
     let q = B::float_reshape(B::int_into_float(codes, dtype), Shape::new([rows, groups, group_size]));
-    let spread = |t: FloatTensor<B>| {
-        B::float_expand(B::float_reshape(t, Shape::new([rows, groups, 1])), Shape::new([rows, groups, group_size]))
-    };
+    let spread = |t: FloatTensor<B>| B::float_expand(B::float_reshape(t, Shape::new([rows, groups, 1])), Shape::new([rows, groups, group_size]));
     let w = B::float_add(B::float_mul(q, spread(scales)), spread(biases));
     B::float_reshape(w, Shape::new([rows, cols]))
 }

@@ -17,7 +17,19 @@ pub fn fixture(name: &str) -> PathBuf {
 
 /// `lora <args>` from the repository root.
 pub fn lora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lora")).current_dir(root()).args(args).output().expect("run lora")
+    command().args(args).output().expect("run lora")
+}
+
+/// The `lora` binary, run from the repository root, with cubecl's autotuning at its minimal
+/// level unless `CUBECL_AUTOTUNE_LEVEL` says otherwise: tuning one new matmul shape on
+/// lavapipe takes up to minutes (the shipped binary tunes fully).
+pub fn command() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lora"));
+    c.current_dir(root());
+    if std::env::var_os("CUBECL_AUTOTUNE_LEVEL").is_none() {
+        c.env("CUBECL_AUTOTUNE_LEVEL", "minimal");
+    }
+    c
 }
 
 /// A run's stderr as text.
@@ -55,7 +67,8 @@ pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 pub fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<(String, Vec<f32>)> = st.tensors().into_iter().map(|(n, t)| (n, lora_model::checkpoint::decode_floats(t.data(), t.dtype()).unwrap())).collect();
+    let mut v: Vec<(String, Vec<f32>)> =
+        st.tensors().into_iter().map(|(n, t)| (n, lora_model::checkpoint::decode_floats(t.data(), t.dtype()).unwrap())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }

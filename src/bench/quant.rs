@@ -7,8 +7,6 @@
 //!   against a dense f16 `x·Wᵀ` of the same shape, at a
 //!   prefill/training size (batch×seq rows) and at batch-1 decode.
 
-use std::time::Instant;
-
 use anyhow::{Context, Result};
 use burn::tensor::{DType, Device, Distribution, FloatDType, Tensor};
 use clap::Args;
@@ -16,6 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lora_quant::QuantWeight;
 use lora_quant::affine::{self, AffineSpec};
 
+use super::time;
 use crate::device::{DeviceArg, select};
 
 /// Flags of `lora bench quant`.
@@ -141,22 +140,6 @@ pub fn run(args: BenchQuantArgs) -> Result<()> {
 
 fn float_dtype(dtype: DType) -> FloatDType {
     if dtype == DType::F16 { FloatDType::F16 } else { FloatDType::F32 }
-}
-
-/// Seconds per call of `f`, the median of `iters` after one warm-up, synchronized.
-fn time(device: &Device, iters: usize, f: impl Fn() -> Tensor<2>) -> Result<f64> {
-    let _ = f();
-    device.sync().context("device sync")?;
-    let mut samples = Vec::with_capacity(iters);
-    for _ in 0..iters.max(1) {
-        let start = Instant::now();
-        let y = f();
-        device.sync().context("device sync")?;
-        samples.push(start.elapsed().as_secs_f64());
-        drop(y);
-    }
-    samples.sort_by(f64::total_cmp);
-    Ok(samples[samples.len() / 2])
 }
 
 /// Bytes of the tensors a packed weight holds.

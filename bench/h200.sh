@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# One measurement on a lent NVIDIA machine, ours and the peer side by side, in one call:
+#
+#   bash bench/h200.sh STAGE...     (stages: features matmul peer1b ours1b profile1b peer8b ours8b
+#                                    long8b second1b)
+#
+# Expects the stripped, xz-compressed release binary at .bin/lora.xz and the Vulkan loader
+# packages in .gl/ (see the device README's "Headless rendering"); writes every log and JSON
+# into $OUT/results.tar.xz, with summary.txt beside it (OUT is bench/out when unset). A cubecl autotune cache saved by an earlier
+# call (.bin/cubecl-cache.tar.xz) is restored first and the current one saved at the end, so
+# that tuning happens once across calls.
+set -u
+FINAL=${OUT:-bench/out}
+mkdir -p "$FINAL"
+OUT=/tmp/results
+mkdir -p "$OUT"
+ROOT=$(pwd)
+for f in .gl/*.deb; do dpkg -x "$f" / 2>/dev/null; done
+ldconfig
+export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+export PYTHONUNBUFFERED=1
+L=/tmp/lora
+[ -x $L ] || { xz -dc .bin/lora.xz > $L && chmod +x $L; }
+# The cache lives in the user cache directory: runs happen outside any Cargo workspace.
+WORK=/tmp/work
+mkdir -p $WORK ~/.cache
+if [ -f .bin/cubecl-cache.tar.xz ] && [ ! -d ~/.cache/cubecl ]; then tar -C ~/.cache -xJf .bin/cubecl-cache.tar.xz; fi
+
+# Runs "$@" while sampling the device's used memory every 100 ms; appends the peak (MiB) to
+# $OUT/$name.mem.
+sampled() {
+    local name=$1; shift
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/$name.smi" &
+    local smi=$!
+    ( cd $WORK && "$@" ) > "$OUT/$name.log" 2>&1
+    local rc=$?
+    kill $smi 2>/dev/null; wait $smi 2>/dev/null
+    echo "$name rc=$rc peak_used_mib=$(sort -n "$OUT/$name.smi" | tail -1)" | tee -a "$OUT/summary.txt"
+    rm -f "$OUT/$name.smi"
+    tail -2 "$OUT/$name.log"
+}
+
+peer() { python3 "$ROOT/bench/peer_peft.py" "$@"; }
+
+for stage in "$@"; do
+    echo "== $stage $(date +%T)" | tee -a "$OUT/summary.txt"
+    case $stage in
+    features)
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
+        cat "$OUT/gpu.txt"
+        ( cd $WORK && LORA_LOG=cubecl_wgpu=debug $L bench matmul --shapes 256x256x256 --iters 1 --quantized false ) > "$OUT/features.log" 2>&1
+        grep -i -E "bfloat|b_float|cooperative|Supported CMMA|spirv|wgpu<" "$OUT/features.log" | head -40
+        ;;
+    matmul)
+        sampled matmul-peer peer matmul --json "$OUT/matmul-peer.json"
+        sampled matmul-ours $L bench matmul --dtype f16 --tiles ${TILES:-128x256x32} --json "$OUT/matmul-ours.json"
+        ;;
+    cm2)
+        sampled cm2 $L bench matmul --dtype f16 --quantized false --iters 10 --tiles ${TILES:-128x128x32,128x256x32,256x128x32,128x128x64,128x256x64}
+        ;;
+    peer1b) sampled peer1b peer train --geometry llama-1b --batch-size 8 --seq 512 --steps 8 --json "$OUT/peer1b.json" ;;
+    ours1b) sampled ours1b $L bench train --geometry llama-1b --batch-size 8 --seq 512 --steps 8 --dtype f16 --json "$OUT/ours1b.json" ;;
+    second1b) sampled second1b $L bench train --geometry llama-1b --batch-size 8 --seq 512 --steps 3 --warmup 0 --dtype f16 --json "$OUT/second1b.json" ;;
+    profile1b)
+        printf '[profiling.logger]\nlevel = "medium"\nfile = "%s/profile1b.txt"\nappend = false\n' "$OUT" > $WORK/cubecl.toml
+        sampled profile1b $L bench train --geometry llama-1b --batch-size 8 --seq 512 --steps 1 --warmup 1 --dtype f16
+        rm $WORK/cubecl.toml
+        xz -9 -f "$OUT/profile1b.txt"
+        ;;
+    peer8b) sampled peer8b peer train --geometry llama-8b --batch-size 4 --seq 512 --steps 6 --grad-checkpoint --json "$OUT/peer8b.json" ;;
+    ours8b) sampled ours8b $L bench train --geometry llama-8b --batch-size 4 --seq 512 --steps 4 --quantize nf4 --double-quant --grad-checkpoint --dtype f16 --json "$OUT/ours8b.json" ;;
+    long8b) sampled long8b $L bench train --geometry llama-8b --batch-size 1 --seq 16384 --steps 2 --warmup 1 --quantize nf4 --double-quant --grad-checkpoint --dtype f16 --json "$OUT/long8b.json" ;;
+    *) echo "unknown stage $stage" ;;
+    esac
+done
+tar -C ~/.cache -cJf "$FINAL/cubecl-cache.tar.xz" cubecl 2>/dev/null
+cp "$OUT/summary.txt" "$FINAL/summary.txt"
+tar -C "$OUT" -cJf "$FINAL/results.tar.xz" .
+cat "$OUT/summary.txt"

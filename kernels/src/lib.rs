@@ -1,0 +1,13 @@
+//! CubeCL kernels that burn's own operations do not reach, each behind a burn backend extension
+//! with a CPU (flex) path and, where it is differentiated, a hand-written backward.
+//!
+//! - [`linear`]: `x·Wᵀ` for a frozen weight `W` (no weight gradient, input gradient `dy·W`). On
+//!   a GPU whose driver offers workgroup-scope cooperative matrices
+//!   (`VK_NV_cooperative_matrix2`), both products run on [`matmul`]'s tensor-core kernel;
+//!   elsewhere they are burn's matmul.
+#![warn(missing_docs)]
+
+pub mod linear;
+pub mod matmul;
+
+pub use linear::{frozen_linear, matmul_frozen};

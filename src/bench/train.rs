@@ -1,0 +1,262 @@
+//! `lora bench train`: the real trainer on a random model of a named shape.
+//!
+//! The model is built in Rust from [`Geometry`] with random weights (no download, no Python),
+//! adapters are attached as `lora train` attaches them, and `lora_trainer::train` runs
+//! `--warmup` + `--steps` iterations on random token rows of `--seq` targets each. Printed:
+//! tokens/s (median of the timed steps), time to the first step, peak device memory and the
+//! effective TFLOP/s (matrix-product FLOPs of the frozen base and attention; the formula is
+//! [`Geometry::train_flops_per_token`], also used by `bench/peer_peft.py`).
+
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use lora_adapters::{AdapterSpec, FineTuneType, Init, Scale, add_adapters, trainable_count};
+use lora_data::Example;
+use lora_model::{CausalLm, Checkpoint, Geometry};
+use lora_trainer::{Observer, Optimizer, OptimizerConfig, OptimizerKind, Schedule, ScheduleKind, Settings, State, TrainError};
+use serde_json::json;
+
+use super::{median, write_json};
+use crate::device::{DTypeArg, DeviceArg, PeakMemory, compute_dtype, select};
+use crate::generate::load_model;
+use crate::quantize::QuantArgs;
+
+/// Flags of `lora bench train`.
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    /// The model shape: tiny, llama-1b, llama-3b, llama-8b, qwen2-0.5b, mistral-7b.
+    #[arg(long, default_value = "llama-1b", value_name = "NAME")]
+    pub geometry: String,
+    /// Override the shape's hidden size.
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    /// Override the shape's MLP width.
+    #[arg(long)]
+    pub intermediate: Option<usize>,
+    /// Override the shape's number of blocks.
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Override the shape's query heads.
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Override the shape's key/value heads.
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
+    /// Override the shape's vocabulary size.
+    #[arg(long)]
+    pub vocab: Option<usize>,
+    /// Rows per step.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Trained targets per row (each row is seq + 1 tokens).
+    #[arg(long, default_value_t = 512)]
+    pub seq: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 8)]
+    pub steps: usize,
+    /// Untimed steps first (tuning and compilation happen in these).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// PEFT's lora_alpha (scale alpha/rank).
+    #[arg(long, default_value_t = 32.0)]
+    pub alpha: f64,
+    /// Projections to adapt, comma-separated (q_proj, ..., down_proj); all seven by default.
+    #[arg(long, value_delimiter = ',')]
+    pub keys: Option<Vec<String>>,
+    /// Adapt the last N blocks; -1 for all.
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    pub num_layers: i64,
+    #[command(flatten)]
+    pub quant: QuantArgs,
+    /// Compute dtype [default: bf16 where the device has it, else f16; f32 on the CPU].
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
+    /// Backend.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto, value_name = "D")]
+    pub device: DeviceArg,
+    /// Recompute each block in backward instead of keeping its activations.
+    #[arg(long)]
+    pub grad_checkpoint: bool,
+    /// Also write the figures as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<std::path::PathBuf>,
+}
+
+pub fn run(args: BenchTrainArgs) -> Result<()> {
+    let mut g = Geometry::named(&args.geometry).with_context(|| format!("--geometry {}: unknown (known: {})", args.geometry, Geometry::names()))?;
+    let over = |v: Option<usize>, d: usize| v.unwrap_or(d);
+    g.hidden = over(args.hidden, g.hidden);
+    g.intermediate = over(args.intermediate, g.intermediate);
+    g.layers = over(args.layers, g.layers);
+    g.heads = over(args.heads, g.heads);
+    g.kv_heads = over(args.kv_heads, g.kv_heads);
+    g.vocab = over(args.vocab, g.vocab);
+    g.validate().map_err(|e| anyhow::anyhow!("--geometry {}: {e}", args.geometry))?;
+    if args.batch_size == 0 || args.seq == 0 || args.steps == 0 {
+        bail!("--batch-size, --seq and --steps must be at least 1");
+    }
+    let config = g.config();
+    let device = select(args.device)?;
+    let dtype = compute_dtype(&device, args.dtype, config.checkpoint_dtype.as_deref())?;
+    let options = args.quant.load_options(&config)?;
+    eprintln!(
+        "bench train: {} ({:.2} B parameters), {}x{} targets, {dtype:?}{}{}, LoRA r{} alpha {} on {}, device {device:?}",
+        args.geometry,
+        g.parameters() as f64 / 1e9,
+        args.batch_size,
+        args.seq,
+        args.quant.quantize.map_or(String::new(), |q| format!(", base {q:?}{}", if args.quant.double_quant { " double-quant" } else { "" })),
+        if args.grad_checkpoint { ", grad checkpoint" } else { "" },
+        args.rank,
+        args.alpha,
+        args.keys.as_ref().map_or("all projections".to_string(), |k| k.join(","))
+    );
+
+    let started = Instant::now();
+    let train_device = device.clone().autodiff();
+    let mut model = load_model(&config, &Checkpoint::random(&config), &train_device, dtype, options)?.no_grad();
+    let spec = AdapterSpec {
+        fine_tune_type: FineTuneType::Lora,
+        num_layers: args.num_layers,
+        keys: args.keys.clone(),
+        rank: args.rank,
+        scale: Scale::Alpha { alpha: args.alpha, rslora: false },
+        dropout: 0.0,
+        init: Init::Kaiming,
+    };
+    if add_adapters(&mut model, &spec, 0)? == 0 {
+        bail!("--keys: no projection was adapted");
+    }
+    device.sync().context("device sync")?;
+    let load_s = started.elapsed().as_secs_f64();
+    let trainable = trainable_count(&model);
+
+    let iters = args.warmup + args.steps;
+    let examples = random_rows(iters * args.batch_size, args.seq + 1, g.vocab);
+    let settings = Settings {
+        iters,
+        batch_size: args.batch_size,
+        grad_accumulation_steps: 1,
+        max_seq_length: args.seq + 1,
+        steps_per_report: usize::MAX,
+        steps_per_eval: usize::MAX,
+        val_batches: None,
+        save_every: 0,
+        seed: 0,
+        shuffle: false,
+        max_grad_norm: None,
+        recompute: args.grad_checkpoint,
+        schedule: Schedule { kind: ScheduleKind::Constant, lr: 1e-4, warmup: 0, total: iters, min_lr: 0.0 },
+    };
+    let optimizer = OptimizerConfig { kind: OptimizerKind::Adamw, weight_decay: 0.01, betas: (0.9, 0.999), eps: 1e-8, momentum: 0.0 };
+    let mut state = State::new(Optimizer::new(optimizer));
+    let mut timer = StepTimer::new(&device, iters);
+    lora_trainer::train(&mut model, &examples, None, &settings, &mut state, &mut timer)?;
+    timer.bar.finish_and_clear();
+
+    let tokens = args.batch_size * args.seq;
+    let mut timed: Vec<f64> = timer.steps[args.warmup.min(timer.steps.len())..].to_vec();
+    let (min, max) = (timed.iter().copied().fold(f64::INFINITY, f64::min), timed.iter().copied().fold(0.0, f64::max));
+    let step = median(&mut timed);
+    let tokens_per_s = tokens as f64 / step;
+    let tflops = g.train_flops_per_token(args.seq) * tokens as f64 / step / 1e12;
+    let peak = timer.peak.peak()? as f64 / (1u64 << 30) as f64;
+    let first_step = timer.steps.first().copied().unwrap_or(0.0);
+    println!(
+        "lora {} {}x{} {dtype:?}{}{}: {tokens_per_s:.0} tokens/s (step {:.1} ms, min {:.1}, max {:.1}), first step {first_step:.2} s after {load_s:.1} s of building, peak {peak:.2} GiB, {tflops:.1} TFLOP/s",
+        args.geometry,
+        args.batch_size,
+        args.seq,
+        args.quant.quantize.map_or(String::new(), |q| format!(" {q:?}")),
+        if args.grad_checkpoint { " grad-checkpoint" } else { "" },
+        step * 1e3,
+        min * 1e3,
+        max * 1e3,
+    );
+    if let Some(path) = &args.json {
+        let value = json!({
+            "side": "lora",
+            "geometry": args.geometry,
+            "parameters": g.parameters(),
+            "trainable": trainable,
+            "dtype": format!("{dtype:?}"),
+            "quantize": args.quant.quantize.map(|q| format!("{q:?}")),
+            "double_quant": args.quant.double_quant,
+            "batch_size": args.batch_size,
+            "seq": args.seq,
+            "grad_checkpoint": args.grad_checkpoint,
+            "rank": args.rank,
+            "tokens_per_s": tokens_per_s,
+            "step_s_median": step,
+            "step_s_min": min,
+            "step_s_max": max,
+            "load_s": load_s,
+            "first_step_s": first_step,
+            "peak_gib": peak,
+            "tflops": tflops,
+            "losses": timer.losses,
+            "device": format!("{device:?}"),
+        });
+        write_json(path, &value)?;
+    }
+    Ok(())
+}
+
+/// `n` rows of `len` random token ids below `vocab`, every position a target.
+fn random_rows(n: usize, len: usize, vocab: usize) -> Vec<Example> {
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    (0..n)
+        .map(|_| {
+            let tokens = (0..len)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    (s % vocab as u64) as u32
+                })
+                .collect();
+            Example { tokens, offset: 0 }
+        })
+        .collect()
+}
+
+/// Times each iteration (the device synchronized at its end) and samples the memory.
+struct StepTimer {
+    device: burn::tensor::Device,
+    last: Instant,
+    steps: Vec<f64>,
+    losses: Vec<f64>,
+    peak: PeakMemory,
+    bar: ProgressBar,
+}
+
+impl StepTimer {
+    fn new(device: &burn::tensor::Device, iters: usize) -> Self {
+        let bar = ProgressBar::new(iters as u64);
+        bar.set_style(ProgressStyle::with_template("Training {bar:30} {pos}/{len} {msg}").expect("valid template"));
+        Self { device: device.clone(), last: Instant::now(), steps: Vec::new(), losses: Vec::new(), peak: PeakMemory::new(device), bar }
+    }
+}
+
+impl Observer for StepTimer {
+    fn iteration(&mut self, _iteration: usize, loss: f64, _tokens: usize, _lr: f64) {
+        let _ = self.device.sync();
+        let now = Instant::now();
+        self.steps.push((now - self.last).as_secs_f64());
+        self.losses.push(loss);
+        self.peak.sample();
+        self.bar.set_message(format!("{:.0} ms", (now - self.last).as_secs_f64() * 1e3));
+        self.bar.inc(1);
+        self.last = Instant::now();
+    }
+
+    fn checkpoint(&mut self, _model: &CausalLm, _state: &State) -> Result<(), TrainError> {
+        Ok(())
+    }
+}
