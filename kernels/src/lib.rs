@@ -5,8 +5,11 @@
 //!   a GPU whose driver offers workgroup-scope cooperative matrices
 //!   (`VK_NV_cooperative_matrix2`), both products run on [`matmul`]'s tensor-core kernel;
 //!   elsewhere they are burn's matmul.
+//! - [`attention`]: causal attention in chunks of queries with a backward that recomputes the
+//!   probabilities from the log-sum-exp: no `[heads, T, T]` tensor is ever held.
 #![warn(missing_docs)]
 
+pub mod attention;
 pub mod linear;
 pub mod matmul;
 

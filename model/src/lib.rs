@@ -31,7 +31,7 @@ pub use error::ModelError;
 pub use generate::{GenerationStats, generate};
 pub use geometry::Geometry;
 pub use llama::{
-    BlockInputs, CausalLm, KvCache, Linear, LoadEvent, LoadOptions, PROJECTIONS, QuantizeAtLoad,
+    AttentionPath, BlockInputs, CausalLm, KvCache, Linear, LoadEvent, LoadOptions, PROJECTIONS, QuantizeAtLoad,
     Weight,
 };
 pub use lora::LoraAdapter;

@@ -292,6 +292,16 @@ pub struct Attention {
     pub head_dim: usize,
 }
 
+/// How a forward pass masks attention.
+#[derive(Debug, Clone, Copy)]
+enum AttentionMask<'a> {
+    /// Chunked causal attention (`lora_kernels::attention`) over the whole sequence: key padding
+    /// `[batch, seq]` (1 real, 0 padding) and the layer's sliding window.
+    Chunked { keys: &'a Tensor<2>, window: Option<usize> },
+    /// The reference path: `[batch, 1, 1, seq, past + seq]`, true where a query may not look.
+    Dense(&'a Tensor<5, Bool>),
+}
+
 /// Keys and values of past positions for one layer, `[batch, kv_heads, past, head_dim]` each.
 #[derive(Debug, Clone)]
 pub struct LayerCache {
@@ -302,9 +312,8 @@ pub struct LayerCache {
 impl Attention {
     /// `x` `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
     ///
-    /// `mask` `[batch, 1, 1, seq, past + seq]` is true where a query may not look;
     /// `cos`/`sin` are `[seq, head_dim]` for this step's positions.
-    fn forward(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, mask: &Tensor<5, Bool>, cache: Option<&mut Option<LayerCache>>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, mask: AttentionMask, cache: Option<&mut Option<LayerCache>>) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
@@ -328,6 +337,12 @@ impl Attention {
             }
             *slot = Some(LayerCache { keys: k.clone(), values: v.clone() });
         }
+        if let AttentionMask::Chunked { keys, window } = mask {
+            let masking = lora_kernels::attention::Masking { window, chunk: 0 };
+            let out = lora_kernels::attention::attention(q, k, v, keys.clone(), masking); // [b, h, s, d]
+            return self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]));
+        }
+        let AttentionMask::Dense(mask) = mask else { unreachable!("handled above") };
         let t = k.dims()[2];
         let rep = h / kv;
         // Query head i uses key/value head i / rep (transformers' repeat_kv), so grouping the
@@ -382,19 +397,19 @@ pub struct DecoderLayer {
 pub const PROJECTIONS: [&str; 7] =
     ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
 
-/// What the blocks of one forward pass share: the rotary tables `[seq, head_dim]` and one
-/// attention mask per distinct sliding window.
+/// What the blocks of one forward pass share: the rotary tables `[seq, head_dim]` and the key
+/// padding `[batch, seq]` (1 real, 0 padding) of the chunked attention.
 #[derive(Debug, Clone)]
 pub struct BlockInputs {
     cos: Tensor<2>,
     sin: Tensor<2>,
-    masks: Vec<(Option<usize>, Tensor<5, Bool>)>,
+    keys: Tensor<2>,
 }
 
 impl DecoderLayer {
     /// `x` `[batch, seq, hidden]` -> `[batch, seq, hidden]`: attention then the MLP, each
     /// after its norm and added to the residual stream.
-    fn forward(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, mask: &Tensor<5, Bool>, cache: Option<&mut Option<LayerCache>>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, mask: AttentionMask, cache: Option<&mut Option<LayerCache>>) -> Tensor<3> {
         let h = self.self_attn.forward(self.input_layernorm.forward(x.clone()), cos, sin, mask, cache);
         let x = x + h;
         let h = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
@@ -444,6 +459,37 @@ pub struct CausalLm {
     pub lm_head: Option<Linear>,
     #[module(skip)]
     rope: Rope,
+    /// Which attention scores full sequences (prefill, training).
+    #[module(skip)]
+    pub attention: AttentionPath,
+}
+
+/// Which attention a forward pass over full sequences uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// Chunked once a layer's scores reach [`CHUNKED_FROM`] elements, dense below.
+    #[default]
+    Auto,
+    /// The whole masked `[seq, seq]` score matrix (the reference composition).
+    Dense,
+    /// Chunked queries with recomputation in backward (`lora_kernels::attention`).
+    Chunked,
+}
+
+/// Score elements per layer (`batch × heads × seq²`) from which [`AttentionPath::Auto`] takes
+/// the chunked attention: 4 M, 16 MiB in f32. Below it the dense scores are small and the dense
+/// composition is fewer operations.
+pub const CHUNKED_FROM: usize = 1 << 22;
+
+impl AttentionPath {
+    /// Whether `batch` rows of `seq` positions over `heads` heads take the chunked attention.
+    pub fn chunked(self, batch: usize, heads: usize, seq: usize) -> bool {
+        match self {
+            Self::Auto => batch * heads * seq * seq >= CHUNKED_FROM,
+            Self::Dense => false,
+            Self::Chunked => true,
+        }
+    }
 }
 
 /// Key/value cache for incremental decoding.
@@ -535,7 +581,7 @@ impl CausalLm {
             Some(Linear::load(ckpt, c, "lm_head", c.vocab_size, hid, false, quantize_outer, device, dtype, on_event)?)
         };
         on_event(LoadEvent::Loaded("lm_head"));
-        Ok(Self { model: Backbone { embed_tokens, layers, norm }, lm_head, rope: Rope::new(d, c.rope_theta, &c.rope_scaling) })
+        Ok(Self { model: Backbone { embed_tokens, layers, norm }, lm_head, rope: Rope::new(d, c.rope_theta, &c.rope_scaling), attention: AttentionPath::Auto })
     }
 
     /// Switches adapter dropout on (training) or off (evaluation, generation).
@@ -605,20 +651,18 @@ impl CausalLm {
         let device = tokens.device();
         let x = self.model.embed_tokens.forward(tokens);
         let (cos, sin) = self.rope.tables(0, s, &device, x.dtype());
-        let mut masks: Vec<(Option<usize>, Tensor<5, Bool>)> = Vec::new();
-        for layer in &self.model.layers {
-            if !masks.iter().any(|(w, _)| *w == layer.window) {
-                masks.push((layer.window, build_mask(b, s, 0, layer.window, attention_mask, &device)));
-            }
-        }
-        (x, BlockInputs { cos, sin, masks })
+        (x, BlockInputs { cos, sin, keys: key_flags(b, s, attention_mask, &device) })
     }
 
     /// Block `index` on `x` `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
     pub fn block(&self, index: usize, x: Tensor<3>, inputs: &BlockInputs) -> Tensor<3> {
         let layer = &self.model.layers[index];
-        let mask = &inputs.masks.iter().find(|(w, _)| *w == layer.window).expect("a mask per window").1;
-        layer.forward(x, &inputs.cos, &inputs.sin, mask, None)
+        let [b, s, _] = x.dims();
+        if !self.attention.chunked(b, layer.self_attn.num_heads, s) {
+            let mask = build_mask(b, s, 0, layer.window, Some(&key_list(&inputs.keys)), &x.device());
+            return layer.forward(x, &inputs.cos, &inputs.sin, AttentionMask::Dense(&mask), None);
+        }
+        layer.forward(x, &inputs.cos, &inputs.sin, AttentionMask::Chunked { keys: &inputs.keys, window: layer.window }, None)
     }
 
     /// The final norm and the head: hidden states `[batch, seq, hidden]` -> logits
@@ -644,6 +688,14 @@ impl CausalLm {
         let mut x = self.model.embed_tokens.forward(tokens);
         let dtype = x.dtype();
         let (cos, sin) = self.rope.tables(past, s, &device, dtype);
+        let heads = self.model.layers.first().map_or(1, |l| l.self_attn.num_heads);
+        if cache.is_none() && self.attention.chunked(b, heads, s) {
+            let keys = key_flags(b, s, attention_mask, &device);
+            for layer in &self.model.layers {
+                x = layer.forward(x, &cos, &sin, AttentionMask::Chunked { keys: &keys, window: layer.window }, None);
+            }
+            return x;
+        }
         // At most two distinct masks: full causal and the sliding window.
         let full = build_mask(b, s, past, None, attention_mask, &device);
         let mut windowed: Option<(usize, Tensor<5, Bool>)> = None;
@@ -663,13 +715,28 @@ impl CausalLm {
                 }
             };
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &cos, &sin, mask, slot);
+            x = layer.forward(x, &cos, &sin, AttentionMask::Dense(mask), slot);
         }
         if let Some(c) = cache {
             c.len += s;
         }
         x
     }
+}
+
+/// Key flags `[batch, seq]` in f32: 1 for a real token, 0 for padding (all 1 without a mask).
+fn key_flags(batch: usize, seq: usize, attention_mask: Option<&[bool]>, device: &Device) -> Tensor<2> {
+    let flags: Vec<f32> = match attention_mask {
+        Some(m) => m.iter().map(|&real| if real { 1.0 } else { 0.0 }).collect(),
+        None => vec![1.0; batch * seq],
+    };
+    Tensor::from_data(TensorData::new(flags, [batch, seq]), (device, DType::F32))
+}
+
+/// [`key_flags`] back as booleans, for the reference attention.
+fn key_list(keys: &Tensor<2>) -> Vec<bool> {
+    let flags: Vec<f32> = keys.clone().into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
+    flags.into_iter().map(|f| f > 0.5).collect()
 }
 
 /// The attention mask `[batch, 1, 1, seq, past + seq]`, true where attention is forbidden:

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use lora_model::device::wgpu_device;
-use lora_model::{CausalLm, Checkpoint, LoadEvent, LoadOptions, ModelConfig, QuantizeAtLoad, Sampler, SamplingConfig, generate};
+use lora_model::{AttentionPath, CausalLm, Checkpoint, LoadEvent, LoadOptions, ModelConfig, QuantizeAtLoad, Sampler, SamplingConfig, generate};
 use lora_quant::affine::AffineSpec;
 use serde_json::Value;
 
@@ -96,9 +96,10 @@ fn check_logits_with(name: &str, reference: &str, device: &Device, dtype: DType,
 }
 
 /// A left-padded batch of two: real positions must match transformers.
-fn check_padded(name: &str, device: &Device) {
+fn check_padded(name: &str, device: &Device, attention: AttentionPath) {
     let exp = Expected::load(name);
-    let model = load(name, device, DType::F32);
+    let mut model = load(name, device, DType::F32);
+    model.attention = attention;
     let padded = &exp.json["padded"];
     let rows: Vec<Vec<i64>> = serde_json::from_value(padded["input_ids"].clone()).unwrap();
     let mask: Vec<Vec<i64>> = serde_json::from_value(padded["attention_mask"].clone()).unwrap();
@@ -175,7 +176,16 @@ fn cpu_bf16_compute_is_within_tolerance() {
 #[test]
 fn cpu_padding_mask_matches_transformers() {
     for name in FIXTURES {
-        check_padded(name, &Device::flex());
+        check_padded(name, &Device::flex(), AttentionPath::Auto);
+    }
+}
+
+/// The chunked attention (which these short rows would not take by themselves) on the same
+/// padded batches.
+#[test]
+fn cpu_chunked_attention_matches_transformers() {
+    for name in FIXTURES {
+        check_padded(name, &Device::flex(), AttentionPath::Chunked);
     }
 }
 
@@ -204,7 +214,7 @@ fn wgpu_f32_logits_match_transformers() {
     for name in FIXTURES {
         check_logits(name, name, &device, DType::F32, "logits", F32_TOL);
     }
-    check_padded("mistral", &device);
+    check_padded("mistral", &device, AttentionPath::Auto);
 }
 
 #[test]

@@ -1,0 +1,262 @@
+//! Causal self-attention that never holds the `[heads, T, T]` scores: the queries are taken in
+//! chunks, and the backward pass recomputes each chunk's probabilities from the forward's
+//! log-sum-exp instead of keeping them (the flash-attention recurrence, at the level of tensor
+//! operations: each chunk's products run on the backend's matmul).
+//!
+//! Memory is `O(chunk × T)` per layer instead of `O(T²)`, in the forward and the backward: what
+//! makes 16k-token sequences trainable. Grouped-query attention shares each key/value head
+//! between its group of query heads without copying it. Masks are causal, optionally with a
+//! sliding window, and optionally with key padding; a forbidden score is set to `f32::MIN`
+//! before the softmax, as the model's reference path does. A query that may see no key (a
+//! left-padding position) gets an average of the values up to its chunk's end, where the full
+//! score matrix averages all of them: such positions never reach a loss.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::tensor::{BoolTensor, FloatTensor};
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, Scalar, TensorMetadata, backend_extension, get_device_settings};
+use burn::tensor::{FloatDType, IntDType, Shape, Slice, Tensor};
+
+/// Elements of one chunk's f32 score block (`batch × heads × chunk × T`): 64 M, 256 MiB.
+const CHUNK_ELEMENTS: usize = 64 << 20;
+
+/// How the attention is masked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Masking {
+    /// Keys at most this many positions behind the query (`q - k < window`); `None` for all.
+    pub window: Option<usize>,
+    /// Query positions per chunk; 0 picks one that keeps a chunk's scores near 256 MiB.
+    pub chunk: usize,
+}
+
+/// Chunked attention as a backend operation, so that autodiff can give it its own backward.
+#[backend_extension(Autodiff, Flex, Cube, Fusion)]
+pub trait AttentionOps: Backend {
+    /// `q` `[b, h, s, d]`, `k` and `v` `[b, kv, s, d]` (`kv` divides `h`; query head `i` uses
+    /// key/value head `i / (h / kv)`), `keys` `[b, s]` 1 for a real key and 0 for padding, in f32:
+    /// `softmax(q·kᵀ/√d + mask)·v` `[b, h, s, d]`, causal, in the dtype of `q`.
+    #[fusion(default)]
+    fn chunked_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        keys: FloatTensor<Self>,
+        window: usize,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
+        forward::<Self>(q, k, v, &keys, window, chunk).0
+    }
+}
+
+impl AttentionOps for Flex {}
+impl AttentionOps for burn_cubecl::CubeBackend {}
+
+fn slice_dim(rank: usize, dim: usize, start: usize, end: usize) -> Vec<Slice> {
+    (0..rank).map(|i| if i == dim { Slice::new(start as isize, Some(end as isize), 1) } else { Slice::new(0, None, 1) }).collect()
+}
+
+fn float_dtype(t: &impl TensorMetadata) -> FloatDType {
+    match t.dtype() {
+        burn::tensor::DType::F16 => FloatDType::F16,
+        burn::tensor::DType::BF16 => FloatDType::BF16,
+        burn::tensor::DType::F64 => FloatDType::F64,
+        _ => FloatDType::F32,
+    }
+}
+
+/// The query chunk size for `b` rows, `h` heads and `s` positions.
+fn chunk_size(b: usize, h: usize, s: usize, asked: usize) -> usize {
+    if asked > 0 {
+        return asked.min(s).max(1);
+    }
+    (CHUNK_ELEMENTS / (b * h * s).max(1)).clamp(16, s.max(16)).min(s)
+}
+
+/// True where query `start + i` may not see key `j` (`i < c`, `j < end`), `[b, kv, rep·c, end]`.
+#[allow(clippy::too_many_arguments)]
+fn chunk_mask<B: Backend>(keys: &FloatTensor<B>, dims: [usize; 4], start: usize, c: usize, end: usize, window: usize) -> BoolTensor<B> {
+    let [b, kv, rep, _] = dims;
+    let device = keys.device();
+    let bool_dtype = get_device_settings::<B>(&device).bool_dtype;
+    let q = B::int_reshape(B::int_arange(start as i64..(start + c) as i64, &device, IntDType::I32), Shape::new([c, 1]));
+    let k = B::int_reshape(B::int_arange(0..end as i64, &device, IntDType::I32), Shape::new([1, end]));
+    let diff = B::int_sub(B::int_expand(q, Shape::new([c, end])), B::int_expand(k, Shape::new([c, end]))); // q - k
+    let mut forbidden = B::int_lower_elem(diff.clone(), Scalar::from(0i32), bool_dtype);
+    if window > 0 {
+        forbidden = B::bool_or(forbidden, B::int_greater_equal_elem(diff, Scalar::from(window as i32), bool_dtype));
+    }
+    let forbidden = B::bool_expand(B::bool_reshape(forbidden, Shape::new([1, 1, 1, c, end])), Shape::new([b, kv, rep, c, end]));
+    let padding = B::float_lower_elem(B::float_slice(keys.clone(), &slice_dim(2, 1, 0, end)), Scalar::from(0.5f32), bool_dtype);
+    let padding = B::bool_expand(B::bool_reshape(padding, Shape::new([b, 1, 1, 1, end])), Shape::new([b, kv, rep, c, end]));
+    B::bool_reshape(B::bool_or(forbidden, padding), Shape::new([b, kv, rep * c, end]))
+}
+
+/// Queries `start..start + c` of `q` `[b, h, s, d]` as `[b, kv, rep·c, d]`.
+fn query_chunk<B: Backend>(q: &FloatTensor<B>, kv: usize, start: usize, c: usize) -> FloatTensor<B> {
+    let [b, h, s, d] = q.shape().dims();
+    let rep = h / kv;
+    let q = B::float_reshape(q.clone(), Shape::new([b, kv, rep, s, d]));
+    let q = B::float_slice(q, &slice_dim(5, 3, start, start + c));
+    B::float_reshape(q, Shape::new([b, kv, rep * c, d]))
+}
+
+/// The f32 scores `q_c·k[..end]ᵀ/√d` of one chunk, masked: `[b, kv, rep·c, end]`.
+fn chunk_scores<B: Backend>(qc: FloatTensor<B>, k: &FloatTensor<B>, mask: BoolTensor<B>, end: usize, scale: f64) -> FloatTensor<B> {
+    let kc = B::float_slice(k.clone(), &slice_dim(4, 2, 0, end)); // [b, kv, end, d]
+    let s = B::float_matmul(qc, B::float_swap_dims(kc, 2, 3));
+    let s = B::float_mul_scalar(B::float_cast(s, FloatDType::F32), Scalar::from(scale));
+    B::float_mask_fill(s, mask, Scalar::from(f32::MIN))
+}
+
+/// The output `[b, h, s, d]` and the f32 log-sum-exp of every query's scores `[b, kv, rep·s, 1]`
+/// (query-major within each group, as the chunks are laid out).
+fn forward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    keys: &FloatTensor<B>,
+    window: usize,
+    chunk: usize,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let [b, h, s, d] = q.shape().dims();
+    let kv = k.shape()[1];
+    let rep = h / kv;
+    let dtype = float_dtype(&q);
+    let scale = 1.0 / (d as f64).sqrt();
+    let c = chunk_size(b, h, s, chunk);
+    let (mut outs, mut lses) = (Vec::new(), Vec::new());
+    for start in (0..s).step_by(c) {
+        let c = c.min(s - start);
+        let end = start + c; // causal: later keys are never seen
+        let mask = chunk_mask::<B>(keys, [b, kv, rep, s], start, c, end, window);
+        let scores = chunk_scores::<B>(query_chunk::<B>(&q, kv, start, c), &k, mask, end, scale);
+        let max = B::float_max_dim(scores.clone(), 3); // [b, kv, rep·c, 1]
+        let e = B::float_exp(B::float_sub(scores, max.clone()));
+        let sum = B::float_sum_dim(e.clone(), 3);
+        let p = B::float_cast(B::float_div(e, sum.clone()), dtype);
+        let vc = B::float_slice(v.clone(), &slice_dim(4, 2, 0, end));
+        let o = B::float_matmul(p, vc); // [b, kv, rep·c, d]
+        outs.push(B::float_reshape(o, Shape::new([b, kv, rep, c, d])));
+        lses.push(B::float_reshape(B::float_add(max, B::float_log(sum)), Shape::new([b, kv, rep, c, 1])));
+    }
+    let out = B::float_reshape(B::float_cat(outs, 3), Shape::new([b, h, s, d]));
+    let lse = B::float_cat(lses, 3); // [b, kv, rep, s, 1]
+    (out, lse)
+}
+
+/// What the backward pass keeps: the inputs, the output and the log-sum-exp.
+#[derive(Debug, Clone)]
+struct AttentionState<B: Backend> {
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    keys: FloatTensor<B>,
+    out: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    window: usize,
+    chunk: usize,
+}
+
+/// `(dq, dk, dv)` for the output gradient `dout` `[b, h, s, d]`.
+fn backward<B: Backend>(st: AttentionState<B>, dout: FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let [b, h, s, d] = st.q.shape().dims();
+    let kv = st.k.shape()[1];
+    let rep = h / kv;
+    let dtype = float_dtype(&st.q);
+    let scale = 1.0 / (d as f64).sqrt();
+    let c = chunk_size(b, h, s, st.chunk);
+    let device = st.q.device();
+    let mut dk = B::float_zeros(Shape::new([b, kv, s, d]), &device, FloatDType::F32);
+    let mut dv = B::float_zeros(Shape::new([b, kv, s, d]), &device, FloatDType::F32);
+    let mut dqs = Vec::new();
+    for start in (0..s).step_by(c) {
+        let c = c.min(s - start);
+        let end = start + c;
+        let mask = chunk_mask::<B>(&st.keys, [b, kv, rep, s], start, c, end, st.window);
+        let qc = query_chunk::<B>(&st.q, kv, start, c); // [b, kv, rep·c, d]
+        let scores = chunk_scores::<B>(qc.clone(), &st.k, mask, end, scale);
+        let lse = B::float_reshape(B::float_slice(st.lse.clone(), &slice_dim(5, 3, start, end)), Shape::new([b, kv, rep * c, 1]));
+        let p = B::float_exp(B::float_sub(scores, lse)); // f32 [b, kv, rep·c, end]
+        let doc = query_chunk::<B>(&dout, kv, start, c);
+        let oc = query_chunk::<B>(&st.out, kv, start, c);
+        let kc = B::float_slice(st.k.clone(), &slice_dim(4, 2, 0, end));
+        let vc = B::float_slice(st.v.clone(), &slice_dim(4, 2, 0, end));
+        // dv[..end] += pᵀ·do
+        let p_half = B::float_cast(p.clone(), dtype);
+        let dvc = B::float_cast(B::float_matmul(B::float_swap_dims(p_half, 2, 3), doc.clone()), FloatDType::F32);
+        let range = slice_dim(4, 2, 0, end);
+        dv = B::float_slice_assign(dv.clone(), &range, B::float_add(B::float_slice(dv, &range), dvc));
+        // ds = p ∘ (do·vᵀ − rowsum(do ∘ o)) / √d
+        let dp = B::float_cast(B::float_matmul(doc.clone(), B::float_swap_dims(vc, 2, 3)), FloatDType::F32);
+        let delta = B::float_sum_dim(B::float_mul(B::float_cast(doc, FloatDType::F32), B::float_cast(oc, FloatDType::F32)), 3);
+        let ds = B::float_mul_scalar(B::float_mul(p, B::float_sub(dp, delta)), Scalar::from(scale));
+        let ds = B::float_cast(ds, dtype);
+        // dq = ds·k, dk[..end] += dsᵀ·q
+        let dqc = B::float_matmul(ds.clone(), kc); // [b, kv, rep·c, d]
+        dqs.push(B::float_reshape(dqc, Shape::new([b, kv, rep, c, d])));
+        let dkc = B::float_cast(B::float_matmul(B::float_swap_dims(ds, 2, 3), qc), FloatDType::F32);
+        dk = B::float_slice_assign(dk.clone(), &range, B::float_add(B::float_slice(dk, &range), dkc));
+    }
+    let dq = B::float_reshape(B::float_cat(dqs, 3), Shape::new([b, h, s, d]));
+    (dq, B::float_cast(dk, dtype), B::float_cast(dv, dtype))
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl<B: Backend> Backward<B, 3> for AttentionBackward {
+    type State = AttentionState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [q_node, k_node, v_node] = ops.parents;
+        let dout = grads.consume::<B>(&ops.node);
+        let (dq, dk, dv) = backward::<B>(ops.state, dout);
+        if let Some(node) = q_node {
+            grads.register::<B>(node.id, dq);
+        }
+        if let Some(node) = k_node {
+            grads.register::<B>(node.id, dk);
+        }
+        if let Some(node) = v_node {
+            grads.register::<B>(node.id, dv);
+        }
+    }
+}
+
+impl<B: Backend + AttentionOps, C: CheckpointStrategy> AttentionOps for Autodiff<B, C> {
+    fn chunked_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        keys: FloatTensor<Self>,
+        window: usize,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
+        let keys = keys.into_primitive();
+        match AttentionBackward.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+                let (out, lse) = forward::<B>(q.clone(), k.clone(), v.clone(), &keys, window, chunk);
+                let state = AttentionState { q, k, v, keys, out: out.clone(), lse, window, chunk };
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::chunked_attention(q.into_primitive(), k.into_primitive(), v.into_primitive(), keys, window, chunk)),
+        }
+    }
+}
+
+/// Causal attention over `q` `[b, h, s, d]`, `k`, `v` `[b, kv, s, d]`, with key padding `keys`
+/// `[b, s]` (1 real, 0 padding; f32), in chunks of queries (see the module's documentation):
+/// `[b, h, s, d]`. Differentiable in `q`, `k` and `v`.
+pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, keys: Tensor<2>, masking: Masking) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as AttentionOps>::chunked_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        keys.into_dispatch(),
+        masking.window.unwrap_or(0),
+        masking.chunk,
+    ))
+}

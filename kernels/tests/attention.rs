@@ -1,0 +1,111 @@
+//! The chunked attention against the plain composition of tensor operations (the whole masked
+//! score matrix), forward and gradients, with GQA, a sliding window, key padding and chunks
+//! that do not divide the sequence.
+
+use burn::tensor::{Bool, DType, Device, Distribution, Tensor, TensorData};
+use lora_kernels::attention::{Masking, attention};
+
+/// `softmax(q·kᵀ/√d + mask)·v` with every score held, the model's reference path.
+fn reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, keys: &[bool], window: Option<usize>) -> Tensor<4> {
+    let [b, h, s, d] = q.dims();
+    let kv = k.dims()[1];
+    let rep = h / kv;
+    // Repeat each key/value head for its group of query heads.
+    let expand = |t: Tensor<4>| t.unsqueeze_dim::<5>(2).expand([b, kv, rep, s, d]).reshape([b, h, s, d]);
+    let (k, v) = (expand(k), expand(v));
+    let device = q.device();
+    let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (d as f64).sqrt());
+    let mut flags = Vec::with_capacity(b * s * s);
+    for row in 0..b {
+        for qi in 0..s {
+            for ki in 0..s {
+                flags.push(ki > qi || window.is_some_and(|w| qi - ki >= w) || !keys[row * s + ki]);
+            }
+        }
+    }
+    let mask = Tensor::<4, Bool>::from_data(TensorData::new(flags, [b, 1, s, s]), &device).expand([b, h, s, s]);
+    let probs = burn::tensor::activation::softmax(scores.mask_fill(mask, f32::MIN), 3);
+    probs.matmul(v)
+}
+
+fn max_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
+    (a - b).abs().max().into_scalar::<f32>()
+}
+
+fn check(device: &Device, tolerance: f32, configs: &[(Option<usize>, usize)]) {
+    let (b, h, kv, s, d) = (2, 4, 2, 11, 8);
+    let keys: Vec<bool> = (0..b * s).map(|i| !(i >= s && i < s + 3)).collect(); // row 1: 3 left pads
+    let flags = Tensor::<2>::from_data(TensorData::new(keys.iter().map(|&k| if k { 1f32 } else { 0.0 }).collect::<Vec<_>>(), [b, s]), (device, DType::F32));
+    for &(window, chunk) in configs {
+        let random = |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), (device, DType::F32));
+        let (q0, k0, v0) = (random([b, h, s, d]), random([b, kv, s, d]), random([b, kv, s, d]));
+        // Query rows that may see no key (row 1's pads: every key up to them is padding) are
+        // defined only as "some average"; their outputs never reach a loss, so they are left out.
+        let seen =
+            Tensor::<4>::from_data(TensorData::new(keys.iter().map(|&k| if k { 1f32 } else { 0.0 }).collect::<Vec<_>>(), [b, 1, s, 1]), (device, DType::F32));
+        let upstream = random([b, h, s, d]) * seen.clone();
+        let grads_of = |chunked: bool| {
+            let q = q0.clone().autodiff().require_grad();
+            let k = k0.clone().autodiff().require_grad();
+            let v = v0.clone().autodiff().require_grad();
+            let out = if chunked {
+                attention(q.clone(), k.clone(), v.clone(), flags.clone().autodiff(), Masking { window, chunk })
+            } else {
+                reference(q.clone(), k.clone(), v.clone(), &keys, window)
+            };
+            let grads = (out.clone() * upstream.clone().autodiff()).sum().backward();
+            let g = |t: &Tensor<4>| t.grad(&grads).expect("a gradient");
+            (out.inner() * seen.clone(), g(&q), g(&k), g(&v))
+        };
+        let (o1, dq1, dk1, dv1) = grads_of(true);
+        let (o2, dq2, dk2, dv2) = grads_of(false);
+        let diffs = [max_diff(o1, o2), max_diff(dq1, dq2), max_diff(dk1, dk2), max_diff(dv1, dv2)];
+        assert!(diffs.iter().all(|x| *x < tolerance), "window {window:?}, chunk {chunk}: out, dq, dk, dv differ by {diffs:?}");
+    }
+}
+
+#[test]
+fn chunked_attention_matches_the_full_score_matrix_on_the_cpu() {
+    check(&Device::flex(), 1e-5, &[(None, 4), (Some(3), 5), (None, 0), (Some(6), 1)]);
+}
+
+/// wgpu (lavapipe in CI), one case; skipped without an adapter unless `LORA_REQUIRE_WGPU` is set.
+#[test]
+fn chunked_attention_matches_the_full_score_matrix_on_wgpu() {
+    minimal_autotune();
+    let device = match wgpu() {
+        Some(d) => d,
+        None => {
+            assert!(std::env::var_os("LORA_REQUIRE_WGPU").is_none(), "LORA_REQUIRE_WGPU is set but no wgpu adapter");
+            return;
+        }
+    };
+    // One case: each new shape compiles kernels anew, which is slow on lavapipe.
+    check(&device, 1e-4, &[(Some(3), 5)]);
+}
+
+/// Minimal autotuning, as the other crates' tests on lavapipe.
+fn minimal_autotune() {
+    use burn_cubecl::cubecl::config::autotune::AutotuneLevel;
+    use burn_cubecl::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    if std::env::var_os("CUBECL_AUTOTUNE_LEVEL").is_none() {
+        let mut config = CubeClRuntimeConfig::default().override_from_env();
+        config.autotune.level = AutotuneLevel::Minimal;
+        let _ = CubeClRuntimeConfig::try_set(config);
+    }
+}
+
+fn wgpu() -> Option<Device> {
+    use burn::tensor::wgpu::wgpu;
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
+    let gpu = adapters.iter().any(|a| !matches!(a.get_info().device_type, wgpu::DeviceType::Cpu | wgpu::DeviceType::Other));
+    if adapters.is_empty() {
+        None
+    } else if gpu {
+        Some(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice))
+    } else {
+        cubecl_wgpu::force_wgsl(true);
+        Some(Device::wgpu(burn::tensor::DeviceKind::Cpu))
+    }
+}
