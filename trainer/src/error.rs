@@ -20,6 +20,17 @@ pub enum TrainError {
         /// The loss.
         loss: f64,
     },
+    /// f16 training overflowed: the loss is not finite, or the gradients overflow at every
+    /// loss scale.
+    #[error(
+        "the training loss or its gradients overflow f16 at iteration {iteration} (loss {loss}): f16 holds magnitudes up to 65504; train with --dtype f32 (or bf16 where the device has it)"
+    )]
+    Overflow {
+        /// The iteration (1-based).
+        iteration: usize,
+        /// The loss.
+        loss: f64,
+    },
     /// The resume state could not be serialized.
     #[error("saving the resume state: {0}")]
     State(String),

@@ -1,6 +1,6 @@
 //! `lora train`'s loop and its pieces: the token-averaged loss, optimizers with PyTorch's
-//! update rules, learning-rate schedules, the walk over the trainable tensors, and the resume
-//! file.
+//! update rules, learning-rate schedules, f16 loss scaling, the walk over the trainable
+//! tensors, and the resume file.
 #![warn(missing_docs)]
 
 pub mod checkpoint;
@@ -9,6 +9,7 @@ pub mod loss;
 pub mod optim;
 pub mod params;
 pub mod run;
+pub mod scale;
 pub mod schedule;
 
 pub use error::TrainError;

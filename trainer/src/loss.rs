@@ -62,7 +62,9 @@ fn nll_sum(logits: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>) -> Tenso
 }
 
 /// The batch's mean target NLL, its number of target tokens, and the gradient of every
-/// trainable tensor (flattened, on the inner backend, in [`for_each_trainable`] order).
+/// trainable tensor (flattened, on the inner backend, in [`for_each_trainable`] order) of
+/// the loss multiplied by `scale` (the loss scale of f16 training, else 1; see
+/// [`crate::scale`]).
 ///
 /// With `recompute`, activations are not kept through the whole network: a first pass
 /// without autodiff keeps only each block's input; then the head and each adapted block,
@@ -72,11 +74,11 @@ fn nll_sum(logits: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>) -> Tenso
 /// forward pass. Blocks below the lowest adapted one are never differentiated.
 ///
 /// [`for_each_trainable`]: crate::params::for_each_trainable
-pub fn loss_and_gradients(model: &mut CausalLm, batch: &Batch, recompute: bool) -> (f64, usize, Vec<Tensor<1>>) {
+pub fn loss_and_gradients(model: &mut CausalLm, batch: &Batch, recompute: bool, scale: f64) -> (f64, usize, Vec<Tensor<1>>) {
     if !recompute {
         let (loss, tokens) = batch_loss(model, batch);
         let value = loss.clone().into_scalar::<f64>();
-        let grads = loss.backward();
+        let grads = scaled(loss, scale).backward();
         let flat = model.model.layers.iter().flat_map(|l| crate::params::layer_gradients(l, &grads)).collect();
         return (value, tokens, flat);
     }
@@ -104,7 +106,7 @@ pub fn loss_and_gradients(model: &mut CausalLm, batch: &Batch, recompute: bool) 
         let h = x.clone().narrow(1, start, n).require_grad();
         let loss = nll_sum(model.logits(h.clone()), p.targets.clone().narrow(1, start, n), p.mask.clone().narrow(1, start, n)) / total;
         value += loss.clone().into_scalar::<f64>();
-        let grads = loss.backward();
+        let grads = scaled(loss, scale).backward();
         grad_parts.push(h.grad(&grads).expect("the head depends on its input"));
     }
     drop(x);
@@ -124,6 +126,11 @@ pub fn loss_and_gradients(model: &mut CausalLm, batch: &Batch, recompute: bool) 
     }
     let flat = per_block.into_iter().rev().flatten().collect();
     (value, p.tokens, flat)
+}
+
+/// `loss · scale`, or `loss` itself when the scale is 1.
+fn scaled(loss: Tensor<1>, scale: f64) -> Tensor<1> {
+    if scale == 1.0 { loss } else { loss * scale }
 }
 
 /// The batch's mean target NLL (a scalar `[1]` tensor, f32, differentiable) and its number of

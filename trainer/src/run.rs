@@ -10,16 +10,17 @@
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 use lora_data::{Batcher, Example, collate};
 use lora_model::CausalLm;
 use serde::{Deserialize, Serialize};
 
+use crate::TrainError;
 use crate::loss::{batch_loss, loss_and_gradients};
 use crate::optim::{Optimizer, clip_global_norm};
 use crate::params::{Trainable, for_each_trainable};
+use crate::scale::{LossScale, Verdict, all_finite, unscale};
 use crate::schedule::Schedule;
-use crate::TrainError;
 
 /// What the loop needs to know (the binary builds it from the resolved config).
 #[derive(Debug, Clone)]
@@ -77,6 +78,10 @@ pub struct Progress {
     pub window: Window,
     /// The learning rate of the last optimizer step.
     pub lr: f64,
+    /// The loss scale of f16 training ([`crate::scale`]); `None` in f32 and bf16. Absent from
+    /// the resume files of earlier versions, which then start from the initial scale.
+    #[serde(default)]
+    pub loss_scale: Option<LossScale>,
 }
 
 /// The mutable state of a run besides the model.
@@ -121,6 +126,9 @@ pub trait Observer {
     fn iteration(&mut self, _iteration: usize, _loss: f64, _tokens: usize, _lr: f64) {}
     /// Every `steps_per_report` iterations.
     fn report(&mut self, _report: &Report) {}
+    /// The optimizer step ending at `iteration` was skipped: its f16 gradients overflowed, and
+    /// the loss scale was halved to `scale`.
+    fn skipped(&mut self, _iteration: usize, _scale: f64) {}
     /// Before evaluating: how many batches.
     fn eval_start(&mut self, _batches: usize) {}
     /// After each evaluation batch.
@@ -160,6 +168,10 @@ pub fn train(
     let device = model.device();
     let accumulation = s.grad_accumulation_steps.max(1);
     model.set_training(true);
+    let half = model.dtype() == DType::F16;
+    if half && state.progress.loss_scale.is_none() {
+        state.progress.loss_scale = Some(LossScale::default());
+    }
     for it in state.progress.iteration + 1..=s.iters {
         if let Some(valid) = valid
             && (it == 1 || it % s.steps_per_eval.max(1) == 0 || it == s.iters)
@@ -176,10 +188,14 @@ pub fn train(
         device.seed(s.seed ^ (it as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let batch = collate(train, batcher.indices(it - 1), s.max_seq_length);
         trace(&device, "before the step");
-        let (value, tokens, flat) = loss_and_gradients(model, &batch, s.recompute);
+        let scale = state.progress.loss_scale.map_or(1.0, |l| l.scale);
+        let (value, tokens, mut flat) = loss_and_gradients(model, &batch, s.recompute, scale);
         trace(&device, "after backward");
         if !value.is_finite() {
-            return Err(TrainError::NonFinite { iteration: it, loss: value });
+            return Err(if half { TrainError::Overflow { iteration: it, loss: value } } else { TrainError::NonFinite { iteration: it, loss: value } });
+        }
+        if scale != 1.0 {
+            unscale(&mut flat, scale);
         }
         let summed = match state.accumulated.take() {
             Some(acc) => acc.into_iter().zip(flat).map(|(a, g)| a + g).collect(),
@@ -187,12 +203,22 @@ pub fn train(
         };
         if it % accumulation == 0 {
             let mut g: Vec<Tensor<1>> = if accumulation > 1 { summed.into_iter().map(|g| g / accumulation as f64).collect() } else { summed };
-            if let Some(max) = s.max_grad_norm {
-                clip_global_norm(&mut g, max);
+            let verdict = match state.progress.loss_scale.as_mut() {
+                Some(l) => l.update(all_finite(&g)),
+                None => Verdict::Step,
+            };
+            match verdict {
+                Verdict::Step => {
+                    if let Some(max) = s.max_grad_norm {
+                        clip_global_norm(&mut g, max);
+                    }
+                    let lr = s.schedule.lr(state.optimizer.steps);
+                    apply(model, &mut state.optimizer, g, lr);
+                    state.progress.lr = lr;
+                }
+                Verdict::Skip => observer.skipped(it, state.progress.loss_scale.map_or(1.0, |l| l.scale)),
+                Verdict::GiveUp => return Err(TrainError::Overflow { iteration: it, loss: value }),
             }
-            let lr = s.schedule.lr(state.optimizer.steps);
-            apply(model, &mut state.optimizer, g, lr);
-            state.progress.lr = lr;
         } else {
             state.accumulated = Some(summed);
         }
