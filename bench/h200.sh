@@ -2,7 +2,7 @@
 # One measurement on a lent NVIDIA machine, ours and the peer side by side, in one call:
 #
 #   bash bench/h200.sh STAGE...     (stages: features matmul peer1b ours1b profile1b peer8b ours8b
-#                                    long8b second1b)
+#                                    long8b second1b losses)
 #
 # Expects the stripped, xz-compressed release binary at .bin/lora.xz and the Vulkan loader
 # packages in .gl/ (see the device README's "Headless rendering"); writes every log and JSON
@@ -70,6 +70,17 @@ for stage in "$@"; do
     peer8b) sampled peer8b peer train --geometry llama-8b --batch-size 4 --seq 512 --steps 6 --grad-checkpoint --json "$OUT/peer8b.json" ;;
     ours8b) sampled ours8b $L bench train --geometry llama-8b --batch-size 4 --seq 512 --steps 4 --quantize nf4 --double-quant --grad-checkpoint --dtype f16 --json "$OUT/ours8b.json" ;;
     long8b) sampled long8b $L bench train --geometry llama-8b --batch-size 1 --seq 16384 --steps 2 --warmup 1 --quantize nf4 --double-quant --grad-checkpoint --dtype f16 --json "$OUT/long8b.json" ;;
+    losses)
+        # The first 10 training losses of the quickstart run on the GPU (f16 and f32) against the CPU (f32).
+        for run in "cpu f32" "wgpu f32" "wgpu f16"; do
+            set -- $run
+            ( cd "$ROOT" && $L train --config configs/quickstart.toml --iters 10 --steps-per-report 1 --steps-per-eval 1000 \
+                --device $1 --dtype $2 --adapter-path $WORK/losses-$1-$2 ) > "$OUT/losses-$1-$2.log" 2>&1
+            echo "losses $1 $2 rc=$?" | tee -a "$OUT/summary.txt"
+            cp $WORK/losses-$1-$2/metrics.jsonl "$OUT/losses-$1-$2.jsonl" 2>/dev/null
+        done
+        python3 "$ROOT/bench/compare_losses.py" "$OUT"/losses-cpu-f32.jsonl "$OUT"/losses-wgpu-f32.jsonl "$OUT"/losses-wgpu-f16.jsonl | tee -a "$OUT/summary.txt"
+        ;;
     *) echo "unknown stage $stage" ;;
     esac
 done
