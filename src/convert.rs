@@ -55,10 +55,8 @@ pub fn run(args: ConvertArgs) -> Result<()> {
     let out = &args.save_path;
     crate::fuse::check_save_path(out, &[file.dir()], args.force)?;
     // The base model's name as the source config gives it (PEFT's key, or mlx-lm's `model`).
-    let config: serde_json::Value = std::fs::read_to_string(file.dir().join(format::CONFIG_FILE))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
+    let config: serde_json::Value =
+        std::fs::read_to_string(file.dir().join(format::CONFIG_FILE)).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
     let base = ["base_model_name_or_path", "model"].iter().find_map(|k| config[k].as_str()).unwrap_or_default().to_string();
     format::save(out, to, &file.spec, &file.weights, &base, None)?;
     eprintln!("Wrote the {:?} adapter {} as {to:?} to {}", file.format, file.path.display(), out.display());

@@ -38,10 +38,16 @@ pub fn loss_curves(path: &Path, train: &[(f64, f64)], val: &[(f64, f64)]) -> Res
             .build_cartesian_2d(0.0..x_max, (lo - pad)..(hi + pad))?;
         chart.configure_mesh().x_desc("iteration").y_desc("loss").label_style(("sans-serif", 14)).draw()?;
         if !train.is_empty() {
-            chart.draw_series(LineSeries::new(train.iter().copied(), BLUE.stroke_width(2)))?.label("train").legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE));
+            chart
+                .draw_series(LineSeries::new(train.iter().copied(), BLUE.stroke_width(2)))?
+                .label("train")
+                .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE));
         }
         if !val.is_empty() {
-            chart.draw_series(LineSeries::new(val.iter().copied(), RED.stroke_width(2)))?.label("validation").legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED));
+            chart
+                .draw_series(LineSeries::new(val.iter().copied(), RED.stroke_width(2)))?
+                .label("validation")
+                .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED));
             chart.draw_series(val.iter().map(|&p| Circle::new(p, 3, RED.filled())))?;
         }
         chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).label_font(("sans-serif", 14)).draw()?;

@@ -45,10 +45,7 @@ impl QuantArgs {
             Some(QuantMode::Nf4) => Some(QuantizeAtLoad::Nf4 { double_quant: self.double_quant }),
         };
         if let (Some(_), Some(q)) = (quantize, &config.quantization) {
-            eprintln!(
-                "--quantize: the checkpoint is already quantized ({} bits, group {}); loading it as it is.",
-                q.default.bits, q.default.group_size
-            );
+            eprintln!("--quantize: the checkpoint is already quantized ({} bits, group {}); loading it as it is.", q.default.bits, q.default.group_size);
         }
         let quantize_embeddings = self.q_embeddings.unwrap_or(matches!(self.quantize, Some(QuantMode::Affine)));
         Ok(LoadOptions { quantize, quantize_embeddings })

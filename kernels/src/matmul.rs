@@ -63,9 +63,9 @@ pub fn supported(tensor: &CubeTensor, dtype: DType) -> bool {
             && c.b_type == f16
             && c.cd_type == ElemType::Float(FloatKind::F32)
             && c.units_per_block.is_none_or(|u| u == UNITS)
-            && bm as u32 % c.m_granularity == 0
-            && bn as u32 % c.n_granularity == 0
-            && bk as u32 % c.k_granularity == 0
+            && (bm as u32).is_multiple_of(c.m_granularity)
+            && (bn as u32).is_multiple_of(c.n_granularity)
+            && (bk as u32).is_multiple_of(c.k_granularity)
             && bm as u32 <= c.m_max
             && bn as u32 <= c.n_max
             && bk as u32 <= c.k_max
