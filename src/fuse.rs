@@ -58,7 +58,7 @@ fn resolve(p: &Path) -> PathBuf {
 }
 
 /// Whether `out` is, holds or lies inside one of `inputs`.
-fn overlaps(out: &Path, inputs: &[&Path]) -> bool {
+pub fn overlaps(out: &Path, inputs: &[&Path]) -> bool {
     let o = resolve(out);
     inputs.iter().map(|i| resolve(i)).any(|i| o.starts_with(&i) || i.starts_with(&o))
 }
@@ -261,7 +261,8 @@ fn write(args: &FuseArgs, config: &ModelConfig, checkpoint: &Checkpoint, adapter
 
     // config.json: no quantization section once dequantized; the new dtype when one was asked.
     let config_path = args.model.join("config.json");
-    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?)?;
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?)?;
     if let Some(obj) = json.as_object_mut() {
         if !quantized {
             obj.remove("quantization");
@@ -276,13 +277,55 @@ fn write(args: &FuseArgs, config: &ModelConfig, checkpoint: &Checkpoint, adapter
         }
     }
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&json)?)?;
-    // Tokenizer, chat template, generation config and the rest, copied.
-    for entry in std::fs::read_dir(&args.model)? {
+    // safetensors writes its files private (0600); they get the mode of any file made here.
+    let mode = std::fs::metadata(dir.join("config.json"))?.permissions();
+    for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        let file = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let weights = file.ends_with(".safetensors") || file == "model.safetensors.index.json" || file.ends_with(".bin") || file.ends_with(".pt");
-        if path.is_file() && !weights && file != "config.json" {
-            std::fs::copy(&path, dir.join(&file)).with_context(|| format!("copying {}", path.display()))?;
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            std::fs::set_permissions(&path, mode.clone()).with_context(|| format!("setting the mode of {}", path.display()))?;
+        }
+    }
+    copy_known_files(&args.model, dir)
+}
+
+/// The files of a model directory that a fused model needs besides its weights and
+/// `config.json`: the tokenizer in each of its forms, chat templates, the generation config.
+const KNOWN_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+];
+
+/// Copies [`KNOWN_FILES`] of `model` into `dir`, and nothing else (a user's other files, a
+/// secret, stay where they are). A file that is a symbolic link to somewhere outside `model`
+/// is skipped with a warning, unless `model` is a Hugging Face cache snapshot
+/// (`…/snapshots/<revision>`) and the link points into that cache's `blobs/`, as all of its
+/// files do.
+fn copy_known_files(model: &Path, dir: &Path) -> Result<()> {
+    let root = std::fs::canonicalize(model).with_context(|| format!("reading {}", model.display()))?;
+    let blobs = match (root.parent(), root.parent().and_then(Path::parent)) {
+        (Some(snapshots), Some(repo)) if snapshots.file_name().is_some_and(|n| n == "snapshots") => Some(repo.join("blobs")),
+        _ => None,
+    };
+    for name in KNOWN_FILES {
+        let path = model.join(name);
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        if meta.file_type().is_symlink() {
+            let target = std::fs::canonicalize(&path).with_context(|| format!("following the link {}", path.display()))?;
+            if !target.starts_with(&root) && !blobs.as_ref().is_some_and(|b| target.starts_with(b)) {
+                eprintln!("warning: not copying {}: it is a link to {}, outside the model directory", path.display(), target.display());
+                continue;
+            }
+        }
+        if path.is_file() {
+            std::fs::copy(&path, dir.join(name)).with_context(|| format!("copying {}", path.display()))?;
         }
     }
     Ok(())

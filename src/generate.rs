@@ -64,8 +64,8 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    if args.temp.is_nan() || args.temp < 0.0 {
-        bail!("--temp must be >= 0 (got {})", args.temp);
+    if !args.temp.is_finite() || args.temp < 0.0 {
+        bail!("--temp must be a finite number >= 0 (got {})", args.temp);
     }
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1] (got {})", args.top_p);
@@ -79,15 +79,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let config = ModelConfig::from_dir(dir)?;
     let checkpoint = Checkpoint::open(dir)?;
-    let tokenizer = Tokenizer::from_dir(dir)?;
-    let device = select(args.device)?;
-    let dtype = compute_dtype(&device, args.dtype, config.checkpoint_dtype.as_deref())?;
-
-    let options = args.quant.load_options(&config)?;
-    let mut model = load_model(&config, &checkpoint, &device, dtype, options)?;
-    drop(checkpoint);
-    apply_adapters(&mut model, &args.adapter_path, &args.adapter_scales)?;
-
+    let tokenizer = Tokenizer::from_dir(dir)?.for_model(config.vocab_size)?;
     let prompt = match tokenizer.chat_template() {
         Some(_) if !args.ignore_chat_template => {
             let mut messages = Vec::new();
@@ -102,6 +94,32 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt is empty after tokenization");
     }
+    let mut max_tokens = args.max_tokens;
+    if let Some(limit) = config.max_positions {
+        if prompt.len() >= limit {
+            bail!(
+                "the prompt is {} tokens; {} takes at most {limit} (config.json max_position_embeddings), answer included: shorten it",
+                prompt.len(),
+                dir.display()
+            );
+        }
+        if prompt.len() + max_tokens > limit {
+            max_tokens = limit - prompt.len();
+            eprintln!(
+                "[WARNING] the prompt ({} tokens) and --max-tokens {} exceed max_position_embeddings {limit}; generating at most {max_tokens}",
+                prompt.len(),
+                args.max_tokens
+            );
+        }
+    }
+
+    let device = select(args.device)?;
+    let dtype = compute_dtype(&device, args.dtype, config.checkpoint_dtype.as_deref())?;
+
+    let options = args.quant.load_options(&config)?;
+    let mut model = load_model(&config, &checkpoint, &device, dtype, options)?;
+    drop(checkpoint);
+    apply_adapters(&mut model, &args.adapter_path, &args.adapter_scales)?;
 
     let mut sampler = Sampler::new(SamplingConfig {
         temperature: args.temp,
@@ -115,7 +133,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut write_error: Option<anyhow::Error> = None;
-    let stats = lora_model::generate(&model, &prompt, args.max_tokens, tokenizer.eos_ids(), &mut sampler, |id| {
+    let stats = lora_model::generate(&model, &prompt, max_tokens, tokenizer.eos_ids(), &mut sampler, |id| {
         peak.sample();
         if write_error.is_some() {
             return;
@@ -133,6 +151,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let Some(e) = write_error {
         return Err(e.context("writing the completion"));
     }
+    if stats.non_finite {
+        bail!(
+            "the model's logits are not finite after {} generated token(s): the weights of {} hold NaN or infinity, or the {dtype:?} compute overflowed (try --dtype f32)",
+            stats.generated_tokens,
+            dir.display()
+        );
+    }
     out.write_all(stream.finish()?.as_bytes())?;
     if out.is_terminal() {
         out.write_all(b"\n")?;
@@ -141,16 +166,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     peak.sample();
 
     let rate = |n: usize, d: std::time::Duration| n as f64 / d.as_secs_f64().max(1e-9);
-    eprintln!(
-        "Prompt: {} tokens, {:.3} tokens-per-sec",
-        stats.prompt_tokens,
-        rate(stats.prompt_tokens, stats.prompt_time)
-    );
-    eprintln!(
-        "Generation: {} tokens, {:.3} tokens-per-sec",
-        stats.generated_tokens,
-        rate(stats.generated_tokens, stats.generation_time)
-    );
+    eprintln!("Prompt: {} tokens, {:.3} tokens-per-sec", stats.prompt_tokens, rate(stats.prompt_tokens, stats.prompt_time));
+    eprintln!("Generation: {} tokens, {:.3} tokens-per-sec", stats.generated_tokens, rate(stats.generated_tokens, stats.generation_time));
     eprintln!("Peak memory: {:.3} GB", peak.peak()? as f64 / 1e9);
     Ok(())
 }
@@ -165,9 +182,7 @@ pub fn load_model(
 ) -> Result<CausalLm> {
     let bar = ProgressBar::new(config.num_layers as u64 + 2);
     let verb = if options.quantize.is_some() && config.quantization.is_none() { "Quantizing" } else { "Loading" };
-    bar.set_style(
-        ProgressStyle::with_template(&format!("{verb} {{bar:30}} {{pos}}/{{len}} {{msg}}")).expect("valid template"),
-    );
+    bar.set_style(ProgressStyle::with_template(&format!("{verb} {{bar:30}} {{pos}}/{{len}} {{msg}}")).expect("valid template"));
     let mut kept_float = Vec::new();
     let mut group = 0;
     let model = CausalLm::load_with(config, checkpoint, device, dtype, options, |event| match event {
@@ -184,11 +199,7 @@ pub fn load_model(
     .with_context(|| format!("loading {}", checkpoint.dir().display()))?;
     bar.finish_and_clear();
     if !kept_float.is_empty() {
-        eprintln!(
-            "Kept {} layer(s) in float: input size not a multiple of the group size {group}: {}",
-            kept_float.len(),
-            kept_float.join(", ")
-        );
+        eprintln!("Kept {} layer(s) in float: input size not a multiple of the group size {group}: {}", kept_float.len(), kept_float.join(", "));
     }
     Ok(model)
 }

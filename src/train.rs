@@ -11,8 +11,8 @@ use burn::module::Module;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lora_adapters::io::write_atomic;
-use lora_adapters::{AdapterSpec, add_adapters, adapter_weights, format, set_adapters, trainable_count};
-use lora_data::{DataKeys, Splits, Tokenizer, count_too_long, load_dir, padding_fraction};
+use lora_adapters::{AdapterSpec, adapter_weights, add_adapters, format, set_adapters, trainable_count};
+use lora_data::{DataKeys, Splits, Tokenizer, count_too_long, count_without_targets, load_dir, padding_fraction};
 use lora_model::{CausalLm, Checkpoint, ModelConfig};
 use lora_trainer::checkpoint::{self, STATE_FILE};
 use lora_trainer::run::Quiet;
@@ -39,20 +39,26 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let flags = &args.flags;
-    let config = resolve(flags)?;
+    let mut config = resolve(flags)?;
     let resuming = flags.resume.is_some();
     let model_dir = config.model.clone().expect("checked");
     let out = config.adapter_path.clone();
     let training = config.training();
-    if training && !resuming && out.join(STATE_FILE).exists() {
-        bail!(
-            "adapter_path {}: holds the checkpoints of an earlier run; continue it with --resume {0}, or choose another --adapter-path (nothing there is overwritten)",
-            out.display()
-        );
+    if training {
+        check_adapter_path(&config, resuming, flags.force)?;
     }
 
     let model_config = ModelConfig::from_dir(&model_dir)?;
-    let tokenizer = Tokenizer::from_dir(&model_dir)?;
+    if let Some(limit) = model_config.max_positions
+        && config.max_seq_length > limit
+    {
+        eprintln!(
+            "[WARNING] --max-seq-length {} is beyond the model's max_position_embeddings {limit}; sequences are truncated to {limit} tokens.",
+            config.max_seq_length
+        );
+        config.max_seq_length = limit;
+    }
+    let tokenizer = Tokenizer::from_dir(&model_dir)?.for_model(model_config.vocab_size)?;
     let data = load_data(&config, &tokenizer)?;
     let device = select(config.device)?;
     let dtype = compute_dtype(&device, config.dtype, model_config.checkpoint_dtype.as_deref())?;
@@ -68,14 +74,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let spec = attach(&config, &mut model)?;
     let trainable = trainable_count(&model);
     let total = model.num_weights() + trainable;
-    eprintln!(
-        "Trainable parameters: {:.3}% ({:.3}M/{:.3}M)",
-        100.0 * trainable as f64 / total as f64,
-        trainable as f64 / 1e6,
-        total as f64 / 1e6
-    );
+    eprintln!("Trainable parameters: {:.3}% ({:.3}M/{:.3}M)", 100.0 * trainable as f64 / total as f64, trainable as f64 / 1e6, total as f64 / 1e6);
 
-    let train = data.train.as_ref().map(|l| l.examples.as_slice()).with_context(|| format!("data {}: no train.jsonl", config.data.as_ref().expect("checked").display()))?;
+    let train = data
+        .train
+        .as_ref()
+        .map(|l| l.examples.as_slice())
+        .with_context(|| format!("data {}: no train.jsonl", config.data.as_ref().expect("checked").display()))?;
     let valid = data.valid.as_ref().map(|l| l.examples.as_slice());
     let lengths: Vec<usize> = train.iter().map(|e| e.tokens.len()).collect();
     let batcher = lora_data::Batcher::new(&lengths, config.batch_size, config.shuffle, config.seed)
@@ -116,7 +121,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         },
     };
 
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let _lock = lock_adapter_path(&out)?;
+    // Again under the lock: a run that started and finished meanwhile is not written over.
+    check_adapter_path(&config, resuming, flags.force)?;
     let mut state = if resuming {
         let state = checkpoint::restore(&mut model, &out.join(STATE_FILE))?;
         if state.optimizer.config != config.optimizer_config() {
@@ -124,6 +131,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
         let mut state = state;
         state.optimizer.config = config.optimizer_config();
+        if state.progress.iteration >= iters {
+            bail!(
+                "--resume {}: the run is at iteration {}, so --iters {iters} leaves nothing to do; give a larger --iters to train on",
+                out.display(),
+                state.progress.iteration
+            );
+        }
         eprintln!("Resuming {} at iteration {}", out.display(), state.progress.iteration);
         state
     } else {
@@ -142,7 +156,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     match outcome {
         Err(TrainError::NonFinite { iteration, loss }) => {
             let last = observer.last_checkpoint.map_or("none was saved".to_string(), |i| format!("iteration {i}, in {}", out.display()));
-            bail!("the training loss is {loss} at iteration {iteration}; stopped. The last good checkpoint: {last}. Try a lower --learning-rate or --max-grad-norm.");
+            bail!(
+                "the training loss is {loss} at iteration {iteration}; stopped. The last good checkpoint: {last}. Try a lower --learning-rate or --max-grad-norm."
+            );
         }
         Err(e) => return Err(e.into()),
         Ok(Outcome::Stopped(i)) => {
@@ -157,6 +173,104 @@ pub fn run(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// The lock file's name in the adapter directory, held for the whole run.
+pub const LOCK_FILE: &str = ".lora-train.lock";
+
+/// Refuses an adapter directory for a training run that would lose something: a path that
+/// is, holds or lies inside the model or the data; one that holds the adapter to start from;
+/// a file; a directory that holds anything, unless it is the run being resumed or `force` is
+/// given (an earlier run of ours is pointed to `--resume`). Writes nothing.
+fn check_adapter_path(config: &TrainConfig, resuming: bool, force: bool) -> Result<()> {
+    let out = &config.adapter_path;
+    let mut inputs: Vec<(&str, &Path)> = Vec::new();
+    if let Some(m) = &config.model {
+        inputs.push(("--model", m));
+    }
+    if let Some(d) = &config.data {
+        inputs.push(("--data", d));
+    }
+    for (flag, input) in &inputs {
+        if crate::fuse::overlaps(out, &[input]) {
+            bail!("--adapter-path {} is, holds or lies inside {flag} {}; nothing is ever written into an input", out.display(), input.display());
+        }
+    }
+    if let Some(start) = &config.resume_adapter_file
+        && !resuming
+        && crate::fuse::overlaps(start, &[out])
+    {
+        bail!(
+            "--resume-adapter-file {} lies inside --adapter-path {}, which this run writes; copy it elsewhere or choose another --adapter-path",
+            start.display(),
+            out.display()
+        );
+    }
+    if out.exists() && !out.is_dir() {
+        bail!("--adapter-path {} is not a directory", out.display());
+    }
+    if !resuming && out.is_dir() {
+        let held: Vec<String> = std::fs::read_dir(out)
+            .with_context(|| format!("reading {}", out.display()))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != LOCK_FILE)
+            .collect();
+        if !held.is_empty() && !force {
+            if out.join(STATE_FILE).exists() {
+                bail!(
+                    "--adapter-path {}: holds the checkpoints of an earlier run; continue it with --resume {0}, choose another --adapter-path, or pass --force to start over it (nothing there is overwritten otherwise)",
+                    out.display()
+                );
+            }
+            let mut shown = held.clone();
+            shown.sort();
+            shown.truncate(3);
+            bail!(
+                "--adapter-path {} is not empty (it holds {}{}); choose another, or pass --force to write into it (nothing there is overwritten otherwise)",
+                out.display(),
+                shown.join(", "),
+                if held.len() > 3 { ", ..." } else { "" }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Creates the adapter directory and takes an exclusive advisory lock on its [`LOCK_FILE`],
+/// held until the returned file is dropped or the process dies: a second run on the same
+/// directory is refused meanwhile.
+fn lock_adapter_path(out: &Path) -> Result<File> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let path = out.join(LOCK_FILE);
+    let lock = File::options().create(true).truncate(false).write(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => {
+            remove_stale_temporaries(out);
+            Ok(lock)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            bail!("--adapter-path {}: another lora train run is writing there (it holds {LOCK_FILE}); wait for it or choose another", out.display())
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+    }
+}
+
+/// Removes the half-written `.NAME.tmp-PID` files a killed run left (atomic writes go through
+/// them): under the directory's lock no other run of ours is writing one.
+fn remove_stale_temporaries(out: &Path) {
+    let Ok(entries) = std::fs::read_dir(out) else { return };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = name.starts_with('.')
+            && name.rsplit_once(".tmp-").is_some_and(|(_, pid)| {
+                let pid = pid.strip_suffix(".png").unwrap_or(pid);
+                !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
+            });
+        if stale && entry.path().is_file() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Tokenized splits, with the warnings mlx-lm prints.
 fn load_data(config: &TrainConfig, tokenizer: &Tokenizer) -> Result<Splits> {
     let dir = config.data.as_ref().expect("checked");
@@ -165,6 +279,8 @@ fn load_data(config: &TrainConfig, tokenizer: &Tokenizer) -> Result<Splits> {
         prompt: config.prompt_feature.clone(),
         completion: config.completion_feature.clone(),
         messages: config.chat_feature.clone(),
+        // Generous for the sequences kept: 64 bytes per token, and at least the default.
+        max_row_bytes: config.max_seq_length.saturating_mul(64).max(lora_data::DEFAULT_MAX_ROW_BYTES),
         ..Default::default()
     };
     let splits = load_dir(dir, tokenizer, &keys, config.mask_prompt, config.skip_bad_rows)?;
@@ -176,6 +292,18 @@ fn load_data(config: &TrainConfig, tokenizer: &Tokenizer) -> Result<Splits> {
         let long = count_too_long(&split.examples, config.max_seq_length);
         if long > 0 {
             eprintln!("[WARNING] {long} sequence(s) of {name}.jsonl are longer than {} tokens and will be truncated.", config.max_seq_length);
+        }
+        let empty = count_without_targets(&split.examples, config.max_seq_length);
+        if empty == split.examples.len() {
+            bail!(
+                "{}: every row's target is cut off by --max-seq-length {} (the prompt is at least that long); nothing would be trained or evaluated. Raise --max-seq-length{}",
+                dir.join(format!("{name}.jsonl")).display(),
+                config.max_seq_length,
+                if config.mask_prompt { " or leave out --mask-prompt" } else { "" }
+            );
+        }
+        if empty > 0 {
+            eprintln!("[WARNING] {empty} row(s) of {name}.jsonl have no target left within --max-seq-length {}; they add nothing.", config.max_seq_length);
         }
     }
     Ok(splits)
@@ -192,6 +320,10 @@ fn attach(config: &TrainConfig, model: &mut CausalLm) -> Result<AdapterSpec> {
             Ok(AdapterSpec { dropout: spec.dropout, ..file.spec })
         }
         None => {
+            let blocks = model.model.layers.len();
+            if spec.num_layers > blocks as i64 {
+                eprintln!("[WARNING] --num-layers {} is more than the model's {blocks} blocks; all {blocks} are adapted.", spec.num_layers);
+            }
             let n = add_adapters(model, &spec, config.seed)?;
             if n == 0 {
                 bail!("lora_parameters.keys: no projection was adapted");
@@ -269,9 +401,7 @@ impl Files {
         write_atomic(&path, kept.as_bytes())?;
         let metrics = File::options().append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
         let bar = ProgressBar::new(iters as u64);
-        bar.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("valid template"),
-        );
+        bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("valid template"));
         bar.set_position(done as u64);
         bar.reset_eta();
         let extra = match serde_json::to_value(config).context("config as JSON")? {
@@ -330,15 +460,23 @@ impl Observer for Files {
 
     fn report(&mut self, r: &Report) {
         let peak = self.peak_gb();
-        say(&self.bar, format!(
-            "Iter {}: Train loss {:.3}, Learning Rate {:.3e}, It/sec {:.3}, Tokens/sec {:.3}, Trained Tokens {}, Peak mem {:.3} GB",
-            r.iteration, r.train_loss, r.lr, r.iterations_per_s, r.tokens_per_s, r.trained_tokens, peak
-        ));
+        say(
+            &self.bar,
+            format!(
+                "Iter {}: Train loss {:.3}, Learning Rate {:.3e}, It/sec {:.3}, Tokens/sec {:.3}, Trained Tokens {}, Peak mem {:.3} GB",
+                r.iteration, r.train_loss, r.lr, r.iterations_per_s, r.tokens_per_s, r.trained_tokens, peak
+            ),
+        );
         self.log(json!({
             "step": r.iteration, "train_loss": r.train_loss, "lr": r.lr, "it_per_s": r.iterations_per_s,
             "tokens_per_s": r.tokens_per_s, "trained_tokens": r.trained_tokens, "peak_mem_gb": peak,
         }));
         self.train_curve.push((r.iteration as f64, r.train_loss));
+    }
+
+    fn skipped(&mut self, iteration: usize, scale: f64) {
+        say(&self.bar, format!("Iter {iteration}: f16 gradients overflowed; step skipped, loss scale now {scale}"));
+        self.log(json!({ "step": iteration, "skipped_step": true, "loss_scale": scale }));
     }
 
     fn eval_start(&mut self, batches: usize) {

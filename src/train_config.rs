@@ -451,6 +451,11 @@ pub struct TrainFlags {
     #[arg(long, value_name = "LR")]
     #[serde(skip)]
     pub min_lr: Option<f64>,
+    /// Write into an --adapter-path that already holds files (they may be replaced); inputs
+    /// (the model, the data, --resume-adapter-file) are still never written over.
+    #[arg(long)]
+    #[serde(skip)]
+    pub force: bool,
 }
 
 impl TrainFlags {
@@ -705,7 +710,8 @@ mod tests {
 
     #[test]
     fn the_saved_config_reads_back_the_same() {
-        let flags = TrainFlags { model: Some("m".into()), data: Some("d".into()), alpha: Some(16.0), lr_schedule: Some(ScheduleName::Cosine), ..Default::default() };
+        let flags =
+            TrainFlags { model: Some("m".into()), data: Some("d".into()), alpha: Some(16.0), lr_schedule: Some(ScheduleName::Cosine), ..Default::default() };
         let c = resolve(&flags).unwrap();
         let back: TrainConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);

@@ -14,8 +14,18 @@ fn expected(name: &str) -> Value {
 
 fn greedy(model: &Path, prompt: &str, device: &str) -> Output {
     lora(&[
-        "generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--temp", "0",
-        "--ignore-chat-template", "--max-tokens", "20", "--device", device,
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--temp",
+        "0",
+        "--ignore-chat-template",
+        "--max-tokens",
+        "20",
+        "--device",
+        device,
     ])
 }
 
@@ -41,9 +51,19 @@ fn generate_applies_the_chat_template_by_default() {
     let prompt = expected("qwen2")["prompts"][0].clone();
     let raw = greedy(&fixture("qwen2"), prompt["prompt"].as_str().unwrap(), "cpu");
     let chat = lora(&[
-        "generate", "--model", fixture("qwen2").to_str().unwrap(), "--prompt",
-        prompt["prompt"].as_str().unwrap(), "--temp", "0", "--max-tokens", "20", "--device", "cpu",
-        "--system", "Be brief.",
+        "generate",
+        "--model",
+        fixture("qwen2").to_str().unwrap(),
+        "--prompt",
+        prompt["prompt"].as_str().unwrap(),
+        "--temp",
+        "0",
+        "--max-tokens",
+        "20",
+        "--device",
+        "cpu",
+        "--system",
+        "Be brief.",
     ]);
     assert!(chat.status.success(), "{}", String::from_utf8_lossy(&chat.stderr));
     assert_eq!(String::from_utf8_lossy(&raw.stdout), prompt["greedy_text"].as_str().unwrap());
@@ -54,9 +74,25 @@ fn generate_applies_the_chat_template_by_default() {
 fn generate_samples_reproducibly_with_a_seed() {
     let run = |seed: &str| {
         let out = lora(&[
-            "generate", "--model", fixture("llama").to_str().unwrap(), "--prompt", "Hello",
-            "--temp", "0.8", "--top-p", "0.9", "--top-k", "50", "--repetition-penalty", "1.1",
-            "--seed", seed, "--max-tokens", "12", "--device", "cpu",
+            "generate",
+            "--model",
+            fixture("llama").to_str().unwrap(),
+            "--prompt",
+            "Hello",
+            "--temp",
+            "0.8",
+            "--top-p",
+            "0.9",
+            "--top-k",
+            "50",
+            "--repetition-penalty",
+            "1.1",
+            "--seed",
+            seed,
+            "--max-tokens",
+            "12",
+            "--device",
+            "cpu",
         ]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         out.stdout
@@ -70,9 +106,23 @@ fn generate_help_documents_every_flag() {
     let out = lora(&["generate", "--help"]);
     let help = String::from_utf8_lossy(&out.stdout);
     for flag in [
-        "--model", "--prompt", "--max-tokens", "--temp", "--top-p", "--top-k", "--repetition-penalty",
-        "--seed", "--system", "--ignore-chat-template", "--device", "--dtype", "--quantize", "--q-bits",
-        "--q-group-size", "--double-quant", "--q-embeddings",
+        "--model",
+        "--prompt",
+        "--max-tokens",
+        "--temp",
+        "--top-p",
+        "--top-k",
+        "--repetition-penalty",
+        "--seed",
+        "--system",
+        "--ignore-chat-template",
+        "--device",
+        "--dtype",
+        "--quantize",
+        "--q-bits",
+        "--q-group-size",
+        "--double-quant",
+        "--q-embeddings",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
     }
@@ -104,10 +154,8 @@ fn rewrite_weights(dir: &Path, edit: impl Fn(&str, Vec<usize>, Vec<u8>) -> Optio
             kept.push((name, shape, data));
         }
     }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = kept
-        .iter()
-        .map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap()))
-        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> =
+        kept.iter().map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())).collect();
     safetensors::tensor::serialize_to_file(views, None, &path).unwrap();
 }
 
@@ -168,9 +216,20 @@ fn generate_on_wgpu_matches_the_cpu() {
     }
     let case = expected("mistral")["prompts"][0].clone();
     let out = lora(&[
-        "generate", "--model", fixture("mistral").to_str().unwrap(), "--prompt",
-        case["prompt"].as_str().unwrap(), "--temp", "0", "--ignore-chat-template", "--max-tokens",
-        "20", "--device", "wgpu", "--dtype", "f32",
+        "generate",
+        "--model",
+        fixture("mistral").to_str().unwrap(),
+        "--prompt",
+        case["prompt"].as_str().unwrap(),
+        "--temp",
+        "0",
+        "--ignore-chat-template",
+        "--max-tokens",
+        "20",
+        "--device",
+        "wgpu",
+        "--dtype",
+        "f32",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), case["greedy_text"].as_str().unwrap());
@@ -194,8 +253,18 @@ fn generate_on_mlx_quantized_checkpoints_matches_mlx_lm() {
 
 fn greedy_with(model: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
-        "generate", "--model", model.to_str().unwrap(), "--prompt", "Hello, world! How are", "--temp", "0",
-        "--ignore-chat-template", "--max-tokens", "20", "--device", "cpu",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "Hello, world! How are",
+        "--temp",
+        "0",
+        "--ignore-chat-template",
+        "--max-tokens",
+        "20",
+        "--device",
+        "cpu",
     ];
     args.extend_from_slice(extra);
     lora(&args)
@@ -270,17 +339,20 @@ fn large_checkpoint() -> tempfile::TempDir {
         "rope_theta": 10000.0, "tie_word_embeddings": false, "torch_dtype": "float32", "eos_token_id": 1,
     });
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![
-        ("model.embed_tokens.weight".into(), vec![vocab, h]),
-        ("lm_head.weight".into(), vec![vocab, h]),
-        ("model.norm.weight".into(), vec![h]),
-    ];
+    let mut shapes: Vec<(String, Vec<usize>)> =
+        vec![("model.embed_tokens.weight".into(), vec![vocab, h]), ("lm_head.weight".into(), vec![vocab, h]), ("model.norm.weight".into(), vec![h])];
     for l in 0..layers {
         let p = format!("model.layers.{l}");
         for (name, shape) in [
-            ("self_attn.q_proj", vec![h, h]), ("self_attn.k_proj", vec![kv, h]), ("self_attn.v_proj", vec![kv, h]),
-            ("self_attn.o_proj", vec![h, h]), ("mlp.gate_proj", vec![i, h]), ("mlp.up_proj", vec![i, h]),
-            ("mlp.down_proj", vec![h, i]), ("input_layernorm", vec![h]), ("post_attention_layernorm", vec![h]),
+            ("self_attn.q_proj", vec![h, h]),
+            ("self_attn.k_proj", vec![kv, h]),
+            ("self_attn.v_proj", vec![kv, h]),
+            ("self_attn.o_proj", vec![h, h]),
+            ("mlp.gate_proj", vec![i, h]),
+            ("mlp.up_proj", vec![i, h]),
+            ("mlp.down_proj", vec![h, i]),
+            ("input_layernorm", vec![h]),
+            ("post_attention_layernorm", vec![h]),
         ] {
             shapes.push((format!("{p}.{name}.weight"), shape));
         }
@@ -293,11 +365,8 @@ fn large_checkpoint() -> tempfile::TempDir {
             (0..n).flat_map(|j| ((((j * 7919 + k * 104_729) % 2001) as f32 / 1000.0 - 1.0) * 0.05).to_le_bytes()).collect()
         })
         .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = shapes
-        .iter()
-        .zip(&data)
-        .map(|((n, s), d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap()))
-        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> =
+        shapes.iter().zip(&data).map(|((n, s), d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())).collect();
     safetensors::tensor::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
     dir
 }
@@ -308,10 +377,7 @@ fn large_checkpoint() -> tempfile::TempDir {
 fn peak_host_memory_while_loading_stays_under_twice_the_model() {
     let dir = large_checkpoint();
     let size = std::fs::metadata(dir.path().join("model.safetensors")).unwrap().len() as f64;
-    let out = lora(&[
-        "generate", "--model", dir.path().to_str().unwrap(), "--prompt", "Hi", "--ignore-chat-template",
-        "--max-tokens", "1", "--device", "cpu",
-    ]);
+    let out = lora(&["generate", "--model", dir.path().to_str().unwrap(), "--prompt", "Hi", "--ignore-chat-template", "--max-tokens", "1", "--device", "cpu"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let peak_gb: f64 = stderr
@@ -337,4 +403,124 @@ fn auto_device_falls_back_to_the_cpu_with_one_line() {
     } else {
         assert_eq!(notes, ["No GPU adapter found through wgpu; running on the CPU backend."], "{stderr}");
     }
+}
+
+/// Issue 14, defect 2: a tokenizer with an added token the checkpoint lacks (id 400 of a
+/// 400-row embedding). A prompt or a training row that holds it is a clear error (the token,
+/// its id, the rows; the file and line for data), not a panic inside the model; text without
+/// it still works.
+#[test]
+fn a_token_id_beyond_the_embedding_rows_is_an_error_not_a_panic() {
+    let dir = copy_of("llama");
+    let path = dir.path().join("tokenizer.json");
+    let mut tokenizer: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    tokenizer["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({
+        "id": 400, "content": "<|extra|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true
+    }));
+    std::fs::write(&path, tokenizer.to_string()).unwrap();
+
+    let out = greedy(dir.path(), "Hello <|extra|> world", "cpu");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("<|extra|>") && stderr.contains("id 400") && stderr.contains("400 embedding rows"), "{stderr}");
+    assert!(greedy(dir.path(), "Hello world", "cpu").status.success());
+
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("train.jsonl"), "{\"text\": \"fine\"}\n{\"text\": \"a <|extra|> row\"}\n").unwrap();
+    let runs = tempfile::tempdir().unwrap();
+    let adapters = runs.path().join("out");
+    let out = lora(&[
+        "train",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--data",
+        data.path().to_str().unwrap(),
+        "--iters",
+        "1",
+        "--adapter-path",
+        adapters.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("train.jsonl:2") && stderr.contains("id 400"), "{stderr}");
+    assert!(!adapters.exists(), "nothing is written");
+}
+
+/// Issue 14, defect 3: a prompt longer than `max_position_embeddings` (512 in the fixture) is a
+/// clear error before any model is loaded, not an allocation abort; an answer that would run
+/// past it is cut at it with a warning; `--max-seq-length` beyond it is lowered to it.
+#[test]
+fn a_prompt_past_max_position_embeddings_is_a_clear_error() {
+    let long = "word ".repeat(20_000);
+    let out = lora(&["generate", "--model", "tests/fixtures/llama", "--prompt", &long, "--ignore-chat-template", "--device", "cpu"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("max_position_embeddings") && stderr.contains("at most 512"), "{stderr}");
+
+    let near = "word ".repeat(100);
+    let out = lora(&[
+        "generate",
+        "--model",
+        "tests/fixtures/llama",
+        "--prompt",
+        &near,
+        "--ignore-chat-template",
+        "--device",
+        "cpu",
+        "--temp",
+        "0",
+        "--max-tokens",
+        "1000",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("[WARNING]") && stderr.contains("max_position_embeddings 512"), "{stderr}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out = lora(&[
+        "train",
+        "--config",
+        "configs/quickstart.toml",
+        "--iters",
+        "1",
+        "--max-seq-length",
+        "100000",
+        "--steps-per-eval",
+        "100",
+        "--adapter-path",
+        tmp.path().join("run").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("beyond the model's max_position_embeddings 512"), "{stderr}");
+}
+
+/// Issue 14, defect 11: an error's cause is printed once, not once per layer that wraps it.
+#[test]
+fn an_error_cause_is_printed_once() {
+    let dir = copy_of("llama");
+    std::fs::remove_file(dir.path().join("config.json")).unwrap();
+    std::fs::create_dir(dir.path().join("config.json")).unwrap();
+    let out = greedy(dir.path(), "Hello", "cpu");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("config.json"), "{stderr}");
+    assert_eq!(stderr.matches("os error").count(), 1, "{stderr}");
+}
+
+/// Issue 14, defect 10: NaN weights make `generate` fail with a reason, not print nothing and
+/// exit 0.
+#[test]
+fn nan_weights_make_generate_fail_with_a_reason() {
+    let dir = copy_of("llama");
+    rewrite_weights(dir.path(), |name, shape, data| {
+        let data = if name == "model.norm.weight" { f32::NAN.to_le_bytes().repeat(data.len() / 4) } else { data };
+        Some((shape, data))
+    });
+    let out = greedy(dir.path(), "Hello", "cpu");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not finite") && stderr.contains("NaN"), "{stderr}");
 }

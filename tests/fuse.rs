@@ -110,7 +110,18 @@ fn fuse_refuses_to_overwrite_and_names_a_misfit_tensor() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("inputs"), "{}", String::from_utf8_lossy(&o.stderr));
     // With --force the old contents are replaced, atomically.
-    ok(&lora(&["fuse", "--model", "tests/fixtures/llama", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&out), "--force", "--dtype", "f16"]));
+    ok(&lora(&[
+        "fuse",
+        "--model",
+        "tests/fixtures/llama",
+        "--adapter-path",
+        "tests/fixtures/fuse_reference/lora",
+        "--save-path",
+        s(&out),
+        "--force",
+        "--dtype",
+        "f16",
+    ]));
     assert!(!out.join("keep.txt").exists() && out.join("model.safetensors").is_file());
     let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["dtype"], "float16");
@@ -151,4 +162,71 @@ fn generate_applies_several_weighted_adapters() {
     assert_eq!(greedy(&["--adapter-path", b, "--adapter-path", a, "--adapter-scales", "0,1"]), one);
     let o = lora(&["generate", "--model", "tests/fixtures/llama", "--prompt", "x", "--adapter-path", a, "--adapter-scales", "1,2"]);
     assert_eq!(o.status.code(), Some(2));
+}
+
+/// Issue 14, defect 6, as a user meets it: `convert-adapter --force` into a directory holding
+/// the other layout leaves only the new adapter, which is what is read back.
+#[test]
+fn convert_adapter_force_over_the_other_layout_leaves_only_the_new_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixture("fuse_reference/lora").join(f), out.join(f)).unwrap();
+    }
+    ok(&lora(&["convert-adapter", "--adapter-path", "tests/fixtures/fuse_reference/dora", "--to", "mlx", "--save-path", s(&out), "--force"]));
+    assert!(!out.join("adapter_model.safetensors").exists() && out.join("adapters.safetensors").is_file());
+    let read = lora_adapters::format::load(&out).unwrap();
+    let dora = lora_adapters::format::load(&fixture("fuse_reference/dora")).unwrap();
+    assert!(read.weights == dora.weights, "the new adapter is the one read");
+}
+
+/// Issue 14, defect 9: fuse copies the model's known files only (a user's other files, here a
+/// secret, stay behind), and not through a link that leaves the model directory; a Hugging Face
+/// cache snapshot, whose every file links into the cache's `blobs/`, still fuses completely.
+#[cfg(unix)]
+#[test]
+fn fuse_copies_only_the_known_files_and_never_through_a_link_out() {
+    use std::os::unix::fs::symlink;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(fixture("llama")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    std::fs::write(model.join("notes.txt"), "private").unwrap();
+    let secret = tmp.path().join("id_rsa");
+    std::fs::write(&secret, "secret").unwrap();
+    std::fs::remove_file(model.join("generation_config.json")).unwrap();
+    symlink(&secret, model.join("generation_config.json")).unwrap();
+    let out = tmp.path().join("fused");
+    let o = lora(&["fuse", "--model", s(&model), "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&out)]);
+    ok(&o);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("outside the model directory"));
+    assert!(!out.join("notes.txt").exists() && !out.join("generation_config.json").exists());
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "model.safetensors"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    // Issue 14, defect 12: the weights are as readable as their siblings.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |f: &str| std::fs::metadata(out.join(f)).unwrap().permissions().mode();
+    assert_eq!(mode("model.safetensors"), mode("config.json"));
+
+    // models--x/snapshots/<rev>/<file> -> ../../blobs/<hash>, as huggingface_hub lays it out.
+    let repo = tmp.path().join("models--x");
+    let (blobs, snapshot) = (repo.join("blobs"), repo.join("snapshots/0123abc"));
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for entry in std::fs::read_dir(fixture("llama")).unwrap() {
+        let entry = entry.unwrap();
+        let blob = blobs.join(format!("blob-{}", entry.file_name().to_string_lossy()));
+        std::fs::copy(entry.path(), &blob).unwrap();
+        symlink(Path::new("../../blobs").join(blob.file_name().unwrap()), snapshot.join(entry.file_name())).unwrap();
+    }
+    let out = tmp.path().join("fused-cache");
+    ok(&lora(&["fuse", "--model", s(&snapshot), "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&out)]));
+    for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"] {
+        assert!(out.join(f).is_file() && !out.join(f).is_symlink(), "{f}");
+    }
 }

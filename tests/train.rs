@@ -24,10 +24,37 @@ fn curve(dir: &Path, key: &str) -> Vec<(u64, f64)> {
 fn reference_flags(out: &Path, iters: usize, initial: bool) -> Vec<String> {
     let r = fixture("train_reference");
     let mut args: Vec<String> = [
-        "train", "--model", s(&fixture("llama")), "--data", s(&r.join("data")),
-        "--adapter-path", s(out), "--device", "cpu", "--num-layers", "-1", "--batch-size", "2",
-        "--optimizer", "adamw", "--weight-decay", "0.01", "--learning-rate", "1e-2", "--lr-schedule", "cosine", "--warmup", "3",
-        "--max-grad-norm", "1.0", "--shuffle", "false", "--steps-per-report", "1", "--save-every", "0",
+        "train",
+        "--model",
+        s(&fixture("llama")),
+        "--data",
+        s(&r.join("data")),
+        "--adapter-path",
+        s(out),
+        "--device",
+        "cpu",
+        "--num-layers",
+        "-1",
+        "--batch-size",
+        "2",
+        "--optimizer",
+        "adamw",
+        "--weight-decay",
+        "0.01",
+        "--learning-rate",
+        "1e-2",
+        "--lr-schedule",
+        "cosine",
+        "--warmup",
+        "3",
+        "--max-grad-norm",
+        "1.0",
+        "--shuffle",
+        "false",
+        "--steps-per-report",
+        "1",
+        "--save-every",
+        "0",
     ]
     .iter()
     .map(|x| x.to_string())
@@ -103,8 +130,19 @@ fn recomputing_blocks_gives_the_same_run() {
 /// accumulation, validation.
 fn resumable(out: &Path, iters: usize, save_every: usize) -> Vec<String> {
     let mut args: Vec<String> = [
-        "train", "--config", "configs/quickstart.toml", "--adapter-path", s(out),
-        "--steps-per-report", "1", "--steps-per-eval", "3", "--dropout", "0.1", "--grad-accumulation-steps", "2",
+        "train",
+        "--config",
+        "configs/quickstart.toml",
+        "--adapter-path",
+        s(out),
+        "--steps-per-report",
+        "1",
+        "--steps-per-eval",
+        "3",
+        "--dropout",
+        "0.1",
+        "--grad-accumulation-steps",
+        "2",
     ]
     .iter()
     .map(|x| x.to_string())
@@ -130,8 +168,12 @@ fn a_run_killed_mid_way_resumes_exactly() {
     assert!(!o.status.success(), "the run was meant to die");
     assert!(curve(&cut, "train_loss").iter().any(|(s, _)| *s == 5), "it had gone past its checkpoint");
     assert!(!cut.join("0000008_adapter_model.safetensors").exists());
+    // What a kill in the middle of an atomic write leaves (issue 14, defect 12) is cleaned up.
+    let stale = cut.join(".adapter_model.safetensors.tmp-999999");
+    std::fs::write(&stale, b"half").unwrap();
     let o = lora(&["train", "--resume", s(&cut)]);
     assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stale.exists(), "the stale temporary is removed");
     assert!(stderr(&o).contains("Resuming") && stderr(&o).contains("iteration 4"), "{}", stderr(&o));
 
     assert_eq!(curve(&cut, "train_loss"), curve(&whole, "train_loss"), "the same loss curve");
@@ -139,6 +181,10 @@ fn a_run_killed_mid_way_resumes_exactly() {
     for name in ["adapter_model.safetensors", "0000008_adapter_model.safetensors", "0000012_adapter_model.safetensors"] {
         assert_eq!(std::fs::read(cut.join(name)).unwrap(), std::fs::read(whole.join(name)).unwrap(), "{name} differs");
     }
+    // Resuming with --iters at or below where the run is: an error, not a silent success.
+    let o = lora(&["train", "--resume", s(&cut), "--iters", "8"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("iteration 12") && stderr(&o).contains("--iters 8"), "{}", stderr(&o));
 }
 
 #[cfg(unix)]
@@ -194,13 +240,26 @@ fn the_quickstart_learns_and_generate_shows_it() {
         assert!(out.join(name).is_file(), "{name}");
     }
 
-    let o = lora(&["generate", "--model", "tests/fixtures/llama", "--adapter-path", s(&out), "--prompt", "What is the capital of Germany?", "--max-tokens", "24"]);
+    let o =
+        lora(&["generate", "--model", "tests/fixtures/llama", "--adapter-path", s(&out), "--prompt", "What is the capital of Germany?", "--max-tokens", "24"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "The capital of Germany is Berlin.");
 
     // --test alone evaluates the adapter it finds, and the base without one.
     let test = |adapter: &Path| {
-        let o = lora(&["train", "--model", "tests/fixtures/llama", "--data", "tests/fixtures/quickstart", "--test", "--adapter-path", s(adapter), "--mask-prompt", "--device", "cpu"]);
+        let o = lora(&[
+            "train",
+            "--model",
+            "tests/fixtures/llama",
+            "--data",
+            "tests/fixtures/quickstart",
+            "--test",
+            "--adapter-path",
+            s(adapter),
+            "--mask-prompt",
+            "--device",
+            "cpu",
+        ]);
         assert!(o.status.success(), "{}", stderr(&o));
         let text = String::from_utf8_lossy(&o.stdout).into_owned();
         text.trim().strip_prefix("Test loss ").unwrap().split(',').next().unwrap().parse::<f64>().unwrap()
@@ -224,7 +283,19 @@ fn bad_configs_and_flags_name_the_key_and_write_nothing() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("batch_size"), "{}", stderr(&o));
 
-    let o = lora(&["train", "--model", "tests/fixtures/llama", "--data", "tests/fixtures/quickstart", "--keys", "q_prj", "--adapter-path", s(&out), "--device", "cpu"]);
+    let o = lora(&[
+        "train",
+        "--model",
+        "tests/fixtures/llama",
+        "--data",
+        "tests/fixtures/quickstart",
+        "--keys",
+        "q_prj",
+        "--adapter-path",
+        s(&out),
+        "--device",
+        "cpu",
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("q_prj"), "{}", stderr(&o));
     assert!(!out.join("adapter_model.safetensors").exists());
@@ -235,8 +306,23 @@ fn a_diverging_run_stops_with_the_last_good_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("nan");
     let o = lora(&[
-        "train", "--config", "configs/quickstart.toml", "--adapter-path", s(&out), "--learning-rate", "1e30", "--lr-schedule", "constant",
-        "--warmup", "0", "--optimizer", "sgd", "--save-every", "1", "--iters", "50",
+        "train",
+        "--config",
+        "configs/quickstart.toml",
+        "--adapter-path",
+        s(&out),
+        "--learning-rate",
+        "1e30",
+        "--lr-schedule",
+        "constant",
+        "--warmup",
+        "0",
+        "--optimizer",
+        "sgd",
+        "--save-every",
+        "1",
+        "--iters",
+        "50",
     ]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
@@ -255,10 +341,46 @@ fn four_bit_chat_run(device: &str, dtype: &str) -> Option<Vec<(u64, f64)>> {
     let out = tmp.path().join("q4");
     let r = fixture("train_reference_q4");
     let o = lora(&[
-        "train", "--model", "tests/fixtures/llama", "--data", s(&r.join("data")), "--quantize", "affine", "--q-group-size", "32",
-        "--resume-adapter-file", s(&r.join("initial")), "--mask-prompt", "--batch-size", "2", "--iters", "20", "--optimizer", "adamw",
-        "--weight-decay", "0", "--learning-rate", "1e-2", "--lr-schedule", "linear", "--warmup", "2", "--shuffle", "false",
-        "--steps-per-report", "1", "--num-layers", "-1", "--save-every", "0", "--device", device, "--dtype", dtype, "--adapter-path", s(&out),
+        "train",
+        "--model",
+        "tests/fixtures/llama",
+        "--data",
+        s(&r.join("data")),
+        "--quantize",
+        "affine",
+        "--q-group-size",
+        "32",
+        "--resume-adapter-file",
+        s(&r.join("initial")),
+        "--mask-prompt",
+        "--batch-size",
+        "2",
+        "--iters",
+        "20",
+        "--optimizer",
+        "adamw",
+        "--weight-decay",
+        "0",
+        "--learning-rate",
+        "1e-2",
+        "--lr-schedule",
+        "linear",
+        "--warmup",
+        "2",
+        "--shuffle",
+        "false",
+        "--steps-per-report",
+        "1",
+        "--num-layers",
+        "-1",
+        "--save-every",
+        "0",
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+        "--adapter-path",
+        s(&out),
     ]);
     if device == "wgpu" && !o.status.success() && stderr(&o).contains("no wgpu adapter") && std::env::var_os("LORA_REQUIRE_WGPU").is_none() {
         eprintln!("wgpu does not run here: skipped");
@@ -309,4 +431,109 @@ fn epochs_set_the_length_from_the_batches_per_epoch() {
     // The flag replaced the file's `iters`; both flags at once is an error naming the key.
     let o = lora(&["train", "--config", "configs/quickstart.toml", "--adapter-path", s(&tmp.path().join("x")), "--epochs", "2", "--iters", "5"]);
     assert!(!o.status.success() && stderr(&o).contains("epochs"), "{}", stderr(&o));
+}
+
+/// Every file under `dir`, with its bytes.
+fn snapshot(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut files: Vec<_> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_file()).map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect();
+    files.sort();
+    files
+}
+
+/// Issue 14, defect 1: a directory holding someone else's adapter or files is refused (exit 2,
+/// nothing written); `--force` writes beside them but never over the adapter it starts from;
+/// an adapter path inside the model or the data directory is refused and not created.
+#[test]
+fn train_never_overwrites_a_directory_it_did_not_make() {
+    let tmp = tempfile::tempdir().unwrap();
+    let theirs = tmp.path().join("adapters");
+    std::fs::create_dir(&theirs).unwrap();
+    for name in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixture("train_reference/initial").join(name), theirs.join(name)).unwrap();
+    }
+    std::fs::write(theirs.join("metrics.jsonl"), "{\"mine\": true}\n").unwrap();
+    let before = snapshot(&theirs);
+    let quick = ["train", "--config", "configs/quickstart.toml", "--iters", "2", "--steps-per-eval", "100", "--adapter-path", s(&theirs)];
+
+    let o = lora(&quick);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not empty") && stderr(&o).contains("--force"), "{}", stderr(&o));
+    assert_eq!(snapshot(&theirs), before);
+
+    // Starting from the adapter in the directory it would write: refused even with --force.
+    let start = theirs.join("adapter_model.safetensors");
+    let o = lora(&[&quick[..], &["--resume-adapter-file", s(&start), "--force"]].concat());
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--resume-adapter-file"), "{}", stderr(&o));
+    assert_eq!(snapshot(&theirs), before);
+
+    // Inside the model or the data directory, or the data directory itself.
+    for inside in [fixture("llama").join("run"), fixture("quickstart"), fixture("quickstart").join("run")] {
+        let o = lora(&["train", "--config", "configs/quickstart.toml", "--iters", "2", "--adapter-path", s(&inside)]);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains("inside"), "{}", stderr(&o));
+        assert!(!fixture("llama").join("run").exists() && !fixture("quickstart").join("run").exists());
+    }
+
+    // With --force the run writes, and a file of the user's that the run does not make stays.
+    let own = tmp.path().join("own");
+    std::fs::create_dir(&own).unwrap();
+    std::fs::write(own.join("notes.txt"), "keep me").unwrap();
+    let o = lora(&["train", "--config", "configs/quickstart.toml", "--iters", "2", "--steps-per-eval", "100", "--adapter-path", s(&own), "--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(own.join("notes.txt")).unwrap(), "keep me");
+    assert!(own.join("adapter_model.safetensors").is_file());
+}
+
+/// Issue 14, defect 7: while a run holds its adapter directory, a second run on it (here a
+/// resume) is refused instead of writing over the first.
+#[cfg(unix)]
+#[test]
+fn two_runs_on_one_adapter_directory_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let args = resumable(&out, 100_000, 100_000);
+    let mut child = command().args(&args).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let metrics = out.join("metrics.jsonl");
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 2 {
+        assert!(start.elapsed().as_secs() < 120, "the run did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = lora(&["train", "--resume", s(&out), "--iters", "3"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("another lora train run"), "{}", stderr(&o));
+}
+
+/// Issue 14, defect 10: `--mask-prompt` with every target cut off by `--max-seq-length` is an
+/// error naming the file, not a run that trains on nothing and reports a loss of 0.
+#[test]
+fn every_target_cut_off_by_max_seq_length_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = lora(&["train", "--config", "configs/quickstart.toml", "--iters", "2", "--max-seq-length", "4", "--adapter-path", s(&out)]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("train.jsonl") && stderr(&o).contains("--mask-prompt"), "{}", stderr(&o));
+    assert!(!out.exists(), "nothing is written");
+}
+
+/// Issue 14, defect 10: a resume file with a flipped bit is refused as damaged (its checksum),
+/// not resumed from wrong numbers.
+#[test]
+fn a_damaged_resume_file_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = lora(&["train", "--config", "configs/quickstart.toml", "--iters", "2", "--save-every", "1", "--steps-per-eval", "100", "--adapter-path", s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let path = out.join("trainer_state.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 5;
+    bytes[last] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+    let o = lora(&["train", "--resume", s(&out), "--iters", "4"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("trainer_state.safetensors") && stderr(&o).contains("damaged"), "{}", stderr(&o));
 }

@@ -9,15 +9,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::TensorView;
 use lora_model::checkpoint::{decode_floats, encode_floats};
+use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{Value as Json, json};
 
+use crate::AdapterError;
 use crate::attach::AdapterWeights;
 use crate::io::write_atomic;
 use crate::spec::{AdapterSpec, FineTuneType, Scale};
-use crate::AdapterError;
 
 /// The two adapter layouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -68,8 +68,14 @@ impl AdapterFile {
 /// the weights file's name, or its tensor names.
 pub fn load(path: &Path) -> Result<AdapterFile, AdapterError> {
     let (dir, weights_path) = if path.is_dir() {
-        let found = [AdapterFormat::Peft, AdapterFormat::Mlx].into_iter().map(|f| path.join(f.weights_file())).find(|p| p.is_file());
-        let weights = found.ok_or_else(|| {
+        let found: Vec<PathBuf> = [AdapterFormat::Peft, AdapterFormat::Mlx].into_iter().map(|f| path.join(f.weights_file())).filter(|p| p.is_file()).collect();
+        if found.len() > 1 {
+            return Err(AdapterError::invalid(
+                path,
+                "holds both adapter_model.safetensors (PEFT) and adapters.safetensors (mlx-lm), so which adapter it is is ambiguous; remove one, or name the weights file itself",
+            ));
+        }
+        let weights = found.into_iter().next().ok_or_else(|| {
             AdapterError::invalid(path, "not an adapter directory: neither adapter_model.safetensors (PEFT) nor adapters.safetensors (mlx-lm)")
         })?;
         (path.to_path_buf(), weights)
@@ -90,6 +96,18 @@ pub fn load(path: &Path) -> Result<AdapterFile, AdapterError> {
         AdapterFormat::Mlx => mlx_spec(&config, &config_path)?,
     };
     let weights = read_weights(&st, format, &spec, &weights_path)?;
+    let stated = match format {
+        AdapterFormat::Peft => field(&config, "r"),
+        AdapterFormat::Mlx => config.get("lora_parameters").and_then(|p| field(p, "rank")),
+    };
+    if let Some(r) = stated.and_then(Json::as_u64)
+        && let Some(w) = weights.iter().find(|w| w.rank as u64 != r)
+    {
+        return Err(AdapterError::invalid(
+            &config_path,
+            format!("the rank is {r} here, but the tensors of {} in {} have rank {}", w.module, weights_path.display(), w.rank),
+        ));
+    }
     Ok(AdapterFile { format, spec, weights, path: weights_path })
 }
 
@@ -108,7 +126,9 @@ fn peft_spec(config: &Json, path: &Path) -> Result<AdapterSpec, AdapterError> {
             return Err(AdapterError::invalid(path, format!("{key} is not supported: every adapted projection must share r and lora_alpha")));
         }
     }
-    let num = |key: &str, default: f64| field(config, key).map_or(Some(default), Json::as_f64).ok_or_else(|| AdapterError::invalid(path, format!("{key} must be a number")));
+    let num = |key: &str, default: f64| {
+        field(config, key).map_or(Some(default), Json::as_f64).ok_or_else(|| AdapterError::invalid(path, format!("{key} must be a number")))
+    };
     let rank = num("r", 8.0)? as usize;
     let alpha = num("lora_alpha", 8.0)?;
     let rslora = field(config, "use_rslora").and_then(Json::as_bool).unwrap_or(false);
@@ -130,10 +150,16 @@ fn peft_spec(config: &Json, path: &Path) -> Result<AdapterSpec, AdapterError> {
 
 fn mlx_spec(config: &Json, path: &Path) -> Result<AdapterSpec, AdapterError> {
     let params = field(config, "lora_parameters").cloned().unwrap_or(json!({}));
-    let num = |v: Option<&Json>, key: &str, default: f64| v.map_or(Some(default), Json::as_f64).ok_or_else(|| AdapterError::invalid(path, format!("{key} must be a number")));
+    let num = |v: Option<&Json>, key: &str, default: f64| {
+        v.map_or(Some(default), Json::as_f64).ok_or_else(|| AdapterError::invalid(path, format!("{key} must be a number")))
+    };
     let kind = match field(config, "fine_tune_type").and_then(Json::as_str) {
         Some("lora") | None => {
-            if field(config, "use_dora").and_then(Json::as_bool).unwrap_or(false) { FineTuneType::Dora } else { FineTuneType::Lora }
+            if field(config, "use_dora").and_then(Json::as_bool).unwrap_or(false) {
+                FineTuneType::Dora
+            } else {
+                FineTuneType::Lora
+            }
         }
         Some("dora") => FineTuneType::Dora,
         Some(other) => return Err(AdapterError::invalid(path, format!("fine_tune_type {other:?} is not an adapter (lora or dora)"))),
@@ -250,10 +276,8 @@ pub fn weights_bytes(weights: &[AdapterWeights], format: AdapterFormat) -> Resul
             }
         }
     }
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(n, shape, data)| (n.clone(), TensorView::new(Dtype::F32, shape.clone(), data).expect("shape matches the data")))
-        .collect();
+    let views: Vec<(String, TensorView)> =
+        tensors.iter().map(|(n, shape, data)| (n.clone(), TensorView::new(Dtype::F32, shape.clone(), data).expect("shape matches the data"))).collect();
     let metadata = (format == AdapterFormat::Peft).then(|| [("format".to_string(), "pt".to_string())].into());
     safetensors::serialize(views, metadata).map_err(|e| AdapterError::invalid(Path::new(format.weights_file()), e.to_string()))
 }
@@ -295,25 +319,40 @@ pub fn config_json(spec: &AdapterSpec, format: AdapterFormat, layers: &[usize], 
             let mut config = extra.cloned().unwrap_or_default();
             config.insert("fine_tune_type".into(), json!(spec.fine_tune_type));
             config.insert("num_layers".into(), json!(spec.num_layers));
-            config.insert(
-                "lora_parameters".into(),
-                json!({ "rank": spec.rank, "scale": spec.scale.value(spec.rank), "dropout": spec.dropout, "keys": keys }),
-            );
+            config.insert("lora_parameters".into(), json!({ "rank": spec.rank, "scale": spec.scale.value(spec.rank), "dropout": spec.dropout, "keys": keys }));
             Json::Object(config)
         }
     }
 }
 
 /// Writes an adapter directory: the config and the weights, each atomically.
-pub fn save(dir: &Path, format: AdapterFormat, spec: &AdapterSpec, weights: &[AdapterWeights], base_model: &str, extra: Option<&serde_json::Map<String, Json>>) -> Result<(), AdapterError> {
+pub fn save(
+    dir: &Path,
+    format: AdapterFormat,
+    spec: &AdapterSpec,
+    weights: &[AdapterWeights],
+    base_model: &str,
+    extra: Option<&serde_json::Map<String, Json>>,
+) -> Result<(), AdapterError> {
     std::fs::create_dir_all(dir).map_err(|e| AdapterError::io(dir, e))?;
-    let mut layers: Vec<usize> = weights
-        .iter()
-        .filter_map(|w| w.module.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|i| i.parse().ok()))
-        .collect();
+    let mut layers: Vec<usize> =
+        weights.iter().filter_map(|w| w.module.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|i| i.parse().ok())).collect();
     layers.dedup();
     let config = config_json(spec, format, &layers, base_model, extra);
     write_atomic(&dir.join(format.weights_file()), &weights_bytes(weights, format)?)?;
     let text = serde_json::to_string_pretty(&config).expect("JSON values serialize");
-    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
+    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?;
+    // The directory's adapter is replaced whole: the other layout's weights, which would be
+    // read against the new config, go.
+    let other = dir.join(
+        match format {
+            AdapterFormat::Peft => AdapterFormat::Mlx,
+            AdapterFormat::Mlx => AdapterFormat::Peft,
+        }
+        .weights_file(),
+    );
+    match std::fs::remove_file(&other) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(AdapterError::io(&other, e)),
+        _ => Ok(()),
+    }
 }

@@ -70,7 +70,14 @@ fn adapted_forward_equals_the_merged_weight() {
 #[test]
 fn peft_and_mlx_layouts_round_trip() {
     let mut model = load();
-    let spec = AdapterSpec { num_layers: 2, rank: 4, keys: Some(vec!["q_proj".into(), "mlp.down_proj".into()]), scale: Scale::Raw(20.0), dropout: 0.1, ..Default::default() };
+    let spec = AdapterSpec {
+        num_layers: 2,
+        rank: 4,
+        keys: Some(vec!["q_proj".into(), "mlp.down_proj".into()]),
+        scale: Scale::Raw(20.0),
+        dropout: 0.1,
+        ..Default::default()
+    };
     add_adapters(&mut model, &spec, 5).unwrap();
     randomize_b(&mut model);
     assert_eq!(trainable_count(&model), adapter_weights(&model).iter().map(|w| w.a.len() + w.b.len()).sum::<usize>());
@@ -94,6 +101,50 @@ fn peft_and_mlx_layouts_round_trip() {
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(mlx.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(config["lora_parameters"]["scale"], 20.0);
     assert_eq!(config["lora_parameters"]["keys"], serde_json::json!(["self_attn.q_proj", "mlp.down_proj"]));
+}
+
+/// Issue 14, defect 6: writing one layout over a directory of the other replaces its adapter
+/// whole (the old weights would otherwise win when it is read), and a directory holding both
+/// layouts is refused as ambiguous instead of read as either.
+#[test]
+fn an_adapter_written_over_the_other_layout_replaces_it_and_mixed_directories_are_refused() {
+    let mut model = load();
+    let spec = AdapterSpec { num_layers: 1, rank: 2, ..Default::default() };
+    add_adapters(&mut model, &spec, 1).unwrap();
+    randomize_b(&mut model);
+    let weights = adapter_weights(&model);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    format::save(&out, AdapterFormat::Mlx, &spec, &weights, "", None).unwrap();
+    let mut changed = weights.clone();
+    changed[0].b[0] += 1.0;
+    format::save(&out, AdapterFormat::Peft, &spec, &changed, "", None).unwrap();
+    assert!(!out.join("adapters.safetensors").exists(), "the mlx-lm weights are gone");
+    let read = format::load(&out).unwrap();
+    assert_eq!(read.format, AdapterFormat::Peft);
+    assert!(read.weights == changed);
+
+    std::fs::copy(out.join("adapter_model.safetensors"), out.join("adapters.safetensors")).unwrap();
+    let e = format::load(&out).unwrap_err().to_string();
+    assert!(e.contains("both") && e.contains(out.to_str().unwrap()), "{e}");
+    assert!(format::load(&out.join("adapter_model.safetensors")).is_ok(), "naming the file still works");
+}
+
+/// Issue 14, defect 10: a config whose rank disagrees with the tensors is refused, naming the
+/// config, both ranks and the module.
+#[test]
+fn a_config_rank_that_disagrees_with_the_tensors_is_refused() {
+    let mut model = load();
+    let spec = AdapterSpec { num_layers: 1, rank: 4, scale: Scale::Alpha { alpha: 8.0, rslora: false }, ..Default::default() };
+    add_adapters(&mut model, &spec, 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    format::save(dir.path(), AdapterFormat::Peft, &spec, &adapter_weights(&model), "", None).unwrap();
+    let path = dir.path().join("adapter_config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["r"] = serde_json::json!(16);
+    std::fs::write(&path, config.to_string()).unwrap();
+    let e = format::load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("adapter_config.json") && e.contains("rank is 16") && e.contains("rank 4") && e.contains("model.layers.1"), "{e}");
 }
 
 #[test]

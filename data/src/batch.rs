@@ -139,6 +139,12 @@ pub fn count_too_long(examples: &[Example], max_seq_length: usize) -> usize {
     examples.iter().filter(|e| e.tokens.len() > max_seq_length).count()
 }
 
+/// Examples left with no target once [`collate`] cuts them to `max_seq_length` tokens: the
+/// masked prompt reaches the cut (target `j` is trained on iff `offset <= j < length`).
+pub fn count_without_targets(examples: &[Example], max_seq_length: usize) -> usize {
+    examples.iter().filter(|e| e.offset.max(1) >= e.tokens.len().min(max_seq_length)).count()
+}
+
 /// The share of padded positions over one epoch of `batcher`'s batches, in `[0, 1]`.
 pub fn padding_fraction(examples: &[Example], batcher: &Batcher, max_seq_length: usize) -> f64 {
     let (mut padded, mut total) = (0usize, 0usize);
@@ -157,11 +163,7 @@ mod tests {
     use super::*;
 
     fn examples(lengths: &[usize]) -> Vec<Example> {
-        lengths
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| Example { tokens: (0..n as u32).map(|t| 100 * (i as u32 + 1) + t).collect(), offset: i })
-            .collect()
+        lengths.iter().enumerate().map(|(i, &n)| Example { tokens: (0..n as u32).map(|t| 100 * (i as u32 + 1) + t).collect(), offset: i }).collect()
     }
 
     /// Every batch of one epoch, in the order the steps visit them.

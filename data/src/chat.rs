@@ -3,6 +3,7 @@
 //! `raise_exception`, `strftime_now` and a `tojson` that writes what Python's `json.dumps` writes.
 
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 
 use minijinja::value::{Kwargs, Serde, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, Value, context};
@@ -12,9 +13,19 @@ use crate::error::DataError;
 
 const NAME: &str = "chat_template";
 
+/// The instruction budget of one render (minijinja's fuel, which also charges about one unit
+/// per 64 bytes allocated): a template that loops or grows a string without end stops with
+/// an error instead of running until killed. Real templates over long chats use a few
+/// thousand.
+const FUEL: u64 = 4_000_000;
+
+/// The most a render may produce.
+const MAX_RENDERED: usize = 64 << 20;
+
 /// A compiled chat template with the tokenizer's special tokens.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    path: PathBuf,
     bos_token: String,
     eos_token: String,
 }
@@ -26,28 +37,28 @@ impl std::fmt::Debug for ChatTemplate {
 }
 
 impl ChatTemplate {
-    /// Compiles `source`; `bos_token` and `eos_token` are the strings the template sees.
-    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, DataError> {
+    /// Compiles `source`, read from `path` (which errors name); `bos_token` and `eos_token`
+    /// are the strings the template sees.
+    pub fn new(source: &str, path: &Path, bos_token: &str, eos_token: &str) -> Result<Self, DataError> {
+        let error = |e: Error| DataError::Template { path: path.to_path_buf(), message: describe(&e) };
         let mut env = Environment::new();
-        let syntax = minijinja::syntax::SyntaxConfig::builder()
-            .trim_blocks(true)
-            .lstrip_blocks(true)
-            .build()
-            .map_err(|e| DataError::Template { message: describe(&e) })?;
+        env.set_fuel(Some(FUEL));
+        let syntax = minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build().map_err(error)?;
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(NAME, source.to_string())
-            .map_err(|e| DataError::Template { message: describe(&e) })?;
-        Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+        env.add_template_owned(NAME, source.to_string()).map_err(error)?;
+        Ok(Self { env, path: path.to_path_buf(), bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
     }
 
     /// Renders `messages` (a JSON array of `{role, content, ...}`), with optional `tools`.
+    /// Stops with an error past the fuel budget or [`MAX_RENDERED`] bytes.
     pub fn render(&self, messages: &Json, tools: Option<&Json>, add_generation_prompt: bool) -> Result<String, DataError> {
-        let template = self.env.get_template(NAME).map_err(|e| DataError::Template { message: describe(&e) })?;
-        template
+        let error = |message: String| DataError::Template { path: self.path.clone(), message };
+        let template = self.env.get_template(NAME).map_err(|e| error(describe(&e)))?;
+        let text = template
             .render(context! {
                 messages => Value::from(Serde(messages)),
                 tools => tools.map(|t| Value::from(Serde(t))),
@@ -55,7 +66,11 @@ impl ChatTemplate {
                 bos_token => self.bos_token.clone(),
                 eos_token => self.eos_token.clone(),
             })
-            .map_err(|e| DataError::Template { message: describe(&e) })
+            .map_err(|e| error(describe(&e)))?;
+        if text.len() > MAX_RENDERED {
+            return Err(error(format!("renders {} bytes, more than the {MAX_RENDERED} allowed", text.len())));
+        }
+        Ok(text)
     }
 }
 
@@ -76,18 +91,12 @@ fn raise_exception(message: String) -> Result<Value, Error> {
 
 /// `strftime_now(format)`: the current UTC time with the common strftime fields.
 fn strftime_now(format: String) -> Result<String, Error> {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     Ok(strftime(secs, &format))
 }
 
 fn strftime(secs: i64, format: &str) -> String {
-    const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
-    ];
+    const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -109,17 +118,34 @@ fn strftime(secs: i64, format: &str) -> String {
         }
         let name = MONTHS[(month - 1) as usize];
         match chars.next() {
-            Some('d') => { let _ = write!(out, "{day:02}"); }
-            Some('m') => { let _ = write!(out, "{month:02}"); }
-            Some('Y') => { let _ = write!(out, "{year}"); }
-            Some('y') => { let _ = write!(out, "{:02}", year % 100); }
+            Some('d') => {
+                let _ = write!(out, "{day:02}");
+            }
+            Some('m') => {
+                let _ = write!(out, "{month:02}");
+            }
+            Some('Y') => {
+                let _ = write!(out, "{year}");
+            }
+            Some('y') => {
+                let _ = write!(out, "{:02}", year % 100);
+            }
             Some('b') => out.push_str(&name[..3]),
             Some('B') => out.push_str(name),
-            Some('H') => { let _ = write!(out, "{:02}", rem / 3600); }
-            Some('M') => { let _ = write!(out, "{:02}", rem / 60 % 60); }
-            Some('S') => { let _ = write!(out, "{:02}", rem % 60); }
+            Some('H') => {
+                let _ = write!(out, "{:02}", rem / 3600);
+            }
+            Some('M') => {
+                let _ = write!(out, "{:02}", rem / 60 % 60);
+            }
+            Some('S') => {
+                let _ = write!(out, "{:02}", rem % 60);
+            }
             Some('%') => out.push('%'),
-            Some(other) => { out.push('%'); out.push(other); }
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
             None => out.push('%'),
         }
     }
@@ -152,13 +178,7 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
         _ if indent.is_some() => (",".to_string(), ": ".to_string()),
         _ => (", ".to_string(), ": ".to_string()),
     };
-    let opts = JsonOpts {
-        indent,
-        item_sep,
-        key_sep,
-        sort_keys: sort_keys.unwrap_or(false),
-        ensure_ascii: ensure_ascii.unwrap_or(false),
-    };
+    let opts = JsonOpts { indent, item_sep, key_sep, sort_keys: sort_keys.unwrap_or(false), ensure_ascii: ensure_ascii.unwrap_or(false) };
     let mut out = String::new();
     dump(value, &opts, 0, &mut out)?;
     Ok(Value::from_safe_string(out))
@@ -288,7 +308,7 @@ mod tests {
     use serde_json::json;
 
     fn render(src: &str, messages: Json) -> Result<String, DataError> {
-        ChatTemplate::new(src, "<s>", "</s>")?.render(&messages, None, false)
+        ChatTemplate::new(src, Path::new("chat_template.jinja"), "<s>", "</s>")?.render(&messages, None, false)
     }
 
     #[test]
@@ -317,5 +337,24 @@ mod tests {
     fn strftime_formats_a_known_date() {
         // 2024-07-26 13:05:09 UTC
         assert_eq!(strftime(1_722_000_309, "%d %b %Y %H:%M:%S %B %%"), "26 Jul 2024 13:25:09 July %");
+    }
+
+    /// Issue 14, defect 5: templates that would run until killed or fill the memory stop
+    /// with an error naming the template file.
+    #[test]
+    fn runaway_templates_stop_with_an_error_naming_the_file() {
+        let doubling = "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}";
+        let loops = "{% for a in range(10000) %}{% for b in range(10000) %}{% for c in range(10000) %}x{% endfor %}{% endfor %}{% endfor %}";
+        let repeated = "{% for i in range(100) %}{{ 'y' * 90000000 }}{% endfor %}";
+        for src in [doubling, loops, repeated] {
+            let started = std::time::Instant::now();
+            let e = render(src, json!([])).unwrap_err().to_string();
+            assert!(e.contains("chat_template.jinja"), "{e}");
+            assert!(started.elapsed().as_secs() < 30, "{src} took {:?}", started.elapsed());
+        }
+        // A real template over a long chat stays well inside the budget.
+        let chat = "{% for m in messages %}<|{{ m.role }}|>{{ m.content | trim }}{% if not loop.last %}\n{% endif %}{% endfor %}";
+        let messages: Vec<Json> = (0..2000).map(|i| json!({"role": "user", "content": format!("message {i} ").repeat(50)})).collect();
+        assert!(render(chat, Json::Array(messages)).unwrap().len() > 1_000_000);
     }
 }

@@ -47,7 +47,14 @@ pub struct DataKeys {
     pub messages: String,
     /// The optional tool list handed to the chat template. Default `"tools"`.
     pub tools: String,
+    /// The longest row accepted, in bytes ([`DEFAULT_MAX_ROW_BYTES`] by default): tokenizing
+    /// takes about 200 bytes of memory per byte of text, so one runaway row could take all of
+    /// it. A longer row is a bad row, named by its line.
+    pub max_row_bytes: usize,
 }
+
+/// The default [`DataKeys::max_row_bytes`]: 4 MiB, about a million tokens of text.
+pub const DEFAULT_MAX_ROW_BYTES: usize = 4 << 20;
 
 impl Default for DataKeys {
     fn default() -> Self {
@@ -57,6 +64,7 @@ impl Default for DataKeys {
             completion: "completion".to_string(),
             messages: "messages".to_string(),
             tools: "tools".to_string(),
+            max_row_bytes: DEFAULT_MAX_ROW_BYTES,
         }
     }
 }
@@ -97,29 +105,24 @@ pub struct Splits {
 
 /// Reads `train.jsonl`, `valid.jsonl` and `test.jsonl` from `dir`, each that exists, with
 /// [`load_jsonl`]. A missing directory, or one holding none of the three, is an error.
-pub fn load_dir(
-    dir: &Path,
-    tokenizer: &Tokenizer,
-    keys: &DataKeys,
-    mask_prompt: bool,
-    skip_bad_rows: bool,
-) -> Result<Splits, DataError> {
+pub fn load_dir(dir: &Path, tokenizer: &Tokenizer, keys: &DataKeys, mask_prompt: bool, skip_bad_rows: bool) -> Result<Splits, DataError> {
     if !dir.is_dir() {
-        return Err(DataError::Io {
-            path: dir.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "dataset directory not found"),
-        });
+        return Err(DataError::Io { path: dir.to_path_buf(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "dataset directory not found") });
     }
     let load = |name: &str| {
         let path = dir.join(format!("{name}.jsonl"));
-        if path.is_file() { load_jsonl(&path, tokenizer, keys, mask_prompt, skip_bad_rows).map(Some) } else { Ok(None) }
+        if path.is_file() {
+            load_jsonl(&path, tokenizer, keys, mask_prompt, skip_bad_rows).map(Some)
+        } else if path.exists() {
+            // A device (/dev/zero would be read without end), a FIFO or a directory.
+            Err(DataError::Invalid { path, message: "is not a regular file".to_string() })
+        } else {
+            Ok(None)
+        }
     };
     let splits = Splits { train: load("train")?, valid: load("valid")?, test: load("test")? };
     if splits.train.is_none() && splits.valid.is_none() && splits.test.is_none() {
-        return Err(DataError::Invalid {
-            path: dir.to_path_buf(),
-            message: "holds none of train.jsonl, valid.jsonl, test.jsonl".to_string(),
-        });
+        return Err(DataError::Invalid { path: dir.to_path_buf(), message: "holds none of train.jsonl, valid.jsonl, test.jsonl".to_string() });
     }
     Ok(splits)
 }
@@ -131,13 +134,7 @@ pub fn load_dir(
 /// `skip_bad_rows` is counted in [`Loaded::skipped`] and left out. Rows whose format differs
 /// from the first row's, `mask_prompt` on text rows, and chat rows for a tokenizer without a
 /// chat template always fail. A file without examples is an error.
-pub fn load_jsonl(
-    path: &Path,
-    tokenizer: &Tokenizer,
-    keys: &DataKeys,
-    mask_prompt: bool,
-    skip_bad_rows: bool,
-) -> Result<Loaded, DataError> {
+pub fn load_jsonl(path: &Path, tokenizer: &Tokenizer, keys: &DataKeys, mask_prompt: bool, skip_bad_rows: bool) -> Result<Loaded, DataError> {
     let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
     let mut reader = RowReader { tokenizer, keys, mask_prompt, format: None };
     let mut examples = Vec::new();
@@ -203,6 +200,13 @@ struct RowReader<'a> {
 impl RowReader<'_> {
     /// The example of one line; `None` for a blank line.
     fn row(&mut self, raw: &[u8], line: usize) -> Result<Option<Example>, RowError> {
+        if raw.len() > self.keys.max_row_bytes {
+            return Err(RowError::Bad(format!(
+                "the row is {} bytes, more than the {} accepted; split it, or raise --max-seq-length if such long sequences are meant",
+                raw.len(),
+                self.keys.max_row_bytes
+            )));
+        }
         let text = std::str::from_utf8(raw).map_err(|_| RowError::Bad("not valid UTF-8".to_string()))?;
         if text.trim().is_empty() {
             return Ok(None);
@@ -213,10 +217,7 @@ impl RowReader<'_> {
         };
         let format = self.detect(object).ok_or_else(|| {
             let k = self.keys;
-            RowError::Bad(format!(
-                "missing key: expected one of {:?}, {:?}/{:?}, {:?}",
-                k.text, k.prompt, k.completion, k.messages
-            ))
+            RowError::Bad(format!("missing key: expected one of {:?}, {:?}/{:?}, {:?}", k.text, k.prompt, k.completion, k.messages))
         })?;
         self.check_format(format, line)?;
         let row = self.fields(object, format).map_err(RowError::Bad)?;
@@ -258,11 +259,7 @@ impl RowReader<'_> {
             )));
         }
         if format == Format::Chat && self.tokenizer.chat_template().is_none() {
-            return Err(RowError::Fatal(format!(
-                "{} rows need a chat template and {} has none",
-                format.describe(self.keys),
-                self.tokenizer.dir().display()
-            )));
+            return Err(RowError::Fatal(format!("{} rows need a chat template and {} has none", format.describe(self.keys), self.tokenizer.dir().display())));
         }
         self.format = Some((format, line));
         Ok(())
@@ -294,11 +291,7 @@ impl RowReader<'_> {
     fn tokenize(&self, row: Row<'_>) -> Result<Example, RowError> {
         let tok = self.tokenizer;
         let bad = |e: DataError| RowError::Bad(e.to_string());
-        let eos = || {
-            tok.eos_ids().first().copied().ok_or_else(|| {
-                RowError::Fatal(format!("{} declares no end-of-sequence token", tok.dir().display()))
-            })
-        };
+        let eos = || tok.eos_ids().first().copied().ok_or_else(|| RowError::Fatal(format!("{} declares no end-of-sequence token", tok.dir().display())));
         let (tokens, offset) = match row {
             Row::Text(text) => {
                 let mut tokens = tok.encode(text, true).map_err(bad)?;
@@ -311,11 +304,7 @@ impl RowReader<'_> {
                 let user = serde_json::json!({"role": "user", "content": prompt});
                 let assistant = serde_json::json!({"role": "assistant", "content": completion});
                 let tokens = tok.encode_chat(&Json::Array(vec![user.clone(), assistant]), tools, false).map_err(bad)?;
-                let offset = if self.mask_prompt {
-                    tok.encode_chat(&Json::Array(vec![user]), tools, true).map_err(bad)?.len()
-                } else {
-                    0
-                };
+                let offset = if self.mask_prompt { tok.encode_chat(&Json::Array(vec![user]), tools, true).map_err(bad)?.len() } else { 0 };
                 (tokens, offset)
             }
             Row::Completion { prompt, completion, .. } => {
@@ -338,10 +327,7 @@ impl RowReader<'_> {
             }
         };
         if offset >= tokens.len() {
-            return Err(RowError::Bad(format!(
-                "the prompt takes all {} tokens; nothing is left to train on",
-                tokens.len()
-            )));
+            return Err(RowError::Bad(format!("the prompt takes all {} tokens; nothing is left to train on", tokens.len())));
         }
         Ok(Example { tokens, offset })
     }
@@ -383,9 +369,7 @@ fn check_messages(messages: &Json, key: &str, mask_prompt: bool) -> Result<(), S
     }
     let role = last["role"].as_str().unwrap_or_default();
     if mask_prompt && role != "assistant" {
-        return Err(format!(
-            "the last message of {key:?} has role {role:?}; mask_prompt trains on a last \"assistant\" message"
-        ));
+        return Err(format!("the last message of {key:?} has role {role:?}; mask_prompt trains on a last \"assistant\" message"));
     }
     Ok(())
 }
@@ -577,10 +561,7 @@ mod tests {
             (r#"{"messages": ["hi"]}"#, r#""messages"[0] is not an object"#),
             (r#"{"messages": [{"content": "hi"}]}"#, r#""messages"[0] has no string "role""#),
             (r#"{"messages": [{"role": "user", "content": 5}]}"#, r#""messages"[0] has no string "content""#),
-            (
-                r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}"#,
-                r#"the last message of "messages" is empty"#,
-            ),
+            (r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}"#, r#"the last message of "messages" is empty"#),
         ];
         let good = r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}"#;
         for (bad, problem) in chat_cases {
@@ -598,10 +579,7 @@ mod tests {
         let (_d, path) = jsonl("train.jsonl", &[r#"{"messages": [{"role": "user", "content": "q"}]}"#]);
         assert_eq!(
             error(&path, &tok, true),
-            format!(
-                "{}:1: the last message of \"messages\" has role \"user\"; mask_prompt trains on a last \"assistant\" message",
-                path.display()
-            )
+            format!("{}:1: the last message of \"messages\" has role \"user\"; mask_prompt trains on a last \"assistant\" message", path.display())
         );
         assert_eq!(load(&path, &tok, false).unwrap().examples.len(), 1, "unmasked, any last role trains");
     }
@@ -614,7 +592,7 @@ mod tests {
         let bad = r#"{"messages": [{"role": "assistant", "content": "a"}]}"#;
         let (_d, path) = jsonl("train.jsonl", &[good, bad, good]);
         let err = error(&path, &tok, false);
-        assert!(err.starts_with(&format!("{}:2: chat template: ", path.display())), "{err}");
+        assert!(err.starts_with(&format!("{}:2: chat template of ", path.display())) && err.contains("chat_template.jinja"), "{err}");
         assert!(err.contains("Conversations must contain a user message"), "{err}");
         let data = load_jsonl(&path, &tok, &DataKeys::default(), false, true).unwrap();
         assert_eq!((data.examples.len(), data.skipped), (2, 1));
@@ -623,10 +601,7 @@ mod tests {
     #[test]
     fn skip_bad_rows_counts_and_keeps_file_order() {
         let tok = tokenizer("llama");
-        let (_d, path) = jsonl(
-            "train.jsonl",
-            &[r#"{"text": "a"}"#, "not json", r#"{"text": 1}"#, "", r#"{"text": "b"}"#, r#"{"other": 1}"#],
-        );
+        let (_d, path) = jsonl("train.jsonl", &[r#"{"text": "a"}"#, "not json", r#"{"text": 1}"#, "", r#"{"text": "b"}"#, r#"{"other": 1}"#]);
         let data = load_jsonl(&path, &tok, &DataKeys::default(), false, true).unwrap();
         assert_eq!(data.skipped, 3);
         let first: Vec<u32> = [tok.encode("a", true).unwrap(), vec![7]].concat();
@@ -638,10 +613,7 @@ mod tests {
     fn mixed_formats_fail_even_when_skipping() {
         let tok = tokenizer("qwen2");
         let (_d, path) = jsonl("train.jsonl", &["", r#"{"text": "a"}"#, r#"{"prompt": "p", "completion": "c"}"#]);
-        let want = format!(
-            "{}:3: row has \"prompt\"/\"completion\" but line 2 has \"text\"; all rows of a file must have the same format",
-            path.display()
-        );
+        let want = format!("{}:3: row has \"prompt\"/\"completion\" but line 2 has \"text\"; all rows of a file must have the same format", path.display());
         assert_eq!(error(&path, &tok, false), want);
         assert_eq!(load_jsonl(&path, &tok, &DataKeys::default(), false, true).unwrap_err().to_string(), want);
     }
@@ -650,9 +622,7 @@ mod tests {
     fn prompt_and_completion_win_over_messages_as_in_mlx_lm() {
         let tok = tokenizer("qwen2");
         let (_d, path) = jsonl("train.jsonl", &[r#"{"prompt": "p", "completion": "c", "messages": 1, "text": 2}"#]);
-        let want = tok
-            .encode_chat(&json!([{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}]), None, false)
-            .unwrap();
+        let want = tok.encode_chat(&json!([{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}]), None, false).unwrap();
         assert_eq!(load(&path, &tok, false).unwrap().examples[0].tokens, want);
     }
 
@@ -662,10 +632,7 @@ mod tests {
         let (_d, path) = jsonl("train.jsonl", &[r#"{"text": "a"}"#]);
         assert_eq!(
             error(&path, &tok, true),
-            format!(
-                "{}:1: mask_prompt needs \"prompt\"/\"completion\" or \"messages\" rows, and this file has \"text\" rows",
-                path.display()
-            )
+            format!("{}:1: mask_prompt needs \"prompt\"/\"completion\" or \"messages\" rows, and this file has \"text\" rows", path.display())
         );
     }
 
@@ -720,5 +687,33 @@ mod tests {
         let missing = dir.path().join("nope");
         let err = load_dir(&missing, &tok, &DataKeys::default(), false, false).unwrap_err().to_string();
         assert_eq!(err, format!("cannot read {}: dataset directory not found", missing.display()));
+    }
+
+    /// Issue 14, defect 4: a row longer than the limit is a bad row named by its line (or
+    /// skipped with skip_bad_rows) before it is parsed or tokenized.
+    #[test]
+    fn a_huge_row_is_refused_by_its_line_before_tokenizing() {
+        let tok = tokenizer("llama");
+        let huge = format!("{{\"text\": \"{}\"}}", "a ".repeat(3 << 20));
+        let (_dir, path) = jsonl("huge", &["{\"text\": \"fine\"}", &huge, "{\"text\": \"also fine\"}"]);
+        let keys = DataKeys { max_row_bytes: 1 << 20, ..Default::default() };
+        let started = std::time::Instant::now();
+        let err = load_jsonl(&path, &tok, &keys, false, false).unwrap_err().to_string();
+        assert!(err.contains(":2: the row is") && err.contains("1048576"), "{err}");
+        assert_eq!(load_jsonl(&path, &tok, &keys, false, true).unwrap().skipped, 1);
+        assert!(started.elapsed().as_secs() < 10, "not tokenized");
+    }
+
+    /// Issue 14, defect 11: a split that exists but is no regular file (a device, a FIFO, a
+    /// directory) is named as such, never read (/dev/zero has no end) nor called missing.
+    #[cfg(unix)]
+    #[test]
+    fn a_split_that_is_not_a_regular_file_is_named_as_such() {
+        let tok = tokenizer("llama");
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join("train.jsonl")).unwrap();
+        std::fs::create_dir(dir.path().join("valid.jsonl")).unwrap();
+        let err = load_dir(dir.path(), &tok, &DataKeys::default(), false, false).unwrap_err().to_string();
+        assert!(err.contains("train.jsonl") && err.contains("not a regular file"), "{err}");
     }
 }

@@ -39,8 +39,10 @@ pub enum DataError {
         message: String,
     },
     /// The chat template failed to compile or to render.
-    #[error("chat template: {message}")]
+    #[error("chat template of {path}: {message}")]
     Template {
+        /// The file it came from (`chat_template.jinja` or `tokenizer_config.json`).
+        path: PathBuf,
         /// minijinja's message with its location.
         message: String,
     },

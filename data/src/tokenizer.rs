@@ -16,15 +16,13 @@ pub struct Tokenizer {
     eos_token: Option<String>,
     eos_ids: Vec<u32>,
     chat_template: Option<ChatTemplate>,
+    /// The model's embedding rows, when known: every id encoded must be below it.
+    rows: Option<usize>,
 }
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer")
-            .field("dir", &self.dir)
-            .field("bos_token", &self.bos_token)
-            .field("eos_ids", &self.eos_ids)
-            .finish_non_exhaustive()
+        f.debug_struct("Tokenizer").field("dir", &self.dir).field("bos_token", &self.bos_token).field("eos_ids", &self.eos_ids).finish_non_exhaustive()
     }
 }
 
@@ -33,13 +31,9 @@ impl Tokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self, DataError> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
-            return Err(DataError::Io {
-                path,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
-            });
+            return Err(DataError::Io { path, source: std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found") });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| DataError::Tokenizer { path: path.clone(), message: e.to_string() })?;
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| DataError::Tokenizer { path: path.clone(), message: e.to_string() })?;
         let config = read_json_opt(&dir.join("tokenizer_config.json"))?.unwrap_or(Json::Null);
         let bos_token = special_token(&config, "bos_token");
         let eos_token = special_token(&config, "eos_token");
@@ -47,6 +41,7 @@ impl Tokenizer {
         // chat_template.jinja (transformers v5) or the older field of tokenizer_config.json,
         // which may also be a list of named templates.
         let jinja = dir.join("chat_template.jinja");
+        let template_file = if jinja.is_file() { jinja.clone() } else { dir.join("tokenizer_config.json") };
         let source = if jinja.is_file() {
             Some(std::fs::read_to_string(&jinja).map_err(|source| DataError::Io { path: jinja.clone(), source })?)
         } else {
@@ -62,9 +57,8 @@ impl Tokenizer {
                 _ => None,
             }
         };
-        let chat_template = source
-            .map(|s| ChatTemplate::new(&s, bos_token.as_deref().unwrap_or(""), eos_token.as_deref().unwrap_or("")))
-            .transpose()?;
+        let chat_template =
+            source.map(|s| ChatTemplate::new(&s, &template_file, bos_token.as_deref().unwrap_or(""), eos_token.as_deref().unwrap_or(""))).transpose()?;
 
         let mut eos_ids = Vec::new();
         for file in ["generation_config.json", "config.json"] {
@@ -77,23 +71,49 @@ impl Tokenizer {
         {
             eos_ids.push(id);
         }
-        Ok(Self { inner, dir: dir.to_path_buf(), bos_token, eos_token, eos_ids, chat_template })
+        Ok(Self { inner, dir: dir.to_path_buf(), bos_token, eos_token, eos_ids, chat_template, rows: None })
+    }
+
+    /// Binds the tokenizer to a model of `rows` embedding rows (`config.json`'s `vocab_size`):
+    /// from then on, encoding text that yields an id at or above it is an error naming the
+    /// token, instead of an index past the embedding inside the model. Refuses a tokenizer whose
+    /// end-of-sequence token, which training appends, is such an id.
+    pub fn for_model(mut self, rows: usize) -> Result<Self, DataError> {
+        if let Some(&eos) = self.eos_ids.first()
+            && eos as usize >= rows
+        {
+            return Err(self.beyond(eos, rows));
+        }
+        self.rows = Some(rows);
+        Ok(self)
+    }
+
+    /// The error for an id at or above the model's `rows`.
+    fn beyond(&self, id: u32, rows: usize) -> DataError {
+        let token = self.inner.id_to_token(id).unwrap_or_default();
+        DataError::Tokenizer {
+            path: self.dir.join("tokenizer.json"),
+            message: format!(
+                "token `{token}` has id {id}, but the model has {rows} embedding rows (config.json vocab_size): the tokenizer has tokens the checkpoint lacks"
+            ),
+        }
     }
 
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor (its BOS).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, DataError> {
-        let enc = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| DataError::Tokenizer { path: self.dir.join("tokenizer.json"), message: e.to_string() })?;
+        let enc =
+            self.inner.encode(text, add_special_tokens).map_err(|e| DataError::Tokenizer { path: self.dir.join("tokenizer.json"), message: e.to_string() })?;
+        if let Some(rows) = self.rows
+            && let Some(&id) = enc.get_ids().iter().find(|&&id| id as usize >= rows)
+        {
+            return Err(self.beyond(id, rows));
+        }
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, DataError> {
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| DataError::Tokenizer { path: self.dir.join("tokenizer.json"), message: e.to_string() })
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| DataError::Tokenizer { path: self.dir.join("tokenizer.json"), message: e.to_string() })
     }
 
     /// The directory the tokenizer was read from.
@@ -127,16 +147,8 @@ impl Tokenizer {
     }
 
     /// Renders `messages` through the chat template (as `apply_chat_template(tokenize=False)`).
-    pub fn apply_chat_template(
-        &self,
-        messages: &Json,
-        tools: Option<&Json>,
-        add_generation_prompt: bool,
-    ) -> Result<String, DataError> {
-        let template = self
-            .chat_template
-            .as_ref()
-            .ok_or_else(|| DataError::NoChatTemplate { dir: self.dir.clone() })?;
+    pub fn apply_chat_template(&self, messages: &Json, tools: Option<&Json>, add_generation_prompt: bool) -> Result<String, DataError> {
+        let template = self.chat_template.as_ref().ok_or_else(|| DataError::NoChatTemplate { dir: self.dir.clone() })?;
         template.render(messages, tools, add_generation_prompt)
     }
 
@@ -218,7 +230,5 @@ fn read_json_opt(path: &Path) -> Result<Option<Json>, DataError> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|source| DataError::Json { path: path.to_path_buf(), source })
+    serde_json::from_str(&text).map(Some).map_err(|source| DataError::Json { path: path.to_path_buf(), source })
 }

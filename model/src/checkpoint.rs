@@ -66,6 +66,14 @@ impl Checkpoint {
             for file in map.values() {
                 let file =
                     file.as_str().ok_or_else(|| ModelError::Config { path: index_path.clone(), message: "`weight_map` values must be file names".into() })?;
+                // A shard is a file of this directory: `../x`, `/x` or `a/b` is refused.
+                let mut parts = Path::new(file).components();
+                if !matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(_)), None)) {
+                    return Err(ModelError::Config {
+                        path: index_path.clone(),
+                        message: format!("`weight_map` names the shard `{file}`, which is not a file name in this directory"),
+                    });
+                }
                 let file = dir.join(file);
                 if !files.contains(&file) {
                     files.push(file);
@@ -381,4 +389,26 @@ impl Shard {
 
 fn read_to_string(path: &Path) -> Result<String, ModelError> {
     std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 14, defect 8: a shard index that points outside the model directory is refused,
+    /// naming the index and the shard, before anything is opened.
+    #[test]
+    fn a_shard_index_pointing_outside_the_model_directory_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("secret.safetensors");
+        std::fs::write(&outside, b"not read").unwrap();
+        let dir = tmp.path().join("model");
+        std::fs::create_dir(&dir).unwrap();
+        for shard in ["../secret.safetensors", outside.to_str().unwrap(), "sub/model.safetensors", ".."] {
+            let index = serde_json::json!({ "weight_map": { "model.embed_tokens.weight": shard } });
+            std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+            let message = Checkpoint::open(&dir).err().expect("refused").to_string();
+            assert!(message.contains("model.safetensors.index.json") && message.contains(shard), "{message}");
+        }
+    }
 }

@@ -68,6 +68,8 @@ pub struct HfConfig {
     pub quantization: Option<Value>,
     /// The same, as newer mlx-lm and transformers also spell it.
     pub quantization_config: Option<Value>,
+    /// The longest sequence the model was made for.
+    pub max_position_embeddings: Option<usize>,
 }
 
 fn default_eps() -> f64 {
@@ -151,6 +153,8 @@ pub struct ModelConfig {
     pub checkpoint_dtype: Option<String>,
     /// The checkpoint's own quantization (an MLX quantized checkpoint), if any.
     pub quantization: Option<MlxQuantization>,
+    /// `max_position_embeddings`: the longest sequence the model was made for, if stated.
+    pub max_positions: Option<usize>,
 }
 
 /// The `quantization` section of an MLX checkpoint's config.json.
@@ -183,9 +187,7 @@ impl MlxQuantization {
             AffineSpec::new(int("bits", 4)?, int("group_size", 64)?).map_err(|e| format!("quantization{at}: {e}"))
         };
         if let Some(method) = v.get("quant_method") {
-            return Err(format!(
-                "quantization method {method} is not supported: load the float checkpoint with --quantize, or an MLX quantized one"
-            ));
+            return Err(format!("quantization method {method} is not supported: load the float checkpoint with --quantize, or an MLX quantized one"));
         }
         let default = spec(v, "")?;
         let mut overrides = HashMap::new();
@@ -203,14 +205,8 @@ impl MlxQuantization {
 impl HfConfig {
     /// Reads and parses `config.json`.
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        serde_json::from_str(&text).map_err(|source| ModelError::Json {
-            path: path.to_path_buf(),
-            source,
-        })
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
+        serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.to_path_buf(), source })
     }
 }
 
@@ -224,10 +220,7 @@ impl ModelConfig {
 
     /// Checks a parsed `config.json`; `path` is only used in error messages.
     pub fn from_hf(hf: &HfConfig, path: &Path) -> Result<Self, ModelError> {
-        let err = |message: String| ModelError::Config {
-            path: PathBuf::from(path),
-            message,
-        };
+        let err = |message: String| ModelError::Config { path: PathBuf::from(path), message };
         let model_type = hf.model_type.as_deref().unwrap_or("<missing>");
         let arch = match model_type {
             "llama" => Architecture::Llama,
@@ -252,16 +245,11 @@ impl ModelConfig {
         }
         let num_kv_heads = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
         if num_kv_heads == 0 || !hf.num_attention_heads.is_multiple_of(num_kv_heads) {
-            return Err(err(format!(
-                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({num_kv_heads})",
-                hf.num_attention_heads
-            )));
+            return Err(err(format!("num_attention_heads ({}) must be a multiple of num_key_value_heads ({num_kv_heads})", hf.num_attention_heads)));
         }
         let head_dim = match hf.head_dim {
             Some(d) => d,
-            None if hf.hidden_size.is_multiple_of(hf.num_attention_heads) => {
-                hf.hidden_size / hf.num_attention_heads
-            }
+            None if hf.hidden_size.is_multiple_of(hf.num_attention_heads) => hf.hidden_size / hf.num_attention_heads,
             None => {
                 return Err(err(format!(
                     "hidden_size ({}) is not divisible by num_attention_heads ({}) and head_dim is absent",
@@ -301,6 +289,7 @@ impl ModelConfig {
             qk_norm,
             layer_windows,
             checkpoint_dtype: hf.dtype.clone().or_else(|| hf.torch_dtype.clone()),
+            max_positions: hf.max_position_embeddings,
             quantization: match hf.quantization.as_ref().or(hf.quantization_config.as_ref()) {
                 Some(q) if !q.is_null() => Some(MlxQuantization::from_value(q).map_err(err)?),
                 _ => None,
@@ -318,24 +307,13 @@ fn rope_from_hf(hf: &HfConfig) -> Result<(f64, RopeScaling), String> {
         (_, Some(s)) if !s.is_null() => Some(s),
         _ => None,
     };
-    let theta = params
-        .and_then(|p| p.get("rope_theta"))
-        .and_then(Value::as_f64)
-        .or(hf.rope_theta)
-        .unwrap_or(10_000.0);
+    let theta = params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64).or(hf.rope_theta).unwrap_or(10_000.0);
     let Some(params) = params else {
         return Ok((theta, RopeScaling::None));
     };
-    let rope_type = params
-        .get("rope_type")
-        .or_else(|| params.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let rope_type = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str).unwrap_or("default");
     let num = |key: &str| -> Result<f64, String> {
-        params
-            .get(key)
-            .and_then(Value::as_f64)
-            .ok_or_else(|| format!("rope scaling `{rope_type}` needs a numeric `{key}`"))
+        params.get(key).and_then(Value::as_f64).ok_or_else(|| format!("rope scaling `{rope_type}` needs a numeric `{key}`"))
     };
     let scaling = match rope_type {
         "default" => RopeScaling::None,
@@ -347,9 +325,7 @@ fn rope_from_hf(hf: &HfConfig) -> Result<(f64, RopeScaling), String> {
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         },
         other => {
-            return Err(format!(
-                "rope_type `{other}` is not supported (supported: default, linear, llama3)"
-            ));
+            return Err(format!("rope_type `{other}` is not supported (supported: default, linear, llama3)"));
         }
     };
     Ok((theta, scaling))
@@ -367,9 +343,7 @@ fn layer_windows(hf: &HfConfig, arch: Architecture) -> Result<Vec<Option<usize>>
             .iter()
             .map(|t| match t.as_str() {
                 "full_attention" => Ok(None),
-                "sliding_attention" => window
-                    .map(Some)
-                    .ok_or_else(|| "a layer uses sliding_attention but sliding_window is null".to_string()),
+                "sliding_attention" => window.map(Some).ok_or_else(|| "a layer uses sliding_attention but sliding_window is null".to_string()),
                 other => Err(format!("layer type `{other}` is not supported")),
             })
             .collect();
@@ -424,10 +398,7 @@ mod tests {
 
     #[test]
     fn qwen2_sliding_window_is_off_unless_enabled() {
-        let c = parse(&format!(
-            r#"{{"model_type": "qwen2", {BASE}, "sliding_window": 4, "use_sliding_window": false}}"#
-        ))
-        .unwrap();
+        let c = parse(&format!(r#"{{"model_type": "qwen2", {BASE}, "sliding_window": 4, "use_sliding_window": false}}"#)).unwrap();
         assert_eq!(c.layer_windows, vec![None, None]);
         assert!(c.qkv_bias && !c.o_bias);
         let m = parse(&format!(r#"{{"model_type": "mistral", {BASE}, "sliding_window": 4}}"#)).unwrap();
@@ -443,10 +414,7 @@ mod tests {
 
     #[test]
     fn unsupported_rope_type_is_named() {
-        let e = parse(&format!(
-            r#"{{"model_type": "llama", {BASE}, "rope_scaling": {{"rope_type": "yarn", "factor": 4.0}}}}"#
-        ))
-        .unwrap_err();
+        let e = parse(&format!(r#"{{"model_type": "llama", {BASE}, "rope_scaling": {{"rope_type": "yarn", "factor": 4.0}}}}"#)).unwrap_err();
         assert!(e.to_string().contains("yarn"), "{e}");
     }
 }

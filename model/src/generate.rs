@@ -20,20 +20,16 @@ pub struct GenerationStats {
     pub generation_time: Duration,
     /// Whether generation stopped at an end-of-sequence token.
     pub hit_eos: bool,
+    /// Whether generation stopped because the logits were not finite (NaN weights, or an
+    /// overflow of the compute dtype); nothing is sampled from such logits.
+    pub non_finite: bool,
 }
 
 /// Generates up to `max_tokens` tokens after `prompt`, stopping at any id in `eos`.
 ///
 /// `on_token` receives each generated token as soon as it is chosen; the EOS token that
 /// ends generation is not passed on. `prompt` must not be empty.
-pub fn generate(
-    model: &CausalLm,
-    prompt: &[u32],
-    max_tokens: usize,
-    eos: &[u32],
-    sampler: &mut Sampler,
-    mut on_token: impl FnMut(u32),
-) -> GenerationStats {
+pub fn generate(model: &CausalLm, prompt: &[u32], max_tokens: usize, eos: &[u32], sampler: &mut Sampler, mut on_token: impl FnMut(u32)) -> GenerationStats {
     assert!(!prompt.is_empty(), "generate needs at least one prompt token");
     let device = model.device();
     let mut cache = KvCache::default();
@@ -51,6 +47,10 @@ pub fn generate(
         if cache.len() == prompt.len() {
             stats.prompt_time = start.elapsed();
             gen_start = Instant::now();
+        }
+        if logits.iter().any(|x| !x.is_finite()) {
+            stats.non_finite = true;
+            break;
         }
         let next = sampler.sample(&mut logits, &seen);
         if eos.contains(&next) {

@@ -122,6 +122,7 @@ impl Geometry {
             layer_windows: vec![None; self.layers],
             checkpoint_dtype: Some("bfloat16".into()),
             quantization: None,
+            max_positions: None,
         }
     }
 

@@ -13,10 +13,10 @@ use lora_model::checkpoint::{decode_floats, encode_floats};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
+use crate::TrainError;
 use crate::optim::{Optimizer, OptimizerConfig, Slot};
 use crate::params::{Trainable, for_each_trainable, trainable_tensors};
 use crate::run::{Progress, State};
-use crate::TrainError;
 
 /// The resume file's name in the adapter directory.
 pub const STATE_FILE: &str = "trainer_state.safetensors";
@@ -56,7 +56,33 @@ pub fn to_bytes(model: &CausalLm, state: &State) -> Result<Vec<u8>, TrainError> 
     metadata.insert("optimizer".to_string(), serde_json::to_string(&state.optimizer.config).expect("serializable"));
     metadata.insert("optimizer_steps".to_string(), state.optimizer.steps.to_string());
     metadata.insert("progress".to_string(), serde_json::to_string(&state.progress).expect("serializable"));
+    let sum = checksum(&metadata, tensors.iter().map(|(n, _)| n.as_str()).zip(bytes.iter().map(Vec::as_slice)));
+    metadata.insert(CHECKSUM.to_string(), sum);
     safetensors::serialize(views, Some(metadata)).map_err(|e| TrainError::State(e.to_string()))
+}
+
+/// The metadata key of the file's checksum.
+const CHECKSUM: &str = "crc32";
+
+/// CRC-32 of the metadata (but the checksum) and every tensor's name and bytes, each in name
+/// order, as hex: a flipped bit anywhere in what is restored changes it.
+fn checksum<'a>(metadata: &HashMap<String, String>, tensors: impl Iterator<Item = (&'a str, &'a [u8])>) -> String {
+    let mut hasher = crc32fast::Hasher::new();
+    let mut keys: Vec<&String> = metadata.keys().filter(|k| *k != CHECKSUM).collect();
+    keys.sort();
+    for k in keys {
+        for part in [k.as_bytes(), b"\0", metadata[k].as_bytes(), b"\0"] {
+            hasher.update(part);
+        }
+    }
+    let mut tensors: Vec<(&str, &[u8])> = tensors.collect();
+    tensors.sort_by_key(|(n, _)| *n);
+    for (name, data) in tensors {
+        hasher.update(name.as_bytes());
+        hasher.update(&(data.len() as u64).to_le_bytes());
+        hasher.update(data);
+    }
+    format!("{:08x}", hasher.finalize())
 }
 
 /// Reads the resume file at `path`: puts its trainable tensors on `model` (whose adapters
@@ -67,6 +93,15 @@ pub fn restore(model: &mut CausalLm, path: &Path) -> Result<State, TrainError> {
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| invalid(e.to_string()))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
     let meta = meta.metadata().clone().unwrap_or_default();
+    // Files of earlier versions carry no checksum and are taken as they are.
+    if let Some(stored) = meta.get(CHECKSUM) {
+        let names = st.names();
+        let views: Vec<(&str, &[u8])> = names.iter().filter_map(|&n| st.tensor(n).ok().map(|v| (n, v.data()))).collect();
+        let actual = checksum(&meta, views.into_iter());
+        if &actual != stored {
+            return Err(invalid(format!("damaged: its checksum is {actual}, it was saved as {stored}; resume from an earlier checkpoint or start again")));
+        }
+    }
     let field = |key: &str| meta.get(key).ok_or_else(|| invalid(format!("metadata has no {key:?}: not a lora resume file")));
     if field("format_version")? != VERSION {
         return Err(invalid(format!("format_version {} is not {VERSION}", field("format_version")?)));
@@ -94,7 +129,11 @@ pub fn restore(model: &mut CausalLm, path: &Path) -> Result<State, TrainError> {
         let name = format!("param.{i}");
         let v = read(&name)?.ok_or_else(|| invalid(format!("{name} is missing: the adapters differ from the run that saved this file")))?;
         if v.len() != t.dims()[0] {
-            return Err(invalid(format!("{name} has {} values, the model's tensor {}: the adapters differ from the run that saved this file", v.len(), t.dims()[0])));
+            return Err(invalid(format!(
+                "{name} has {} values, the model's tensor {}: the adapters differ from the run that saved this file",
+                v.len(),
+                t.dims()[0]
+            )));
         }
         params.push(v);
     }
@@ -124,7 +163,8 @@ pub fn restore(model: &mut CausalLm, path: &Path) -> Result<State, TrainError> {
     if slots.iter().all(|s| s.first.is_none() && s.second.is_none()) {
         slots.clear();
     }
-    let accumulated: Vec<Tensor<1>> = (0..current.len()).map_while(|i| read(&format!("accumulated.{i}")).transpose()).map(|r| r.map(inner)).collect::<Result<_, _>>()?;
+    let accumulated: Vec<Tensor<1>> =
+        (0..current.len()).map_while(|i| read(&format!("accumulated.{i}")).transpose()).map(|r| r.map(inner)).collect::<Result<_, _>>()?;
     let accumulated = (!accumulated.is_empty()).then_some(accumulated);
     Ok(State { optimizer: Optimizer { config, steps, slots }, accumulated, progress })
 }
