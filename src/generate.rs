@@ -165,9 +165,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     out.flush()?;
     peak.sample();
 
-    let rate = |n: usize, d: std::time::Duration| n as f64 / d.as_secs_f64().max(1e-9);
-    eprintln!("Prompt: {} tokens, {:.3} tokens-per-sec", stats.prompt_tokens, rate(stats.prompt_tokens, stats.prompt_time));
-    eprintln!("Generation: {} tokens, {:.3} tokens-per-sec", stats.generated_tokens, rate(stats.generated_tokens, stats.generation_time));
+    // A rate over nothing (--max-tokens 0 runs no step) is not printed as one.
+    let rate = |n: usize, d: std::time::Duration| {
+        if n == 0 || d.is_zero() { "-".to_string() } else { format!("{:.3}", n as f64 / d.as_secs_f64()) }
+    };
+    eprintln!("Prompt: {} tokens, {} tokens-per-sec", stats.prompt_tokens, rate(stats.prompt_tokens, stats.prompt_time));
+    eprintln!("Generation: {} tokens, {} tokens-per-sec", stats.generated_tokens, rate(stats.generated_tokens, stats.generation_time));
     eprintln!("Peak memory: {:.3} GB", peak.peak()? as f64 / 1e9);
     Ok(())
 }

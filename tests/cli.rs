@@ -524,3 +524,15 @@ fn nan_weights_make_generate_fail_with_a_reason() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("not finite") && stderr.contains("NaN"), "{stderr}");
 }
+
+/// Issue 14, defect 12: `--max-tokens 0` generates nothing and prints no rate over nothing.
+#[test]
+fn max_tokens_zero_prints_no_absurd_rate() {
+    let out = lora(&["generate", "--model", "tests/fixtures/llama", "--prompt", "Hello", "--max-tokens", "0", "--device", "cpu"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(out.stdout.is_empty());
+    assert!(stderr.contains("Prompt: ") && stderr.contains("Generation: 0 tokens, - tokens-per-sec"), "{stderr}");
+    let prompt = stderr.lines().find(|l| l.starts_with("Prompt: ")).unwrap();
+    assert!(prompt.ends_with("- tokens-per-sec"), "{prompt}");
+}
