@@ -7,9 +7,11 @@
 //!   elsewhere they are burn's matmul.
 //! - [`attention`]: causal attention in chunks of queries with a backward that recomputes the
 //!   probabilities from the log-sum-exp: no `[heads, T, T]` tensor is ever held.
+//! - [`device`]: finding a wgpu adapter and its shader compiler, shared by every crate above.
 #![warn(missing_docs)]
 
 pub mod attention;
+pub mod device;
 pub mod linear;
 pub mod matmul;
 

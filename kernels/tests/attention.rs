@@ -4,6 +4,7 @@
 
 use burn::tensor::{Bool, DType, Device, Distribution, Tensor, TensorData};
 use lora_kernels::attention::{Masking, attention};
+use lora_kernels::device::{minimal_autotune_for_tests, wgpu_device};
 
 /// `softmax(q·kᵀ/√d + mask)·v` with every score held, the model's reference path.
 fn reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, keys: &[bool], window: Option<usize>) -> Tensor<4> {
@@ -72,8 +73,8 @@ fn chunked_attention_matches_the_full_score_matrix_on_the_cpu() {
 /// wgpu (lavapipe in CI), one case; skipped without an adapter unless `LORA_REQUIRE_WGPU` is set.
 #[test]
 fn chunked_attention_matches_the_full_score_matrix_on_wgpu() {
-    minimal_autotune();
-    let device = match wgpu() {
+    minimal_autotune_for_tests();
+    let device = match wgpu_device() {
         Some(d) => d,
         None => {
             assert!(std::env::var_os("LORA_REQUIRE_WGPU").is_none(), "LORA_REQUIRE_WGPU is set but no wgpu adapter");
@@ -82,30 +83,4 @@ fn chunked_attention_matches_the_full_score_matrix_on_wgpu() {
     };
     // One case: each new shape compiles kernels anew, which is slow on lavapipe.
     check(&device, 1e-4, &[(Some(3), 5)]);
-}
-
-/// Minimal autotuning, as the other crates' tests on lavapipe.
-fn minimal_autotune() {
-    use burn_cubecl::cubecl::config::autotune::AutotuneLevel;
-    use burn_cubecl::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
-    if std::env::var_os("CUBECL_AUTOTUNE_LEVEL").is_none() {
-        let mut config = CubeClRuntimeConfig::default().override_from_env();
-        config.autotune.level = AutotuneLevel::Minimal;
-        let _ = CubeClRuntimeConfig::try_set(config);
-    }
-}
-
-fn wgpu() -> Option<Device> {
-    use burn::tensor::wgpu::wgpu;
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
-    let gpu = adapters.iter().any(|a| !matches!(a.get_info().device_type, wgpu::DeviceType::Cpu | wgpu::DeviceType::Other));
-    if adapters.is_empty() {
-        None
-    } else if gpu {
-        Some(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice))
-    } else {
-        cubecl_wgpu::force_wgsl(true);
-        Some(Device::wgpu(burn::tensor::DeviceKind::Cpu))
-    }
 }

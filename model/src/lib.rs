@@ -16,7 +16,7 @@
 
 pub mod checkpoint;
 pub mod config;
-pub mod device;
+pub use lora_kernels::device;
 pub mod error;
 pub mod generate;
 pub mod geometry;

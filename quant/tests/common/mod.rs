@@ -16,31 +16,9 @@ pub fn devices() -> Vec<Device> {
     d
 }
 
+/// The best wgpu adapter's device, after lowering autotuning for tests (shared with every
+/// crate: `lora_kernels::device`).
 fn wgpu_device() -> Option<Device> {
-    use burn::tensor::wgpu::wgpu;
-    minimal_autotune();
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
-    let gpu = adapters.iter().any(|a| !matches!(a.get_info().device_type, wgpu::DeviceType::Cpu | wgpu::DeviceType::Other));
-    if adapters.is_empty() {
-        None
-    } else if gpu {
-        Some(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice))
-    } else {
-        // lavapipe crashes compiling some of cubecl's SPIR-V: WGSL, as `lora` does there.
-        cubecl_wgpu::force_wgsl(std::env::var("LORA_WGPU_COMPILER").map_or(true, |v| v != "native"));
-        Some(Device::wgpu(burn::tensor::DeviceKind::Cpu))
-    }
-}
-
-/// As `lora_model::device::minimal_autotune_for_tests` (this crate is below lora-model).
-fn minimal_autotune() {
-    use burn_cubecl::cubecl::config::CubeClRuntimeConfig;
-    use burn_cubecl::cubecl::config::RuntimeConfig;
-    use burn_cubecl::cubecl::config::autotune::AutotuneLevel;
-    if std::env::var_os("CUBECL_AUTOTUNE_LEVEL").is_none() {
-        let mut config = CubeClRuntimeConfig::default().override_from_env();
-        config.autotune.level = AutotuneLevel::Minimal;
-        let _ = CubeClRuntimeConfig::try_set(config);
-    }
+    lora_kernels::device::minimal_autotune_for_tests();
+    lora_kernels::device::wgpu_device()
 }
