@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 use std::process::Output;
 
-use common::{fixture, lora};
+use common::{copy_files, fixture, lora};
 use serde_json::Value;
 
 fn expected(name: &str) -> Value {
@@ -136,10 +136,7 @@ fn broken_copy() -> tempfile::TempDir {
 /// A copy of a fixture in a temporary directory.
 fn copy_of(name: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixture(name)).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-    }
+    copy_files(&fixture(name), dir.path());
     dir
 }
 

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::Output;
 
-use common::{all_logits, fixture, load_model, lora, max_diff, s, tensors};
+use common::{all_logits, copy_files, fixture, load_model, lora, max_diff, s, tensors};
 use lora_model::CausalLm;
 use serde_json::Value;
 
@@ -191,10 +191,7 @@ fn fuse_copies_only_the_known_files_and_never_through_a_link_out() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
     std::fs::create_dir(&model).unwrap();
-    for entry in std::fs::read_dir(fixture("llama")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
-    }
+    copy_files(&fixture("llama"), &model);
     std::fs::write(model.join("notes.txt"), "private").unwrap();
     let secret = tmp.path().join("id_rsa");
     std::fs::write(&secret, "secret").unwrap();

@@ -15,6 +15,14 @@ pub fn fixture(name: &str) -> PathBuf {
     root().join("tests/fixtures").join(name)
 }
 
+/// Copies every file of `from` into the directory `to`, which must exist.
+pub fn copy_files(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
 /// `lora <args>` from the repository root.
 pub fn lora(args: &[&str]) -> Output {
     command().args(args).output().expect("run lora")
