@@ -2,7 +2,7 @@
 # One measurement on a lent NVIDIA machine, ours and the peer side by side, in one call:
 #
 #   bash bench/h200.sh STAGE...     (stages: features matmul peer1b ours1b profile1b peer8b ours8b
-#                                    long8b second1b losses)
+#                                    long8b second1b losses peergen gen1b gen1bq gen8bq profilegen)
 #
 # Expects the stripped, xz-compressed release binary at .bin/lora.xz and the Vulkan loader
 # packages in .gl/ (see the device README's "Headless rendering"); writes every log and JSON
@@ -66,6 +66,16 @@ for stage in "$@"; do
         sampled profile1b $L bench train --geometry llama-1b --batch-size 8 --seq 512 --steps 1 --warmup 1 --dtype f16
         rm $WORK/cubecl.toml
         xz -9 -f "$OUT/profile1b.txt"
+        ;;
+    peergen) sampled peergen peer generate --geometry llama-1b --prompt-tokens 16 --max-tokens 128 --json "$OUT/peergen.json" ;;
+    gen1b) sampled gen1b $L bench generate --geometry llama-1b --prompt-tokens 16 --max-tokens 128 --dtype f16 --json "$OUT/gen1b.json" ;;
+    gen1bq) sampled gen1bq $L bench generate --geometry llama-1b --prompt-tokens 16 --max-tokens 128 --dtype f16 --quantize affine --json "$OUT/gen1bq.json" ;;
+    gen8bq) sampled gen8bq $L bench generate --geometry llama-8b --prompt-tokens 16 --max-tokens 128 --dtype f16 --quantize nf4 --json "$OUT/gen8bq.json" ;;
+    profilegen)
+        printf '[profiling.logger]\nlevel = "medium"\nfile = "%s/profilegen.txt"\nappend = false\n' "$OUT" > $WORK/cubecl.toml
+        sampled profilegen $L bench generate --geometry llama-1b --prompt-tokens 16 --max-tokens 32 --runs 1 --dtype f16
+        rm $WORK/cubecl.toml
+        xz -9 -f "$OUT/profilegen.txt"
         ;;
     peer8b) sampled peer8b peer train --geometry llama-8b --batch-size 4 --seq 512 --steps 6 --grad-checkpoint --json "$OUT/peer8b.json" ;;
     ours8b) sampled ours8b $L bench train --geometry llama-8b --batch-size 4 --seq 512 --steps 4 --quantize nf4 --double-quant --grad-checkpoint --dtype f16 --json "$OUT/ours8b.json" ;;

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The PyTorch + PEFT side of `lora bench train` and `lora bench matmul`.
+"""The PyTorch + PEFT side of `lora bench train`, `lora bench matmul` and `lora bench generate`.
 
 Builds the same random Llama geometry as `lora bench train --geometry NAME` (in bf16 on the
 GPU, no download), attaches a PEFT LoRA of the same rank, alpha and target modules, and
@@ -10,6 +10,7 @@ TFLOP/s, and writes them as JSON with --json.
     python3 bench/peer_peft.py train --geometry llama-1b --batch-size 8 --seq 512 --steps 8
     python3 bench/peer_peft.py train --geometry llama-8b --batch-size 4 --seq 512 --grad-checkpoint
     python3 bench/peer_peft.py matmul --shapes 2048x4096x14336,512x4096x14336
+    python3 bench/peer_peft.py generate --geometry llama-1b --prompt-tokens 16 --max-tokens 128
 
 Needs torch, transformers and peft (the H200 image has them).
 """
@@ -180,6 +181,72 @@ def matmul(args):
             json.dump({"side": "torch", "dtype": args.dtype, "rows": rows, "gpu": torch.cuda.get_device_name()}, f, indent=1)
 
 
+def generate(args):
+    """Batch-1 greedy decoding with transformers' generate, as `lora bench generate`: a random
+    prompt, exactly max-tokens new tokens (no end-of-sequence stop), each cache kind timed
+    over --runs after --warmup runs. Prompt rate: one forward over the prompt; decode rate:
+    the (max-tokens - 1) tokens after the first."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
+    hidden, inter, layers, heads, kv, vocab, tied, theta = GEOMETRIES[args.geometry]
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied, rope_theta=theta,
+        max_position_embeddings=131072,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        torch.set_default_dtype(dtype)
+        model = LlamaForCausalLM(config).eval()
+        torch.set_default_dtype(torch.float32)
+    ids = torch.randint(0, vocab, (1, args.prompt_tokens), device="cuda")
+    results = {}
+    for cache in args.caches.split(","):
+        kwargs = dict(max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)
+        if cache != "dynamic":
+            kwargs["cache_implementation"] = cache
+        times, first = [], None
+        torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode():
+            for run in range(args.warmup + args.runs):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(ids)
+                torch.cuda.synchronize()
+                prompt_s = time.perf_counter() - start
+                start = time.perf_counter()
+                out = model.generate(ids, **kwargs)
+                torch.cuda.synchronize()
+                total = time.perf_counter() - start
+                if first is None:
+                    first = total
+                assert out.shape[1] == args.prompt_tokens + args.max_tokens, out.shape
+                if run >= args.warmup:
+                    times.append((prompt_s, total))
+        prompt_s = statistics.median(t[0] for t in times)
+        total = statistics.median(t[1] for t in times)
+        # generate's time is the prompt pass plus max_tokens - 1 decode steps.
+        decode = (args.max_tokens - 1) / max(total - prompt_s, 1e-9)
+        results[cache] = {
+            "prompt_tokens_per_s": args.prompt_tokens / prompt_s,
+            "decode_tokens_per_s": decode,
+            "generate_s": total,
+            "first_run_s": first,
+            "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        }
+        print(f"transformers generate {args.geometry} {args.dtype} cache={cache}: prompt {args.prompt_tokens} tokens at "
+              f"{results[cache]['prompt_tokens_per_s']:.1f} tokens/s, decode {decode:.1f} tokens/s, "
+              f"first run {first:.2f} s, peak {results[cache]['peak_allocated_gib']:.2f} GiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"side": "transformers", "geometry": args.geometry, "dtype": args.dtype, "prompt_tokens": args.prompt_tokens,
+                       "max_tokens": args.max_tokens, "caches": results, "torch": torch.__version__,
+                       "gpu": torch.cuda.get_device_name()}, f, indent=1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -199,10 +266,19 @@ def main():
     m.add_argument("--dtype", default="bf16", choices=["bf16", "f16"])
     m.add_argument("--iters", type=int, default=20)
     m.add_argument("--json")
+    g = sub.add_parser("generate")
+    g.add_argument("--geometry", default="llama-1b", choices=sorted(GEOMETRIES))
+    g.add_argument("--prompt-tokens", type=int, default=16)
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--runs", type=int, default=3)
+    g.add_argument("--warmup", type=int, default=1)
+    g.add_argument("--dtype", default="bf16", choices=["bf16", "f16"])
+    g.add_argument("--caches", default="static,dynamic", help="comma-separated: static, dynamic")
+    g.add_argument("--json")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("peer_peft.py needs a CUDA GPU")
-    {"train": train, "matmul": matmul}[args.what](args)
+    {"train": train, "matmul": matmul, "generate": generate}[args.what](args)
 
 
 if __name__ == "__main__":

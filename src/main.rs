@@ -45,6 +45,8 @@ enum BenchCommand {
     Train(Box<bench::train::BenchTrainArgs>),
     /// The model's matrix products at given shapes, dense and 4-bit: TFLOP/s.
     Matmul(bench::matmul::BenchMatmulArgs),
+    /// Batch-1 generation on a random model of a named shape: prompt and decode tokens/s, memory.
+    Generate(Box<bench::generate::BenchGenerateArgs>),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +63,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Quant(args)) => bench::quant::run(args),
         Command::Bench(BenchCommand::Train(args)) => bench::train::run(*args),
         Command::Bench(BenchCommand::Matmul(args)) => bench::matmul::run(args),
+        Command::Bench(BenchCommand::Generate(args)) => bench::generate::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

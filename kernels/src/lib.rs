@@ -5,6 +5,7 @@
 //!   a GPU whose driver offers workgroup-scope cooperative matrices
 //!   (`VK_NV_cooperative_matrix2`), both products run on [`matmul`]'s tensor-core kernel;
 //!   elsewhere they are burn's matmul.
+//! - [`matvec`]: the same product for a few rows of `x` (decoding), bound by reading `W` once.
 //! - [`attention`]: causal attention in chunks of queries with a backward that recomputes the
 //!   probabilities from the log-sum-exp: no `[heads, T, T]` tensor is ever held.
 //! - [`device`]: finding a wgpu adapter and its shader compiler, shared by every crate above.
@@ -14,5 +15,6 @@ pub mod attention;
 pub mod device;
 pub mod linear;
 pub mod matmul;
+pub mod matvec;
 
 pub use linear::{frozen_linear, matmul_frozen};

@@ -2,7 +2,8 @@
 //! `dy·W` and keeps `W` itself (never a copy or a transposed copy) for it.
 //!
 //! On the CubeCL backend both products use [`crate::matmul::matmul_cm2`] where the device and
-//! dtype allow it, and burn's matmul otherwise; flex uses burn's matmul.
+//! dtype allow it, and burn's matmul otherwise; flex uses burn's matmul. A forward product of
+//! at most [`crate::matvec::MATVEC_ROWS`] rows (decoding) is a matrix-vector kernel.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -10,10 +11,11 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::tensor::{Shape, Tensor};
 
 use crate::matmul::{matmul_cm2, supported};
+use crate::matvec::{MATVEC_ROWS, dense_matvec_t};
 
 /// Products with a constant right-hand side.
 #[backend_extension(Autodiff, Flex, Cube, Fusion)]
@@ -35,6 +37,10 @@ impl LinearOps for Flex {}
 
 impl LinearOps for burn_cubecl::CubeBackend {
     fn frozen_linear_t(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        // Decoding: a few rows read the weight once, bound by memory.
+        if x.dtype == w.dtype && x.shape()[0] <= MATVEC_ROWS && x.shape()[1] == w.shape()[1] {
+            return dense_matvec_t(x, w);
+        }
         if x.dtype == w.dtype && supported(&x, x.dtype) {
             return matmul_cm2(x, w, true);
         }

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 
 use crate::llama::{CausalLm, KvCache};
 use crate::sampling::Sampler;
@@ -29,10 +29,14 @@ pub struct GenerationStats {
 ///
 /// `on_token` receives each generated token as soon as it is chosen; the EOS token that
 /// ends generation is not passed on. `prompt` must not be empty.
+///
+/// The cache is allocated once for the prompt and `max_tokens`. Greedy decoding picks the
+/// token on the device and reads back only its id (and whether the logits were finite);
+/// sampling reads the logits.
 pub fn generate(model: &CausalLm, prompt: &[u32], max_tokens: usize, eos: &[u32], sampler: &mut Sampler, mut on_token: impl FnMut(u32)) -> GenerationStats {
     assert!(!prompt.is_empty(), "generate needs at least one prompt token");
     let device = model.device();
-    let mut cache = KvCache::default();
+    let mut cache = KvCache::with_capacity(prompt.len() + max_tokens);
     let mut seen: Vec<u32> = prompt.to_vec();
     let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
     let start = Instant::now();
@@ -43,16 +47,20 @@ pub fn generate(model: &CausalLm, prompt: &[u32], max_tokens: usize, eos: &[u32]
         let n = ids.len();
         let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
         let logits = model.forward_cached(tokens, &mut cache); // [1, vocab]
-        let mut logits: Vec<f32> = logits.into_data().convert::<f32>().try_to_vec().expect("f32 logits");
+        let picked = if sampler.is_greedy() {
+            greedy_on_device(logits)
+        } else {
+            let mut logits: Vec<f32> = logits.into_data().convert::<f32>().try_to_vec().expect("f32 logits");
+            logits.iter().all(|x| x.is_finite()).then(|| sampler.sample(&mut logits, &seen))
+        };
         if cache.len() == prompt.len() {
             stats.prompt_time = start.elapsed();
             gen_start = Instant::now();
         }
-        if logits.iter().any(|x| !x.is_finite()) {
+        let Some(next) = picked else {
             stats.non_finite = true;
             break;
-        }
-        let next = sampler.sample(&mut logits, &seen);
+        };
         if eos.contains(&next) {
             stats.hit_eos = true;
             break;
@@ -64,4 +72,14 @@ pub fn generate(model: &CausalLm, prompt: &[u32], max_tokens: usize, eos: &[u32]
     }
     stats.generation_time = gen_start.elapsed();
     stats
+}
+
+/// The first largest logit of `logits` `[1, vocab]`, or `None` when any logit is not finite,
+/// computed on the device: one read of two numbers instead of the vocabulary.
+fn greedy_on_device(logits: Tensor<2>) -> Option<u32> {
+    // x - x is 0 for every finite x and NaN for infinities and NaN; their sum tells which.
+    let check = (logits.clone() - logits.clone()).sum_dim(1).cast(FloatDType::F32); // [1, 1]
+    let id = logits.argmax(1).float().cast(FloatDType::F32); // [1, 1], exact below 2^24
+    let both: Vec<f32> = Tensor::cat(vec![id, check], 1).into_data().convert::<f32>().try_to_vec().expect("f32 values");
+    (both[1] == 0.0).then_some(both[0] as u32)
 }

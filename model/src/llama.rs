@@ -302,18 +302,50 @@ enum AttentionMask<'a> {
     Dense(&'a Tensor<5, Bool>),
 }
 
-/// Keys and values of past positions for one layer, `[batch, kv_heads, past, head_dim]` each.
+/// Keys and values of one layer, `[batch, kv_heads, capacity, head_dim]` each: positions
+/// `0..past` hold the past, the rest is zeros until written.
 #[derive(Debug, Clone)]
 pub struct LayerCache {
     keys: Tensor<4>,
     values: Tensor<4>,
 }
 
+/// One cached forward pass as a layer sees it: its slot, the positions already cached, and the
+/// capacity its buffers must have (every layer of a pass gets the same).
+struct CacheStep<'a> {
+    slot: &'a mut Option<LayerCache>,
+    past: usize,
+    capacity: usize,
+}
+
+/// `buffer` `[b, kv, capacity, d]` (reallocated with the first `past` positions kept when
+/// smaller than `capacity`, allocated as zeros when absent) with `fresh` `[b, kv, s, d]`
+/// written at `past..past + s`, in place when the buffer is not shared.
+fn write_cache(buffer: Option<Tensor<4>>, fresh: Tensor<4>, past: usize, capacity: usize) -> Tensor<4> {
+    let [b, kv, s, d] = fresh.dims();
+    let buffer = match buffer {
+        Some(t) if t.dims()[2] >= capacity => t,
+        old => {
+            let zeros = Tensor::<4>::zeros([b, kv, capacity, d], (&fresh.device(), fresh.dtype()));
+            match old {
+                Some(t) if past > 0 => zeros.slice_assign([0..b, 0..kv, 0..past, 0..d], t.narrow(2, 0, past)),
+                _ => zeros,
+            }
+        }
+    };
+    buffer.slice_assign([0..b, 0..kv, past..past + s, 0..d], fresh)
+}
+
 impl Attention {
     /// `x` `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
     ///
     /// `cos`/`sin` are `[seq, head_dim]` for this step's positions.
-    fn forward(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, mask: AttentionMask, cache: Option<&mut Option<LayerCache>>) -> Tensor<3> {
+    ///
+    /// With a cache step, this step's keys and values are written into the layer's buffers.
+    /// A first step (nothing cached) attends over its own keys with `mask` `[.., s, s]` (or
+    /// chunked); a later one over the whole buffer with `mask` `[.., s, capacity]`, so every
+    /// decoded token runs on the same shapes until the buffer grows.
+    fn forward(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, mask: AttentionMask, cache: Option<CacheStep>) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
@@ -330,12 +362,15 @@ impl Attention {
         let q = apply_rotary(q.swap_dims(1, 2), cos, sin); // [b, h, s, d]
         let mut k = apply_rotary(k.swap_dims(1, 2), cos, sin); // [b, kv, s, d]
         let mut v = v.swap_dims(1, 2); // [b, kv, s, d]
-        if let Some(slot) = cache {
-            if let Some(past) = slot.take() {
-                k = Tensor::cat(vec![past.keys, k], 2);
-                v = Tensor::cat(vec![past.values, v], 2);
+        if let Some(CacheStep { slot, past, capacity }) = cache {
+            let old = slot.take();
+            let (old_keys, old_values) = old.map_or((None, None), |c| (Some(c.keys), Some(c.values)));
+            let keys = write_cache(old_keys, k.clone(), past, capacity);
+            let values = write_cache(old_values, v.clone(), past, capacity);
+            if past > 0 {
+                (k, v) = (keys.clone(), values.clone());
             }
-            *slot = Some(LayerCache { keys: k.clone(), values: v.clone() });
+            *slot = Some(LayerCache { keys, values });
         }
         if let AttentionMask::Chunked { keys, window } = mask {
             let masking = lora_kernels::attention::Masking { window, chunk: 0 };
@@ -409,7 +444,7 @@ pub struct BlockInputs {
 impl DecoderLayer {
     /// `x` `[batch, seq, hidden]` -> `[batch, seq, hidden]`: attention then the MLP, each
     /// after its norm and added to the residual stream.
-    fn forward(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, mask: AttentionMask, cache: Option<&mut Option<LayerCache>>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, mask: AttentionMask, cache: Option<CacheStep>) -> Tensor<3> {
         let h = self.self_attn.forward(self.input_layernorm.forward(x.clone()), cos, sin, mask, cache);
         let x = x + h;
         let h = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
@@ -492,14 +527,28 @@ impl AttentionPath {
     }
 }
 
-/// Key/value cache for incremental decoding.
+/// Key/value cache for incremental decoding, preallocated.
+///
+/// Each layer's keys and values live in buffers of a fixed capacity (a [`cache_capacity`]
+/// bucket) written in place, and decoding attends over the whole buffer with the unwritten
+/// positions masked: the shapes of a decoded token do not change from one token to the next,
+/// so nothing is compiled or tuned per token, and nothing is copied but the new position.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
     len: usize,
+    capacity: usize,
+    reserve: usize,
 }
 
 impl KvCache {
+    /// A cache whose buffers are allocated for at least `positions` positions at the first
+    /// step (rounded up to a [`cache_capacity`] bucket), so that a generation of known length
+    /// never grows them.
+    pub fn with_capacity(positions: usize) -> Self {
+        Self { reserve: positions, ..Self::default() }
+    }
+
     /// Number of positions already in the cache.
     pub fn len(&self) -> usize {
         self.len
@@ -509,6 +558,19 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Positions the buffers hold (0 before the first step).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+/// The buffer size for `positions`: powers of two from 256 to 4096, then multiples of 4096. A
+/// growing cache takes few distinct shapes (each compiled and tuned once, the tuning kept
+/// across runs) and wastes at most half of a small buffer, 4095 positions of a large one.
+pub fn cache_capacity(positions: usize) -> usize {
+    const STEP: usize = 4096;
+    if positions <= STEP { positions.next_power_of_two().max(256) } else { positions.div_ceil(STEP) * STEP }
 }
 
 impl CausalLm {
@@ -659,7 +721,7 @@ impl CausalLm {
         let layer = &self.model.layers[index];
         let [b, s, _] = x.dims();
         if !self.attention.chunked(b, layer.self_attn.num_heads, s) {
-            let mask = build_mask(b, s, 0, layer.window, Some(&key_list(&inputs.keys)), &x.device());
+            let mask = build_mask(b, s, 0, s, layer.window, Some(&key_list(&inputs.keys)), &x.device());
             return layer.forward(x, &inputs.cos, &inputs.sin, AttentionMask::Dense(&mask), None);
         }
         layer.forward(x, &inputs.cos, &inputs.sin, AttentionMask::Chunked { keys: &inputs.keys, window: layer.window }, None)
@@ -689,33 +751,44 @@ impl CausalLm {
         let dtype = x.dtype();
         let (cos, sin) = self.rope.tables(past, s, &device, dtype);
         let heads = self.model.layers.first().map_or(1, |l| l.self_attn.num_heads);
-        if cache.is_none() && self.attention.chunked(b, heads, s) {
-            let keys = key_flags(b, s, attention_mask, &device);
-            for layer in &self.model.layers {
-                x = layer.forward(x, &cos, &sin, AttentionMask::Chunked { keys: &keys, window: layer.window }, None);
+        // Keys attended to: this step's own on a first step, the whole buffer after it.
+        let mut total = s;
+        if let Some(c) = cache.as_mut() {
+            if c.layers.len() != self.model.layers.len() {
+                c.layers = vec![None; self.model.layers.len()];
             }
-            return x;
+            if past + s > c.capacity {
+                c.capacity = cache_capacity((past + s).max(c.reserve));
+            }
+            if past > 0 {
+                total = c.capacity;
+            }
         }
-        // At most two distinct masks: full causal and the sliding window.
-        let full = build_mask(b, s, past, None, attention_mask, &device);
-        let mut windowed: Option<(usize, Tensor<5, Bool>)> = None;
-        if let Some(c) = cache.as_mut()
-            && c.layers.len() != self.model.layers.len()
-        {
-            c.layers = vec![None; self.model.layers.len()];
+        fn step<'a>(c: &'a mut Option<&mut KvCache>, i: usize) -> Option<CacheStep<'a>> {
+            c.as_mut().map(|c| CacheStep { past: c.len, capacity: c.capacity, slot: &mut c.layers[i] })
         }
-        for (i, layer) in self.model.layers.iter().enumerate() {
-            let mask = match layer.window {
-                None => &full,
-                Some(w) => {
-                    if windowed.as_ref().is_none_or(|(ww, _)| *ww != w) {
-                        windowed = Some((w, build_mask(b, s, past, Some(w), attention_mask, &device)));
+        if past == 0 && self.attention.chunked(b, heads, s) {
+            let keys = key_flags(b, s, attention_mask, &device);
+            for (i, layer) in self.model.layers.iter().enumerate() {
+                let mask = AttentionMask::Chunked { keys: &keys, window: layer.window };
+                x = layer.forward(x, &cos, &sin, mask, step(&mut cache, i));
+            }
+        } else {
+            // At most two distinct masks: full causal and the sliding window.
+            let full = build_mask(b, s, past, total, None, attention_mask, &device);
+            let mut windowed: Option<(usize, Tensor<5, Bool>)> = None;
+            for (i, layer) in self.model.layers.iter().enumerate() {
+                let mask = match layer.window {
+                    None => &full,
+                    Some(w) => {
+                        if windowed.as_ref().is_none_or(|(ww, _)| *ww != w) {
+                            windowed = Some((w, build_mask(b, s, past, total, Some(w), attention_mask, &device)));
+                        }
+                        &windowed.as_ref().expect("just built").1
                     }
-                    &windowed.as_ref().expect("just built").1
-                }
-            };
-            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &cos, &sin, AttentionMask::Dense(mask), slot);
+                };
+                x = layer.forward(x, &cos, &sin, AttentionMask::Dense(mask), step(&mut cache, i));
+            }
         }
         if let Some(c) = cache {
             c.len += s;
@@ -739,10 +812,11 @@ fn key_list(keys: &Tensor<2>) -> Vec<bool> {
     flags.into_iter().map(|f| f > 0.5).collect()
 }
 
-/// The attention mask `[batch, 1, 1, seq, past + seq]`, true where attention is forbidden:
-/// future keys, keys outside the sliding window (`q - k >= window`), and padding keys.
-fn build_mask(batch: usize, seq: usize, past: usize, window: Option<usize>, attention_mask: Option<&[bool]>, device: &Device) -> Tensor<5, Bool> {
-    let total = past + seq;
+/// The attention mask `[batch, 1, 1, seq, total]` of queries at `past..past + seq` over keys at
+/// `0..total`, true where attention is forbidden: future keys (among them every key from
+/// `past + seq` on, unwritten cache), keys outside the sliding window (`q - k >= window`),
+/// and padding keys.
+fn build_mask(batch: usize, seq: usize, past: usize, total: usize, window: Option<usize>, attention_mask: Option<&[bool]>, device: &Device) -> Tensor<5, Bool> {
     let mut flags = Vec::with_capacity(batch * seq * total);
     for row in 0..batch {
         for qi in 0..seq {
@@ -750,7 +824,7 @@ fn build_mask(batch: usize, seq: usize, past: usize, window: Option<usize>, atte
             for k in 0..total {
                 let future = k > q;
                 let outside = window.is_some_and(|w| q - k.min(q) >= w);
-                let padding = attention_mask.is_some_and(|m| k >= past && !m[row * seq + (k - past)]);
+                let padding = attention_mask.is_some_and(|m| k >= past && k < past + seq && !m[row * seq + (k - past)]);
                 flags.push(future || outside || padding);
             }
         }
@@ -781,7 +855,7 @@ mod tests {
         let device = Device::flex();
         // One row of 4 tokens, the first is padding, window 2.
         let pad = [false, true, true, true];
-        let m = build_mask(1, 4, 0, Some(2), Some(&pad), &device);
+        let m = build_mask(1, 4, 0, 4, Some(2), Some(&pad), &device);
         let v: Vec<bool> = m.into_data().try_to_vec().unwrap();
         #[rustfmt::skip]
         let expected = [
@@ -793,11 +867,48 @@ mod tests {
         assert_eq!(v, expected);
     }
 
+    /// Token by token through a cache that grows past its first bucket (256) and is given a
+    /// sliding window, against the logits of one cache-free pass over the whole sequence.
+    #[test]
+    fn decoding_through_a_growing_cache_matches_the_full_pass() {
+        let device = Device::flex();
+        let mut config = crate::Geometry::named("tiny").expect("tiny shape").config();
+        config.layer_windows = vec![None, Some(100)];
+        let model = CausalLm::load(&config, &Checkpoint::random(&config), &device, DType::F32, |_| {}).unwrap();
+        let n = 300;
+        let ids: Vec<i64> = (0..n as i64).map(|i| (i * 37 + 11) % config.vocab_size as i64).collect();
+        let full = model.forward(Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [1, n]), &device), None);
+        let mut cache = KvCache::default();
+        // A prompt of 5, then one token at a time.
+        let mut at = 0;
+        let mut worst = 0.0f32;
+        for len in std::iter::once(5).chain(std::iter::repeat_n(1, n - 5)) {
+            let step = Tensor::<2, Int>::from_data(TensorData::new(ids[at..at + len].to_vec(), [1, len]), &device);
+            let got = model.forward_cached(step, &mut cache);
+            at += len;
+            let want = full.clone().narrow(1, at - 1, 1).reshape([1, config.vocab_size]);
+            let diff: f32 = (got - want).abs().max().into_scalar();
+            worst = worst.max(diff);
+        }
+        assert_eq!(cache.len(), n);
+        assert_eq!(cache.capacity(), 512, "grown from 256 to the next bucket");
+        assert!(worst < 1e-4, "cached logits differ from the full pass by {worst}");
+    }
+
+    #[test]
+    fn cache_buckets_are_few() {
+        assert_eq!([1, 256, 257, 4096, 4097, 9000].map(cache_capacity), [256, 256, 512, 4096, 8192, 12288]);
+    }
+
     #[test]
     fn cached_mask_offsets_queries_by_the_past() {
         let device = Device::flex();
-        let m = build_mask(1, 1, 3, Some(2), None, &device);
+        let m = build_mask(1, 1, 3, 4, Some(2), None, &device);
         let v: Vec<bool> = m.into_data().try_to_vec().unwrap();
         assert_eq!(v, [true, true, false, false]);
+        // Over a cache of capacity 6: the unwritten positions 4 and 5 are masked too.
+        let m = build_mask(1, 1, 3, 6, None, None, &device);
+        let v: Vec<bool> = m.into_data().try_to_vec().unwrap();
+        assert_eq!(v, [false, false, false, false, true, true]);
     }
 }

@@ -39,6 +39,13 @@ impl Sampler {
         Self { config, rng }
     }
 
+    /// Whether [`Self::sample`] is the first largest logit whatever it is given: temperature 0
+    /// (or top-k 1) and no repetition penalty.
+    pub fn is_greedy(&self) -> bool {
+        let c = &self.config;
+        (c.temperature <= 0.0 || c.top_k == 1) && c.repetition_penalty == 1.0
+    }
+
     /// Picks the next token from `logits` `[vocab]`, given every token seen so far.
     pub fn sample(&mut self, logits: &mut [f32], seen: &[u32]) -> u32 {
         let c = &self.config;

@@ -9,8 +9,8 @@
 //!   (consecutive units, consecutive words), and the partial sums meet in shared memory.
 //!   They read bits/8 bytes per weight instead of 2, which is what decoding is bound by.
 
-use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::TensorMetadata;
+use burn::backend::cubecl::dtype_to_storage_type;
 use burn::tensor::{DType, Shape};
 use burn_cubecl::cubecl;
 use burn_cubecl::kernel::into_contiguous;
@@ -18,11 +18,7 @@ use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::*;
-
-/// Units that share one output of the matrix-vector kernels.
-const LANES: u32 = 32;
-/// Outputs per cube of the matrix-vector kernels.
-const OUTPUTS_PER_CUBE: u32 = 8;
+use lora_kernels::matvec::{LANES, OUTPUTS_PER_CUBE, lane_total, launch_matvec};
 
 /// Whether [`affine_matvec`] handles `bits`: codes must not cross words.
 pub fn matvec_supports(bits: usize) -> bool {
@@ -59,38 +55,13 @@ fn affine_dequantize_kernel<F: Float>(
 }
 
 #[cube(launch_unchecked)]
-fn nf4_dequantize_kernel<F: Float>(
-    packed: &Tensor<u32>,
-    absmax: &Tensor<f32>,
-    levels: &Tensor<f32>,
-    output: &mut Tensor<F>,
-    #[define(F)] _dtype: ElemType,
-) {
+fn nf4_dequantize_kernel<F: Float>(packed: &Tensor<u32>, absmax: &Tensor<f32>, levels: &Tensor<f32>, output: &mut Tensor<F>, #[define(F)] _dtype: ElemType) {
     let pos = ABSOLUTE_POS;
     if pos >= output.len() {
         terminate!();
     }
     let code = (packed[pos / 8] >> u32::cast_from((pos % 8) * 4)) & 15;
     output[pos] = F::cast_from(levels[code as usize] * absmax[pos / 64]);
-}
-
-/// Adds the partial sums of the `LANES` units of each output and returns the total to lane 0.
-#[cube]
-fn lane_total(acc: f32) -> f32 {
-    let mut shared = Shared::<[f32]>::new_slice(comptime!((LANES * OUTPUTS_PER_CUBE) as usize));
-    let unit = UNIT_POS as usize;
-    let lane = UNIT_POS_X;
-    shared[unit] = acc;
-    sync_cube();
-    #[unroll]
-    for step in 0..5u32 {
-        let stride = comptime!(LANES >> (step + 1));
-        if lane < stride {
-            shared[unit] += shared[unit + stride as usize];
-        }
-        sync_cube();
-    }
-    shared[unit - lane as usize]
 }
 
 #[cube(launch_unchecked)]
@@ -172,12 +143,6 @@ fn launch_elementwise(output: &CubeTensor) -> (CubeCount, CubeDim) {
     let n = output.shape().num_elements();
     let cube_dim = CubeDim::new(&output.client, n);
     (calculate_cube_count_elemwise(&output.client, n, cube_dim), cube_dim)
-}
-
-fn launch_matvec(output: &CubeTensor) -> (CubeCount, CubeDim) {
-    let [m, rows] = output.shape().dims();
-    let cubes = (rows as u32).div_ceil(OUTPUTS_PER_CUBE);
-    (CubeCount::Static(cubes, m as u32, 1), CubeDim::new_2d(LANES, OUTPUTS_PER_CUBE))
 }
 
 fn empty(like: &CubeTensor, shape: [usize; 2], dtype: DType) -> CubeTensor {

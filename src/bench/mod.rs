@@ -1,6 +1,7 @@
 //! `lora bench`: speed and memory, measured on one device in one run, to be set beside a peer
 //! run on the same machine (`bench/peer_peft.py`).
 
+pub mod generate;
 pub mod matmul;
 pub mod quant;
 pub mod train;
@@ -9,6 +10,50 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use burn::tensor::{Device, Tensor};
+use clap::Args;
+use lora_model::Geometry;
+
+/// A named model shape and overrides of its sizes.
+#[derive(Debug, Args)]
+pub struct GeometryArgs {
+    /// The model shape: tiny, llama-1b, llama-3b, llama-8b, qwen2-0.5b, mistral-7b.
+    #[arg(long, default_value = "llama-1b", value_name = "NAME")]
+    pub geometry: String,
+    /// Override the shape's hidden size.
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    /// Override the shape's MLP width.
+    #[arg(long)]
+    pub intermediate: Option<usize>,
+    /// Override the shape's number of blocks.
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Override the shape's query heads.
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Override the shape's key/value heads.
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
+    /// Override the shape's vocabulary size.
+    #[arg(long)]
+    pub vocab: Option<usize>,
+}
+
+impl GeometryArgs {
+    /// The named shape with the overrides, checked.
+    pub fn geometry(&self) -> Result<Geometry> {
+        let mut g = Geometry::named(&self.geometry).with_context(|| format!("--geometry {}: unknown (known: {})", self.geometry, Geometry::names()))?;
+        let over = |v: Option<usize>, d: usize| v.unwrap_or(d);
+        g.hidden = over(self.hidden, g.hidden);
+        g.intermediate = over(self.intermediate, g.intermediate);
+        g.layers = over(self.layers, g.layers);
+        g.heads = over(self.heads, g.heads);
+        g.kv_heads = over(self.kv_heads, g.kv_heads);
+        g.vocab = over(self.vocab, g.vocab);
+        g.validate().map_err(|e| anyhow::anyhow!("--geometry {}: {e}", self.geometry))?;
+        Ok(g)
+    }
+}
 
 /// Seconds per call of `f`, the median of `iters` after one warm-up, synchronized.
 pub fn time<const D: usize>(device: &Device, iters: usize, f: impl Fn() -> Tensor<D>) -> Result<f64> {

@@ -1,11 +1,11 @@
 //! `lora bench train`: the real trainer on a random model of a named shape.
 //!
-//! The model is built in Rust from [`Geometry`] with random weights (no download, no Python),
+//! The model is built in Rust from [`lora_model::Geometry`] with random weights (no download, no Python),
 //! adapters are attached as `lora train` attaches them, and `lora_trainer::train` runs
 //! `--warmup` + `--steps` iterations on random token rows of `--seq` targets each. Printed:
 //! tokens/s (median of the timed steps), time to the first step, peak device memory and the
 //! effective TFLOP/s (matrix-product FLOPs of the frozen base and attention; the formula is
-//! [`Geometry::train_flops_per_token`], also used by `bench/peer_peft.py`).
+//! [`lora_model::Geometry::train_flops_per_token`], also used by `bench/peer_peft.py`).
 
 use std::time::Instant;
 
@@ -15,11 +15,11 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lora_adapters::{AdapterSpec, FineTuneType, Init, Scale, add_adapters, trainable_count};
 use lora_data::Example;
-use lora_model::{CausalLm, Checkpoint, Geometry};
+use lora_model::{CausalLm, Checkpoint};
 use lora_trainer::{Observer, Optimizer, OptimizerConfig, OptimizerKind, Schedule, ScheduleKind, Settings, State, TrainError};
 use serde_json::json;
 
-use super::{median, write_json};
+use super::{GeometryArgs, median, write_json};
 use crate::device::{DTypeArg, DeviceArg, PeakMemory, compute_dtype, select};
 use crate::generate::load_model;
 use crate::quantize::QuantArgs;
@@ -27,27 +27,8 @@ use crate::quantize::QuantArgs;
 /// Flags of `lora bench train`.
 #[derive(Debug, Args)]
 pub struct BenchTrainArgs {
-    /// The model shape: tiny, llama-1b, llama-3b, llama-8b, qwen2-0.5b, mistral-7b.
-    #[arg(long, default_value = "llama-1b", value_name = "NAME")]
-    pub geometry: String,
-    /// Override the shape's hidden size.
-    #[arg(long)]
-    pub hidden: Option<usize>,
-    /// Override the shape's MLP width.
-    #[arg(long)]
-    pub intermediate: Option<usize>,
-    /// Override the shape's number of blocks.
-    #[arg(long)]
-    pub layers: Option<usize>,
-    /// Override the shape's query heads.
-    #[arg(long)]
-    pub heads: Option<usize>,
-    /// Override the shape's key/value heads.
-    #[arg(long)]
-    pub kv_heads: Option<usize>,
-    /// Override the shape's vocabulary size.
-    #[arg(long)]
-    pub vocab: Option<usize>,
+    #[command(flatten)]
+    pub shape: GeometryArgs,
     /// Rows per step.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -89,15 +70,7 @@ pub struct BenchTrainArgs {
 }
 
 pub fn run(args: BenchTrainArgs) -> Result<()> {
-    let mut g = Geometry::named(&args.geometry).with_context(|| format!("--geometry {}: unknown (known: {})", args.geometry, Geometry::names()))?;
-    let over = |v: Option<usize>, d: usize| v.unwrap_or(d);
-    g.hidden = over(args.hidden, g.hidden);
-    g.intermediate = over(args.intermediate, g.intermediate);
-    g.layers = over(args.layers, g.layers);
-    g.heads = over(args.heads, g.heads);
-    g.kv_heads = over(args.kv_heads, g.kv_heads);
-    g.vocab = over(args.vocab, g.vocab);
-    g.validate().map_err(|e| anyhow::anyhow!("--geometry {}: {e}", args.geometry))?;
+    let g = args.shape.geometry()?;
     if args.batch_size == 0 || args.seq == 0 || args.steps == 0 {
         bail!("--batch-size, --seq and --steps must be at least 1");
     }
@@ -107,7 +80,7 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
     let options = args.quant.load_options(&config)?;
     eprintln!(
         "bench train: {} ({:.2} B parameters), {}x{} targets, {dtype:?}{}{}, LoRA r{} alpha {} on {}, device {device:?}",
-        args.geometry,
+        args.shape.geometry,
         g.parameters() as f64 / 1e9,
         args.batch_size,
         args.seq,
@@ -170,7 +143,7 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
     let first_step = timer.steps.first().copied().unwrap_or(0.0);
     println!(
         "lora {} {}x{} {dtype:?}{}{}: {tokens_per_s:.0} tokens/s (step {:.1} ms, min {:.1}, max {:.1}), first step {first_step:.2} s after {load_s:.1} s of building, peak {peak:.2} GiB, {tflops:.1} TFLOP/s",
-        args.geometry,
+        args.shape.geometry,
         args.batch_size,
         args.seq,
         args.quant.quantize.map_or(String::new(), |q| format!(" {q:?}")),
@@ -182,7 +155,7 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
     if let Some(path) = &args.json {
         let value = json!({
             "side": "lora",
-            "geometry": args.geometry,
+            "geometry": args.shape.geometry,
             "parameters": g.parameters(),
             "trainable": trainable,
             "dtype": format!("{dtype:?}"),

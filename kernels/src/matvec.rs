@@ -1,0 +1,107 @@
+//! Matrix-vector products for decoding: `x` `[m, k]` · `Wᵀ` with `m` a few rows.
+//!
+//! A matrix-tile kernel spends a whole `BM`-row tile of work on one row of `x`; at decode time
+//! the product is bound by reading `W` once, so here each output is one dot product shared by
+//! [`LANES`] invocations reading consecutive elements of its weight row (coalesced), added up
+//! through workgroup memory, [`OUTPUTS_PER_CUBE`] outputs per workgroup. The packed 4-bit
+//! kernels of `lora-quant` are built on the same layout ([`lane_total`], [`launch_matvec`]).
+
+use burn::backend::TensorMetadata;
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::tensor::Shape;
+use burn_cubecl::cubecl;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::*;
+
+/// Units that share one output.
+pub const LANES: u32 = 32;
+/// Outputs per workgroup.
+pub const OUTPUTS_PER_CUBE: u32 = 8;
+/// Rows of `x` up to which a product with a frozen weight takes a matrix-vector kernel.
+pub const MATVEC_ROWS: usize = 8;
+/// Elements of a weight row each lane reads per loop step, unrolled so that several loads are
+/// in flight.
+const UNROLL: usize = 8;
+
+#[allow(missing_docs)] // the expansion module #[cube] adds
+/// Adds the partial sums of the [`LANES`] units of each output (the units `UNIT_POS_X` of one
+/// `UNIT_POS_Y`) and returns the total to every one of them.
+#[cube]
+pub fn lane_total(acc: f32) -> f32 {
+    let mut shared = Shared::<[f32]>::new_slice(comptime!((LANES * OUTPUTS_PER_CUBE) as usize));
+    let unit = UNIT_POS as usize;
+    let lane = UNIT_POS_X;
+    shared[unit] = acc;
+    sync_cube();
+    #[unroll]
+    for step in 0..5u32 {
+        let stride = comptime!(LANES >> (step + 1));
+        if lane < stride {
+            shared[unit] += shared[unit + stride as usize];
+        }
+        sync_cube();
+    }
+    shared[unit - lane as usize]
+}
+
+/// The launch of a matrix-vector kernel writing `output` `[m, n]`: workgroups of
+/// [`LANES`] × [`OUTPUTS_PER_CUBE`] units, `n / OUTPUTS_PER_CUBE` by `m` of them.
+pub fn launch_matvec(output: &CubeTensor) -> (CubeCount, CubeDim) {
+    let [m, rows] = output.shape().dims();
+    let cubes = (rows as u32).div_ceil(OUTPUTS_PER_CUBE);
+    (CubeCount::Static(cubes, m as u32, 1), CubeDim::new_2d(LANES, OUTPUTS_PER_CUBE))
+}
+
+#[cube(launch_unchecked)]
+fn dense_matvec_kernel<F: Float>(x: &Tensor<F>, w: &Tensor<F>, output: &mut Tensor<F>, #[define(F)] _dtype: ElemType) {
+    let lane = UNIT_POS_X as usize;
+    let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
+    let i = CUBE_POS_Y as usize;
+    let (rows, k) = (w.shape(0), w.shape(1));
+    let step = comptime!(LANES as usize * UNROLL);
+    let mut acc = 0f32;
+    if n < rows {
+        let (wrow, xrow) = (n * k, i * k);
+        let whole = k / step * step;
+        for base in range_stepped(0, whole, step) {
+            #[unroll]
+            for j in 0..UNROLL {
+                let c = base + comptime!(j * LANES as usize) + lane;
+                acc += f32::cast_from(x[xrow + c]) * f32::cast_from(w[wrow + c]);
+            }
+        }
+        for c in range_stepped(whole + lane, k, comptime!(LANES as usize)) {
+            acc += f32::cast_from(x[xrow + c]) * f32::cast_from(w[wrow + c]);
+        }
+    }
+    let total = lane_total(acc);
+    if lane == 0 && n < rows {
+        output[i * rows + n] = F::cast_from(total);
+    }
+}
+
+/// `x` `[m, k]` · `wᵀ` (`w` `[n, k]`) -> `[m, n]` in `x`'s dtype, summed in f32; both of one
+/// float dtype.
+pub fn dense_matvec_t(x: CubeTensor, w: CubeTensor) -> CubeTensor {
+    let [m, _] = x.shape().dims();
+    let n = w.shape()[0];
+    let output = empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([m, n]), x.dtype);
+    let (count, dim) = launch_matvec(&output);
+    let dtype = dtype_to_storage_type(x.dtype);
+    // SAFETY: both operands are made contiguous, `x` has `k` columns as `w` does (checked by
+    // the caller), and every index is below `i·k + k` or `n·k + k` for `i < m`, `n < rows`.
+    unsafe {
+        dense_matvec_kernel::launch_unchecked(
+            &output.client,
+            count,
+            dim,
+            into_contiguous(x).into_tensor_arg(),
+            into_contiguous(w).into_tensor_arg(),
+            output.clone().into_tensor_arg(),
+            dtype,
+        )
+    }
+    output
+}
