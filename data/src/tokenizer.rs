@@ -1,6 +1,7 @@
 //! A Hugging Face tokenizer directory: `tokenizer.json`, `tokenizer_config.json`, the chat
 //! template, and the end-of-sequence ids of `config.json` and `generation_config.json`.
 
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value as Json;
@@ -160,17 +161,18 @@ impl Tokenizer {
 }
 
 /// Turns a stream of token ids into text as it is produced, holding back an incomplete
-/// UTF-8 sequence until the tokens that complete it arrive.
+/// UTF-8 sequence until the tokens that complete it arrive. `T` is a reference to the
+/// tokenizer: `&Tokenizer`, or an `Arc<Tokenizer>` for a decoder that outlives a borrow.
 #[derive(Debug)]
-pub struct StreamDecoder<'a> {
-    tokenizer: &'a Tokenizer,
+pub struct StreamDecoder<T: Deref<Target = Tokenizer>> {
+    tokenizer: T,
     ids: Vec<u32>,
     emitted: String,
 }
 
-impl<'a> StreamDecoder<'a> {
+impl<T: Deref<Target = Tokenizer>> StreamDecoder<T> {
     /// A decoder over `tokenizer`, skipping special tokens.
-    pub fn new(tokenizer: &'a Tokenizer) -> Self {
+    pub fn new(tokenizer: T) -> Self {
         Self { tokenizer, ids: Vec::new(), emitted: String::new() }
     }
 

@@ -8,13 +8,17 @@
 //! - [`matvec`]: the same product for a few rows of `x` (decoding), bound by reading `W` once.
 //! - [`attention`]: causal attention in chunks of queries with a backward that recomputes the
 //!   probabilities from the log-sum-exp: no `[heads, T, T]` tensor is ever held.
+//! - [`decode`]: a decoded token's attention over the key/value cache in one kernel.
+//! - [`norm`]: RMSNorm in one kernel for inference.
 //! - [`device`]: finding a wgpu adapter and its shader compiler, shared by every crate above.
 #![warn(missing_docs)]
 
 pub mod attention;
+pub mod decode;
 pub mod device;
 pub mod linear;
 pub mod matmul;
 pub mod matvec;
+pub mod norm;
 
-pub use linear::{frozen_linear, matmul_frozen};
+pub use linear::{frozen_linear, frozen_swiglu, matmul_frozen};

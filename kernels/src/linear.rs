@@ -9,13 +9,13 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
-use burn::backend::ops::FloatTensorOps;
+use burn::backend::ops::{ActivationOps, FloatTensorOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::tensor::{Shape, Tensor};
 
 use crate::matmul::{matmul_cm2, supported};
-use crate::matvec::{MATVEC_ROWS, dense_matvec_t};
+use crate::matvec::{MATVEC_ROWS, dense_matvec_t, swiglu_matvec_t};
 
 /// Products with a constant right-hand side.
 #[backend_extension(Autodiff, Flex, Cube, Fusion)]
@@ -31,6 +31,15 @@ pub trait LinearOps: Backend {
     fn frozen_matmul(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_matmul(a, b)
     }
+
+    /// The SwiGLU block's activation: `silu(x·gateᵀ) · (x·upᵀ)` for `x` `[m, k]` and frozen
+    /// `gate`, `up` `[n, k]` -> `[m, n]`. Under autodiff, the tracked composition.
+    #[fusion(dtype = x, shape = Shape::new([x[0], gate[0]]))]
+    fn frozen_swiglu_t(x: FloatTensor<Self>, gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let u = Self::frozen_linear_t(x.clone(), up);
+        let g = Self::frozen_linear_t(x, gate);
+        Self::float_mul(Self::float_mul(g.clone(), Self::sigmoid(g)), u)
+    }
 }
 
 impl LinearOps for Flex {}
@@ -41,18 +50,38 @@ impl LinearOps for burn_cubecl::CubeBackend {
         if x.dtype == w.dtype && x.shape()[0] <= MATVEC_ROWS && x.shape()[1] == w.shape()[1] {
             return dense_matvec_t(x, w);
         }
-        if x.dtype == w.dtype && supported(&x, x.dtype) {
+        if x.dtype == w.dtype && supported(&x, x.dtype) && fills_the_device(x.shape()[0], w.shape()[0]) {
             return matmul_cm2(x, w, true);
         }
         Self::float_matmul(x, Self::float_transpose(w))
     }
 
     fn frozen_matmul(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
-        if a.dtype == b.dtype && supported(&a, a.dtype) {
+        if a.dtype == b.dtype && supported(&a, a.dtype) && fills_the_device(a.shape()[0], b.shape()[1]) {
             return matmul_cm2(a, b, false);
         }
         Self::float_matmul(a, b)
     }
+
+    fn frozen_swiglu_t(x: FloatTensor<Self>, gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let same = x.dtype == gate.dtype && x.dtype == up.dtype && gate.shape() == up.shape() && x.shape()[1] == gate.shape()[1];
+        if same && x.shape()[0] <= MATVEC_ROWS {
+            return swiglu_matvec_t(x, gate, up);
+        }
+        let u = Self::frozen_linear_t(x.clone(), up);
+        let g = Self::frozen_linear_t(x, gate);
+        Self::float_mul(Self::float_mul(g.clone(), Self::sigmoid(g)), u)
+    }
+}
+
+/// Output tiles from which an `[m, n]` product takes the tensor-core kernel: one workgroup per
+/// tile steps through all of K, so a short prompt's product (m of a few dozen rows, a handful
+/// of tiles) would leave most of the GPU idle and is better served by burn's tuned matmul.
+const MIN_TILES: usize = 32;
+
+fn fills_the_device(m: usize, n: usize) -> bool {
+    let (bm, bn, _) = crate::matmul::tile();
+    m.div_ceil(bm) * n.div_ceil(bn) >= MIN_TILES
 }
 
 #[derive(Debug)]
@@ -106,6 +135,12 @@ impl<B: Backend + LinearOps, C: CheckpointStrategy> LinearOps for Autodiff<B, C>
             OpsKind::UnTracked(prep) => prep.finish(B::frozen_matmul(a.into_primitive(), b)),
         }
     }
+}
+
+/// `silu(x·gateᵀ) · (x·upᵀ)`: `x` `[m, k]`, frozen `gate` and `up` `[n, k]` -> `[m, n]`,
+/// differentiable in `x` only; one pass over both weights for a few rows of `x` on a GPU.
+pub fn frozen_swiglu(x: Tensor<2>, gate: Tensor<2>, up: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as LinearOps>::frozen_swiglu_t(x.into_dispatch(), gate.into_dispatch(), up.into_dispatch()))
 }
 
 /// `x` `[m, k]` · `Wᵀ` (`w` `[n, k]`) -> `[m, n]`, differentiable in `x` only: `w` must be

@@ -25,25 +25,35 @@ pub const MATVEC_ROWS: usize = 8;
 /// in flight.
 const UNROLL: usize = 8;
 
-#[allow(missing_docs)] // the expansion module #[cube] adds
-/// Adds the partial sums of the [`LANES`] units of each output (the units `UNIT_POS_X` of one
-/// `UNIT_POS_Y`) and returns the total to every one of them.
-#[cube]
-pub fn lane_total(acc: f32) -> f32 {
-    let mut shared = Shared::<[f32]>::new_slice(comptime!((LANES * OUTPUTS_PER_CUBE) as usize));
-    let unit = UNIT_POS as usize;
-    let lane = UNIT_POS_X;
-    shared[unit] = acc;
-    sync_cube();
-    #[unroll]
-    for step in 0..5u32 {
-        let stride = comptime!(LANES >> (step + 1));
-        if lane < stride {
-            shared[unit] += shared[unit + stride as usize];
-        }
+pub use reduce::lane_total;
+
+// In a module of its own: `#[cube]` adds an expansion module beside the function, which
+// `missing_docs` would flag.
+#[allow(missing_docs)]
+mod reduce {
+    use super::{LANES, OUTPUTS_PER_CUBE};
+    use burn_cubecl::cubecl;
+    use cubecl::prelude::*;
+
+    /// Adds the partial sums of the [`LANES`] units of each output (the units `UNIT_POS_X` of one
+    /// `UNIT_POS_Y`) and returns the total to every one of them.
+    #[cube]
+    pub fn lane_total(acc: f32) -> f32 {
+        let mut shared = Shared::<[f32]>::new_slice(comptime!((LANES * OUTPUTS_PER_CUBE) as usize));
+        let unit = UNIT_POS as usize;
+        let lane = UNIT_POS_X;
+        shared[unit] = acc;
         sync_cube();
+        #[unroll]
+        for step in 0..5u32 {
+            let stride = comptime!(LANES >> (step + 1));
+            if lane < stride {
+                shared[unit] += shared[unit + stride as usize];
+            }
+            sync_cube();
+        }
+        shared[unit - lane as usize]
     }
-    shared[unit - lane as usize]
 }
 
 /// The launch of a matrix-vector kernel writing `output` `[m, n]`: workgroups of
@@ -80,6 +90,66 @@ fn dense_matvec_kernel<F: Float>(x: &Tensor<F>, w: &Tensor<F>, output: &mut Tens
     if lane == 0 && n < rows {
         output[i * rows + n] = F::cast_from(total);
     }
+}
+
+#[cube(launch_unchecked)]
+fn swiglu_matvec_kernel<F: Float>(x: &Tensor<F>, gate: &Tensor<F>, up: &Tensor<F>, output: &mut Tensor<F>, #[define(F)] _dtype: ElemType) {
+    let lane = UNIT_POS_X as usize;
+    let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
+    let i = CUBE_POS_Y as usize;
+    let (rows, k) = (gate.shape(0), gate.shape(1));
+    let step = comptime!(LANES as usize * UNROLL);
+    let mut acc_gate = 0f32;
+    let mut acc_up = 0f32;
+    if n < rows {
+        let (wrow, xrow) = (n * k, i * k);
+        let whole = k / step * step;
+        for base in range_stepped(0, whole, step) {
+            #[unroll]
+            for j in 0..UNROLL {
+                let c = base + comptime!(j * LANES as usize) + lane;
+                let xv = f32::cast_from(x[xrow + c]);
+                acc_gate += xv * f32::cast_from(gate[wrow + c]);
+                acc_up += xv * f32::cast_from(up[wrow + c]);
+            }
+        }
+        for c in range_stepped(whole + lane, k, comptime!(LANES as usize)) {
+            let xv = f32::cast_from(x[xrow + c]);
+            acc_gate += xv * f32::cast_from(gate[wrow + c]);
+            acc_up += xv * f32::cast_from(up[wrow + c]);
+        }
+    }
+    let g = lane_total(acc_gate);
+    let u = lane_total(acc_up);
+    if lane == 0 && n < rows {
+        output[i * rows + n] = F::cast_from(g / (1.0f32 + (-g).exp()) * u);
+    }
+}
+
+/// `silu(x·gateᵀ) · (x·upᵀ)` for `x` `[m, k]` and `gate`, `up` `[n, k]` -> `[m, n]`: the
+/// SwiGLU block's two products and its activation in one pass over both weights, summed and
+/// activated in f32; all three of one float dtype.
+pub fn swiglu_matvec_t(x: CubeTensor, gate: CubeTensor, up: CubeTensor) -> CubeTensor {
+    let [m, _] = x.shape().dims();
+    let n = gate.shape()[0];
+    let output = empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([m, n]), x.dtype);
+    let (count, dim) = launch_matvec(&output);
+    let dtype = dtype_to_storage_type(x.dtype);
+    // SAFETY: as for `dense_matvec_t`; `gate` and `up` have the same shape (checked by the
+    // caller).
+    unsafe {
+        swiglu_matvec_kernel::launch_unchecked(
+            &output.client,
+            count,
+            dim,
+            into_contiguous(x).into_tensor_arg(),
+            into_contiguous(gate).into_tensor_arg(),
+            into_contiguous(up).into_tensor_arg(),
+            output.clone().into_tensor_arg(),
+            dtype,
+        )
+    }
+    output
 }
 
 /// `x` `[m, k]` · `wᵀ` (`w` `[n, k]`) -> `[m, n]` in `x`'s dtype, summed in f32; both of one

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 
 use crate::llama::{CausalLm, KvCache};
-use crate::sampling::Sampler;
+use crate::sampling::{Sampler, SamplingConfig};
 
 /// Timings of one generation.
 #[derive(Debug, Clone, Default)]
@@ -25,35 +25,65 @@ pub struct GenerationStats {
     pub non_finite: bool,
 }
 
+/// One sequence being decoded: its cache, sampler and the tokens the next step feeds.
+///
+/// The cache is allocated once for the prompt and `max_tokens`. Greedy decoding picks the
+/// token on the device and reads back only its id (and whether the logits were finite);
+/// sampling reads the logits. The server steps several of these in turn; [`generate`] runs
+/// one to the end.
+#[derive(Debug)]
+pub struct Decoding {
+    cache: KvCache,
+    sampler: Sampler,
+    seen: Vec<u32>,
+    input: Vec<u32>,
+}
+
+impl Decoding {
+    /// A sequence that starts with `prompt` (not empty) and will produce at most `max_tokens`.
+    pub fn new(prompt: &[u32], max_tokens: usize, sampler: Sampler) -> Self {
+        assert!(!prompt.is_empty(), "decoding needs at least one prompt token");
+        Self { cache: KvCache::with_capacity(prompt.len() + max_tokens), sampler, seen: prompt.to_vec(), input: prompt.to_vec() }
+    }
+
+    /// Runs the pending tokens (the prompt, then the last chosen token) through `model` and
+    /// chooses the next token, which the following step feeds; `None` when the logits are
+    /// not finite.
+    pub fn step(&mut self, model: &CausalLm) -> Option<u32> {
+        let ids: Vec<i64> = self.input.iter().map(|&t| t as i64).collect();
+        let n = ids.len();
+        let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &model.device());
+        let logits = model.forward_cached(tokens, &mut self.cache); // [1, vocab]
+        let next = if self.sampler.is_greedy() {
+            greedy_on_device(logits)
+        } else {
+            let mut logits: Vec<f32> = logits.into_data().convert::<f32>().try_to_vec().expect("f32 logits");
+            logits.iter().all(|x| x.is_finite()).then(|| self.sampler.sample(&mut logits, &self.seen))
+        }?;
+        self.seen.push(next);
+        self.input = vec![next];
+        Some(next)
+    }
+
+    /// Positions in the cache: the prompt and every token fed since.
+    pub fn position(&self) -> usize {
+        self.cache.len()
+    }
+}
+
 /// Generates up to `max_tokens` tokens after `prompt`, stopping at any id in `eos`.
 ///
 /// `on_token` receives each generated token as soon as it is chosen; the EOS token that
 /// ends generation is not passed on. `prompt` must not be empty.
-///
-/// The cache is allocated once for the prompt and `max_tokens`. Greedy decoding picks the
-/// token on the device and reads back only its id (and whether the logits were finite);
-/// sampling reads the logits.
 pub fn generate(model: &CausalLm, prompt: &[u32], max_tokens: usize, eos: &[u32], sampler: &mut Sampler, mut on_token: impl FnMut(u32)) -> GenerationStats {
-    assert!(!prompt.is_empty(), "generate needs at least one prompt token");
-    let device = model.device();
-    let mut cache = KvCache::with_capacity(prompt.len() + max_tokens);
-    let mut seen: Vec<u32> = prompt.to_vec();
+    // The sampler moves into the sequence and back, its random state advanced.
+    let mut decoding = Decoding::new(prompt, max_tokens, std::mem::replace(sampler, Sampler::new(SamplingConfig::default())));
     let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
     let start = Instant::now();
-    let mut input: Vec<u32> = prompt.to_vec();
     let mut gen_start = start;
     while stats.generated_tokens < max_tokens {
-        let ids: Vec<i64> = input.iter().map(|&t| t as i64).collect();
-        let n = ids.len();
-        let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
-        let logits = model.forward_cached(tokens, &mut cache); // [1, vocab]
-        let picked = if sampler.is_greedy() {
-            greedy_on_device(logits)
-        } else {
-            let mut logits: Vec<f32> = logits.into_data().convert::<f32>().try_to_vec().expect("f32 logits");
-            logits.iter().all(|x| x.is_finite()).then(|| sampler.sample(&mut logits, &seen))
-        };
-        if cache.len() == prompt.len() {
+        let picked = decoding.step(model);
+        if decoding.position() == prompt.len() {
             stats.prompt_time = start.elapsed();
             gen_start = Instant::now();
         }
@@ -67,10 +97,9 @@ pub fn generate(model: &CausalLm, prompt: &[u32], max_tokens: usize, eos: &[u32]
         }
         stats.generated_tokens += 1;
         on_token(next);
-        seen.push(next);
-        input = vec![next];
     }
     stats.generation_time = gen_start.elapsed();
+    *sampler = decoding.sampler;
     stats
 }
 

@@ -28,7 +28,7 @@ pub mod sampling;
 pub use checkpoint::Checkpoint;
 pub use config::{Architecture, HfConfig, MlxQuantization, ModelConfig, RopeScaling};
 pub use error::ModelError;
-pub use generate::{GenerationStats, generate};
+pub use generate::{Decoding, GenerationStats, generate};
 pub use geometry::Geometry;
 pub use llama::{
     AttentionPath, BlockInputs, CausalLm, KvCache, Linear, LoadEvent, LoadOptions, PROJECTIONS, QuantizeAtLoad,

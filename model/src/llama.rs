@@ -205,6 +205,15 @@ impl Linear {
         y.reshape([b, s, out])
     }
 
+    /// The weight when this projection is a frozen dense `x·Wᵀ` and nothing else (no bias, no
+    /// adapter): what fused operations of several projections may take.
+    pub fn plain_frozen(&self) -> Option<Tensor<2>> {
+        match &self.weight {
+            Weight::Dense(w) if !w.is_require_grad() && self.bias.is_none() && self.adapter.is_none() => Some(w.val()),
+            _ => None,
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn load(
         ckpt: &Checkpoint,
@@ -235,8 +244,18 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     /// Normalizes over the last dimension; any rank, shape unchanged.
+    ///
+    /// Outside autodiff (generation, evaluation) this is one kernel (`lora_kernels::norm`);
+    /// under it, the composition of differentiable operations.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dtype = x.dtype();
+        let weight = self.weight.val();
+        if !x.is_require_grad() && !weight.is_require_grad() && weight.dtype() == dtype {
+            let dims = x.dims();
+            let dim = dims[D - 1];
+            let rows = x.shape().num_elements() / dim.max(1);
+            return lora_kernels::norm::rms_norm(x.reshape([rows, dim]), weight, self.eps as f32).reshape(dims);
+        }
         let x32 = to_f32(x);
         let ms = x32.clone().square().mean_dim(D - 1); // [..., 1]
         let normed = x32 * (ms + self.eps).sqrt().recip();
@@ -300,6 +319,9 @@ enum AttentionMask<'a> {
     Chunked { keys: &'a Tensor<2>, window: Option<usize> },
     /// The reference path: `[batch, 1, 1, seq, past + seq]`, true where a query may not look.
     Dense(&'a Tensor<5, Bool>),
+    /// One decoded position over the whole cache (`lora_kernels::decode`): `[batch, capacity]`
+    /// in f32, 0 where the query looks and `f32::MIN` where not.
+    Decode(&'a Tensor<2>),
 }
 
 /// Keys and values of one layer, `[batch, kv_heads, capacity, head_dim]` each: positions
@@ -372,6 +394,10 @@ impl Attention {
             }
             *slot = Some(LayerCache { keys, values });
         }
+        if let AttentionMask::Decode(bias) = mask {
+            let out = lora_kernels::decode::decode_attention(q, k, v, bias.clone()); // [b, h, 1, d]
+            return self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]));
+        }
         if let AttentionMask::Chunked { keys, window } = mask {
             let masking = lora_kernels::attention::Masking { window, chunk: 0 };
             let out = lora_kernels::attention::attention(q, k, v, keys.clone(), masking); // [b, h, s, d]
@@ -408,8 +434,17 @@ pub struct Mlp {
 impl Mlp {
     /// `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        // Plain frozen weights: one operation (on a GPU, one pass over both for a few rows).
+        if let (Some(gate), Some(up)) = (self.gate_proj.plain_frozen(), self.up_proj.plain_frozen()) {
+            let [b, s, i] = x.dims();
+            let n = gate.dims()[0];
+            let h = lora_kernels::frozen_swiglu(x.reshape([b * s, i]), gate, up).reshape([b, s, n]);
+            return self.down_proj.forward(h);
+        }
+        // Both products first, so that the SiLU and the product fuse into one kernel.
+        let up = self.up_proj.forward(x.clone());
+        let gate = silu(self.gate_proj.forward(x));
+        self.down_proj.forward(gate * up)
     }
 }
 
@@ -767,7 +802,24 @@ impl CausalLm {
         fn step<'a>(c: &'a mut Option<&mut KvCache>, i: usize) -> Option<CacheStep<'a>> {
             c.as_mut().map(|c| CacheStep { past: c.len, capacity: c.capacity, slot: &mut c.layers[i] })
         }
-        if past == 0 && self.attention.chunked(b, heads, s) {
+        if past > 0 && s == 1 && attention_mask.is_none() {
+            // A decoded token: one kernel's attention over the whole buffer, the unwritten
+            // positions (and those outside a sliding window) biased away.
+            let full = decode_bias(b, past, total, None, &device);
+            let mut windowed: Option<(usize, Tensor<2>)> = None;
+            for (i, layer) in self.model.layers.iter().enumerate() {
+                let bias = match layer.window {
+                    None => &full,
+                    Some(w) => {
+                        if windowed.as_ref().is_none_or(|(ww, _)| *ww != w) {
+                            windowed = Some((w, decode_bias(b, past, total, Some(w), &device)));
+                        }
+                        &windowed.as_ref().expect("just built").1
+                    }
+                };
+                x = layer.forward(x, &cos, &sin, AttentionMask::Decode(bias), step(&mut cache, i));
+            }
+        } else if past == 0 && self.attention.chunked(b, heads, s) {
             let keys = key_flags(b, s, attention_mask, &device);
             for (i, layer) in self.model.layers.iter().enumerate() {
                 let mask = AttentionMask::Chunked { keys: &keys, window: layer.window };
@@ -810,6 +862,15 @@ fn key_flags(batch: usize, seq: usize, attention_mask: Option<&[bool]>, device: 
 fn key_list(keys: &Tensor<2>) -> Vec<bool> {
     let flags: Vec<f32> = keys.clone().into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
     flags.into_iter().map(|f| f > 0.5).collect()
+}
+
+/// The additive bias `[batch, total]` (f32) of one query at position `past` over the keys at
+/// `0..total`: 0 for a key it sees, `f32::MIN` for a later one (unwritten cache) or one outside
+/// the sliding window.
+fn decode_bias(batch: usize, past: usize, total: usize, window: Option<usize>, device: &Device) -> Tensor<2> {
+    let row: Vec<f32> = (0..total).map(|k| if k > past || window.is_some_and(|w| past - k.min(past) >= w) { f32::MIN } else { 0.0 }).collect();
+    let flags: Vec<f32> = (0..batch).flat_map(|_| row.iter().copied()).collect();
+    Tensor::from_data(TensorData::new(flags, [batch, total]), (device, DType::F32))
 }
 
 /// The attention mask `[batch, 1, 1, seq, total]` of queries at `past..past + seq` over keys at

@@ -32,9 +32,7 @@ impl Rope {
     pub fn new(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Self {
         let half = head_dim / 2;
         let base = theta as f32;
-        let mut inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32))
-            .collect();
+        let mut inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32)).collect();
         match *scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor as f32),
@@ -48,8 +46,9 @@ impl Rope {
         Self { inv_freq }
     }
 
-    /// `cos` and `sin` tables for positions `start..start + len`, each `[len, head_dim]`,
-    /// the frequency halves repeated as in transformers' `rotate_half` convention.
+    /// `cos` and signed `sin` tables for positions `start..start + len`, each `[len, head_dim]`,
+    /// the frequency halves repeated as in transformers' `rotate_half` convention; the first
+    /// half of `sin` is negated, as [`apply_rotary`] takes it.
     pub fn tables(&self, start: usize, len: usize, device: &Device, dtype: DType) -> (Tensor<2>, Tensor<2>) {
         let half = self.inv_freq.len();
         let dim = 2 * half;
@@ -57,11 +56,11 @@ impl Rope {
         let mut sin = Vec::with_capacity(len * dim);
         for p in start..start + len {
             let pos = p as f32;
-            for _ in 0..2 {
+            for sign in [-1.0f32, 1.0] {
                 for &f in &self.inv_freq {
                     let angle = pos * f;
                     cos.push(angle.cos());
-                    sin.push(angle.sin());
+                    sin.push(sign * angle.sin());
                 }
             }
         }
@@ -70,16 +69,19 @@ impl Rope {
     }
 }
 
-/// Applies rotary embeddings to `x` `[batch, heads, seq, head_dim]` with tables `[seq, head_dim]`.
-pub fn apply_rotary(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
-    let [_, _, _, d] = x.dims();
-    let half = d / 2;
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+/// Applies rotary embeddings to `x` `[batch, heads, seq, head_dim]` with the tables of
+/// [`Rope::tables`] `[seq, head_dim]`.
+///
+/// `x·cos + rotate_half(x)·sin` with `rotate_half(x) = [-x₂, x₁]`, computed as
+/// `x·cos + [x₂, x₁]·[-sin₁, sin₂]` (the table's sign): the halves swapped by one flip of a
+/// `[2, head_dim / 2]` view and elementwise products the backend fuses, instead of two slices,
+/// a negation and a concatenation. Moving the sign is exact: the values are the same.
+pub fn apply_rotary(x: Tensor<4>, cos: &Tensor<2>, signed_sin: &Tensor<2>) -> Tensor<4> {
+    let [b, h, s, d] = x.dims();
+    let swapped = x.clone().reshape([b * h * s, 2, d / 2]).flip([1]).reshape([b, h, s, d]);
     let cos = cos.clone().unsqueeze::<4>(); // [1, 1, seq, head_dim]
-    let sin = sin.clone().unsqueeze::<4>();
-    x * cos + rotated * sin
+    let sin = signed_sin.clone().unsqueeze::<4>();
+    x * cos + swapped * sin
 }
 
 #[cfg(test)]
@@ -88,12 +90,7 @@ mod tests {
 
     #[test]
     fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
-        let scaling = RopeScaling::Llama3 {
-            factor: 8.0,
-            low_freq_factor: 1.0,
-            high_freq_factor: 4.0,
-            original_max_position_embeddings: 8192.0,
-        };
+        let scaling = RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192.0 };
         let plain = Rope::new(128, 500_000.0, &RopeScaling::None);
         let scaled = Rope::new(128, 500_000.0, &scaling);
         // Highest frequency: wavelength 2π < 2048, unchanged.

@@ -1,0 +1,114 @@
+//! The inference kernels against the same computation on the CPU: the decode-time
+//! matrix-vector product of a frozen weight (a few rows of `x`, widths that are not multiples of
+//! the unrolled step or of the outputs per workgroup), the decode-step attention (grouped-query
+//! heads, a cache with unwritten positions and a sliding window masked by the bias) and RMSNorm,
+//! in f32 and f16. The references run on the CPU, so the GPU compiles only the kernels under
+//! test (lavapipe compiles slowly).
+
+use burn::tensor::{DType, Device, Distribution, FloatDType, Tensor, TensorData};
+use lora_kernels::decode::decode_attention;
+use lora_kernels::device::{minimal_autotune_for_tests, wgpu_device};
+use lora_kernels::frozen_linear;
+use lora_kernels::matvec::MATVEC_ROWS;
+use lora_kernels::norm::rms_norm;
+
+/// The wgpu device, or `None` (test skipped) without an adapter unless `LORA_REQUIRE_WGPU` is set.
+fn gpu() -> Option<Device> {
+    minimal_autotune_for_tests();
+    let device = wgpu_device();
+    assert!(device.is_some() || std::env::var_os("LORA_REQUIRE_WGPU").is_none(), "LORA_REQUIRE_WGPU is set but no wgpu adapter");
+    device
+}
+
+fn max_diff(got: Vec<f32>, want: &[f32]) -> f32 {
+    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn frozen_linear_of_a_few_rows_matches_the_matmul_on_wgpu() {
+    let Some(device) = gpu() else { return };
+    // k = 2·256 + 37 covers the unrolled loop and its tail; n = 8·5 + 3 a partial workgroup.
+    let (k, n) = (549, 43);
+    for (m, dtype, tolerance) in [(MATVEC_ROWS, FloatDType::F32, 1e-4), (3, FloatDType::F16, 2e-2)] {
+        // The reference on the CPU: the GPU compiles only the kernel under test.
+        let cpu = Device::flex();
+        let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), (&cpu, DType::F32));
+        let w = Tensor::<2>::random([n, k], Distribution::Normal(0.0, 0.05), (&cpu, DType::F32));
+        let want: Vec<f32> = x.clone().matmul(w.clone().transpose()).into_data().to_vec().unwrap();
+        let (x, w) = (x.to_device(&device), w.to_device(&device));
+        let got = frozen_linear(x.cast(dtype), w.cast(dtype));
+        assert_eq!(got.dims(), [m, n]);
+        let worst = max_diff(got.into_data().convert::<f32>().to_vec().unwrap(), &want);
+        assert!(worst < tolerance, "m {m} {dtype:?}: max difference {worst}");
+    }
+}
+
+#[test]
+fn decode_attention_kernel_matches_the_composition_on_wgpu() {
+    let Some(device) = gpu() else { return };
+    let cpu = Device::flex();
+    // 4 query heads over 2 key/value heads, head_dim 32, a cache of 256 with 200 positions
+    // written and a window of 150: keys 50..=199 are seen.
+    let (b, h, kv, d, capacity, past, window) = (2, 4, 2, 32, 256, 199, 150);
+    let q = Tensor::<4>::random([b, h, 1, d], Distribution::Normal(0.0, 1.0), (&cpu, DType::F32));
+    let keys = Tensor::<4>::random([b, kv, capacity, d], Distribution::Normal(0.0, 1.0), (&cpu, DType::F32));
+    let values = Tensor::<4>::random([b, kv, capacity, d], Distribution::Normal(0.0, 1.0), (&cpu, DType::F32));
+    let row: Vec<f32> = (0..capacity).map(|k| if k > past || past - k.min(past) >= window { f32::MIN } else { 0.0 }).collect();
+    let bias = Tensor::<2>::from_data(TensorData::new([row.clone(), row].concat(), [b, capacity]), (&cpu, DType::F32));
+    let want = decode_attention(q.clone(), keys.clone(), values.clone(), bias.clone());
+    // The CPU composition itself against softmax over the seen keys only.
+    let seen = |t: Tensor<4>| t.narrow(2, past + 1 - window, window);
+    let scores = q.clone().reshape([b, kv, 2, d]).matmul(seen(keys.clone()).swap_dims(2, 3)) / (d as f32).sqrt();
+    let plain = burn::tensor::activation::softmax(scores, 3).matmul(seen(values.clone())).reshape([b, h, 1, d]);
+    let worst: f32 = (want.clone() - plain).abs().max().into_scalar();
+    assert!(worst < 1e-5, "composition vs plain softmax: {worst}");
+    let want: Vec<f32> = want.into_data().to_vec().unwrap();
+    for (dtype, tolerance) in [(FloatDType::F32, 1e-4), (FloatDType::F16, 1e-2)] {
+        let on = |t: &Tensor<4>| t.clone().to_device(&device).cast(dtype);
+        let got = decode_attention(on(&q), on(&keys), on(&values), bias.clone().to_device(&device));
+        assert_eq!(got.dims(), [b, h, 1, d]);
+        let worst = max_diff(got.into_data().convert::<f32>().to_vec().unwrap(), &want);
+        assert!(worst < tolerance, "{dtype:?}: max difference {worst}");
+    }
+}
+
+#[test]
+fn rms_norm_kernel_matches_the_composition_on_wgpu() {
+    let Some(device) = gpu() else { return };
+    let cpu = Device::flex();
+    // 3 rows of 300: a row is not a multiple of the workgroup.
+    let x = Tensor::<2>::random([3, 300], Distribution::Normal(0.5, 2.0), (&cpu, DType::F32));
+    let w = Tensor::<1>::random([300], Distribution::Normal(1.0, 0.1), (&cpu, DType::F32));
+    let want = rms_norm(x.clone(), w.clone(), 1e-5);
+    let plain = x.clone() / (x.clone().square().mean_dim(1) + 1e-5).sqrt() * w.clone().unsqueeze::<2>();
+    let worst: f32 = (want.clone() - plain).abs().max().into_scalar();
+    assert!(worst < 1e-5, "composition vs plain RMSNorm: {worst}");
+    let want: Vec<f32> = want.into_data().to_vec().unwrap();
+    for (dtype, tolerance) in [(FloatDType::F32, 1e-5), (FloatDType::F16, 2e-2)] {
+        let got = rms_norm(x.clone().to_device(&device).cast(dtype), w.clone().to_device(&device).cast(dtype), 1e-5);
+        let worst = max_diff(got.into_data().convert::<f32>().to_vec().unwrap(), &want);
+        assert!(worst < tolerance, "{dtype:?}: max difference {worst}");
+    }
+}
+
+#[test]
+fn swiglu_of_a_few_rows_matches_the_composition_on_wgpu() {
+    let Some(device) = gpu() else { return };
+    let cpu = Device::flex();
+    let (m, k, n) = (2, 549, 43);
+    let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), (&cpu, DType::F32));
+    let gate = Tensor::<2>::random([n, k], Distribution::Normal(0.0, 0.05), (&cpu, DType::F32));
+    let up = Tensor::<2>::random([n, k], Distribution::Normal(0.0, 0.05), (&cpu, DType::F32));
+    let want = lora_kernels::frozen_swiglu(x.clone(), gate.clone(), up.clone());
+    let plain = burn::tensor::activation::silu(x.clone().matmul(gate.clone().transpose())) * x.clone().matmul(up.clone().transpose());
+    let worst: f32 = (want.clone() - plain).abs().max().into_scalar();
+    assert!(worst < 1e-5, "composition vs plain SwiGLU: {worst}");
+    let want: Vec<f32> = want.into_data().to_vec().unwrap();
+    for (dtype, tolerance) in [(FloatDType::F32, 1e-4), (FloatDType::F16, 1e-2)] {
+        let on = |t: &Tensor<2>| t.clone().to_device(&device).cast(dtype);
+        let got = lora_kernels::frozen_swiglu(on(&x), on(&gate), on(&up));
+        assert_eq!(got.dims(), [m, n]);
+        let worst = max_diff(got.into_data().convert::<f32>().to_vec().unwrap(), &want);
+        assert!(worst < tolerance, "{dtype:?}: max difference {worst}");
+    }
+}
