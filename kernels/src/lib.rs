@@ -10,6 +10,7 @@
 //!   probabilities from the log-sum-exp: no `[heads, T, T]` tensor is ever held.
 //! - [`decode`]: a decoded token's attention over the key/value cache in one kernel.
 //! - [`norm`]: RMSNorm in one kernel for inference.
+//! - [`rope`]: rotary position embeddings in one kernel for inference.
 //! - [`device`]: finding a wgpu adapter and its shader compiler, shared by every crate above.
 #![warn(missing_docs)]
 
@@ -20,5 +21,6 @@ pub mod linear;
 pub mod matmul;
 pub mod matvec;
 pub mod norm;
+pub mod rope;
 
-pub use linear::{frozen_linear, frozen_swiglu, matmul_frozen};
+pub use linear::{frozen_linear, frozen_linear_add, frozen_swiglu, matmul_frozen};

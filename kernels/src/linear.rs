@@ -32,6 +32,12 @@ pub trait LinearOps: Backend {
         Self::float_matmul(a, b)
     }
 
+    /// `residual + x·Wᵀ`: `x` `[m, k]`, frozen `w` `[n, k]`, `residual` `[m, n]` -> `[m, n]`.
+    #[fusion(dtype = x, shape = Shape::new([x[0], w[0]]))]
+    fn frozen_linear_add_t(x: FloatTensor<Self>, w: FloatTensor<Self>, residual: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_add(residual, Self::frozen_linear_t(x, w))
+    }
+
     /// The SwiGLU block's activation: `silu(x·gateᵀ) · (x·upᵀ)` for `x` `[m, k]` and frozen
     /// `gate`, `up` `[n, k]` -> `[m, n]`. Under autodiff, the tracked composition.
     #[fusion(dtype = x, shape = Shape::new([x[0], gate[0]]))]
@@ -48,7 +54,7 @@ impl LinearOps for burn_cubecl::CubeBackend {
     fn frozen_linear_t(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         // Decoding: a few rows read the weight once, bound by memory.
         if x.dtype == w.dtype && x.shape()[0] <= MATVEC_ROWS && x.shape()[1] == w.shape()[1] {
-            return dense_matvec_t(x, w);
+            return dense_matvec_t(x, w, None);
         }
         if x.dtype == w.dtype && supported(&x, x.dtype) && fills_the_device(x.shape()[0], w.shape()[0]) {
             return matmul_cm2(x, w, true);
@@ -61,6 +67,14 @@ impl LinearOps for burn_cubecl::CubeBackend {
             return matmul_cm2(a, b, false);
         }
         Self::float_matmul(a, b)
+    }
+
+    fn frozen_linear_add_t(x: FloatTensor<Self>, w: FloatTensor<Self>, residual: FloatTensor<Self>) -> FloatTensor<Self> {
+        let same = x.dtype == w.dtype && x.dtype == residual.dtype && x.shape()[1] == w.shape()[1];
+        if same && x.shape()[0] <= MATVEC_ROWS {
+            return dense_matvec_t(x, w, Some(residual));
+        }
+        Self::float_add(residual, Self::frozen_linear_t(x, w))
     }
 
     fn frozen_swiglu_t(x: FloatTensor<Self>, gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -135,6 +149,12 @@ impl<B: Backend + LinearOps, C: CheckpointStrategy> LinearOps for Autodiff<B, C>
             OpsKind::UnTracked(prep) => prep.finish(B::frozen_matmul(a.into_primitive(), b)),
         }
     }
+}
+
+/// `residual + x·Wᵀ`: `x` `[m, k]`, frozen `w` `[n, k]`, `residual` `[m, n]` -> `[m, n]`,
+/// differentiable in `x` and `residual`; one kernel for a few rows of `x` on a GPU.
+pub fn frozen_linear_add(x: Tensor<2>, w: Tensor<2>, residual: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as LinearOps>::frozen_linear_add_t(x.into_dispatch(), w.into_dispatch(), residual.into_dispatch()))
 }
 
 /// `silu(x·gateᵀ) · (x·upᵀ)`: `x` `[m, k]`, frozen `gate` and `up` `[n, k]` -> `[m, n]`,

@@ -65,7 +65,14 @@ pub fn launch_matvec(output: &CubeTensor) -> (CubeCount, CubeDim) {
 }
 
 #[cube(launch_unchecked)]
-fn dense_matvec_kernel<F: Float>(x: &Tensor<F>, w: &Tensor<F>, output: &mut Tensor<F>, #[define(F)] _dtype: ElemType) {
+fn dense_matvec_kernel<F: Float>(
+    x: &Tensor<F>,
+    w: &Tensor<F>,
+    residual: &Tensor<F>,
+    output: &mut Tensor<F>,
+    #[comptime] add: bool,
+    #[define(F)] _dtype: ElemType,
+) {
     let lane = UNIT_POS_X as usize;
     let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
     let i = CUBE_POS_Y as usize;
@@ -88,7 +95,11 @@ fn dense_matvec_kernel<F: Float>(x: &Tensor<F>, w: &Tensor<F>, output: &mut Tens
     }
     let total = lane_total(acc);
     if lane == 0 && n < rows {
-        output[i * rows + n] = F::cast_from(total);
+        let mut value = F::cast_from(total);
+        if comptime!(add) {
+            value += residual[i * rows + n];
+        }
+        output[i * rows + n] = value;
     }
 }
 
@@ -152,10 +163,15 @@ pub fn swiglu_matvec_t(x: CubeTensor, gate: CubeTensor, up: CubeTensor) -> CubeT
     output
 }
 
-/// `x` `[m, k]` · `wᵀ` (`w` `[n, k]`) -> `[m, n]` in `x`'s dtype, summed in f32; both of one
-/// float dtype.
-pub fn dense_matvec_t(x: CubeTensor, w: CubeTensor) -> CubeTensor {
+/// `x` `[m, k]` · `wᵀ` (`w` `[n, k]`) -> `[m, n]` in `x`'s dtype, summed in f32, plus
+/// `residual` `[m, n]` when given (added after the product is rounded to the dtype, as a
+/// separate addition would); all of one float dtype.
+pub fn dense_matvec_t(x: CubeTensor, w: CubeTensor, residual: Option<CubeTensor>) -> CubeTensor {
     let [m, _] = x.shape().dims();
+    let add = residual.is_some();
+    // Without a residual the kernel never reads this argument; `x` stands in (never the output,
+    // which a dispatch may not bind for reading and writing at once).
+    let residual_arg = into_contiguous(residual.unwrap_or_else(|| x.clone()));
     let n = w.shape()[0];
     let output = empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([m, n]), x.dtype);
     let (count, dim) = launch_matvec(&output);
@@ -169,7 +185,9 @@ pub fn dense_matvec_t(x: CubeTensor, w: CubeTensor) -> CubeTensor {
             dim,
             into_contiguous(x).into_tensor_arg(),
             into_contiguous(w).into_tensor_arg(),
+            residual_arg.into_tensor_arg(),
             output.clone().into_tensor_arg(),
+            add,
             dtype,
         )
     }

@@ -112,3 +112,54 @@ fn swiglu_of_a_few_rows_matches_the_composition_on_wgpu() {
         assert!(worst < tolerance, "{dtype:?}: max difference {worst}");
     }
 }
+
+#[test]
+fn product_plus_residual_of_a_few_rows_matches_on_wgpu() {
+    let Some(device) = gpu() else { return };
+    let cpu = Device::flex();
+    let (m, k, n) = (2, 549, 43);
+    let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), (&cpu, DType::F32));
+    let w = Tensor::<2>::random([n, k], Distribution::Normal(0.0, 0.05), (&cpu, DType::F32));
+    let r = Tensor::<2>::random([m, n], Distribution::Normal(0.0, 1.0), (&cpu, DType::F32));
+    let want: Vec<f32> = (x.clone().matmul(w.clone().transpose()) + r.clone()).into_data().to_vec().unwrap();
+    for (dtype, tolerance) in [(FloatDType::F32, 1e-4), (FloatDType::F16, 1e-2)] {
+        let on = |t: &Tensor<2>| t.clone().to_device(&device).cast(dtype);
+        let got = lora_kernels::frozen_linear_add(on(&x), on(&w), on(&r));
+        let worst = max_diff(got.into_data().convert::<f32>().to_vec().unwrap(), &want);
+        assert!(worst < tolerance, "{dtype:?}: max difference {worst}");
+    }
+}
+
+#[test]
+fn rotary_kernel_matches_the_composition_on_wgpu() {
+    let Some(device) = gpu() else { return };
+    let cpu = Device::flex();
+    // [b, s, heads, d] in, [b, heads, s, d] out.
+    let (b, s, n, d) = (2, 3, 5, 8);
+    let x = Tensor::<4>::random([b, s, n, d], Distribution::Normal(0.0, 1.0), (&cpu, DType::F32));
+    let angles: Vec<f32> = (0..s * d).map(|i| (i / d) as f32 * 0.3 + (i % (d / 2)) as f32 * 0.1).collect();
+    let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+    let sin: Vec<f32> = angles.iter().enumerate().map(|(i, a)| if i % d < d / 2 { -a.sin() } else { a.sin() }).collect();
+    let cos = Tensor::<2>::from_data(TensorData::new(cos, [s, d]), (&cpu, DType::F32));
+    let sin = Tensor::<2>::from_data(TensorData::new(sin, [s, d]), (&cpu, DType::F32));
+    let want = lora_kernels::rope::rotary(x.clone(), cos.clone(), sin.clone());
+    // rotate_half by hand: [-x₂, x₁].
+    let t = x.clone().swap_dims(1, 2);
+    let rotated = Tensor::cat(vec![t.clone().narrow(3, d / 2, d / 2).neg(), t.clone().narrow(3, 0, d / 2)], 3);
+    let plain_sin = sin.clone()
+        * Tensor::<2>::from_data(TensorData::new((0..d).map(|j| if j < d / 2 { -1.0f32 } else { 1.0 }).collect::<Vec<_>>(), [1, d]), (&cpu, DType::F32));
+    let plain = t * cos.clone().unsqueeze::<4>() + rotated * plain_sin.unsqueeze::<4>();
+    let worst: f32 = (want.clone() - plain).abs().max().into_scalar();
+    assert!(worst < 1e-6, "composition vs rotate_half: {worst}");
+    let want: Vec<f32> = want.into_data().to_vec().unwrap();
+    for (dtype, tolerance) in [(FloatDType::F32, 1e-5), (FloatDType::F16, 1e-2)] {
+        let got = lora_kernels::rope::rotary(
+            x.clone().to_device(&device).cast(dtype),
+            cos.clone().to_device(&device).cast(dtype),
+            sin.clone().to_device(&device).cast(dtype),
+        );
+        assert_eq!(got.dims(), [b, n, s, d]);
+        let worst = max_diff(got.into_data().convert::<f32>().to_vec().unwrap(), &want);
+        assert!(worst < tolerance, "{dtype:?}: max difference {worst}");
+    }
+}

@@ -8,6 +8,7 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData};
 
+use lora_kernels::rope::rotary;
 use lora_quant::QuantWeight;
 use lora_quant::affine::AffineSpec;
 
@@ -15,7 +16,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::lora::LoraAdapter;
-use crate::rope::{Rope, apply_rotary};
+use crate::rope::Rope;
 
 /// What to do with the float weights of a checkpoint as they are loaded.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -205,6 +206,17 @@ impl Linear {
         y.reshape([b, s, out])
     }
 
+    /// `residual + forward(x)`, `[batch, seq, out]`: for a plain frozen weight one operation
+    /// (one kernel for a few rows on a GPU).
+    pub fn forward_add(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
+        let Some(w) = self.plain_frozen() else {
+            return residual + self.forward(x);
+        };
+        let [b, s, i] = x.dims();
+        let out = w.dims()[0];
+        lora_kernels::frozen_linear_add(x.reshape([b * s, i]), w, residual.reshape([b * s, out])).reshape([b, s, out])
+    }
+
     /// The weight when this projection is a frozen dense `x·Wᵀ` and nothing else (no bias, no
     /// adapter): what fused operations of several projections may take.
     pub fn plain_frozen(&self) -> Option<Tensor<2>> {
@@ -367,7 +379,10 @@ impl Attention {
     /// A first step (nothing cached) attends over its own keys with `mask` `[.., s, s]` (or
     /// chunked); a later one over the whole buffer with `mask` `[.., s, capacity]`, so every
     /// decoded token runs on the same shapes until the buffer grows.
-    fn forward(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, mask: AttentionMask, cache: Option<CacheStep>) -> Tensor<3> {
+    ///
+    /// Returns `residual + attention(x)`: the residual stream is added by the output
+    /// projection's product (one kernel when decoding).
+    fn forward(&self, x: Tensor<3>, residual: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, mask: AttentionMask, cache: Option<CacheStep>) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
@@ -381,8 +396,8 @@ impl Attention {
             Some(n) => n.forward(k),
             None => k,
         };
-        let q = apply_rotary(q.swap_dims(1, 2), cos, sin); // [b, h, s, d]
-        let mut k = apply_rotary(k.swap_dims(1, 2), cos, sin); // [b, kv, s, d]
+        let q = rotary(q, cos.clone(), sin.clone()); // [b, h, s, d]
+        let mut k = rotary(k, cos.clone(), sin.clone()); // [b, kv, s, d]
         let mut v = v.swap_dims(1, 2); // [b, kv, s, d]
         if let Some(CacheStep { slot, past, capacity }) = cache {
             let old = slot.take();
@@ -396,12 +411,12 @@ impl Attention {
         }
         if let AttentionMask::Decode(bias) = mask {
             let out = lora_kernels::decode::decode_attention(q, k, v, bias.clone()); // [b, h, 1, d]
-            return self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]));
+            return self.o_proj.forward_add(out.swap_dims(1, 2).reshape([b, s, h * d]), residual);
         }
         if let AttentionMask::Chunked { keys, window } = mask {
             let masking = lora_kernels::attention::Masking { window, chunk: 0 };
             let out = lora_kernels::attention::attention(q, k, v, keys.clone(), masking); // [b, h, s, d]
-            return self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]));
+            return self.o_proj.forward_add(out.swap_dims(1, 2).reshape([b, s, h * d]), residual);
         }
         let AttentionMask::Dense(mask) = mask else { unreachable!("handled above") };
         let t = k.dims()[2];
@@ -416,7 +431,7 @@ impl Attention {
         let probs = softmax(scores, 4).cast(float_dtype(dtype)).reshape([b, kv, rep * s, t]);
         let out = probs.matmul(v); // [b, kv, rep*s, d]
         let out = out.reshape([b, h, s, d]).swap_dims(1, 2).reshape([b, s, h * d]);
-        self.o_proj.forward(out)
+        self.o_proj.forward_add(out, residual)
     }
 }
 
@@ -432,19 +447,19 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    /// `[batch, seq, hidden]` -> `residual + mlp(x)` `[batch, seq, hidden]`.
+    fn forward(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
         // Plain frozen weights: one operation (on a GPU, one pass over both for a few rows).
         if let (Some(gate), Some(up)) = (self.gate_proj.plain_frozen(), self.up_proj.plain_frozen()) {
             let [b, s, i] = x.dims();
             let n = gate.dims()[0];
             let h = lora_kernels::frozen_swiglu(x.reshape([b * s, i]), gate, up).reshape([b, s, n]);
-            return self.down_proj.forward(h);
+            return self.down_proj.forward_add(h, residual);
         }
         // Both products first, so that the SiLU and the product fuse into one kernel.
         let up = self.up_proj.forward(x.clone());
         let gate = silu(self.gate_proj.forward(x));
-        self.down_proj.forward(gate * up)
+        self.down_proj.forward_add(gate * up, residual)
     }
 }
 
@@ -480,10 +495,8 @@ impl DecoderLayer {
     /// `x` `[batch, seq, hidden]` -> `[batch, seq, hidden]`: attention then the MLP, each
     /// after its norm and added to the residual stream.
     fn forward(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, mask: AttentionMask, cache: Option<CacheStep>) -> Tensor<3> {
-        let h = self.self_attn.forward(self.input_layernorm.forward(x.clone()), cos, sin, mask, cache);
-        let x = x + h;
-        let h = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
-        x + h
+        let x = self.self_attn.forward(self.input_layernorm.forward(x.clone()), x, cos, sin, mask, cache);
+        self.mlp.forward(self.post_attention_layernorm.forward(x.clone()), x)
     }
 
     /// The block's linear projections, named as in [`PROJECTIONS`].

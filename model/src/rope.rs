@@ -48,7 +48,7 @@ impl Rope {
 
     /// `cos` and signed `sin` tables for positions `start..start + len`, each `[len, head_dim]`,
     /// the frequency halves repeated as in transformers' `rotate_half` convention; the first
-    /// half of `sin` is negated, as [`apply_rotary`] takes it.
+    /// half of `sin` is negated, as `lora_kernels::rope::rotary` takes it.
     pub fn tables(&self, start: usize, len: usize, device: &Device, dtype: DType) -> (Tensor<2>, Tensor<2>) {
         let half = self.inv_freq.len();
         let dim = 2 * half;
@@ -67,21 +67,6 @@ impl Rope {
         let make = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [len, dim]), (device, DType::F32)).cast(dtype);
         (make(cos), make(sin))
     }
-}
-
-/// Applies rotary embeddings to `x` `[batch, heads, seq, head_dim]` with the tables of
-/// [`Rope::tables`] `[seq, head_dim]`.
-///
-/// `x·cos + rotate_half(x)·sin` with `rotate_half(x) = [-x₂, x₁]`, computed as
-/// `x·cos + [x₂, x₁]·[-sin₁, sin₂]` (the table's sign): the halves swapped by one flip of a
-/// `[2, head_dim / 2]` view and elementwise products the backend fuses, instead of two slices,
-/// a negation and a concatenation. Moving the sign is exact: the values are the same.
-pub fn apply_rotary(x: Tensor<4>, cos: &Tensor<2>, signed_sin: &Tensor<2>) -> Tensor<4> {
-    let [b, h, s, d] = x.dims();
-    let swapped = x.clone().reshape([b * h * s, 2, d / 2]).flip([1]).reshape([b, h, s, d]);
-    let cos = cos.clone().unsqueeze::<4>(); // [1, 1, seq, head_dim]
-    let sin = signed_sin.clone().unsqueeze::<4>();
-    x * cos + swapped * sin
 }
 
 #[cfg(test)]
