@@ -2,7 +2,8 @@
 # One measurement on a lent NVIDIA machine, ours and the peer side by side, in one call:
 #
 #   bash bench/h200.sh STAGE...     (stages: features matmul peer1b ours1b profile1b peer8b ours8b
-#                                    long8b second1b losses peergen gen1b gen1bq gen8bq profilegen)
+#                                    long8b second1b losses peergen gen1b gen1bq gen1bnf4 peerlong
+#                                    genlong gen8bq profilegen)
 #
 # Expects the stripped, xz-compressed release binary at .bin/lora.xz and the Vulkan loader
 # packages in .gl/ (see the device README's "Headless rendering"); writes every log and JSON
@@ -70,6 +71,9 @@ for stage in "$@"; do
     peergen) sampled peergen peer generate --geometry llama-1b --prompt-tokens 16 --max-tokens 128 --json "$OUT/peergen.json" ;;
     gen1b) sampled gen1b $L bench generate --geometry llama-1b --prompt-tokens 16 --max-tokens 128 --dtype f16 --json "$OUT/gen1b.json" ;;
     gen1bq) sampled gen1bq $L bench generate --geometry llama-1b --prompt-tokens 16 --max-tokens 128 --dtype f16 --quantize affine --json "$OUT/gen1bq.json" ;;
+    gen1bnf4) sampled gen1bnf4 $L bench generate --geometry llama-1b --prompt-tokens 16 --max-tokens 128 --dtype f16 --quantize nf4 --json "$OUT/gen1bnf4.json" ;;
+    peerlong) sampled peerlong peer generate --geometry llama-1b --prompt-tokens 1024 --max-tokens 256 --caches static --json "$OUT/peerlong.json" ;;
+    genlong) sampled genlong $L bench generate --geometry llama-1b --prompt-tokens 1024 --max-tokens 256 --dtype f16 --json "$OUT/genlong.json" ;;
     gen8bq) sampled gen8bq $L bench generate --geometry llama-8b --prompt-tokens 16 --max-tokens 128 --dtype f16 --quantize nf4 --json "$OUT/gen8bq.json" ;;
     profilegen)
         printf '[profiling.logger]\nlevel = "medium"\nfile = "%s/profilegen.txt"\nappend = false\n' "$OUT" > $WORK/cubecl.toml

@@ -34,11 +34,11 @@ fn frozen_linear_of_a_few_rows_matches_the_matmul_on_wgpu() {
         let cpu = Device::flex();
         let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), (&cpu, DType::F32));
         let w = Tensor::<2>::random([n, k], Distribution::Normal(0.0, 0.05), (&cpu, DType::F32));
-        let want: Vec<f32> = x.clone().matmul(w.clone().transpose()).into_data().to_vec().unwrap();
+        let want: Vec<f32> = x.clone().matmul(w.clone().transpose()).into_data().try_to_vec::<f32>().unwrap();
         let (x, w) = (x.to_device(&device), w.to_device(&device));
         let got = frozen_linear(x.cast(dtype), w.cast(dtype));
         assert_eq!(got.dims(), [m, n]);
-        let worst = max_diff(got.into_data().convert::<f32>().to_vec().unwrap(), &want);
+        let worst = max_diff(got.into_data().convert::<f32>().try_to_vec::<f32>().unwrap(), &want);
         assert!(worst < tolerance, "m {m} {dtype:?}: max difference {worst}");
     }
 }
@@ -62,12 +62,12 @@ fn decode_attention_kernel_matches_the_composition_on_wgpu() {
     let plain = burn::tensor::activation::softmax(scores, 3).matmul(seen(values.clone())).reshape([b, h, 1, d]);
     let worst: f32 = (want.clone() - plain).abs().max().into_scalar();
     assert!(worst < 1e-5, "composition vs plain softmax: {worst}");
-    let want: Vec<f32> = want.into_data().to_vec().unwrap();
+    let want: Vec<f32> = want.into_data().try_to_vec::<f32>().unwrap();
     for (dtype, tolerance) in [(FloatDType::F32, 1e-4), (FloatDType::F16, 1e-2)] {
         let on = |t: &Tensor<4>| t.clone().to_device(&device).cast(dtype);
         let got = decode_attention(on(&q), on(&keys), on(&values), bias.clone().to_device(&device));
         assert_eq!(got.dims(), [b, h, 1, d]);
-        let worst = max_diff(got.into_data().convert::<f32>().to_vec().unwrap(), &want);
+        let worst = max_diff(got.into_data().convert::<f32>().try_to_vec::<f32>().unwrap(), &want);
         assert!(worst < tolerance, "{dtype:?}: max difference {worst}");
     }
 }
@@ -83,10 +83,10 @@ fn rms_norm_kernel_matches_the_composition_on_wgpu() {
     let plain = x.clone() / (x.clone().square().mean_dim(1) + 1e-5).sqrt() * w.clone().unsqueeze::<2>();
     let worst: f32 = (want.clone() - plain).abs().max().into_scalar();
     assert!(worst < 1e-5, "composition vs plain RMSNorm: {worst}");
-    let want: Vec<f32> = want.into_data().to_vec().unwrap();
+    let want: Vec<f32> = want.into_data().try_to_vec::<f32>().unwrap();
     for (dtype, tolerance) in [(FloatDType::F32, 1e-5), (FloatDType::F16, 2e-2)] {
         let got = rms_norm(x.clone().to_device(&device).cast(dtype), w.clone().to_device(&device).cast(dtype), 1e-5);
-        let worst = max_diff(got.into_data().convert::<f32>().to_vec().unwrap(), &want);
+        let worst = max_diff(got.into_data().convert::<f32>().try_to_vec::<f32>().unwrap(), &want);
         assert!(worst < tolerance, "{dtype:?}: max difference {worst}");
     }
 }
@@ -103,12 +103,12 @@ fn swiglu_of_a_few_rows_matches_the_composition_on_wgpu() {
     let plain = burn::tensor::activation::silu(x.clone().matmul(gate.clone().transpose())) * x.clone().matmul(up.clone().transpose());
     let worst: f32 = (want.clone() - plain).abs().max().into_scalar();
     assert!(worst < 1e-5, "composition vs plain SwiGLU: {worst}");
-    let want: Vec<f32> = want.into_data().to_vec().unwrap();
+    let want: Vec<f32> = want.into_data().try_to_vec::<f32>().unwrap();
     for (dtype, tolerance) in [(FloatDType::F32, 1e-4), (FloatDType::F16, 1e-2)] {
         let on = |t: &Tensor<2>| t.clone().to_device(&device).cast(dtype);
         let got = lora_kernels::frozen_swiglu(on(&x), on(&gate), on(&up));
         assert_eq!(got.dims(), [m, n]);
-        let worst = max_diff(got.into_data().convert::<f32>().to_vec().unwrap(), &want);
+        let worst = max_diff(got.into_data().convert::<f32>().try_to_vec::<f32>().unwrap(), &want);
         assert!(worst < tolerance, "{dtype:?}: max difference {worst}");
     }
 }
@@ -121,11 +121,11 @@ fn product_plus_residual_of_a_few_rows_matches_on_wgpu() {
     let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), (&cpu, DType::F32));
     let w = Tensor::<2>::random([n, k], Distribution::Normal(0.0, 0.05), (&cpu, DType::F32));
     let r = Tensor::<2>::random([m, n], Distribution::Normal(0.0, 1.0), (&cpu, DType::F32));
-    let want: Vec<f32> = (x.clone().matmul(w.clone().transpose()) + r.clone()).into_data().to_vec().unwrap();
+    let want: Vec<f32> = (x.clone().matmul(w.clone().transpose()) + r.clone()).into_data().try_to_vec::<f32>().unwrap();
     for (dtype, tolerance) in [(FloatDType::F32, 1e-4), (FloatDType::F16, 1e-2)] {
         let on = |t: &Tensor<2>| t.clone().to_device(&device).cast(dtype);
         let got = lora_kernels::frozen_linear_add(on(&x), on(&w), on(&r));
-        let worst = max_diff(got.into_data().convert::<f32>().to_vec().unwrap(), &want);
+        let worst = max_diff(got.into_data().convert::<f32>().try_to_vec::<f32>().unwrap(), &want);
         assert!(worst < tolerance, "{dtype:?}: max difference {worst}");
     }
 }
@@ -151,7 +151,7 @@ fn rotary_kernel_matches_the_composition_on_wgpu() {
     let plain = t * cos.clone().unsqueeze::<4>() + rotated * plain_sin.unsqueeze::<4>();
     let worst: f32 = (want.clone() - plain).abs().max().into_scalar();
     assert!(worst < 1e-6, "composition vs rotate_half: {worst}");
-    let want: Vec<f32> = want.into_data().to_vec().unwrap();
+    let want: Vec<f32> = want.into_data().try_to_vec::<f32>().unwrap();
     for (dtype, tolerance) in [(FloatDType::F32, 1e-5), (FloatDType::F16, 1e-2)] {
         let got = lora_kernels::rope::rotary(
             x.clone().to_device(&device).cast(dtype),
@@ -159,7 +159,7 @@ fn rotary_kernel_matches_the_composition_on_wgpu() {
             sin.clone().to_device(&device).cast(dtype),
         );
         assert_eq!(got.dims(), [b, n, s, d]);
-        let worst = max_diff(got.into_data().convert::<f32>().to_vec().unwrap(), &want);
+        let worst = max_diff(got.into_data().convert::<f32>().try_to_vec::<f32>().unwrap(), &want);
         assert!(worst < tolerance, "{dtype:?}: max difference {worst}");
     }
 }
