@@ -533,3 +533,31 @@ fn max_tokens_zero_prints_no_absurd_rate() {
     let prompt = stderr.lines().find(|l| l.starts_with("Prompt: ")).unwrap();
     assert!(prompt.ends_with("- tokens-per-sec"), "{prompt}");
 }
+
+/// `lora bench generate` (README, "GPU backends and speed") runs the real decoding loop on a
+/// random model: its report has positive rates, and the tokens it decodes do not depend on how
+/// many runs are timed (same random weights, greedy, no early stop).
+#[test]
+fn bench_generate_reports_rates_and_decodes_deterministically() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |runs: &str, name: &str| -> Value {
+        let json = dir.path().join(name);
+        let out = lora(&[
+            "bench", "generate", "--geometry", "tiny", "--device", "cpu", "--prompt-tokens", "5", "--max-tokens", "12", "--runs", runs, "--warmup", "0",
+            "--json", json.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("decode"), "no report: {}", String::from_utf8_lossy(&out.stdout));
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+    };
+    let (one, two) = (run("1", "one.json"), run("2", "two.json"));
+    for r in [&one, &two] {
+        for key in ["prompt_tokens_per_s", "decode_tokens_per_s", "peak_gib"] {
+            let v = r[key].as_f64().unwrap();
+            assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+        }
+        assert_eq!(r["output_head"].as_array().unwrap().len(), 12, "every token decoded, none stopped early");
+    }
+    assert_eq!(two["decode_runs"].as_array().unwrap().len(), 2);
+    assert_eq!(one["output_head"], two["output_head"]);
+}
