@@ -1,4 +1,5 @@
-//! Attention of one new query position over a preallocated key/value cache, in one kernel.
+//! Attention of one new query position over a preallocated key/value cache, in one kernel;
+//! and the greedy choice of the next token ([`greedy_pick`]), in another.
 //!
 //! Decoding a token costs a fixed host overhead per launched kernel, which at batch 1 exceeds
 //! the GPU time of the small operations of a step. The tensor composition of a decode step's
@@ -53,6 +54,30 @@ impl DecodeOps for burn_cubecl::CubeBackend {
         kernel(q, keys, values, bias)
     }
 }
+
+/// The greedy choice from logits as one operation.
+#[backend_extension(Autodiff, Flex, Cube, Fusion)]
+pub trait PickOps: Backend {
+    /// `logits` `[1, vocab]` -> `[2]` f32: the index of the first largest logit, and 0 when every
+    /// logit is finite (not 0 otherwise: NaN or 1).
+    #[fusion(dtype = burn::tensor::DType::F32, shape = Shape::new([2]))]
+    fn greedy_pick(logits: FloatTensor<Self>) -> FloatTensor<Self> {
+        // x - x is 0 for every finite x and NaN for infinities and NaN; their sum tells which.
+        let check = Self::float_cast(Self::float_sum(Self::float_sub(logits.clone(), logits.clone())), FloatDType::F32); // [1]
+        let id = Self::int_into_float(Self::float_argmax(logits, 1, burn::tensor::IntDType::I64), FloatDType::F32); // [1, 1]
+        Self::float_cat(vec![Self::float_reshape(id, Shape::new([1])), check], 0)
+    }
+}
+
+impl PickOps for Flex {}
+
+impl PickOps for burn_cubecl::CubeBackend {
+    fn greedy_pick(logits: FloatTensor<Self>) -> FloatTensor<Self> {
+        pick_kernel(logits)
+    }
+}
+
+impl<B: Backend + PickOps, C: CheckpointStrategy> PickOps for Autodiff<B, C> {}
 
 /// Under autodiff the composition of tracked operations: differentiable, if ever needed.
 impl<B: Backend + DecodeOps, C: CheckpointStrategy> DecodeOps for Autodiff<B, C> {}
@@ -206,6 +231,73 @@ fn kernel(
         )
     }
     out
+}
+
+#[cube(launch_unchecked)]
+fn greedy_pick_kernel<F: Float>(logits: &Tensor<F>, out: &mut Tensor<f32>, #[define(F)] _dtype: ElemType) {
+    let unit = UNIT_POS as usize;
+    let vocab = logits.len();
+    let mut best = f32::new(-3.4028235e38); // f32::MIN
+    let mut index = 0u32;
+    let mut bad = 0f32;
+    for t in range_stepped(unit, vocab, comptime!(UNITS)) {
+        let v = f32::cast_from(logits[t]);
+        if v.is_nan() || v.is_inf() {
+            bad = 1.0f32;
+        }
+        // Strictly greater: each invocation keeps its first largest.
+        if v > best || t == unit {
+            best = v;
+            index = t as u32;
+        }
+    }
+    let mut values = Shared::<[f32]>::new_slice(comptime!(UNITS));
+    let mut indices = Shared::<[u32]>::new_slice(comptime!(UNITS));
+    let mut flags = Shared::<[f32]>::new_slice(comptime!(UNITS));
+    values[unit] = best;
+    indices[unit] = index;
+    flags[unit] = bad;
+    sync_cube();
+    #[unroll]
+    for step in 0..8u32 {
+        let stride = comptime!(UNITS >> (step + 1));
+        if unit < stride {
+            let (v, i) = (values[unit + stride], indices[unit + stride]);
+            if v > values[unit] || (v == values[unit] && i < indices[unit]) {
+                values[unit] = v;
+                indices[unit] = i;
+            }
+            flags[unit] = max(flags[unit], flags[unit + stride]);
+        }
+        sync_cube();
+    }
+    if unit == 0 {
+        out[0] = f32::cast_from(indices[0]);
+        out[1] = flags[0];
+    }
+}
+
+fn pick_kernel(logits: burn_cubecl::tensor::CubeTensor) -> burn_cubecl::tensor::CubeTensor {
+    let out = empty_device_dtype(logits.client.clone(), logits.device.clone(), Shape::new([2]), burn::tensor::DType::F32);
+    let dtype = dtype_to_storage_type(logits.dtype);
+    // SAFETY: one workgroup reads `logits` below its length and writes the two outputs.
+    unsafe {
+        greedy_pick_kernel::launch_unchecked(
+            &out.client,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(UNITS as u32),
+            into_contiguous(logits).into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            dtype,
+        )
+    }
+    out
+}
+
+/// The greedy choice from `logits` `[1, vocab]`: `[2]` f32, the index of the first largest
+/// logit and 0 when all are finite (not 0 when one is not), in one kernel on a GPU.
+pub fn greedy_pick(logits: burn::tensor::Tensor<2>) -> burn::tensor::Tensor<1> {
+    burn::tensor::Tensor::from_dispatch(<Dispatch as PickOps>::greedy_pick(logits.into_dispatch()))
 }
 
 /// `softmax(q·kᵀ/√d + bias)·v` for one query position: `q` `[b, h, 1, d]`, `keys` and

@@ -163,3 +163,28 @@ fn rotary_kernel_matches_the_composition_on_wgpu() {
         assert!(worst < tolerance, "{dtype:?}: max difference {worst}");
     }
 }
+
+/// The greedy pick takes the first of equal largest logits (as `torch.argmax` and the host
+/// sampler do) and flags a NaN or an infinity anywhere, on a vocabulary that is not a multiple
+/// of the workgroup.
+#[test]
+fn greedy_pick_takes_the_first_maximum_and_flags_non_finite_logits() {
+    let Some(device) = gpu() else { return };
+    let vocab = 1000;
+    let logits = |set: &[(usize, f32)]| {
+        let mut v: Vec<f32> = (0..vocab).map(|i| ((i * 37) % 101) as f32 / 100.0).collect();
+        for &(i, x) in set {
+            v[i] = x;
+        }
+        Tensor::<2>::from_data(TensorData::new(v, [1, vocab]), (&device, DType::F32))
+    };
+    let pick = |t: Tensor<2>| lora_kernels::decode::greedy_pick(t).into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+    assert_eq!(pick(logits(&[(700, 5.0), (300, 5.0), (999, 4.0)])), [300.0, 0.0]);
+    assert_eq!(pick(logits(&[(7, 5.0)]).cast(FloatDType::F16)), [7.0, 0.0]);
+    assert_ne!(pick(logits(&[(500, f32::NAN)]))[1], 0.0);
+    assert_ne!(pick(logits(&[(501, f32::INFINITY)]))[1], 0.0);
+    // The CPU composition agrees.
+    let cpu = Device::flex();
+    let host = Tensor::<2>::from_data(logits(&[(700, 5.0), (300, 5.0)]).into_data(), (&cpu, DType::F32));
+    assert_eq!(lora_kernels::decode::greedy_pick(host).into_data().convert::<f32>().try_to_vec::<f32>().unwrap(), [300.0, 0.0]);
+}

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use burn::tensor::{FloatDType, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::llama::{CausalLm, KvCache};
 use crate::sampling::{Sampler, SamplingConfig};
@@ -106,9 +106,6 @@ pub fn generate(model: &CausalLm, prompt: &[u32], max_tokens: usize, eos: &[u32]
 /// The first largest logit of `logits` `[1, vocab]`, or `None` when any logit is not finite,
 /// computed on the device: one read of two numbers instead of the vocabulary.
 fn greedy_on_device(logits: Tensor<2>) -> Option<u32> {
-    // x - x is 0 for every finite x and NaN for infinities and NaN; their sum tells which.
-    let check = (logits.clone() - logits.clone()).sum_dim(1).cast(FloatDType::F32); // [1, 1]
-    let id = logits.argmax(1).float().cast(FloatDType::F32); // [1, 1], exact below 2^24
-    let both: Vec<f32> = Tensor::cat(vec![id, check], 1).into_data().convert::<f32>().try_to_vec().expect("f32 values");
+    let both: Vec<f32> = lora_kernels::decode::greedy_pick(logits).into_data().convert::<f32>().try_to_vec().expect("f32 values");
     (both[1] == 0.0).then_some(both[0] as u32)
 }

@@ -64,7 +64,8 @@ impl Rope {
                 }
             }
         }
-        let make = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [len, dim]), (device, DType::F32)).cast(dtype);
+        // Converted on the host: an upload in the compute dtype, no cast kernel per step.
+        let make = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [len, dim]).convert_dtype(dtype), (device, dtype));
         (make(cos), make(sin))
     }
 }
