@@ -23,4 +23,4 @@ pub mod matvec;
 pub mod norm;
 pub mod rope;
 
-pub use linear::{frozen_linear, frozen_linear_add, frozen_swiglu, matmul_frozen};
+pub use linear::{frozen_linear, frozen_linear_add, frozen_linear3, frozen_swiglu, matmul_frozen};

@@ -15,7 +15,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_e
 use burn::tensor::{Shape, Tensor};
 
 use crate::matmul::{matmul_cm2, supported};
-use crate::matvec::{MATVEC_ROWS, dense_matvec_t, swiglu_matvec_t};
+use crate::matvec::{MATVEC_ROWS, dense_matvec_t, matvec3_t, swiglu_matvec_t};
 
 /// Products with a constant right-hand side.
 #[backend_extension(Autodiff, Flex, Cube, Fusion)]
@@ -36,6 +36,16 @@ pub trait LinearOps: Backend {
     #[fusion(dtype = x, shape = Shape::new([x[0], w[0]]))]
     fn frozen_linear_add_t(x: FloatTensor<Self>, w: FloatTensor<Self>, residual: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_add(residual, Self::frozen_linear_t(x, w))
+    }
+
+    /// `[x·wqᵀ, x·wkᵀ, x·wvᵀ]`: `x` `[m, k]`, frozen `wq`, `wk`, `wv` `[n·, k]` ->
+    /// `[m, nq + nk + nv]` (attention's three input projections).
+    #[fusion(dtype = x, shape = Shape::new([x[0], wq[0] + wk[0] + wv[0]]))]
+    fn frozen_linear3_t(x: FloatTensor<Self>, wq: FloatTensor<Self>, wk: FloatTensor<Self>, wv: FloatTensor<Self>) -> FloatTensor<Self> {
+        let q = Self::frozen_linear_t(x.clone(), wq);
+        let k = Self::frozen_linear_t(x.clone(), wk);
+        let v = Self::frozen_linear_t(x, wv);
+        Self::float_cat(vec![q, k, v], 1)
     }
 
     /// The SwiGLU block's activation: `silu(x·gateᵀ) · (x·upᵀ)` for `x` `[m, k]` and frozen
@@ -75,6 +85,18 @@ impl LinearOps for burn_cubecl::CubeBackend {
             return dense_matvec_t(x, w, Some(residual));
         }
         Self::float_add(residual, Self::frozen_linear_t(x, w))
+    }
+
+    fn frozen_linear3_t(x: FloatTensor<Self>, wq: FloatTensor<Self>, wk: FloatTensor<Self>, wv: FloatTensor<Self>) -> FloatTensor<Self> {
+        let k = x.shape()[1];
+        let same = [&wq, &wk, &wv].iter().all(|w| w.dtype == x.dtype && w.shape()[1] == k);
+        if same && x.shape()[0] <= MATVEC_ROWS {
+            return matvec3_t(x, wq, wk, wv);
+        }
+        let q = Self::frozen_linear_t(x.clone(), wq);
+        let kk = Self::frozen_linear_t(x.clone(), wk);
+        let v = Self::frozen_linear_t(x, wv);
+        Self::float_cat(vec![q, kk, v], 1)
     }
 
     fn frozen_swiglu_t(x: FloatTensor<Self>, gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -149,6 +171,12 @@ impl<B: Backend + LinearOps, C: CheckpointStrategy> LinearOps for Autodiff<B, C>
             OpsKind::UnTracked(prep) => prep.finish(B::frozen_matmul(a.into_primitive(), b)),
         }
     }
+}
+
+/// `[x·wqᵀ, x·wkᵀ, x·wvᵀ]`: `x` `[m, k]`, frozen `wq`, `wk`, `wv` `[n·, k]` ->
+/// `[m, nq + nk + nv]`, differentiable in `x` only; one kernel for a few rows on a GPU.
+pub fn frozen_linear3(x: Tensor<2>, wq: Tensor<2>, wk: Tensor<2>, wv: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as LinearOps>::frozen_linear3_t(x.into_dispatch(), wq.into_dispatch(), wk.into_dispatch(), wv.into_dispatch()))
 }
 
 /// `residual + x·Wᵀ`: `x` `[m, k]`, frozen `w` `[n, k]`, `residual` `[m, n]` -> `[m, n]`,

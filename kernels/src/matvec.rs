@@ -64,6 +64,26 @@ pub fn launch_matvec(output: &CubeTensor) -> (CubeCount, CubeDim) {
     (CubeCount::Static(cubes, m as u32, 1), CubeDim::new_2d(LANES, OUTPUTS_PER_CUBE))
 }
 
+/// This lane's part of the dot product of row `xrow` of `x` with row `wrow` of `w` (both of
+/// length `k`): consecutive lanes read consecutive elements, [`UNROLL`] loads in flight.
+#[cube]
+fn lane_dot<F: Float>(x: &Tensor<F>, xrow: usize, w: &Tensor<F>, wrow: usize, k: usize, lane: usize) -> f32 {
+    let step = comptime!(LANES as usize * UNROLL);
+    let mut acc = 0f32;
+    let whole = k / step * step;
+    for base in range_stepped(0, whole, step) {
+        #[unroll]
+        for j in 0..UNROLL {
+            let c = base + comptime!(j * LANES as usize) + lane;
+            acc += f32::cast_from(x[xrow + c]) * f32::cast_from(w[wrow + c]);
+        }
+    }
+    for c in range_stepped(whole + lane, k, comptime!(LANES as usize)) {
+        acc += f32::cast_from(x[xrow + c]) * f32::cast_from(w[wrow + c]);
+    }
+    acc
+}
+
 #[cube(launch_unchecked)]
 fn dense_matvec_kernel<F: Float>(
     x: &Tensor<F>,
@@ -77,21 +97,9 @@ fn dense_matvec_kernel<F: Float>(
     let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
     let i = CUBE_POS_Y as usize;
     let (rows, k) = (w.shape(0), w.shape(1));
-    let step = comptime!(LANES as usize * UNROLL);
     let mut acc = 0f32;
     if n < rows {
-        let (wrow, xrow) = (n * k, i * k);
-        let whole = k / step * step;
-        for base in range_stepped(0, whole, step) {
-            #[unroll]
-            for j in 0..UNROLL {
-                let c = base + comptime!(j * LANES as usize) + lane;
-                acc += f32::cast_from(x[xrow + c]) * f32::cast_from(w[wrow + c]);
-            }
-        }
-        for c in range_stepped(whole + lane, k, comptime!(LANES as usize)) {
-            acc += f32::cast_from(x[xrow + c]) * f32::cast_from(w[wrow + c]);
-        }
+        acc = lane_dot(x, i * k, w, n * k, k, lane);
     }
     let total = lane_total(acc);
     if lane == 0 && n < rows {
@@ -101,6 +109,55 @@ fn dense_matvec_kernel<F: Float>(
         }
         output[i * rows + n] = value;
     }
+}
+
+/// Three products of one input in one launch: output columns `0..nq` from `wq`, then `wk`'s,
+/// then `wv`'s (attention's query, key and value projections).
+#[cube(launch_unchecked)]
+fn matvec3_kernel<F: Float>(x: &Tensor<F>, wq: &Tensor<F>, wk: &Tensor<F>, wv: &Tensor<F>, output: &mut Tensor<F>, #[define(F)] _dtype: ElemType) {
+    let lane = UNIT_POS_X as usize;
+    let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
+    let i = CUBE_POS_Y as usize;
+    let (nq, nk, nv, k) = (wq.shape(0), wk.shape(0), wv.shape(0), x.shape(1));
+    let rows = nq + nk + nv;
+    let mut acc = 0f32;
+    if n < nq {
+        acc = lane_dot(x, i * k, wq, n * k, k, lane);
+    } else if n < nq + nk {
+        acc = lane_dot(x, i * k, wk, (n - nq) * k, k, lane);
+    } else if n < rows {
+        acc = lane_dot(x, i * k, wv, (n - nq - nk) * k, k, lane);
+    }
+    let total = lane_total(acc);
+    if lane == 0 && n < rows {
+        output[i * rows + n] = F::cast_from(total);
+    }
+}
+
+/// `[x·wqᵀ, x·wkᵀ, x·wvᵀ]` `[m, nq + nk + nv]` for `x` `[m, k]` and the three weights `[n·, k]`,
+/// in one launch; all of one float dtype.
+pub fn matvec3_t(x: CubeTensor, wq: CubeTensor, wk: CubeTensor, wv: CubeTensor) -> CubeTensor {
+    let [m, _] = x.shape().dims();
+    let n = wq.shape()[0] + wk.shape()[0] + wv.shape()[0];
+    let output = empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([m, n]), x.dtype);
+    let (count, dim) = launch_matvec(&output);
+    let dtype = dtype_to_storage_type(x.dtype);
+    // SAFETY: as for `dense_matvec_t`: every weight has `k` columns (checked by the caller) and
+    // each output column reads one row of one weight.
+    unsafe {
+        matvec3_kernel::launch_unchecked(
+            &output.client,
+            count,
+            dim,
+            into_contiguous(x).into_tensor_arg(),
+            into_contiguous(wq).into_tensor_arg(),
+            into_contiguous(wk).into_tensor_arg(),
+            into_contiguous(wv).into_tensor_arg(),
+            output.clone().into_tensor_arg(),
+            dtype,
+        )
+    }
+    output
 }
 
 #[cube(launch_unchecked)]

@@ -11,7 +11,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
-use burn::tensor::Shape;
+use burn::tensor::{Shape, Slice};
 use burn_cubecl::cubecl;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
@@ -22,41 +22,52 @@ use cubecl::prelude::*;
 /// Rotary embeddings as one operation.
 #[backend_extension(Autodiff, Flex, Cube, Fusion)]
 pub trait RopeOps: Backend {
-    /// `x` `[b, s, n, d]`, `cos` and signed `sin` `[s, d]` in `x`'s dtype -> the rotated
-    /// `[b, n, s, d]`.
+    /// `x` `[b, s, n, d]`, `cos` and signed `sin` `[s, d]` in `x`'s dtype -> `[b, n, s, d]`,
+    /// heads `0..rotated` rotated and the others copied.
     #[fusion(dtype = x, shape = Shape::new([x[0], x[2], x[1], x[3]]))]
-    fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
-        composed::<Self>(x, cos, sin)
+    fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, rotated: usize) -> FloatTensor<Self> {
+        composed::<Self>(x, cos, sin, rotated)
     }
 }
 
 impl RopeOps for Flex {}
 
 impl RopeOps for burn_cubecl::CubeBackend {
-    fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, rotated: usize) -> FloatTensor<Self> {
         let d = x.shape()[3];
         if !d.is_multiple_of(2) || x.dtype != cos.dtype || x.dtype != sin.dtype {
-            return composed::<Self>(x, cos, sin);
+            return composed::<Self>(x, cos, sin, rotated);
         }
-        kernel(x, cos, sin)
+        kernel(x, cos, sin, rotated)
     }
 }
 
 /// Under autodiff the composition of tracked operations: differentiable (training).
 impl<B: Backend + RopeOps, C: CheckpointStrategy> RopeOps for Autodiff<B, C> {}
 
-fn composed<B: Backend>(x: FloatTensor<B>, cos: FloatTensor<B>, sin: FloatTensor<B>) -> FloatTensor<B> {
+fn composed<B: Backend>(x: FloatTensor<B>, cos: FloatTensor<B>, sin: FloatTensor<B>, rotated: usize) -> FloatTensor<B> {
     let [b, s, n, d] = x.shape().dims();
     let x = B::float_swap_dims(x, 1, 2); // [b, n, s, d]
-    let halves = B::float_reshape(x.clone(), Shape::new([b * n * s, 2, d / 2]));
-    let swapped = B::float_reshape(B::float_flip(halves, &[1]), Shape::new([b, n, s, d])); // [x₂, x₁]
+    let (x, rest) = if rotated < n {
+        let head = |start, end| B::float_slice(x.clone(), &[Slice::from(0..b), Slice::from(start..end), Slice::from(0..s), Slice::from(0..d)]);
+        (head(0, rotated), Some(head(rotated, n)))
+    } else {
+        (x, None)
+    };
+    let r = rotated.min(n);
+    let halves = B::float_reshape(x.clone(), Shape::new([b * r * s, 2, d / 2]));
+    let swapped = B::float_reshape(B::float_flip(halves, &[1]), Shape::new([b, r, s, d])); // [x₂, x₁]
     let cos = B::float_reshape(cos, Shape::new([1, 1, s, d]));
     let sin = B::float_reshape(sin, Shape::new([1, 1, s, d]));
-    B::float_add(B::float_mul(x, cos), B::float_mul(swapped, sin))
+    let out = B::float_add(B::float_mul(x, cos), B::float_mul(swapped, sin));
+    match rest {
+        Some(rest) => B::float_cat(vec![out, rest], 1),
+        None => out,
+    }
 }
 
 #[cube(launch_unchecked)]
-fn rotary_kernel<F: Float>(x: &Tensor<F>, cos: &Tensor<F>, sin: &Tensor<F>, out: &mut Tensor<F>, #[define(F)] _dtype: ElemType) {
+fn rotary_kernel<F: Float>(x: &Tensor<F>, cos: &Tensor<F>, sin: &Tensor<F>, out: &mut Tensor<F>, rotated: usize, #[define(F)] _dtype: ElemType) {
     let pos = ABSOLUTE_POS;
     if pos >= out.len() {
         terminate!();
@@ -70,11 +81,15 @@ fn rotary_kernel<F: Float>(x: &Tensor<F>, cos: &Tensor<F>, sin: &Tensor<F>, out:
     let half = d / 2;
     let partner = if j < half { j + half } else { j - half };
     let base = ((row * s + t) * n + head) * d;
-    let value = f32::cast_from(x[base + j]) * f32::cast_from(cos[t * d + j]) + f32::cast_from(x[base + partner]) * f32::cast_from(sin[t * d + j]);
-    out[pos] = F::cast_from(value);
+    if head < rotated {
+        let value = f32::cast_from(x[base + j]) * f32::cast_from(cos[t * d + j]) + f32::cast_from(x[base + partner]) * f32::cast_from(sin[t * d + j]);
+        out[pos] = F::cast_from(value);
+    } else {
+        out[pos] = x[base + j];
+    }
 }
 
-fn kernel(x: CubeTensor, cos: CubeTensor, sin: CubeTensor) -> CubeTensor {
+fn kernel(x: CubeTensor, cos: CubeTensor, sin: CubeTensor, rotated: usize) -> CubeTensor {
     let [b, s, n, d] = x.shape().dims();
     let out = empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([b, n, s, d]), x.dtype);
     let elements = b * n * s * d;
@@ -92,6 +107,7 @@ fn kernel(x: CubeTensor, cos: CubeTensor, sin: CubeTensor) -> CubeTensor {
             into_contiguous(cos).into_tensor_arg(),
             into_contiguous(sin).into_tensor_arg(),
             out.clone().into_tensor_arg(),
+            rotated,
             dtype,
         )
     }
@@ -99,7 +115,8 @@ fn kernel(x: CubeTensor, cos: CubeTensor, sin: CubeTensor) -> CubeTensor {
 }
 
 /// Rotates `x` `[b, s, heads, d]` by the tables `cos` and signed `sin` `[s, d]` (the first
-/// half of `sin` negated) -> `[b, heads, s, d]`.
-pub fn rotary(x: burn::tensor::Tensor<4>, cos: burn::tensor::Tensor<2>, sin: burn::tensor::Tensor<2>) -> burn::tensor::Tensor<4> {
-    burn::tensor::Tensor::from_dispatch(<Dispatch as RopeOps>::rotary(x.into_dispatch(), cos.into_dispatch(), sin.into_dispatch()))
+/// half of `sin` negated) -> `[b, heads, s, d]`; only heads `0..rotated` are rotated, the
+/// others are copied (query and key heads ahead of value heads in one tensor).
+pub fn rotary(x: burn::tensor::Tensor<4>, cos: burn::tensor::Tensor<2>, sin: burn::tensor::Tensor<2>, rotated: usize) -> burn::tensor::Tensor<4> {
+    burn::tensor::Tensor::from_dispatch(<Dispatch as RopeOps>::rotary(x.into_dispatch(), cos.into_dispatch(), sin.into_dispatch(), rotated))
 }

@@ -142,7 +142,7 @@ fn rotary_kernel_matches_the_composition_on_wgpu() {
     let sin: Vec<f32> = angles.iter().enumerate().map(|(i, a)| if i % d < d / 2 { -a.sin() } else { a.sin() }).collect();
     let cos = Tensor::<2>::from_data(TensorData::new(cos, [s, d]), (&cpu, DType::F32));
     let sin = Tensor::<2>::from_data(TensorData::new(sin, [s, d]), (&cpu, DType::F32));
-    let want = lora_kernels::rope::rotary(x.clone(), cos.clone(), sin.clone());
+    let want = lora_kernels::rope::rotary(x.clone(), cos.clone(), sin.clone(), n);
     // rotate_half by hand: [-x₂, x₁].
     let t = x.clone().swap_dims(1, 2);
     let rotated = Tensor::cat(vec![t.clone().narrow(3, d / 2, d / 2).neg(), t.clone().narrow(3, 0, d / 2)], 3);
@@ -153,14 +153,22 @@ fn rotary_kernel_matches_the_composition_on_wgpu() {
     assert!(worst < 1e-6, "composition vs rotate_half: {worst}");
     let want: Vec<f32> = want.into_data().try_to_vec::<f32>().unwrap();
     for (dtype, tolerance) in [(FloatDType::F32, 1e-5), (FloatDType::F16, 1e-2)] {
-        let got = lora_kernels::rope::rotary(
-            x.clone().to_device(&device).cast(dtype),
-            cos.clone().to_device(&device).cast(dtype),
-            sin.clone().to_device(&device).cast(dtype),
-        );
+        let on = |t: &Tensor<2>| t.clone().to_device(&device).cast(dtype);
+        let got = lora_kernels::rope::rotary(x.clone().to_device(&device).cast(dtype), on(&cos), on(&sin), n);
         assert_eq!(got.dims(), [b, n, s, d]);
         let worst = max_diff(got.into_data().convert::<f32>().try_to_vec::<f32>().unwrap(), &want);
         assert!(worst < tolerance, "{dtype:?}: max difference {worst}");
+        // Only the first 3 heads rotated, the other 2 copied (query and key heads ahead of value
+        // heads), on the GPU and in the CPU composition.
+        let cpu_partial = lora_kernels::rope::rotary(x.clone(), cos.clone(), sin.clone(), 3);
+        let partial = lora_kernels::rope::rotary(x.clone().to_device(&device).cast(dtype), on(&cos), on(&sin), 3);
+        let full = Tensor::<4>::from_data(TensorData::new(want.clone(), [b, n, s, d]), (&cpu, DType::F32));
+        let expect = Tensor::cat(vec![full.narrow(1, 0, 3), x.clone().swap_dims(1, 2).narrow(1, 3, 2)], 1);
+        let worst: f32 = (cpu_partial - expect.clone()).abs().max().into_scalar();
+        assert!(worst < 1e-6, "CPU partial rotation: {worst}");
+        let expect: Vec<f32> = expect.into_data().try_to_vec::<f32>().unwrap();
+        let worst = max_diff(partial.into_data().convert::<f32>().try_to_vec::<f32>().unwrap(), &expect);
+        assert!(worst < tolerance, "{dtype:?} partial: max difference {worst}");
     }
 }
 
@@ -187,4 +195,23 @@ fn greedy_pick_takes_the_first_maximum_and_flags_non_finite_logits() {
     let cpu = Device::flex();
     let host = Tensor::<2>::from_data(logits(&[(700, 5.0), (300, 5.0)]).into_data(), (&cpu, DType::F32));
     assert_eq!(lora_kernels::decode::greedy_pick(host).into_data().convert::<f32>().try_to_vec::<f32>().unwrap(), [300.0, 0.0]);
+}
+
+#[test]
+fn three_products_in_one_launch_match_on_wgpu() {
+    let Some(device) = gpu() else { return };
+    let cpu = Device::flex();
+    let (m, k) = (1, 549);
+    let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), (&cpu, DType::F32));
+    let w: Vec<Tensor<2>> = [43, 9, 9].iter().map(|&n| Tensor::<2>::random([n, k], Distribution::Normal(0.0, 0.05), (&cpu, DType::F32))).collect();
+    let want: Vec<f32> = Tensor::cat(w.iter().map(|w| x.clone().matmul(w.clone().transpose())).collect(), 1).into_data().try_to_vec::<f32>().unwrap();
+    let cpu_got = lora_kernels::frozen_linear3(x.clone(), w[0].clone(), w[1].clone(), w[2].clone());
+    assert!(max_diff(cpu_got.into_data().try_to_vec::<f32>().unwrap(), &want) < 1e-5);
+    for (dtype, tolerance) in [(FloatDType::F32, 1e-4), (FloatDType::F16, 1e-2)] {
+        let on = |t: &Tensor<2>| t.clone().to_device(&device).cast(dtype);
+        let got = lora_kernels::frozen_linear3(on(&x), on(&w[0]), on(&w[1]), on(&w[2]));
+        assert_eq!(got.dims(), [m, 61]);
+        let worst = max_diff(got.into_data().convert::<f32>().try_to_vec::<f32>().unwrap(), &want);
+        assert!(worst < tolerance, "{dtype:?}: max difference {worst}");
+    }
 }

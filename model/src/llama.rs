@@ -371,6 +371,18 @@ fn write_cache(buffer: Option<Tensor<4>>, fresh: Tensor<4>, past: usize, capacit
 }
 
 impl Attention {
+    /// `[x·Wqᵀ, x·Wkᵀ, x·Wvᵀ]` `[batch·seq, (heads + 2·kv_heads)·head_dim]` as one product, where
+    /// that pays: a few rows (decoding) on a GPU, all three projections plain frozen weights,
+    /// no per-head norms. `None` elsewhere.
+    fn fused_qkv(&self, x: Tensor<3>) -> Option<Tensor<2>> {
+        let [b, s, i] = x.dims();
+        if b * s > lora_kernels::matvec::MATVEC_ROWS || x.device() == Device::flex() || self.q_norm.is_some() || self.k_norm.is_some() {
+            return None;
+        }
+        let (wq, wk, wv) = (self.q_proj.plain_frozen()?, self.k_proj.plain_frozen()?, self.v_proj.plain_frozen()?);
+        Some(lora_kernels::frozen_linear3(x.reshape([b * s, i]), wq, wk, wv))
+    }
+
     /// `x` `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
     ///
     /// `cos`/`sin` are `[seq, head_dim]` for this step's positions.
@@ -385,20 +397,30 @@ impl Attention {
     fn forward(&self, x: Tensor<3>, residual: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, mask: AttentionMask, cache: Option<CacheStep>) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
-        let k = self.k_proj.forward(x.clone()).reshape([b, s, kv, d]);
-        let v = self.v_proj.forward(x).reshape([b, s, kv, d]);
-        let q = match &self.q_norm {
-            Some(n) => n.forward(q),
-            None => q,
+        let (q, mut k, mut v) = match self.fused_qkv(x.clone()) {
+            Some(qkv) => {
+                // One product for the three projections, one kernel rotating the query and key
+                // heads ahead of the value heads: [b, h + 2kv, s, d], split by views.
+                let all = rotary(qkv.reshape([b, s, h + 2 * kv, d]), cos.clone(), sin.clone(), h + kv);
+                (all.clone().narrow(1, 0, h), all.clone().narrow(1, h, kv), all.narrow(1, h + kv, kv))
+            }
+            None => {
+                let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
+                let k = self.k_proj.forward(x.clone()).reshape([b, s, kv, d]);
+                let v = self.v_proj.forward(x).reshape([b, s, kv, d]);
+                let q = match &self.q_norm {
+                    Some(n) => n.forward(q),
+                    None => q,
+                };
+                let k = match &self.k_norm {
+                    Some(n) => n.forward(k),
+                    None => k,
+                };
+                let q = rotary(q, cos.clone(), sin.clone(), h); // [b, h, s, d]
+                let k = rotary(k, cos.clone(), sin.clone(), kv); // [b, kv, s, d]
+                (q, k, v.swap_dims(1, 2)) // v [b, kv, s, d]
+            }
         };
-        let k = match &self.k_norm {
-            Some(n) => n.forward(k),
-            None => k,
-        };
-        let q = rotary(q, cos.clone(), sin.clone()); // [b, h, s, d]
-        let mut k = rotary(k, cos.clone(), sin.clone()); // [b, kv, s, d]
-        let mut v = v.swap_dims(1, 2); // [b, kv, s, d]
         if let Some(CacheStep { slot, past, capacity }) = cache {
             let old = slot.take();
             let (old_keys, old_values) = old.map_or((None, None), |c| (Some(c.keys), Some(c.values)));
