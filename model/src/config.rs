@@ -243,6 +243,20 @@ impl ModelConfig {
         if hf.num_attention_heads == 0 || hf.num_hidden_layers == 0 || hf.hidden_size == 0 {
             return Err(err("num_attention_heads, num_hidden_layers and hidden_size must be > 0".into()));
         }
+        // Sizes far beyond any released model are a damaged file; refusing them keeps every
+        // allocation sized by them (per-layer tables, the model itself) bounded.
+        let limits = [
+            ("num_hidden_layers", hf.num_hidden_layers, 4096),
+            ("hidden_size", hf.hidden_size, 1 << 20),
+            ("intermediate_size", hf.intermediate_size, 1 << 22),
+            ("num_attention_heads", hf.num_attention_heads, 1 << 14),
+            ("num_key_value_heads", hf.num_key_value_heads.unwrap_or(0), 1 << 14),
+            ("head_dim", hf.head_dim.unwrap_or(0), 1 << 14),
+            ("vocab_size", hf.vocab_size, 1 << 24),
+        ];
+        if let Some((name, value, max)) = limits.iter().find(|(_, v, max)| v > max) {
+            return Err(err(format!("{name} {value} is larger than any model this tool loads (at most {max})")));
+        }
         let num_kv_heads = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
         if num_kv_heads == 0 || !hf.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(err(format!("num_attention_heads ({}) must be a multiple of num_key_value_heads ({num_kv_heads})", hf.num_attention_heads)));
@@ -369,6 +383,19 @@ mod tests {
 
     const BASE: &str = r#""hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
         "num_attention_heads": 4, "vocab_size": 10"#;
+
+    /// Found by tests/fuzz.rs: a config.json with `num_hidden_layers` 2^63 - 1 aborted on a
+    /// capacity overflow (the per-layer window table) instead of being an error.
+    #[test]
+    fn a_huge_layer_count_is_an_error_not_a_capacity_overflow() {
+        let json = r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 9223372036854775807,
+            "num_attention_heads": 4, "vocab_size": 10}"#;
+        let e = parse(json).unwrap_err().to_string();
+        assert!(e.contains("num_hidden_layers 9223372036854775807 is larger than any model"), "{e}");
+        let json = r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "vocab_size": 100000000}"#;
+        assert!(parse(json).unwrap_err().to_string().contains("vocab_size 100000000"));
+    }
 
     #[test]
     fn old_and_new_rope_spellings_agree() {
