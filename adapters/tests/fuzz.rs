@@ -1,0 +1,62 @@
+//! Hostile adapter files (issue 14, "Fuzzing and hostile files"): the PEFT and mlx-lm adapters
+//! of `tests/fixtures/fuse_reference` with random bytes of their config or of their weights'
+//! safetensors header overwritten, or the files cut short, loaded as `generate --adapter-path`
+//! loads them and put on the llama fixture. Every case must end in `Ok` or an error, never a
+//! panic. The case count is fixed so CI's time stays bounded.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{DType, Device};
+use lora_model::{CausalLm, Checkpoint, ModelConfig};
+use proptest::prelude::*;
+use proptest::test_runner::Config;
+
+const CASES: u32 = 200;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+}
+
+fn mutate(bytes: &[u8], edits: &[(usize, u8)], window: usize, cut: Option<usize>) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    for &(at, b) in edits {
+        let n = window.min(out.len()).max(1);
+        if let Some(slot) = out.get_mut(at % n) {
+            *slot = b;
+        }
+    }
+    if let Some(cut) = cut {
+        out.truncate(cut % (out.len() + 1));
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(Config { cases: CASES, failure_persistence: None, ..Config::default() })]
+
+    #[test]
+    fn mutated_adapter_files_are_errors_not_panics(
+        mlx in any::<bool>(),
+        weights in any::<bool>(),
+        edits in prop::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+        cut in prop::option::of(any::<usize>()),
+    ) {
+        let source = fixture("fuse_reference").join(if mlx { "mlx" } else { "lora" });
+        let weights_file = if mlx { "adapters.safetensors" } else { "adapter_model.safetensors" };
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["adapter_config.json", weights_file] {
+            std::fs::copy(source.join(f), dir.path().join(f)).unwrap();
+        }
+        let name = if weights { weights_file } else { "adapter_config.json" };
+        let bytes = std::fs::read(source.join(name)).unwrap();
+        // The weights' header only: the floats after it are any value already.
+        let window = if weights { 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize } else { bytes.len() };
+        std::fs::write(dir.path().join(name), mutate(&bytes, &edits, window, cut)).unwrap();
+        if let Ok(file) = lora_adapters::format::load(dir.path()) {
+            let model_dir = fixture("llama");
+            let config = ModelConfig::from_dir(&model_dir).unwrap();
+            let mut model = CausalLm::load(&config, &Checkpoint::open(&model_dir).unwrap(), &Device::flex(), DType::F32, |_| {}).unwrap();
+            let _ = lora_adapters::set_adapters(&mut model, &file.weights, 0.0, &file.path);
+        }
+    }
+}

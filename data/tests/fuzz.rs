@@ -1,0 +1,113 @@
+//! Hostile data and tokenizer files (issue 14, "Fuzzing and hostile files"): JSONL rows of
+//! every format, the chat template and the tokenizer files of the llama fixture with random
+//! bytes overwritten, inserted or cut off, read as `train` and `generate` read them. Every case
+//! must end in `Ok` or an error, never a panic. The case count is fixed so CI's time stays
+//! bounded.
+
+use std::path::{Path, PathBuf};
+
+use lora_data::{DataKeys, Tokenizer, load_jsonl};
+use proptest::prelude::*;
+use proptest::test_runner::Config;
+use serde_json::json;
+
+const CASES: u32 = 200;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+}
+
+/// `bytes` with each `(position, byte)` written, `insert` put at its position, then cut to
+/// `cut` bytes when given.
+fn mutate(bytes: &[u8], edits: &[(usize, u8)], insert: &(usize, Vec<u8>), cut: Option<usize>) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    for &(at, b) in edits {
+        if !out.is_empty() {
+            let n = out.len();
+            out[at % n] = b;
+        }
+    }
+    let at = insert.0 % (out.len() + 1);
+    out.splice(at..at, insert.1.iter().copied());
+    if let Some(cut) = cut {
+        out.truncate(cut % (out.len() + 1));
+    }
+    out
+}
+
+/// Rows of the formats `train` reads.
+const ROWS: &[&str] = &[
+    r#"{"text": "Hello there, general."}"#,
+    r#"{"prompt": "What is the capital of France?", "completion": "Paris."}"#,
+    r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#,
+    r#"{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], "tools": [{"type": "function", "function": {"name": "add"}}]}"#,
+];
+
+fn edits() -> impl Strategy<Value = Vec<(usize, u8)>> {
+    prop::collection::vec((any::<usize>(), any::<u8>()), 0..6)
+}
+
+fn insert() -> impl Strategy<Value = (usize, Vec<u8>)> {
+    (any::<usize>(), prop::collection::vec(prop::sample::select(b"{}[]\":,\\\n\r\t 0-9eE.nulltrue\xff\xfe\x00".to_vec()), 0..12))
+}
+
+proptest! {
+    #![proptest_config(Config { cases: CASES, failure_persistence: None, ..Config::default() })]
+
+    /// JSONL files of mutated rows, with and without --mask-prompt and bad-row skipping.
+    #[test]
+    fn mutated_jsonl_rows_are_errors_not_panics(
+        row in 0..ROWS.len(),
+        edits in edits(),
+        insert in insert(),
+        cut in prop::option::of(any::<usize>()),
+        mask_prompt in any::<bool>(),
+        skip in any::<bool>(),
+    ) {
+        let tokenizer = Tokenizer::from_dir(&fixture("llama")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("train.jsonl");
+        let mut bytes = mutate(ROWS[row].as_bytes(), &edits, &insert, cut);
+        bytes.push(b'\n');
+        bytes.extend_from_slice(ROWS[(row + 1) % ROWS.len()].as_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let _ = load_jsonl(&path, &tokenizer, &DataKeys::default(), mask_prompt, skip);
+    }
+
+    /// A mutated chat template, rendered on a conversation.
+    #[test]
+    fn a_mutated_chat_template_is_an_error_not_a_panic(edits in edits(), insert in insert(), cut in prop::option::of(any::<usize>())) {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["tokenizer.json", "tokenizer_config.json", "config.json", "chat_template.jinja"] {
+            if fixture("llama").join(f).exists() {
+                std::fs::copy(fixture("llama").join(f), dir.path().join(f)).unwrap();
+            }
+        }
+        let template = std::fs::read(fixture("llama").join("chat_template.jinja")).unwrap();
+        std::fs::write(dir.path().join("chat_template.jinja"), mutate(&template, &edits, &insert, cut)).unwrap();
+        if let Ok(tokenizer) = Tokenizer::from_dir(dir.path()) {
+            let messages = json!([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]);
+            let _ = tokenizer.encode_chat(&messages, None, true);
+        }
+    }
+
+    /// Mutated tokenizer files (tokenizer.json or tokenizer_config.json), then encoding and
+    /// decoding with what loaded.
+    #[test]
+    fn mutated_tokenizer_files_are_errors_not_panics(config in any::<bool>(), edits in edits(), insert in insert(), cut in prop::option::of(any::<usize>())) {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["tokenizer.json", "tokenizer_config.json", "config.json", "chat_template.jinja"] {
+            if fixture("llama").join(f).exists() {
+                std::fs::copy(fixture("llama").join(f), dir.path().join(f)).unwrap();
+            }
+        }
+        let name = if config { "tokenizer_config.json" } else { "tokenizer.json" };
+        let original = std::fs::read(fixture("llama").join(name)).unwrap();
+        std::fs::write(dir.path().join(name), mutate(&original, &edits, &insert, cut)).unwrap();
+        if let Ok(tokenizer) = Tokenizer::from_dir(dir.path()) {
+            if let Ok(ids) = tokenizer.encode("Hello there, general Kenobi.", true) {
+                let _ = tokenizer.decode(&ids, true);
+            }
+        }
+    }
+}
