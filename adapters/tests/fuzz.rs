@@ -9,9 +9,18 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{DType, Device};
 use lora_model::{CausalLm, Checkpoint, ModelConfig};
 use proptest::prelude::*;
-use proptest::test_runner::Config;
+use proptest::test_runner::{Config, RngSeed};
 
 const CASES: u32 = 200;
+
+/// The budget: `LORA_FUZZ_CASES` cases per target (default [`CASES`]) drawn from the seed
+/// `LORA_FUZZ_SEED` (default fixed, so every CI run tries the same inputs); a longer local run
+/// raises the count and varies the seed.
+fn budget() -> Config {
+    let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let cases = var("LORA_FUZZ_CASES").map_or(CASES, |c| c.min(u64::from(u32::MAX)) as u32);
+    Config { cases, rng_seed: RngSeed::Fixed(var("LORA_FUZZ_SEED").unwrap_or(0x10ca)), failure_persistence: None, ..Config::default() }
+}
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
@@ -32,7 +41,7 @@ fn mutate(bytes: &[u8], edits: &[(usize, u8)], window: usize, cut: Option<usize>
 }
 
 proptest! {
-    #![proptest_config(Config { cases: CASES, failure_persistence: None, ..Config::default() })]
+    #![proptest_config(budget())]
 
     #[test]
     fn mutated_adapter_files_are_errors_not_panics(

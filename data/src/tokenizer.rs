@@ -34,7 +34,7 @@ impl Tokenizer {
         if !path.is_file() {
             return Err(DataError::Io { path, source: std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found") });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| DataError::Tokenizer { path: path.clone(), message: e.to_string() })?;
+        let inner = parse_tokenizer(&path)?;
         let config = read_json_opt(&dir.join("tokenizer_config.json"))?.unwrap_or(Json::Null);
         let bos_token = special_token(&config, "bos_token");
         let eos_token = special_token(&config, "eos_token");
@@ -199,6 +199,23 @@ impl<T: Deref<Target = Tokenizer>> StreamDecoder<T> {
     /// Everything decoded so far.
     pub fn text(&self) -> &str {
         &self.emitted
+    }
+}
+
+/// Reads `tokenizer.json`. The file is checked to be JSON first, and the tokenizers crate's
+/// parse runs under `catch_unwind`: some of its deserializers `expect` on malformed parts
+/// (found by data/tests/fuzz.rs: a truncated decoder section panicked), which must be an error
+/// naming the file, not a crash.
+fn parse_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer, DataError> {
+    let bad = |message: String| DataError::Tokenizer { path: path.to_path_buf(), message };
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    match std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()) {
+        Ok(parsed) => parsed.map_err(|e| bad(e.to_string())),
+        Err(panic) => {
+            let what = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+            Err(bad(format!("malformed tokenizer: {}", what.unwrap_or_else(|| "the tokenizers crate could not read it".into()))))
+        }
     }
 }
 

@@ -8,10 +8,19 @@ use std::path::{Path, PathBuf};
 
 use lora_data::{DataKeys, Tokenizer, load_jsonl};
 use proptest::prelude::*;
-use proptest::test_runner::Config;
+use proptest::test_runner::{Config, RngSeed};
 use serde_json::json;
 
 const CASES: u32 = 200;
+
+/// The budget: `LORA_FUZZ_CASES` cases per target (default [`CASES`]) drawn from the seed
+/// `LORA_FUZZ_SEED` (default fixed, so every CI run tries the same inputs); a longer local run
+/// raises the count and varies the seed.
+fn budget() -> Config {
+    let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let cases = var("LORA_FUZZ_CASES").map_or(CASES, |c| c.min(u64::from(u32::MAX)) as u32);
+    Config { cases, rng_seed: RngSeed::Fixed(var("LORA_FUZZ_SEED").unwrap_or(0x10ca)), failure_persistence: None, ..Config::default() }
+}
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
@@ -52,7 +61,7 @@ fn insert() -> impl Strategy<Value = (usize, Vec<u8>)> {
 }
 
 proptest! {
-    #![proptest_config(Config { cases: CASES, failure_persistence: None, ..Config::default() })]
+    #![proptest_config(budget())]
 
     /// JSONL files of mutated rows, with and without --mask-prompt and bad-row skipping.
     #[test]
@@ -104,10 +113,27 @@ proptest! {
         let name = if config { "tokenizer_config.json" } else { "tokenizer.json" };
         let original = std::fs::read(fixture("llama").join(name)).unwrap();
         std::fs::write(dir.path().join(name), mutate(&original, &edits, &insert, cut)).unwrap();
-        if let Ok(tokenizer) = Tokenizer::from_dir(dir.path()) {
-            if let Ok(ids) = tokenizer.encode("Hello there, general Kenobi.", true) {
-                let _ = tokenizer.decode(&ids, true);
-            }
+        if let Ok(tokenizer) = Tokenizer::from_dir(dir.path())
+            && let Ok(ids) = tokenizer.encode("Hello there, general Kenobi.", true)
+        {
+            let _ = tokenizer.decode(&ids, true);
         }
+    }
+}
+
+/// Found by `mutated_tokenizer_files_are_errors_not_panics`: a tokenizer.json cut inside its
+/// decoder section panicked inside the tokenizers crate ("Helper: EOF while parsing a string")
+/// instead of being an error naming the file; so did a decoder of the wrong shape.
+#[test]
+fn a_tokenizer_json_cut_in_its_decoder_is_an_error_naming_the_file() {
+    let text = std::fs::read_to_string(fixture("llama").join("tokenizer.json")).unwrap();
+    let at = text.find("\"decoder\"").expect("the fixture has a decoder") + 30;
+    let mut wrong_shape: serde_json::Value = serde_json::from_str(&text).unwrap();
+    wrong_shape["decoder"] = json!({"type": "Sequence", "decoders": [{"type": 7}]});
+    for bytes in [text[..at].to_string(), wrong_shape.to_string()] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), bytes).unwrap();
+        let e = Tokenizer::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("tokenizer.json"), "{e}");
     }
 }
