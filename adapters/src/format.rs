@@ -108,6 +108,20 @@ pub fn load(path: &Path) -> Result<AdapterFile, AdapterError> {
             format!("the rank is {r} here, but the tensors of {} in {} have rank {}", w.module, weights_path.display(), w.rank),
         ));
     }
+    if let Some(keys) = &spec.keys
+        && let Some(w) = weights.iter().find(|w| !keys.iter().any(|k| w.module == *k || w.module.ends_with(&format!(".{k}"))))
+    {
+        let name = if format == AdapterFormat::Peft { "target_modules" } else { "lora_parameters.keys" };
+        return Err(AdapterError::invalid(
+            &config_path,
+            format!(
+                "{name} {keys:?} does not cover {}, whose tensors are in {}: {} would leave them out, so the adapter would not be the one trained; list the module there",
+                w.module,
+                weights_path.display(),
+                if format == AdapterFormat::Peft { "PEFT" } else { "mlx-lm" }
+            ),
+        ));
+    }
     Ok(AdapterFile { format, spec, weights, path: weights_path })
 }
 

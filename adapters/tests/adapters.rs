@@ -164,3 +164,29 @@ fn an_adapter_that_does_not_fit_names_the_tensor_and_both_shapes() {
     let err = add_adapters(&mut model, &AdapterSpec { keys: Some(vec!["qproj".into()]), ..Default::default() }, 0).unwrap_err();
     assert!(err.to_string().contains("\"qproj\""), "{err}");
 }
+
+/// Issue 14, defect 10: a PEFT adapter whose `target_modules` match none of its tensors' modules
+/// (or an mlx-lm one whose `keys` leave some out) was applied anyway, where PEFT and mlx-lm
+/// would leave those tensors out; it is an error naming the key and the uncovered module.
+#[test]
+fn target_modules_that_do_not_cover_the_tensors_are_an_error() {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/fuse_reference");
+    for (kind, weights, key, edit) in [
+        ("lora", "adapter_model.safetensors", "target_modules", serde_json::json!(["foo_proj"])),
+        ("lora", "adapter_model.safetensors", "target_modules", serde_json::json!(["q_proj", "v_proj"])),
+        ("mlx", "adapters.safetensors", "keys", serde_json::json!(["self_attn.q_proj"])),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(source.join(kind).join(weights), dir.path().join(weights)).unwrap();
+        let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(source.join(kind).join("adapter_config.json")).unwrap()).unwrap();
+        assert!(format::load(&source.join(kind)).is_ok(), "{kind}: the fixture itself loads");
+        if kind == "mlx" {
+            config["lora_parameters"][key] = edit;
+        } else {
+            config[key] = edit;
+        }
+        std::fs::write(dir.path().join("adapter_config.json"), config.to_string()).unwrap();
+        let e = format::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains("does not cover model.layers."), "{kind}: {e}");
+    }
+}
