@@ -229,6 +229,15 @@ fn read_weights(st: &SafeTensors, format: AdapterFormat, spec: &AdapterSpec, pat
             return Err(AdapterError::invalid(path, format!("tensor {name} is not a LoRA tensor of the {format:?} layout")));
         }
     }
+    // A B (or magnitude) tensor without its A: the module's A is what is missing.
+    for name in st.names() {
+        let stem = name.strip_suffix(b_suffix).or_else(|| name.strip_suffix(m_suffix));
+        if let Some(stem) = stem
+            && !modules.values().any(|s| s == stem)
+        {
+            return Err(AdapterError::invalid(path, format!("tensor {stem}{a_suffix} is missing (its neighbour {name} is there)")));
+        }
+    }
     if modules.is_empty() {
         return Err(AdapterError::invalid(path, "holds no adapter tensors"));
     }
@@ -252,6 +261,12 @@ fn read_weights(st: &SafeTensors, format: AdapterFormat, spec: &AdapterSpec, pat
         };
         let b_rank = if format == AdapterFormat::Peft { b1 } else { b0 };
         if b_rank != rank {
+            // The one whose rank the config does not state is the damaged one (B when the
+            // config states neither).
+            if b_rank == spec.rank {
+                let expected = if format == AdapterFormat::Peft { vec![b_rank, a1] } else { vec![a0, b_rank] };
+                return Err(AdapterError::ShapeMismatch { path: path.to_path_buf(), name: a_name, expected, found: a.shape().to_vec() });
+            }
             let expected = if format == AdapterFormat::Peft { vec![b0, rank] } else { vec![rank, b1] };
             return Err(AdapterError::ShapeMismatch { path: path.to_path_buf(), name: b_name, expected, found: b.shape().to_vec() });
         }

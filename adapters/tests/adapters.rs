@@ -190,3 +190,41 @@ fn target_modules_that_do_not_cover_the_tensors_are_an_error() {
         assert!(e.contains(key) && e.contains("does not cover model.layers."), "{kind}: {e}");
     }
 }
+
+/// Issue 14, defect 11: a `lora_A` of the wrong rank was reported as its `lora_B`, and a
+/// module whose `lora_A` is missing was dropped without a word (only B names were there).
+#[test]
+fn a_damaged_or_missing_lora_a_is_named_as_such() {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/fuse_reference/lora");
+    let bytes = std::fs::read(source.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let a_name = st.names().into_iter().find(|n| n.ends_with("q_proj.lora_A.weight")).unwrap().to_string();
+    let write = |drop_a: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(source.join("adapter_config.json"), dir.path().join("adapter_config.json")).unwrap();
+        let mut tensors: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
+        let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (name, view) in st.tensors() {
+            if name == a_name {
+                if drop_a {
+                    continue;
+                }
+                // One row fewer: rank r - 1.
+                let shape = view.shape().to_vec();
+                let row = shape[1] * 4;
+                owned.push((name.clone(), vec![shape[0] - 1, shape[1]], view.data()[..view.data().len() - row].to_vec()));
+                continue;
+            }
+            tensors.push((name, view));
+        }
+        let owned_views: Vec<(String, safetensors::tensor::TensorView)> =
+            owned.iter().map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())).collect();
+        tensors.extend(owned_views);
+        safetensors::serialize_to_file(tensors, None, &dir.path().join("adapter_model.safetensors")).unwrap();
+        dir
+    };
+    let e = format::load(write(false).path()).unwrap_err().to_string();
+    assert!(e.contains(&a_name) && !e.contains("lora_B"), "{e}");
+    let e = format::load(write(true).path()).unwrap_err().to_string();
+    assert!(e.contains(&format!("{a_name} is missing")), "{e}");
+}
