@@ -543,8 +543,22 @@ fn bench_generate_reports_rates_and_decodes_deterministically() {
     let run = |runs: &str, name: &str| -> Value {
         let json = dir.path().join(name);
         let out = lora(&[
-            "bench", "generate", "--geometry", "tiny", "--device", "cpu", "--prompt-tokens", "5", "--max-tokens", "12", "--runs", runs, "--warmup", "0",
-            "--json", json.to_str().unwrap(),
+            "bench",
+            "generate",
+            "--geometry",
+            "tiny",
+            "--device",
+            "cpu",
+            "--prompt-tokens",
+            "5",
+            "--max-tokens",
+            "12",
+            "--runs",
+            runs,
+            "--warmup",
+            "0",
+            "--json",
+            json.to_str().unwrap(),
         ]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(String::from_utf8_lossy(&out.stdout).contains("decode"), "no report: {}", String::from_utf8_lossy(&out.stdout));
@@ -560,4 +574,63 @@ fn bench_generate_reports_rates_and_decodes_deterministically() {
     }
     assert_eq!(two["decode_runs"].as_array().unwrap().len(), 2);
     assert_eq!(one["output_head"], two["output_head"]);
+}
+
+/// Issue 14, "Fuzzing and hostile files": hostile inputs run under a 1 GiB address-space limit
+/// (`ulimit -v`) end in a clear error naming what is wrong and exit code 2, never an abort, a
+/// panic or an out-of-memory kill: a 50 MB JSONL row, a 100,000-character prompt, a
+/// safetensors header that claims more bytes than the file holds, and a chat template that
+/// doubles a string 40 times.
+#[test]
+fn hostile_inputs_under_a_memory_limit_are_errors_not_aborts() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    // A 50 MB row beside a valid split.
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let row = format!("{{\"text\": \"{}\"}}\n", "word ".repeat(10 << 20));
+    std::fs::write(data.join("train.jsonl"), row).unwrap();
+    std::fs::copy(fixture("quickstart").join("valid.jsonl"), data.join("valid.jsonl")).unwrap();
+    // A checkpoint whose header says one tensor spans 2^40 bytes.
+    let bad_model = dir.path().join("model");
+    std::fs::create_dir(&bad_model).unwrap();
+    copy_files(&fixture("llama"), &bad_model);
+    let header = br#"{"model.embed_tokens.weight":{"dtype":"F32","shape":[1048576,262144],"data_offsets":[0,1099511627776]}}"#;
+    let mut st = (header.len() as u64).to_le_bytes().to_vec();
+    st.extend_from_slice(header);
+    std::fs::write(bad_model.join("model.safetensors"), st).unwrap();
+    // A template that doubles a string 40 times.
+    let bomb = dir.path().join("bomb");
+    std::fs::create_dir(&bomb).unwrap();
+    copy_files(&fixture("llama"), &bomb);
+    std::fs::write(bomb.join("chat_template.jinja"), "{% set s = namespace(v='ab') %}{% for i in range(40) %}{% set s.v = s.v ~ s.v %}{% endfor %}{{ s.v }}")
+        .unwrap();
+    let adapters = dir.path().join("adapters");
+    let long = "hello ".repeat(16_667);
+    let llama = p(&fixture("llama"));
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            ["train", "--model", &llama, "--data", &p(&data), "--iters", "1", "--max-seq-length", "64", "--device", "cpu", "--adapter-path", &p(&adapters)]
+                .map(String::from)
+                .to_vec(),
+            "train.jsonl",
+        ),
+        (["generate", "--model", &llama, "--prompt", &long, "--ignore-chat-template", "--device", "cpu"].map(String::from).to_vec(), "prompt"),
+        (["generate", "--model", &p(&bad_model), "--prompt", "hi", "--device", "cpu"].map(String::from).to_vec(), "model.safetensors"),
+        (["generate", "--model", &p(&bomb), "--prompt", "hi", "--device", "cpu"].map(String::from).to_vec(), "chat_template.jinja"),
+    ];
+    for (args, names) in cases {
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg("ulimit -v 1048576 && exec \"$@\"")
+            .arg("bash")
+            .arg(env!("CARGO_BIN_EXE_lora"))
+            .args(&args)
+            .current_dir(common::root())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{}: expected a clean error exit, got {:?}: {err}", args[0], out.status);
+        assert!(err.contains(names) && !err.contains("panicked"), "{} should name {names}: {err}", args[0]);
+    }
 }
