@@ -666,40 +666,23 @@ mod tests {
 
     mod fuzz {
         use super::*;
+        use lora_testkit::{budget, edits, insert, mutate};
         use proptest::prelude::*;
-        use proptest::test_runner::{Config, RngSeed};
-
-        /// `LORA_FUZZ_CASES` (default 300) experiments from the seed `LORA_FUZZ_SEED` (default
-        /// fixed), as the other fuzz targets.
-        fn budget() -> Config {
-            let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
-            let cases = var("LORA_FUZZ_CASES").map_or(300, |c| c.min(u64::from(u32::MAX)) as u32);
-            Config { cases, rng_seed: RngSeed::Fixed(var("LORA_FUZZ_SEED").unwrap_or(0x10ca)), failure_persistence: None, ..Config::default() }
-        }
 
         proptest! {
-            #![proptest_config(budget())]
+            #![proptest_config(budget(300))]
 
             /// Issue 14's fuzzing of TOML experiments: configs/quickstart.toml with bytes
             /// overwritten, inserted or cut off, resolved as `train --config` resolves it; an
             /// error or a config, never a panic.
             #[test]
             fn a_mutated_experiment_is_an_error_not_a_panic(
-                edits in prop::collection::vec((any::<usize>(), any::<u8>()), 0..6),
-                insert in (any::<usize>(), prop::collection::vec(prop::sample::select(b"[]=\"'\n.#0-9e+_ infnatrue".to_vec()), 0..10)),
+                edits in edits(0..6),
+                insert in insert(b"[]=\"'\n.#0-9e+_ infnatrue", 10),
                 cut in prop::option::of(any::<usize>()),
             ) {
                 let text = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/quickstart.toml")).unwrap();
-                let mut bytes = text.clone();
-                for &(at, b) in &edits {
-                    let n = bytes.len();
-                    bytes[at % n] = b;
-                }
-                let at = insert.0 % (bytes.len() + 1);
-                bytes.splice(at..at, insert.1.iter().copied());
-                if let Some(cut) = cut {
-                    bytes.truncate(cut % (bytes.len() + 1));
-                }
+                let bytes = mutate(&text, &edits, usize::MAX, Some(&insert), cut);
                 let dir = tempfile::tempdir().unwrap();
                 let path = dir.path().join("x.toml");
                 std::fs::write(&path, &bytes).unwrap();

@@ -4,50 +4,21 @@
 //! loads them and put on the llama fixture. Every case must end in `Ok` or an error, never a
 //! panic. The case count is fixed so CI's time stays bounded.
 
-use std::path::{Path, PathBuf};
-
 use burn::tensor::{DType, Device};
 use lora_model::{CausalLm, Checkpoint, ModelConfig};
+use lora_testkit::{budget, edits, fixture, mutate};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngSeed};
 
 const CASES: u32 = 200;
 
-/// The budget: `LORA_FUZZ_CASES` cases per target (default [`CASES`]) drawn from the seed
-/// `LORA_FUZZ_SEED` (default fixed, so every CI run tries the same inputs); a longer local run
-/// raises the count and varies the seed.
-fn budget() -> Config {
-    let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
-    let cases = var("LORA_FUZZ_CASES").map_or(CASES, |c| c.min(u64::from(u32::MAX)) as u32);
-    Config { cases, rng_seed: RngSeed::Fixed(var("LORA_FUZZ_SEED").unwrap_or(0x10ca)), failure_persistence: None, ..Config::default() }
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
-}
-
-fn mutate(bytes: &[u8], edits: &[(usize, u8)], window: usize, cut: Option<usize>) -> Vec<u8> {
-    let mut out = bytes.to_vec();
-    for &(at, b) in edits {
-        let n = window.min(out.len()).max(1);
-        if let Some(slot) = out.get_mut(at % n) {
-            *slot = b;
-        }
-    }
-    if let Some(cut) = cut {
-        out.truncate(cut % (out.len() + 1));
-    }
-    out
-}
-
 proptest! {
-    #![proptest_config(budget())]
+    #![proptest_config(budget(CASES))]
 
     #[test]
     fn mutated_adapter_files_are_errors_not_panics(
         mlx in any::<bool>(),
         weights in any::<bool>(),
-        edits in prop::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+        edits in edits(1..6),
         cut in prop::option::of(any::<usize>()),
     ) {
         let source = fixture("fuse_reference").join(if mlx { "mlx" } else { "lora" });
@@ -60,7 +31,7 @@ proptest! {
         let bytes = std::fs::read(source.join(name)).unwrap();
         // The weights' header only: the floats after it are any value already.
         let window = if weights { 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize } else { bytes.len() };
-        std::fs::write(dir.path().join(name), mutate(&bytes, &edits, window, cut)).unwrap();
+        std::fs::write(dir.path().join(name), mutate(&bytes, &edits, window, None, cut)).unwrap();
         if let Ok(file) = lora_adapters::format::load(dir.path()) {
             let model_dir = fixture("llama");
             let config = ModelConfig::from_dir(&model_dir).unwrap();

@@ -1,14 +1,10 @@
 //! Tokenizer and chat-template parity with transformers on the fixtures of
 //! `tests/fixtures/` (made by `tests/fixtures/make_fixtures.py`).
 
-use std::path::{Path, PathBuf};
+use lora_testkit::fixture;
 
 use lora_data::Tokenizer;
 use serde_json::Value;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
-}
 
 fn expected(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixture(name).join("expected.json")).unwrap()).unwrap()
@@ -64,14 +60,10 @@ fn eos_ids_come_from_config_generation_config_and_tokenizer() {
 fn template_errors_carry_the_raised_message() {
     let tok = Tokenizer::from_dir(&fixture("llama")).unwrap();
     // The Llama-style template refuses a conversation without a user message.
-    let err = tok
-        .apply_chat_template(&serde_json::json!([{"role": "system", "content": "x"}]), None, true)
-        .unwrap_err();
+    let err = tok.apply_chat_template(&serde_json::json!([{"role": "system", "content": "x"}]), None, true).unwrap_err();
     assert!(err.to_string().contains("Conversations must contain a user message"), "{err}");
     let tok = Tokenizer::from_dir(&fixture("qwen2")).unwrap();
-    let err = tok
-        .apply_chat_template(&serde_json::json!([{"role": "robot", "content": "x"}]), None, true)
-        .unwrap_err();
+    let err = tok.apply_chat_template(&serde_json::json!([{"role": "robot", "content": "x"}]), None, true).unwrap_err();
     assert!(err.to_string().contains("Unknown role: robot"), "{err}");
 }
 

@@ -4,45 +4,12 @@
 //! must end in `Ok` or an error, never a panic. The case count is fixed so CI's time stays
 //! bounded.
 
-use std::path::{Path, PathBuf};
-
 use lora_data::{DataKeys, Tokenizer, load_jsonl};
+use lora_testkit::{budget, fixture};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngSeed};
 use serde_json::json;
 
 const CASES: u32 = 200;
-
-/// The budget: `LORA_FUZZ_CASES` cases per target (default [`CASES`]) drawn from the seed
-/// `LORA_FUZZ_SEED` (default fixed, so every CI run tries the same inputs); a longer local run
-/// raises the count and varies the seed.
-fn budget() -> Config {
-    let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
-    let cases = var("LORA_FUZZ_CASES").map_or(CASES, |c| c.min(u64::from(u32::MAX)) as u32);
-    Config { cases, rng_seed: RngSeed::Fixed(var("LORA_FUZZ_SEED").unwrap_or(0x10ca)), failure_persistence: None, ..Config::default() }
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
-}
-
-/// `bytes` with each `(position, byte)` written, `insert` put at its position, then cut to
-/// `cut` bytes when given.
-fn mutate(bytes: &[u8], edits: &[(usize, u8)], insert: &(usize, Vec<u8>), cut: Option<usize>) -> Vec<u8> {
-    let mut out = bytes.to_vec();
-    for &(at, b) in edits {
-        if !out.is_empty() {
-            let n = out.len();
-            out[at % n] = b;
-        }
-    }
-    let at = insert.0 % (out.len() + 1);
-    out.splice(at..at, insert.1.iter().copied());
-    if let Some(cut) = cut {
-        out.truncate(cut % (out.len() + 1));
-    }
-    out
-}
 
 /// Rows of the formats `train` reads.
 const ROWS: &[&str] = &[
@@ -53,15 +20,20 @@ const ROWS: &[&str] = &[
 ];
 
 fn edits() -> impl Strategy<Value = Vec<(usize, u8)>> {
-    prop::collection::vec((any::<usize>(), any::<u8>()), 0..6)
+    lora_testkit::edits(0..6)
 }
 
 fn insert() -> impl Strategy<Value = (usize, Vec<u8>)> {
-    (any::<usize>(), prop::collection::vec(prop::sample::select(b"{}[]\":,\\\n\r\t 0-9eE.nulltrue\xff\xfe\x00".to_vec()), 0..12))
+    lora_testkit::insert(b"{}[]\":,\\\n\r\t 0-9eE.nulltrue\xff\xfe\x00", 12)
+}
+
+/// `bytes` with `edits` written anywhere, `insert` put in, then cut to `cut` bytes.
+fn mutate(bytes: &[u8], edits: &[(usize, u8)], insert: &(usize, Vec<u8>), cut: Option<usize>) -> Vec<u8> {
+    lora_testkit::mutate(bytes, edits, usize::MAX, Some(insert), cut)
 }
 
 proptest! {
-    #![proptest_config(budget())]
+    #![proptest_config(budget(CASES))]
 
     /// JSONL files of mutated rows, with and without --mask-prompt and bad-row skipping.
     #[test]

@@ -4,43 +4,14 @@
 //! panic; safetensors sizes are checked against the file, so no case allocates more than the
 //! file holds. The case count is fixed (`CASES` per target) so CI's time stays bounded.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::tensor::{DType, Device};
 use lora_model::{CausalLm, Checkpoint, ModelConfig};
+use lora_testkit::{budget, edits, fixture, mutate};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngSeed};
 
 const CASES: u32 = 300;
-
-/// The budget: `LORA_FUZZ_CASES` cases per target (default [`CASES`]) drawn from the seed
-/// `LORA_FUZZ_SEED` (default fixed, so every CI run tries the same inputs); a longer local run
-/// raises the count and varies the seed.
-fn budget() -> Config {
-    let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
-    let cases = var("LORA_FUZZ_CASES").map_or(CASES, |c| c.min(u64::from(u32::MAX)) as u32);
-    Config { cases, rng_seed: RngSeed::Fixed(var("LORA_FUZZ_SEED").unwrap_or(0x10ca)), failure_persistence: None, ..Config::default() }
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
-}
-
-/// `bytes` with each `(position, byte)` written (positions folded into `0..window`), then cut
-/// to `cut` bytes when given.
-fn mutate(bytes: &[u8], edits: &[(usize, u8)], window: usize, cut: Option<usize>) -> Vec<u8> {
-    let mut out = bytes.to_vec();
-    for &(at, b) in edits {
-        let at = at % window.min(out.len()).max(1);
-        if let Some(slot) = out.get_mut(at) {
-            *slot = b;
-        }
-    }
-    if let Some(cut) = cut {
-        out.truncate(cut % (out.len() + 1));
-    }
-    out
-}
 
 /// A model directory with the fixture's files and `name` replaced by `bytes`.
 fn directory_with(name: &str, bytes: &[u8]) -> tempfile::TempDir {
@@ -71,23 +42,23 @@ fn read_all(dir: &Path) {
 }
 
 proptest! {
-    #![proptest_config(budget())]
+    #![proptest_config(budget(CASES))]
 
     /// Bytes of the safetensors header (its length prefix and JSON table) overwritten or the
     /// file cut short.
     #[test]
-    fn a_mutated_safetensors_header_is_an_error_not_a_panic(edits in prop::collection::vec((any::<usize>(), any::<u8>()), 1..8), cut in prop::option::of(any::<usize>())) {
+    fn a_mutated_safetensors_header_is_an_error_not_a_panic(edits in edits(1..8), cut in prop::option::of(any::<usize>())) {
         let bytes = std::fs::read(fixture("llama").join("model.safetensors")).unwrap();
         let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        let dir = directory_with("model.safetensors", &mutate(&bytes, &edits, header, cut));
+        let dir = directory_with("model.safetensors", &mutate(&bytes, &edits, header, None, cut));
         read_all(dir.path());
     }
 
     /// `config.json` with bytes overwritten or cut short (numbers, types and structure broken).
     #[test]
-    fn a_mutated_config_json_is_an_error_not_a_panic(edits in prop::collection::vec((any::<usize>(), any::<u8>()), 1..8), cut in prop::option::of(any::<usize>())) {
+    fn a_mutated_config_json_is_an_error_not_a_panic(edits in edits(1..8), cut in prop::option::of(any::<usize>())) {
         let bytes = std::fs::read(fixture("llama").join("config.json")).unwrap();
-        let dir = directory_with("config.json", &mutate(&bytes, &edits, bytes.len(), cut));
+        let dir = directory_with("config.json", &mutate(&bytes, &edits, bytes.len(), None, cut));
         read_all(dir.path());
     }
 

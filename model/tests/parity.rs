@@ -10,7 +10,7 @@
 //! and f16 scales, against mlx-lm with the model cast to f32), and in half precision
 //! within 0.5 (bf16) and 0.1 (f16) of mlx-lm's half-precision run; logits reach ~5.
 
-use std::path::{Path, PathBuf};
+use lora_testkit::fixture;
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use lora_model::device::wgpu_device;
@@ -20,10 +20,6 @@ use serde_json::Value;
 
 const F32_TOL: f32 = 1e-4;
 const BF16_TOL: f32 = 0.25;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
-}
 
 struct Expected {
     json: Value,
