@@ -9,7 +9,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
-use burn::backend::ops::{ActivationOps, FloatTensorOps};
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::tensor::{Shape, Tensor};
@@ -35,27 +35,42 @@ pub trait LinearOps: Backend {
     /// `residual + x·Wᵀ`: `x` `[m, k]`, frozen `w` `[n, k]`, `residual` `[m, n]` -> `[m, n]`.
     #[fusion(dtype = x, shape = Shape::new([x[0], w[0]]))]
     fn frozen_linear_add_t(x: FloatTensor<Self>, w: FloatTensor<Self>, residual: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::float_add(residual, Self::frozen_linear_t(x, w))
+        composed_linear_add::<Self>(x, w, residual)
     }
 
     /// `[x·wqᵀ, x·wkᵀ, x·wvᵀ]`: `x` `[m, k]`, frozen `wq`, `wk`, `wv` `[n·, k]` ->
     /// `[m, nq + nk + nv]` (attention's three input projections).
     #[fusion(dtype = x, shape = Shape::new([x[0], wq[0] + wk[0] + wv[0]]))]
     fn frozen_linear3_t(x: FloatTensor<Self>, wq: FloatTensor<Self>, wk: FloatTensor<Self>, wv: FloatTensor<Self>) -> FloatTensor<Self> {
-        let q = Self::frozen_linear_t(x.clone(), wq);
-        let k = Self::frozen_linear_t(x.clone(), wk);
-        let v = Self::frozen_linear_t(x, wv);
-        Self::float_cat(vec![q, k, v], 1)
+        composed_linear3::<Self>(x, wq, wk, wv)
     }
 
     /// The SwiGLU block's activation: `silu(x·gateᵀ) · (x·upᵀ)` for `x` `[m, k]` and frozen
     /// `gate`, `up` `[n, k]` -> `[m, n]`. Under autodiff, the tracked composition.
     #[fusion(dtype = x, shape = Shape::new([x[0], gate[0]]))]
     fn frozen_swiglu_t(x: FloatTensor<Self>, gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        let u = Self::frozen_linear_t(x.clone(), up);
-        let g = Self::frozen_linear_t(x, gate);
-        Self::float_mul(Self::float_mul(g.clone(), Self::sigmoid(g)), u)
+        composed_swiglu::<Self>(x, gate, up)
     }
+}
+
+/// [`LinearOps::frozen_linear_add_t`] as a sum after the product (every backend's fallback).
+fn composed_linear_add<B: LinearOps>(x: FloatTensor<B>, w: FloatTensor<B>, residual: FloatTensor<B>) -> FloatTensor<B> {
+    B::float_add(residual, B::frozen_linear_t(x, w))
+}
+
+/// [`LinearOps::frozen_linear3_t`] as three products and a concatenation.
+fn composed_linear3<B: LinearOps>(x: FloatTensor<B>, wq: FloatTensor<B>, wk: FloatTensor<B>, wv: FloatTensor<B>) -> FloatTensor<B> {
+    let q = B::frozen_linear_t(x.clone(), wq);
+    let k = B::frozen_linear_t(x.clone(), wk);
+    let v = B::frozen_linear_t(x, wv);
+    B::float_cat(vec![q, k, v], 1)
+}
+
+/// [`LinearOps::frozen_swiglu_t`] as two products and the activation.
+fn composed_swiglu<B: LinearOps>(x: FloatTensor<B>, gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+    let u = B::frozen_linear_t(x.clone(), up);
+    let g = B::frozen_linear_t(x, gate);
+    B::float_mul(B::float_mul(g.clone(), B::sigmoid(g)), u)
 }
 
 impl LinearOps for Flex {}
@@ -84,7 +99,7 @@ impl LinearOps for burn_cubecl::CubeBackend {
         if same && x.shape()[0] <= MATVEC_ROWS {
             return dense_matvec_t(x, w, Some(residual));
         }
-        Self::float_add(residual, Self::frozen_linear_t(x, w))
+        composed_linear_add::<Self>(x, w, residual)
     }
 
     fn frozen_linear3_t(x: FloatTensor<Self>, wq: FloatTensor<Self>, wk: FloatTensor<Self>, wv: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -93,10 +108,7 @@ impl LinearOps for burn_cubecl::CubeBackend {
         if same && x.shape()[0] <= MATVEC_ROWS {
             return matvec3_t(x, wq, wk, wv);
         }
-        let q = Self::frozen_linear_t(x.clone(), wq);
-        let kk = Self::frozen_linear_t(x.clone(), wk);
-        let v = Self::frozen_linear_t(x, wv);
-        Self::float_cat(vec![q, kk, v], 1)
+        composed_linear3::<Self>(x, wq, wk, wv)
     }
 
     fn frozen_swiglu_t(x: FloatTensor<Self>, gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -104,9 +116,7 @@ impl LinearOps for burn_cubecl::CubeBackend {
         if same && x.shape()[0] <= MATVEC_ROWS {
             return swiglu_matvec_t(x, gate, up);
         }
-        let u = Self::frozen_linear_t(x.clone(), up);
-        let g = Self::frozen_linear_t(x, gate);
-        Self::float_mul(Self::float_mul(g.clone(), Self::sigmoid(g)), u)
+        composed_swiglu::<Self>(x, gate, up)
     }
 }
 
