@@ -903,9 +903,15 @@ fn key_list(keys: &Tensor<2>) -> Vec<bool> {
 /// `0..total`: 0 for a key it sees, `f32::MIN` for a later one (unwritten cache) or one outside
 /// the sliding window.
 fn decode_bias(batch: usize, past: usize, total: usize, window: Option<usize>, device: &Device) -> Tensor<2> {
-    let row: Vec<f32> = (0..total).map(|k| if k > past || window.is_some_and(|w| past - k.min(past) >= w) { f32::MIN } else { 0.0 }).collect();
+    let row: Vec<f32> = (0..total).map(|k| if hidden(past, k, window) { f32::MIN } else { 0.0 }).collect();
     let flags: Vec<f32> = (0..batch).flat_map(|_| row.iter().copied()).collect();
     Tensor::from_data(TensorData::new(flags, [batch, total]), (device, DType::F32))
+}
+
+/// Whether the query at position `q` may not see the key at `k`: a future key (`k > q`, which
+/// covers unwritten cache) or one outside the sliding window (`q - k >= window`).
+fn hidden(q: usize, k: usize, window: Option<usize>) -> bool {
+    k > q || window.is_some_and(|w| q - k.min(q) >= w)
 }
 
 /// The attention mask `[batch, 1, 1, seq, total]` of queries at `past..past + seq` over keys at
@@ -918,10 +924,8 @@ fn build_mask(batch: usize, seq: usize, past: usize, total: usize, window: Optio
         for qi in 0..seq {
             let q = past + qi;
             for k in 0..total {
-                let future = k > q;
-                let outside = window.is_some_and(|w| q - k.min(q) >= w);
                 let padding = attention_mask.is_some_and(|m| k >= past && k < past + seq && !m[row * seq + (k - past)]);
-                flags.push(future || outside || padding);
+                flags.push(hidden(q, k, window) || padding);
             }
         }
     }
