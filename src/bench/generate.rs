@@ -9,21 +9,19 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
-use lora_model::{Checkpoint, Sampler, SamplingConfig};
+use lora_model::{Sampler, SamplingConfig};
 use serde_json::json;
 
-use super::{GeometryArgs, median, write_json};
-use crate::device::{DTypeArg, DeviceArg, PeakMemory, compute_dtype, select};
-use crate::generate::load_model;
-use crate::quantize::QuantArgs;
+use super::{RandomModelArgs, median, random_tokens, write_json};
+use crate::device::PeakMemory;
 
 /// Flags of `lora bench generate`.
 #[derive(Debug, Args)]
 pub struct BenchGenerateArgs {
     #[command(flatten)]
-    pub shape: GeometryArgs,
+    pub model: RandomModelArgs,
     /// Tokens in the (random) prompt.
     #[arg(long, default_value_t = 16)]
     pub prompt_tokens: usize,
@@ -36,51 +34,28 @@ pub struct BenchGenerateArgs {
     /// Untimed runs first.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    #[command(flatten)]
-    pub quant: QuantArgs,
-    /// Compute dtype [default: bf16 where the device has it, else f16; f32 on the CPU].
-    #[arg(long, value_enum)]
-    pub dtype: Option<DTypeArg>,
-    /// Backend.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto, value_name = "D")]
-    pub device: DeviceArg,
     /// Also write the figures as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: BenchGenerateArgs) -> Result<()> {
-    let g = args.shape.geometry()?;
     if args.prompt_tokens == 0 || args.max_tokens == 0 || args.runs == 0 {
         bail!("--prompt-tokens, --max-tokens and --runs must be at least 1");
     }
-    let config = g.config();
-    let device = select(args.device)?;
-    let dtype = compute_dtype(&device, args.dtype, config.checkpoint_dtype.as_deref())?;
-    let options = args.quant.load_options(&config)?;
+    let bench = args.model.resolve()?;
+    let (g, device, dtype) = (&bench.geometry, &bench.device, bench.dtype);
+    let name = &args.model.shape.geometry;
     eprintln!(
-        "bench generate: {} ({:.2} B parameters), prompt {} tokens, {} new, {dtype:?}{}, device {device:?}",
-        args.shape.geometry,
+        "bench generate: {name} ({:.2} B parameters), prompt {} tokens, {} new, {dtype:?}{}, device {device:?}",
         g.parameters() as f64 / 1e9,
         args.prompt_tokens,
         args.max_tokens,
-        args.quant.quantize.map_or(String::new(), |q| format!(", base {q:?}")),
+        args.model.base_words(),
     );
-    let started = Instant::now();
-    let model = load_model(&config, &Checkpoint::random(&config), &device, dtype, options)?;
-    device.sync().context("device sync")?;
-    let load_s = started.elapsed().as_secs_f64();
-
-    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-    let prompt: Vec<u32> = (0..args.prompt_tokens)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % g.vocab as u64) as u32
-        })
-        .collect();
-    let mut peak = PeakMemory::new(&device);
+    let (model, load_s) = bench.build(device)?;
+    let prompt = random_tokens(args.prompt_tokens, g.vocab, &mut 0x9E37_79B9_7F4A_7C15u64);
+    let mut peak = PeakMemory::new(device);
     let (mut prompt_rates, mut decode_rates, mut first_run_s) = (Vec::new(), Vec::new(), 0.0);
     let mut output = Vec::new();
     for run in 0..args.warmup + args.runs {
@@ -108,9 +83,8 @@ pub fn run(args: BenchGenerateArgs) -> Result<()> {
     let (prompt_rate, decode_rate) = (median(&mut prompt_rates), median(&mut decode_rates));
     let peak_gib = peak.peak()? as f64 / (1u64 << 30) as f64;
     println!(
-        "lora generate {} {dtype:?}{}: prompt {} tokens at {prompt_rate:.1} tokens/s, decode {:.1} tokens/s ({:.2} ms/token), first run {first_run_s:.2} s after {load_s:.1} s of building, peak {peak_gib:.2} GiB",
-        args.shape.geometry,
-        args.quant.quantize.map_or(String::new(), |q| format!(" {q:?}")),
+        "lora generate {name} {dtype:?}{}: prompt {} tokens at {prompt_rate:.1} tokens/s, decode {:.1} tokens/s ({:.2} ms/token), first run {first_run_s:.2} s after {load_s:.1} s of building, peak {peak_gib:.2} GiB",
+        args.model.quant.quantize.map_or(String::new(), |q| format!(" {q:?}")),
         args.prompt_tokens,
         decode_rate,
         1e3 / decode_rate,
@@ -118,10 +92,10 @@ pub fn run(args: BenchGenerateArgs) -> Result<()> {
     if let Some(path) = &args.json {
         let value = json!({
             "side": "lora",
-            "geometry": args.shape.geometry,
+            "geometry": name,
             "parameters": g.parameters(),
             "dtype": format!("{dtype:?}"),
-            "quantize": args.quant.quantize.map(|q| format!("{q:?}")),
+            "quantize": args.model.quant.quantize.map(|q| format!("{q:?}")),
             "prompt_tokens": args.prompt_tokens,
             "max_tokens": args.max_tokens,
             "prompt_tokens_per_s": prompt_rate,

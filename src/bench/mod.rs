@@ -9,9 +9,13 @@ pub mod train;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 use clap::Args;
-use lora_model::Geometry;
+use lora_model::{CausalLm, Checkpoint, Geometry, LoadOptions, ModelConfig};
+
+use crate::device::{DTypeArg, DeviceArg, compute_dtype, select};
+use crate::generate::load_model;
+use crate::quantize::QuantArgs;
 
 /// A named model shape and overrides of its sizes.
 #[derive(Debug, Args)]
@@ -53,6 +57,70 @@ impl GeometryArgs {
         g.validate().map_err(|e| anyhow::anyhow!("--geometry {}: {e}", self.geometry))?;
         Ok(g)
     }
+}
+
+/// The random model a bench runs on: its shape, how it is loaded, and where.
+#[derive(Debug, Args)]
+pub struct RandomModelArgs {
+    #[command(flatten)]
+    pub shape: GeometryArgs,
+    #[command(flatten)]
+    pub quant: QuantArgs,
+    /// Compute dtype [default: bf16 where the device has it, else f16; f32 on the CPU].
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
+    /// Backend.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto, value_name = "D")]
+    pub device: DeviceArg,
+}
+
+/// [`RandomModelArgs`] resolved: the checked shape, its config, the device, the compute dtype
+/// and the load options.
+pub struct RandomModel {
+    pub geometry: Geometry,
+    pub config: ModelConfig,
+    pub device: Device,
+    pub dtype: DType,
+    pub options: LoadOptions,
+}
+
+impl RandomModelArgs {
+    pub fn resolve(&self) -> Result<RandomModel> {
+        let geometry = self.shape.geometry()?;
+        let config = geometry.config();
+        let device = select(self.device)?;
+        let dtype = compute_dtype(&device, self.dtype, config.checkpoint_dtype.as_deref())?;
+        let options = self.quant.load_options(&config)?;
+        Ok(RandomModel { geometry, config, device, dtype, options })
+    }
+
+    /// `", base NF4 double-quant"`-style words for the reports: empty for a float base.
+    pub fn base_words(&self) -> String {
+        self.quant.quantize.map_or(String::new(), |q| format!(", base {q:?}{}", if self.quant.double_quant { " double-quant" } else { "" }))
+    }
+}
+
+impl RandomModel {
+    /// The model with random weights built on `device` (the plain device, or its autodiff
+    /// form), and the seconds building took, synchronized.
+    pub fn build(&self, device: &Device) -> Result<(CausalLm, f64)> {
+        let started = Instant::now();
+        let model = load_model(&self.config, &Checkpoint::random(&self.config), device, self.dtype, self.options)?;
+        self.device.sync().context("device sync")?;
+        Ok((model, started.elapsed().as_secs_f64()))
+    }
+}
+
+/// `n` token ids below `vocab` from a xorshift stream seeded with `seed` (never 0).
+pub fn random_tokens(n: usize, vocab: usize, seed: &mut u64) -> Vec<u32> {
+    (0..n)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            (*seed % vocab as u64) as u32
+        })
+        .collect()
 }
 
 /// Seconds per call of `f`, the median of `iters` after one warm-up, synchronized.

@@ -15,20 +15,18 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lora_adapters::{AdapterSpec, FineTuneType, Init, Scale, add_adapters, trainable_count};
 use lora_data::Example;
-use lora_model::{CausalLm, Checkpoint};
+use lora_model::CausalLm;
 use lora_trainer::{Observer, Optimizer, OptimizerConfig, OptimizerKind, Schedule, ScheduleKind, Settings, State, TrainError};
 use serde_json::json;
 
-use super::{GeometryArgs, median, write_json};
-use crate::device::{DTypeArg, DeviceArg, PeakMemory, compute_dtype, select};
-use crate::generate::load_model;
-use crate::quantize::QuantArgs;
+use super::{RandomModelArgs, median, random_tokens, write_json};
+use crate::device::PeakMemory;
 
 /// Flags of `lora bench train`.
 #[derive(Debug, Args)]
 pub struct BenchTrainArgs {
     #[command(flatten)]
-    pub shape: GeometryArgs,
+    pub model: RandomModelArgs,
     /// Rows per step.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -53,14 +51,6 @@ pub struct BenchTrainArgs {
     /// Adapt the last N blocks; -1 for all.
     #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
     pub num_layers: i64,
-    #[command(flatten)]
-    pub quant: QuantArgs,
-    /// Compute dtype [default: bf16 where the device has it, else f16; f32 on the CPU].
-    #[arg(long, value_enum)]
-    pub dtype: Option<DTypeArg>,
-    /// Backend.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto, value_name = "D")]
-    pub device: DeviceArg,
     /// Recompute each block in backward instead of keeping its activations.
     #[arg(long)]
     pub grad_checkpoint: bool,
@@ -70,21 +60,18 @@ pub struct BenchTrainArgs {
 }
 
 pub fn run(args: BenchTrainArgs) -> Result<()> {
-    let g = args.shape.geometry()?;
     if args.batch_size == 0 || args.seq == 0 || args.steps == 0 {
         bail!("--batch-size, --seq and --steps must be at least 1");
     }
-    let config = g.config();
-    let device = select(args.device)?;
-    let dtype = compute_dtype(&device, args.dtype, config.checkpoint_dtype.as_deref())?;
-    let options = args.quant.load_options(&config)?;
+    let bench = args.model.resolve()?;
+    let (g, device, dtype) = (&bench.geometry, &bench.device, bench.dtype);
+    let name = &args.model.shape.geometry;
     eprintln!(
-        "bench train: {} ({:.2} B parameters), {}x{} targets, {dtype:?}{}{}, LoRA r{} alpha {} on {}, device {device:?}",
-        args.shape.geometry,
+        "bench train: {name} ({:.2} B parameters), {}x{} targets, {dtype:?}{}{}, LoRA r{} alpha {} on {}, device {device:?}",
         g.parameters() as f64 / 1e9,
         args.batch_size,
         args.seq,
-        args.quant.quantize.map_or(String::new(), |q| format!(", base {q:?}{}", if args.quant.double_quant { " double-quant" } else { "" })),
+        args.model.base_words(),
         if args.grad_checkpoint { ", grad checkpoint" } else { "" },
         args.rank,
         args.alpha,
@@ -92,8 +79,8 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
     );
 
     let started = Instant::now();
-    let train_device = device.clone().autodiff();
-    let mut model = load_model(&config, &Checkpoint::random(&config), &train_device, dtype, options)?.no_grad();
+    let (model, _) = bench.build(&device.clone().autodiff())?;
+    let mut model = model.no_grad();
     let spec = AdapterSpec {
         fine_tune_type: FineTuneType::Lora,
         num_layers: args.num_layers,
@@ -129,7 +116,7 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
     };
     let optimizer = OptimizerConfig { kind: OptimizerKind::Adamw, weight_decay: 0.01, betas: (0.9, 0.999), eps: 1e-8, momentum: 0.0 };
     let mut state = State::new(Optimizer::new(optimizer));
-    let mut timer = StepTimer::new(&device, iters);
+    let mut timer = StepTimer::new(device, iters);
     lora_trainer::train(&mut model, &examples, None, &settings, &mut state, &mut timer)?;
     timer.bar.finish_and_clear();
 
@@ -142,11 +129,10 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
     let peak = timer.peak.peak()? as f64 / (1u64 << 30) as f64;
     let first_step = timer.steps.first().copied().unwrap_or(0.0);
     println!(
-        "lora {} {}x{} {dtype:?}{}{}: {tokens_per_s:.0} tokens/s (step {:.1} ms, min {:.1}, max {:.1}), first step {first_step:.2} s after {load_s:.1} s of building, peak {peak:.2} GiB, {tflops:.1} TFLOP/s",
-        args.shape.geometry,
+        "lora {name} {}x{} {dtype:?}{}{}: {tokens_per_s:.0} tokens/s (step {:.1} ms, min {:.1}, max {:.1}), first step {first_step:.2} s after {load_s:.1} s of building, peak {peak:.2} GiB, {tflops:.1} TFLOP/s",
         args.batch_size,
         args.seq,
-        args.quant.quantize.map_or(String::new(), |q| format!(" {q:?}")),
+        args.model.quant.quantize.map_or(String::new(), |q| format!(" {q:?}")),
         if args.grad_checkpoint { " grad-checkpoint" } else { "" },
         step * 1e3,
         min * 1e3,
@@ -155,12 +141,12 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
     if let Some(path) = &args.json {
         let value = json!({
             "side": "lora",
-            "geometry": args.shape.geometry,
+            "geometry": name,
             "parameters": g.parameters(),
             "trainable": trainable,
             "dtype": format!("{dtype:?}"),
-            "quantize": args.quant.quantize.map(|q| format!("{q:?}")),
-            "double_quant": args.quant.double_quant,
+            "quantize": args.model.quant.quantize.map(|q| format!("{q:?}")),
+            "double_quant": args.model.quant.double_quant,
             "batch_size": args.batch_size,
             "seq": args.seq,
             "grad_checkpoint": args.grad_checkpoint,
@@ -183,20 +169,8 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
 
 /// `n` rows of `len` random token ids below `vocab`, every position a target.
 fn random_rows(n: usize, len: usize, vocab: usize) -> Vec<Example> {
-    let mut s = 0x2545_F491_4F6C_DD1Du64;
-    (0..n)
-        .map(|_| {
-            let tokens = (0..len)
-                .map(|_| {
-                    s ^= s << 13;
-                    s ^= s >> 7;
-                    s ^= s << 17;
-                    (s % vocab as u64) as u32
-                })
-                .collect();
-            Example { tokens, offset: 0 }
-        })
-        .collect()
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    (0..n).map(|_| Example { tokens: random_tokens(len, vocab, &mut seed), offset: 0 }).collect()
 }
 
 /// Times each iteration (the device synchronized at its end) and samples the memory.
