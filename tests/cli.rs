@@ -607,28 +607,18 @@ fn hostile_inputs_under_a_memory_limit_are_errors_not_aborts() {
         .unwrap();
     let adapters = dir.path().join("adapters");
     let long = "hello ".repeat(16_667);
-    let llama = p(&fixture("llama"));
-    let cases: Vec<(Vec<String>, &str)> = vec![
+    let (llama, data, adapters, bad_model, bomb) = (p(&fixture("llama")), p(&data), p(&adapters), p(&bad_model), p(&bomb));
+    let cases: Vec<(Vec<&str>, &str)> = vec![
         (
-            ["train", "--model", &llama, "--data", &p(&data), "--iters", "1", "--max-seq-length", "64", "--device", "cpu", "--adapter-path", &p(&adapters)]
-                .map(String::from)
-                .to_vec(),
+            vec!["train", "--model", &llama, "--data", &data, "--iters", "1", "--max-seq-length", "64", "--device", "cpu", "--adapter-path", &adapters],
             "train.jsonl",
         ),
-        (["generate", "--model", &llama, "--prompt", &long, "--ignore-chat-template", "--device", "cpu"].map(String::from).to_vec(), "prompt"),
-        (["generate", "--model", &p(&bad_model), "--prompt", "hi", "--device", "cpu"].map(String::from).to_vec(), "model.safetensors"),
-        (["generate", "--model", &p(&bomb), "--prompt", "hi", "--device", "cpu"].map(String::from).to_vec(), "chat_template.jinja"),
+        (vec!["generate", "--model", &llama, "--prompt", &long, "--ignore-chat-template", "--device", "cpu"], "prompt"),
+        (vec!["generate", "--model", &bad_model, "--prompt", "hi", "--device", "cpu"], "model.safetensors"),
+        (vec!["generate", "--model", &bomb, "--prompt", "hi", "--device", "cpu"], "chat_template.jinja"),
     ];
     for (args, names) in cases {
-        let out = std::process::Command::new("bash")
-            .arg("-c")
-            .arg("ulimit -v 1048576 && exec \"$@\"")
-            .arg("bash")
-            .arg(env!("CARGO_BIN_EXE_lora"))
-            .args(&args)
-            .current_dir(common::root())
-            .output()
-            .unwrap();
+        let out = common::lora_limited(1 << 20, &args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{}: expected a clean error exit, got {:?}: {err}", args[0], out.status);
         assert!(err.contains(names) && !err.contains("panicked"), "{} should name {names}: {err}", args[0]);

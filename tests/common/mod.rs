@@ -32,7 +32,19 @@ pub fn lora(args: &[&str]) -> Output {
 /// level unless `CUBECL_AUTOTUNE_LEVEL` says otherwise: tuning one new matmul shape on
 /// lavapipe takes up to minutes (the shipped binary tunes fully).
 pub fn command() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_lora"));
+    in_test_env(Command::new(env!("CARGO_BIN_EXE_lora")))
+}
+
+/// `lora <args>` as [`lora`] runs it, under an address-space limit of `kib` KiB (`ulimit -v`),
+/// so that an input that would allocate without bound ends the process instead of the machine.
+pub fn lora_limited(kib: u64, args: &[&str]) -> Output {
+    let mut c = Command::new("bash");
+    c.arg("-c").arg(format!("ulimit -v {kib} && exec \"$@\"")).arg("bash").arg(env!("CARGO_BIN_EXE_lora")).args(args);
+    in_test_env(c).output().expect("run lora under ulimit")
+}
+
+/// `c` run from the repository root with the tests' autotune level.
+fn in_test_env(mut c: Command) -> Command {
     c.current_dir(root());
     if std::env::var_os("CUBECL_AUTOTUNE_LEVEL").is_none() {
         c.env("CUBECL_AUTOTUNE_LEVEL", "minimal");
