@@ -7,6 +7,7 @@ mod fuse;
 mod generate;
 mod plot;
 mod quantize;
+mod serve;
 mod train;
 mod train_config;
 
@@ -32,6 +33,8 @@ enum Command {
     Fuse(fuse::FuseArgs),
     /// Convert an adapter between PEFT's and mlx-lm's formats, or to GGUF for llama.cpp.
     ConvertAdapter(convert::ConvertArgs),
+    /// Serve a model and its adapters over OpenAI's HTTP API (chat and text completions).
+    Serve(Box<serve::ServeArgs>),
     /// Measure speed and memory.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::ConvertAdapter(args) => convert::run(args),
         Command::Fuse(args) => fuse::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Bench(BenchCommand::Quant(args)) => bench::quant::run(args),
         Command::Bench(BenchCommand::Train(args)) => bench::train::run(*args),
         Command::Bench(BenchCommand::Matmul(args)) => bench::matmul::run(args),
@@ -76,7 +80,7 @@ fn main() -> ExitCode {
 
 /// The error and its causes on one line, each cause once: the crates' errors already write
 /// their source into their own message, which `{:#}` would repeat.
-fn describe(err: &anyhow::Error) -> String {
+pub(crate) fn describe(err: &anyhow::Error) -> String {
     let mut text = err.to_string();
     for cause in err.chain().skip(1) {
         let cause = cause.to_string();
