@@ -118,6 +118,9 @@ pub struct Checked {
 /// Stop strings per request, as OpenAI allows.
 const MAX_STOPS: usize = 4;
 
+/// Characters of one stop string (each token's check is quadratic in it).
+const MAX_STOP_CHARS: usize = 512;
+
 impl Request {
     /// Parses a request body; a body that is not JSON or has a field of the wrong type is a
     /// 400 naming the problem.
@@ -163,6 +166,9 @@ impl Request {
         if stop.len() > MAX_STOPS {
             return Err(ApiError::invalid(format!("at most {MAX_STOPS} stop strings (got {})", stop.len()), Some("stop")));
         }
+        if let Some(long) = stop.iter().find(|s| s.chars().count() > MAX_STOP_CHARS) {
+            return Err(ApiError::invalid(format!("a stop string is at most {MAX_STOP_CHARS} characters (got {})", long.chars().count()), Some("stop")));
+        }
         Ok(Checked {
             max_tokens,
             temperature: temperature as f32,
@@ -174,6 +180,26 @@ impl Request {
             ignore_eos: self.ignore_eos,
         })
     }
+}
+
+/// `messages` with each content given as a list of parts (`[{"type": "text", "text": ...}]`,
+/// as OpenAI's SDKs may send it) joined into one string, as chat templates expect; a part
+/// that is not text is a 400.
+pub fn text_messages(mut messages: Vec<Value>) -> Result<Value, ApiError> {
+    for m in &mut messages {
+        let Some(Value::Array(parts)) = m.get("content") else { continue };
+        let mut text = String::new();
+        for part in parts {
+            match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                (Some("text"), Some(t)) => text.push_str(t),
+                (kind, _) => {
+                    return Err(ApiError::invalid(format!("only text content is supported (got a part of type {})", kind.unwrap_or("none")), Some("messages")));
+                }
+            }
+        }
+        m["content"] = Value::String(text);
+    }
+    Ok(Value::Array(messages))
 }
 
 /// Which endpoint a request came through: the response objects differ.
@@ -267,6 +293,7 @@ mod tests {
             (r#"{"logprobs": true}"#, "logprobs"),
             (r#"{"stop": ["a", "b", "c", "d", "e"]}"#, "stop"),
             (r#"{"repetition_penalty": 0}"#, "repetition_penalty"),
+            (&format!(r#"{{"stop": "{}"}}"#, "x".repeat(513)), "stop"),
         ] {
             let e = check(body).unwrap_err();
             assert_eq!((e.status, e.param), (StatusCode::BAD_REQUEST, Some(param)), "{body}: {}", e.message);
@@ -278,6 +305,52 @@ mod tests {
         let c = check(r#"{"model": "m", "user": "x", "presence_penalty": 0, "stop": "\n", "seed": 7}"#).unwrap();
         assert_eq!((c.temperature, c.top_p, c.top_k, c.max_tokens, c.seed), (0.0, 1.0, 0, None, Some(7)));
         assert_eq!(c.stop, ["\n"]);
+    }
+
+    #[test]
+    fn content_parts_are_joined_and_other_parts_refused() {
+        let m = text_messages(vec![
+            json!({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}),
+            json!({"role": "system", "content": "s"}),
+        ])
+        .unwrap();
+        assert_eq!(m, json!([{"role": "user", "content": "ab"}, {"role": "system", "content": "s"}]));
+        let e = text_messages(vec![json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]})]).unwrap_err();
+        assert!(e.message.contains("image_url") && e.param == Some("messages"), "{}", e.message);
+    }
+
+    mod fuzz {
+        use lora_testkit::{budget, edits, insert, mutate};
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #![proptest_config(budget(500))]
+
+            /// A request body mutated anywhere (issue 13: nothing a client sends crashes the
+            /// server): parsing and checking end in a request or a 4xx, never a panic.
+            #[test]
+            fn a_mutated_request_body_is_a_request_or_a_4xx(
+                edits in edits(0..6),
+                insert in insert(b"{}[]\":,-0123456789e.truefalsnul \\\xff", 12),
+                cut in prop::option::of(any::<usize>()),
+            ) {
+                let body = br#"{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "max_tokens": 16, "temperature": 0.7, "top_p": 0.9, "stop": ["\n", "User:"], "seed": 3, "stream": true, "stream_options": {"include_usage": true}}"#;
+                let bytes = mutate(body, &edits, usize::MAX, Some(&insert), cut);
+                match Request::parse(&bytes) {
+                    Ok(r) => {
+                        if let Err(e) = r.check() {
+                            prop_assert!(e.status.is_client_error());
+                        }
+                        if let Some(Value::Array(m)) = r.messages && m.iter().all(Value::is_object) {
+                            let _ = text_messages(m);
+                        }
+                    }
+                    Err(e) => prop_assert!(e.status.is_client_error()),
+                }
+            }
+        }
     }
 
     #[test]

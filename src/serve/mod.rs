@@ -241,7 +241,7 @@ async fn complete(State(state): State<AppState>, endpoint: Endpoint, body: Resul
     let settings = request.check()?;
     let prompt = match endpoint {
         Endpoint::Chat => match request.messages {
-            Some(Value::Array(m)) if !m.is_empty() && m.iter().all(Value::is_object) => Prompt::Chat { messages: Value::Array(m), tools: request.tools },
+            Some(Value::Array(m)) if !m.is_empty() && m.iter().all(Value::is_object) => Prompt::Chat { messages: api::text_messages(m)?, tools: request.tools },
             _ => return Err(ApiError::invalid("messages must be a non-empty list of message objects", Some("messages"))),
         },
         Endpoint::Completions => match request.prompt {

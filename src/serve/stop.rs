@@ -27,7 +27,7 @@ impl StopFilter {
         let keep = self
             .stops
             .iter()
-            .flat_map(|s| s.char_indices().skip(1).map(|(i, _)| &s[..i]))
+            .flat_map(|s| s.char_indices().skip(1).map(|(i, _)| &s[..i]).take_while(|p| p.len() <= self.held.len()))
             .filter(|prefix| self.held.ends_with(prefix))
             .map(str::len)
             .max()
