@@ -12,7 +12,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lora_adapters::io::write_atomic;
 use lora_adapters::{AdapterSpec, adapter_weights, add_adapters, format, set_adapters, trainable_count};
-use lora_data::{DataKeys, Splits, Tokenizer, count_too_long, count_without_targets, load_dir, padding_fraction};
+use lora_data::{DataKeys, ReadOptions, Splits, Tokenizer, count_too_long, count_without_targets, load_dir, padding_fraction};
 use lora_model::{CausalLm, Checkpoint, ModelConfig};
 use lora_trainer::checkpoint::{self, STATE_FILE};
 use lora_trainer::run::Quiet;
@@ -274,16 +274,20 @@ fn remove_stale_temporaries(out: &Path) {
 /// Tokenized splits, with the warnings mlx-lm prints.
 fn load_data(config: &TrainConfig, tokenizer: &Tokenizer) -> Result<Splits> {
     let dir = config.data.as_ref().expect("checked");
-    let keys = DataKeys {
-        text: config.text_feature.clone(),
-        prompt: config.prompt_feature.clone(),
-        completion: config.completion_feature.clone(),
-        messages: config.chat_feature.clone(),
+    let options = ReadOptions {
+        keys: DataKeys {
+            text: config.text_feature.clone(),
+            prompt: config.prompt_feature.clone(),
+            completion: config.completion_feature.clone(),
+            messages: config.chat_feature.clone(),
+            ..Default::default()
+        },
+        mask_prompt: config.mask_prompt,
+        skip_bad_rows: config.skip_bad_rows,
         // Generous for the sequences kept: 64 bytes per token, and at least the default.
         max_row_bytes: config.max_seq_length.saturating_mul(64).max(lora_data::DEFAULT_MAX_ROW_BYTES),
-        ..Default::default()
     };
-    let splits = load_dir(dir, tokenizer, &keys, config.mask_prompt, config.skip_bad_rows)?;
+    let splits = load_dir(dir, tokenizer, &options)?;
     for (name, split) in [("train", &splits.train), ("valid", &splits.valid), ("test", &splits.test)] {
         let Some(split) = split else { continue };
         if split.skipped > 0 {

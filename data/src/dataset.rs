@@ -15,12 +15,12 @@
 //! ```
 //! use std::io::Write as _;
 //! use std::path::Path;
-//! use lora_data::{DataKeys, Tokenizer, load_jsonl};
+//! use lora_data::{ReadOptions, Tokenizer, load_jsonl};
 //!
 //! let tok = Tokenizer::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen2"))?;
 //! let mut file = tempfile::NamedTempFile::new().unwrap();
 //! writeln!(file, r#"{{"prompt": "Hi", "completion": "Hello!"}}"#).unwrap();
-//! let data = load_jsonl(file.path(), &tok, &DataKeys::default(), true, false)?;
+//! let data = load_jsonl(file.path(), &tok, &ReadOptions { mask_prompt: true, ..Default::default() })?;
 //! let ex = &data.examples[0];
 //! assert!(tok.decode(&ex.tokens[ex.offset..], false)?.starts_with("Hello!"));
 //! # Ok::<(), lora_data::DataError>(())
@@ -47,14 +47,33 @@ pub struct DataKeys {
     pub messages: String,
     /// The optional tool list handed to the chat template. Default `"tools"`.
     pub tools: String,
+}
+
+/// How [`load_jsonl`] and [`load_dir`] read rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// The keys the rows' fields are read from.
+    pub keys: DataKeys,
+    /// Train on completions only: prompt tokens get no loss (not allowed for text rows).
+    /// Default false.
+    pub mask_prompt: bool,
+    /// Count bad rows in [`Loaded::skipped`] and leave them out, instead of failing on the
+    /// first. Default false.
+    pub skip_bad_rows: bool,
     /// The longest row accepted, in bytes ([`DEFAULT_MAX_ROW_BYTES`] by default): tokenizing
     /// takes about 200 bytes of memory per byte of text, so one runaway row could take all of
     /// it. A longer row is a bad row, named by its line.
     pub max_row_bytes: usize,
 }
 
-/// The default [`DataKeys::max_row_bytes`]: 4 MiB, about a million tokens of text.
+/// The default [`ReadOptions::max_row_bytes`]: 4 MiB, about a million tokens of text.
 pub const DEFAULT_MAX_ROW_BYTES: usize = 4 << 20;
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        Self { keys: DataKeys::default(), mask_prompt: false, skip_bad_rows: false, max_row_bytes: DEFAULT_MAX_ROW_BYTES }
+    }
+}
 
 impl Default for DataKeys {
     fn default() -> Self {
@@ -64,7 +83,6 @@ impl Default for DataKeys {
             completion: "completion".to_string(),
             messages: "messages".to_string(),
             tools: "tools".to_string(),
-            max_row_bytes: DEFAULT_MAX_ROW_BYTES,
         }
     }
 }
@@ -105,14 +123,14 @@ pub struct Splits {
 
 /// Reads `train.jsonl`, `valid.jsonl` and `test.jsonl` from `dir`, each that exists, with
 /// [`load_jsonl`]. A missing directory, or one holding none of the three, is an error.
-pub fn load_dir(dir: &Path, tokenizer: &Tokenizer, keys: &DataKeys, mask_prompt: bool, skip_bad_rows: bool) -> Result<Splits, DataError> {
+pub fn load_dir(dir: &Path, tokenizer: &Tokenizer, options: &ReadOptions) -> Result<Splits, DataError> {
     if !dir.is_dir() {
         return Err(DataError::Io { path: dir.to_path_buf(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "dataset directory not found") });
     }
     let load = |name: &str| {
         let path = dir.join(format!("{name}.jsonl"));
         if path.is_file() {
-            load_jsonl(&path, tokenizer, keys, mask_prompt, skip_bad_rows).map(Some)
+            load_jsonl(&path, tokenizer, options).map(Some)
         } else if path.exists() {
             // A device (/dev/zero would be read without end), a FIFO or a directory.
             Err(DataError::Invalid { path, message: "is not a regular file".to_string() })
@@ -131,12 +149,12 @@ pub fn load_dir(dir: &Path, tokenizer: &Tokenizer, keys: &DataKeys, mask_prompt:
 ///
 /// A bad row (invalid JSON, a missing key, a field of the wrong type, an empty completion,
 /// a conversation the template refuses) fails with its file and line, or with
-/// `skip_bad_rows` is counted in [`Loaded::skipped`] and left out. Rows whose format differs
-/// from the first row's, `mask_prompt` on text rows, and chat rows for a tokenizer without a
-/// chat template always fail. A file without examples is an error.
-pub fn load_jsonl(path: &Path, tokenizer: &Tokenizer, keys: &DataKeys, mask_prompt: bool, skip_bad_rows: bool) -> Result<Loaded, DataError> {
+/// [`ReadOptions::skip_bad_rows`] is counted in [`Loaded::skipped`] and left out. Rows whose
+/// format differs from the first row's, `mask_prompt` on text rows, and chat rows for a
+/// tokenizer without a chat template always fail. A file without examples is an error.
+pub fn load_jsonl(path: &Path, tokenizer: &Tokenizer, options: &ReadOptions) -> Result<Loaded, DataError> {
     let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
-    let mut reader = RowReader { tokenizer, keys, mask_prompt, format: None };
+    let mut reader = RowReader { tokenizer, keys: &options.keys, mask_prompt: options.mask_prompt, max_row_bytes: options.max_row_bytes, format: None };
     let mut examples = Vec::new();
     let mut skipped = 0;
     for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
@@ -146,7 +164,7 @@ pub fn load_jsonl(path: &Path, tokenizer: &Tokenizer, keys: &DataKeys, mask_prom
         match reader.row(raw, line) {
             Ok(Some(example)) => examples.push(example),
             Ok(None) => {}
-            Err(RowError::Bad(_)) if skip_bad_rows => skipped += 1,
+            Err(RowError::Bad(_)) if options.skip_bad_rows => skipped += 1,
             Err(RowError::Bad(message) | RowError::Fatal(message)) => {
                 return Err(DataError::Row { path: path.to_path_buf(), line, message });
             }
@@ -193,6 +211,7 @@ struct RowReader<'a> {
     tokenizer: &'a Tokenizer,
     keys: &'a DataKeys,
     mask_prompt: bool,
+    max_row_bytes: usize,
     /// The file's format and the line it was taken from.
     format: Option<(Format, usize)>,
 }
@@ -200,11 +219,11 @@ struct RowReader<'a> {
 impl RowReader<'_> {
     /// The example of one line; `None` for a blank line.
     fn row(&mut self, raw: &[u8], line: usize) -> Result<Option<Example>, RowError> {
-        if raw.len() > self.keys.max_row_bytes {
+        if raw.len() > self.max_row_bytes {
             return Err(RowError::Bad(format!(
                 "the row is {} bytes, more than the {} accepted; split it, or raise --max-seq-length if such long sequences are meant",
                 raw.len(),
-                self.keys.max_row_bytes
+                self.max_row_bytes
             )));
         }
         let text = std::str::from_utf8(raw).map_err(|_| RowError::Bad("not valid UTF-8".to_string()))?;
@@ -421,7 +440,7 @@ mod tests {
     }
 
     fn load(path: &Path, tok: &Tokenizer, mask_prompt: bool) -> Result<Loaded, DataError> {
-        load_jsonl(path, tok, &DataKeys::default(), mask_prompt, false)
+        load_jsonl(path, tok, &ReadOptions { mask_prompt, ..Default::default() })
     }
 
     fn error(path: &Path, tok: &Tokenizer, mask_prompt: bool) -> String {
@@ -529,9 +548,9 @@ mod tests {
         let tok = tokenizer("qwen2");
         let keys = DataKeys { prompt: "question".into(), completion: "answer".into(), ..DataKeys::default() };
         let (_d, path) = jsonl("train.jsonl", &[r#"{"question": "Q?", "answer": "A."}"#, r#"{"question": "Q?", "answer": ""}"#]);
-        let err = load_jsonl(&path, &tok, &keys, false, false).unwrap_err().to_string();
+        let err = load_jsonl(&path, &tok, &ReadOptions { keys: keys.clone(), ..Default::default() }).unwrap_err().to_string();
         assert!(err.ends_with("train.jsonl:2: \"answer\" is empty"), "{err}");
-        let data = load_jsonl(&path, &tok, &keys, false, true).unwrap();
+        let data = load_jsonl(&path, &tok, &ReadOptions { keys, skip_bad_rows: true, ..Default::default() }).unwrap();
         assert_eq!((data.examples.len(), data.skipped), (1, 1));
     }
 
@@ -594,7 +613,7 @@ mod tests {
         let err = error(&path, &tok, false);
         assert!(err.starts_with(&format!("{}:2: chat template of ", path.display())) && err.contains("chat_template.jinja"), "{err}");
         assert!(err.contains("Conversations must contain a user message"), "{err}");
-        let data = load_jsonl(&path, &tok, &DataKeys::default(), false, true).unwrap();
+        let data = load_jsonl(&path, &tok, &ReadOptions { skip_bad_rows: true, ..Default::default() }).unwrap();
         assert_eq!((data.examples.len(), data.skipped), (2, 1));
     }
 
@@ -602,7 +621,7 @@ mod tests {
     fn skip_bad_rows_counts_and_keeps_file_order() {
         let tok = tokenizer("llama");
         let (_d, path) = jsonl("train.jsonl", &[r#"{"text": "a"}"#, "not json", r#"{"text": 1}"#, "", r#"{"text": "b"}"#, r#"{"other": 1}"#]);
-        let data = load_jsonl(&path, &tok, &DataKeys::default(), false, true).unwrap();
+        let data = load_jsonl(&path, &tok, &ReadOptions { skip_bad_rows: true, ..Default::default() }).unwrap();
         assert_eq!(data.skipped, 3);
         let first: Vec<u32> = [tok.encode("a", true).unwrap(), vec![7]].concat();
         let second: Vec<u32> = [tok.encode("b", true).unwrap(), vec![7]].concat();
@@ -615,7 +634,7 @@ mod tests {
         let (_d, path) = jsonl("train.jsonl", &["", r#"{"text": "a"}"#, r#"{"prompt": "p", "completion": "c"}"#]);
         let want = format!("{}:3: row has \"prompt\"/\"completion\" but line 2 has \"text\"; all rows of a file must have the same format", path.display());
         assert_eq!(error(&path, &tok, false), want);
-        assert_eq!(load_jsonl(&path, &tok, &DataKeys::default(), false, true).unwrap_err().to_string(), want);
+        assert_eq!(load_jsonl(&path, &tok, &ReadOptions { skip_bad_rows: true, ..Default::default() }).unwrap_err().to_string(), want);
     }
 
     #[test]
@@ -652,7 +671,7 @@ mod tests {
         let (_d, path) = jsonl("train.jsonl", &["", "  "]);
         assert_eq!(error(&path, &tok, false), format!("{}: no examples", path.display()));
         let (_d, path) = jsonl("train.jsonl", &["{", "[]"]);
-        let err = load_jsonl(&path, &tok, &DataKeys::default(), false, true).unwrap_err().to_string();
+        let err = load_jsonl(&path, &tok, &ReadOptions { skip_bad_rows: true, ..Default::default() }).unwrap_err().to_string();
         assert_eq!(err, format!("{}: no examples (2 bad rows skipped)", path.display()));
         let missing = path.with_file_name("absent.jsonl");
         assert!(error(&missing, &tok, false).starts_with(&format!("cannot read {}", missing.display())));
@@ -665,7 +684,7 @@ mod tests {
         let path = dir.path().join("train.jsonl");
         std::fs::write(&path, b"\xef\xbb\xbf{\"text\": \"a\"}\r\n\xff\xfe\r\n").unwrap();
         assert_eq!(error(&path, &tok, false), format!("{}:2: not valid UTF-8", path.display()));
-        let data = load_jsonl(&path, &tok, &DataKeys::default(), false, true).unwrap();
+        let data = load_jsonl(&path, &tok, &ReadOptions { skip_bad_rows: true, ..Default::default() }).unwrap();
         assert_eq!((data.examples.len(), data.skipped), (1, 1));
         assert_eq!(data.examples[0].tokens, [tok.encode("a", true).unwrap(), vec![7]].concat());
     }
@@ -676,16 +695,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("train.jsonl"), "{\"text\": \"a\"}\n{\"text\": \"b\"}\n").unwrap();
         std::fs::write(dir.path().join("valid.jsonl"), "{\"text\": \"c\"}\n").unwrap();
-        let splits = load_dir(dir.path(), &tok, &DataKeys::default(), false, false).unwrap();
+        let splits = load_dir(dir.path(), &tok, &ReadOptions::default()).unwrap();
         assert_eq!(splits.train.unwrap().examples.len(), 2);
         assert_eq!(splits.valid.unwrap().examples.len(), 1);
         assert!(splits.test.is_none());
 
         let empty = tempfile::tempdir().unwrap();
-        let err = load_dir(empty.path(), &tok, &DataKeys::default(), false, false).unwrap_err().to_string();
+        let err = load_dir(empty.path(), &tok, &ReadOptions::default()).unwrap_err().to_string();
         assert_eq!(err, format!("{}: holds none of train.jsonl, valid.jsonl, test.jsonl", empty.path().display()));
         let missing = dir.path().join("nope");
-        let err = load_dir(&missing, &tok, &DataKeys::default(), false, false).unwrap_err().to_string();
+        let err = load_dir(&missing, &tok, &ReadOptions::default()).unwrap_err().to_string();
         assert_eq!(err, format!("cannot read {}: dataset directory not found", missing.display()));
     }
 
@@ -696,11 +715,11 @@ mod tests {
         let tok = tokenizer("llama");
         let huge = format!("{{\"text\": \"{}\"}}", "a ".repeat(3 << 20));
         let (_dir, path) = jsonl("huge", &["{\"text\": \"fine\"}", &huge, "{\"text\": \"also fine\"}"]);
-        let keys = DataKeys { max_row_bytes: 1 << 20, ..Default::default() };
+        let options = ReadOptions { max_row_bytes: 1 << 20, ..Default::default() };
         let started = std::time::Instant::now();
-        let err = load_jsonl(&path, &tok, &keys, false, false).unwrap_err().to_string();
+        let err = load_jsonl(&path, &tok, &options).unwrap_err().to_string();
         assert!(err.contains(":2: the row is") && err.contains("1048576"), "{err}");
-        assert_eq!(load_jsonl(&path, &tok, &keys, false, true).unwrap().skipped, 1);
+        assert_eq!(load_jsonl(&path, &tok, &ReadOptions { skip_bad_rows: true, ..options }).unwrap().skipped, 1);
         assert!(started.elapsed().as_secs() < 10, "not tokenized");
     }
 
@@ -713,7 +732,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink("/dev/zero", dir.path().join("train.jsonl")).unwrap();
         std::fs::create_dir(dir.path().join("valid.jsonl")).unwrap();
-        let err = load_dir(dir.path(), &tok, &DataKeys::default(), false, false).unwrap_err().to_string();
+        let err = load_dir(dir.path(), &tok, &ReadOptions::default()).unwrap_err().to_string();
         assert!(err.contains("train.jsonl") && err.contains("not a regular file"), "{err}");
     }
 }

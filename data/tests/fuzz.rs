@@ -4,7 +4,7 @@
 //! must end in `Ok` or an error, never a panic. The case count is fixed so CI's time stays
 //! bounded.
 
-use lora_data::{DataKeys, Tokenizer, load_jsonl};
+use lora_data::{ReadOptions, Tokenizer, load_jsonl};
 use lora_testkit::{budget, fixture};
 use proptest::prelude::*;
 use serde_json::json;
@@ -52,7 +52,7 @@ proptest! {
         bytes.push(b'\n');
         bytes.extend_from_slice(ROWS[(row + 1) % ROWS.len()].as_bytes());
         std::fs::write(&path, &bytes).unwrap();
-        let _ = load_jsonl(&path, &tokenizer, &DataKeys::default(), mask_prompt, skip);
+        let _ = load_jsonl(&path, &tokenizer, &ReadOptions { mask_prompt, skip_bad_rows: skip, ..Default::default() });
     }
 
     /// A mutated chat template, rendered on a conversation.

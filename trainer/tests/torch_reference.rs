@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use burn::module::Module;
 use burn::tensor::{DType, Device, Tensor};
 use lora_adapters::{format, set_adapters};
-use lora_data::{Batcher, DataKeys, Tokenizer, collate, load_jsonl};
+use lora_data::{Batcher, ReadOptions, Tokenizer, collate, load_jsonl};
 use lora_model::{AttentionPath, CausalLm, Checkpoint, ModelConfig};
 use lora_trainer::loss::loss_and_gradients;
 use lora_trainer::{Optimizer, OptimizerConfig, OptimizerKind, Schedule, ScheduleKind, Trainable, clip_global_norm, for_each_trainable};
@@ -66,7 +66,7 @@ fn run(device: Device, attention: AttentionPath) -> (f64, f32) {
     model.set_training(true);
 
     let tokenizer = Tokenizer::from_dir(&base).unwrap();
-    let data = load_jsonl(&reference.join("data/train.jsonl"), &tokenizer, &DataKeys::default(), false, false).unwrap();
+    let data = load_jsonl(&reference.join("data/train.jsonl"), &tokenizer, &ReadOptions::default()).unwrap();
     let want_ids: Vec<Vec<u32>> = serde_json::from_value(expected["token_ids"].clone()).unwrap();
     let got_ids: Vec<Vec<u32>> = data.examples.iter().map(|e| e.tokens.clone()).collect();
     assert_eq!(got_ids, want_ids, "tokenization differs from the Hugging Face tokenizer's");
