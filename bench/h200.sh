@@ -3,7 +3,7 @@
 #
 #   bash bench/h200.sh STAGE...     (stages: features matmul peer1b ours1b profile1b peer8b ours8b
 #                                    long8b second1b losses peergen gen1b gen1bq gen1bnf4 peerlong
-#                                    genlong gen8bq profilegen)
+#                                    genlong gen8bq profilegen serve1b)
 #
 # Expects the stripped, xz-compressed release binary at .bin/lora.xz and the Vulkan loader
 # packages in .gl/ (see the device README's "Headless rendering"); writes every log and JSON
@@ -94,6 +94,37 @@ for stage in "$@"; do
             cp $WORK/losses-$1-$2/metrics.jsonl "$OUT/losses-$1-$2.jsonl" 2>/dev/null
         done
         python3 "$ROOT/bench/compare_losses.py" "$OUT"/losses-cpu-f32.jsonl "$OUT"/losses-wgpu-f32.jsonl "$OUT"/losses-wgpu-f16.jsonl | tee -a "$OUT/summary.txt"
+        ;;
+    serve1b)
+        # lora serve on a random 1B-geometry Llama (f16, the llama fixture's tokenizer, so its
+        # vocabulary is 400), then bench/serve_load.py: 1 stream (twice: the first warms up),
+        # then 8 at once, 128 tokens each.
+        python3 - "$WORK/llama1b" "$ROOT/tests/fixtures/llama" <<'PY'
+import shutil, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+out, tok = sys.argv[1], sys.argv[2]
+config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=400, tie_word_embeddings=True, rope_theta=500000.0,
+                     max_position_embeddings=4096)
+torch.manual_seed(0)
+with torch.device("cuda"):
+    model = LlamaForCausalLM(config).to(torch.float16)
+model.save_pretrained(out, safe_serialization=True)
+for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]:
+    shutil.copy(f"{tok}/{f}", out)
+PY
+        ( cd $WORK && exec $L serve --model $WORK/llama1b --port 8091 --dtype f16 ) > "$OUT/serve1b.log" 2>&1 &
+        server=$!
+        python3 -c "
+import time, urllib.request
+for _ in range(240):
+    try:
+        urllib.request.urlopen('http://127.0.0.1:8091/health', timeout=2); break
+    except Exception: time.sleep(0.5)
+"
+        python3 "$ROOT/bench/serve_load.py" --url http://127.0.0.1:8091 --concurrency 1,1,8 --max-tokens 128 --json "$OUT/serve1b.json" | tee -a "$OUT/summary.txt"
+        kill $server; wait $server 2>/dev/null
+        tail -3 "$OUT/serve1b.log"
         ;;
     *) echo "unknown stage $stage" ;;
     esac
