@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{command, fixture, lora, s, stderr, tensors};
+use common::{command, copy_files, fixture, lora, s, stderr, tensors};
 use serde_json::Value;
 
 /// The `metrics.jsonl` entries of a run.
@@ -484,6 +484,51 @@ fn train_never_overwrites_a_directory_it_did_not_make() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read_to_string(own.join("notes.txt")).unwrap(), "keep me");
     assert!(own.join("adapter_model.safetensors").is_file());
+}
+
+/// README's promises (issue 14, "backed by a named test"): `--force` never writes into the
+/// model or the data, nor into a directory holding them; and running a finished run's command
+/// again is refused with every file of the earlier run left as it was.
+#[test]
+fn force_never_writes_into_the_inputs_and_a_rerun_leaves_the_earlier_run_as_it_was() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = (tmp.path().join("m"), tmp.path().join("d"));
+    for (from, to) in [(fixture("llama"), &model), (fixture("quickstart"), &data)] {
+        std::fs::create_dir(to).unwrap();
+        copy_files(&from, to);
+    }
+    let (model_before, data_before) = (snapshot(&model), snapshot(&data));
+    for out in [model.clone(), data.clone(), model.join("run"), tmp.path().to_path_buf()] {
+        let o = lora(&[
+            "train",
+            "--config",
+            "configs/quickstart.toml",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--iters",
+            "2",
+            "--adapter-path",
+            s(&out),
+            "--force",
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{}: {}", out.display(), stderr(&o));
+        assert!(stderr(&o).contains("inside"), "{}", stderr(&o));
+        assert_eq!((snapshot(&model), snapshot(&data)), (model_before.clone(), data_before.clone()), "{}", out.display());
+        assert!(!model.join("run").exists());
+    }
+
+    let out = tmp.path().join("out");
+    let run = ["train", "--config", "configs/quickstart.toml", "--iters", "2", "--save-every", "1", "--steps-per-eval", "100", "--adapter-path", s(&out)];
+    let o = lora(&run);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let before = snapshot(&out);
+    assert!(before.iter().any(|(p, _)| p.ends_with("trainer_state.safetensors")));
+    let o = lora(&run);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--resume"), "{}", stderr(&o));
+    assert_eq!(snapshot(&out), before, "the earlier run's files changed");
 }
 
 /// Issue 14, defect 7: while a run holds its adapter directory, a second run on it (here a
