@@ -131,6 +131,14 @@ fn fuse_refuses_to_overwrite_and_names_a_misfit_tensor() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("model.layers.0.self_attn.q_proj.lora_B") && err.contains("[96, 4]") && err.contains("[64, 4]"), "{err}");
     assert!(!tmp.path().join("x").exists(), "nothing half-written");
+    // The same failure with --force over an existing output: the old output stays whole and
+    // nothing is left beside it (no temporary or set-aside directory).
+    let before = std::fs::read(out.join("model.safetensors")).unwrap();
+    let o = lora(&["fuse", "--model", "tests/fixtures/qwen3", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&out), "--force"]);
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), before);
+    let left: Vec<String> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(left, ["out"]);
 }
 
 #[test]

@@ -187,6 +187,25 @@ fn a_run_killed_mid_way_resumes_exactly() {
     assert!(stderr(&o).contains("iteration 12") && stderr(&o).contains("--iters 8"), "{}", stderr(&o));
 }
 
+/// README: `trainer_state.safetensors` is written atomically (a new file renamed over the old,
+/// so a crash mid-write never leaves half of one): the old file's inode keeps its bytes when a
+/// resumed run checkpoints again, which an in-place rewrite would change.
+#[cfg(unix)]
+#[test]
+fn the_resume_file_is_replaced_whole_not_rewritten_in_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = run_args(&resumable(&out, 4, 2));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (state, old) = (out.join("trainer_state.safetensors"), tmp.path().join("old-state"));
+    std::fs::hard_link(&state, &old).unwrap();
+    let before = std::fs::read(&old).unwrap();
+    let o = lora(&["train", "--resume", s(&out), "--iters", "6"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&old).unwrap(), before, "the resume file was rewritten in place");
+    assert_ne!(std::fs::read(&state).unwrap(), before, "the resumed run saved a new state");
+}
+
 #[cfg(unix)]
 #[test]
 fn ctrl_c_saves_a_checkpoint_that_resumes() {
