@@ -141,6 +141,47 @@ fn fuse_refuses_to_overwrite_and_names_a_misfit_tensor() {
     assert_eq!(left, ["out"]);
 }
 
+/// The tree under `dir`: every file's path and bytes, sorted.
+fn tree(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(tree(&path));
+        } else {
+            out.push((path.clone(), std::fs::read(&path).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// README: "the inputs are never written", with --force too: fuse and convert-adapter refuse a
+/// save path that is, holds or lies inside the model or the adapter. On copies, so that a
+/// broken check could not touch tests/fixtures.
+#[test]
+fn force_never_writes_fuse_or_convert_output_into_their_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, adapter) = (tmp.path().join("m"), tmp.path().join("a"));
+    for (from, to) in [(fixture("llama"), &model), (fixture("fuse_reference").join("lora"), &adapter)] {
+        std::fs::create_dir(to).unwrap();
+        copy_files(&from, to);
+    }
+    let before = tree(tmp.path());
+    for out in [model.clone(), adapter.clone(), tmp.path().to_path_buf(), model.join("sub")] {
+        let o = lora(&["fuse", "--model", s(&model), "--adapter-path", s(&adapter), "--save-path", s(&out), "--force"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{}: {err}", out.display());
+        assert!(err.contains("inputs"), "{err}");
+        assert_eq!(tree(tmp.path()), before, "{}", out.display());
+    }
+    for out in [adapter.clone(), tmp.path().to_path_buf(), adapter.join("sub")] {
+        let o = lora(&["convert-adapter", "--adapter-path", s(&adapter), "--save-path", s(&out), "--force"]);
+        assert_eq!(o.status.code(), Some(2), "{}: {}", out.display(), String::from_utf8_lossy(&o.stderr));
+        assert_eq!(tree(tmp.path()), before, "{}", out.display());
+    }
+}
+
 #[test]
 fn convert_adapter_round_trips_peft_and_mlx() {
     let tmp = tempfile::tempdir().unwrap();
