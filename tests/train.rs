@@ -550,8 +550,8 @@ fn force_never_writes_into_the_inputs_and_a_rerun_leaves_the_earlier_run_as_it_w
     assert_eq!(snapshot(&out), before, "the earlier run's files changed");
 }
 
-/// Issue 14, defect 7: while a run holds its adapter directory, a second run on it (here a
-/// resume) is refused instead of writing over the first.
+/// Issue 14, defect 7: while a run holds its adapter directory, a second run on it (a resume,
+/// or a fresh run with --force) is refused instead of writing over the first.
 #[cfg(unix)]
 #[test]
 fn two_runs_on_one_adapter_directory_are_refused() {
@@ -566,10 +566,28 @@ fn two_runs_on_one_adapter_directory_are_refused() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let o = lora(&["train", "--resume", s(&out), "--iters", "3"]);
+    // A fresh run with --force passes the emptiness check and must meet the lock too.
+    let forced = lora(&[
+        "train",
+        "--config",
+        "configs/quickstart.toml",
+        "--adapter-path",
+        s(&out),
+        "--iters",
+        "2",
+        "--save-every",
+        "1",
+        "--steps-per-eval",
+        "100",
+        "--force",
+    ]);
     let _ = child.kill();
     let _ = child.wait();
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("another lora train run"), "{}", stderr(&o));
+    for o in [&o, &forced] {
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(o));
+        assert!(stderr(o).contains("another lora train run"), "{}", stderr(o));
+    }
+    assert!(!out.join("0000001_adapter_model.safetensors").exists(), "the forced run wrote into the held directory");
 }
 
 /// Issue 14, defect 10: `--mask-prompt` with every target cut off by `--max-seq-length` is an
