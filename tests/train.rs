@@ -347,6 +347,12 @@ fn a_diverging_run_stops_with_the_last_good_checkpoint() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("the training loss is") && err.contains("at iteration") && err.contains("last good checkpoint"), "{err}");
     assert!(out.join("trainer_state.safetensors").is_file(), "the last good checkpoint stays");
+    // The checkpoint it names holds finite weights (README: "names the last good checkpoint").
+    let named = err.split("The last good checkpoint: iteration ").nth(1).and_then(|t| t.split(',').next()).and_then(|n| n.parse::<usize>().ok());
+    let named = named.unwrap_or_else(|| panic!("no checkpoint named: {err}"));
+    let snapshot = out.join(format!("{named:07}_adapter_model.safetensors"));
+    let weights = tensors(&snapshot);
+    assert!(!weights.is_empty() && weights.iter().all(|(_, v)| v.iter().all(|x| x.is_finite())), "{} is not finite", snapshot.display());
     // A new run does not overwrite it.
     let o = lora(&["train", "--config", "configs/quickstart.toml", "--adapter-path", s(&out), "--iters", "2"]);
     assert_eq!(o.status.code(), Some(2));
