@@ -190,7 +190,12 @@ fn qwen_and_mistral_models_export_as_llama_cpp_converts_them() {
 #[test]
 fn gguf_lora_adapters_match_llama_cpp_s_converter_and_its_logits() {
     let tmp = tempfile::tempdir().unwrap();
-    for (model, adapter, reference) in [("llama", "fuse_reference/lora", "lora.gguf"), ("qwen2", "gguf_reference/qwen2_lora", "qwen2_lora.gguf"), ("qwen3", "gguf_reference/qwen3_lora", "qwen3_lora.gguf"), ("gguf_reference/mistral_spm", "gguf_reference/mistral_spm_lora", "mistral_spm_lora.gguf")] {
+    for (model, adapter, reference) in [
+        ("llama", "fuse_reference/lora", "lora.gguf"),
+        ("qwen2", "gguf_reference/qwen2_lora", "qwen2_lora.gguf"),
+        ("qwen3", "gguf_reference/qwen3_lora", "qwen3_lora.gguf"),
+        ("gguf_reference/mistral_spm", "gguf_reference/mistral_spm_lora", "mistral_spm_lora.gguf"),
+    ] {
         let out = tmp.path().join(reference);
         ok(&lora(&["convert-adapter", "--adapter-path", s(&fixture(adapter)), "--to", "gguf", "--model", s(&fixture(model)), "--save-path", s(&out)]));
         assert_matches(&out, &fixture("gguf_reference").join(reference));
@@ -236,7 +241,20 @@ fn a_quantized_base_exports_its_dequantized_fusion() {
     let tmp = tempfile::tempdir().unwrap();
     let gguf = tmp.path().join("q4.gguf");
     let float = tmp.path().join("float");
-    ok(&lora(&["fuse", "--model", "tests/fixtures/llama_mlx_q4", "--adapter-path", "tests/fixtures/fuse_reference/mlx", "--save-path", s(&float), "--dequantize", "--dtype", "f32", "--export-gguf", s(&gguf)]));
+    ok(&lora(&[
+        "fuse",
+        "--model",
+        "tests/fixtures/llama_mlx_q4",
+        "--adapter-path",
+        "tests/fixtures/fuse_reference/mlx",
+        "--save-path",
+        s(&float),
+        "--dequantize",
+        "--dtype",
+        "f32",
+        "--export-gguf",
+        s(&gguf),
+    ]));
     let g = read(&gguf);
     // The GGUF holds the float fusion in f16: compare one adapted and one plain weight.
     let bytes = std::fs::read(float.join("model.safetensors")).unwrap();
@@ -255,13 +273,33 @@ fn what_gguf_cannot_hold_is_refused_before_anything_is_written() {
     let tmp = tempfile::tempdir().unwrap();
     // DoRA: llama.cpp's --lora has no magnitude.
     let out = tmp.path().join("dora.gguf");
-    let o = lora(&["convert-adapter", "--adapter-path", "tests/fixtures/fuse_reference/dora", "--to", "gguf", "--model", "tests/fixtures/llama", "--save-path", s(&out)]);
+    let o = lora(&[
+        "convert-adapter",
+        "--adapter-path",
+        "tests/fixtures/fuse_reference/dora",
+        "--to",
+        "gguf",
+        "--model",
+        "tests/fixtures/llama",
+        "--save-path",
+        s(&out),
+    ]);
     assert!(!o.status.success() && stderr(&o).contains("DoRA"), "{}", stderr(&o));
     // No base model.
     let o = lora(&["convert-adapter", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--to", "gguf", "--save-path", s(&out)]);
     assert!(!o.status.success() && stderr(&o).contains("--model"), "{}", stderr(&o));
     // An adapter for another model names the tensor and both shapes.
-    let o = lora(&["convert-adapter", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--to", "gguf", "--model", "tests/fixtures/mistral", "--save-path", s(&out)]);
+    let o = lora(&[
+        "convert-adapter",
+        "--adapter-path",
+        "tests/fixtures/fuse_reference/lora",
+        "--to",
+        "gguf",
+        "--model",
+        "tests/fixtures/mistral",
+        "--save-path",
+        s(&out),
+    ]);
     assert!(!o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("q_proj.lora_B") && stderr(&o).contains("[64, 4]") && stderr(&o).contains("[128, 4]"), "{}", stderr(&o));
     assert_eq!(entries(tmp.path()), Vec::<String>::new());
@@ -273,14 +311,58 @@ fn what_gguf_cannot_hold_is_refused_before_anything_is_written() {
     let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(model.join("tokenizer.json")).unwrap()).unwrap();
     tok["model"]["byte_fallback"] = Value::Bool(true);
     std::fs::write(model.join("tokenizer.json"), tok.to_string()).unwrap();
-    let o = lora(&["fuse", "--model", s(&model), "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&tmp.path().join("fused")), "--export-gguf", s(&tmp.path().join("spm.gguf"))]);
+    let o = lora(&[
+        "fuse",
+        "--model",
+        s(&model),
+        "--adapter-path",
+        "tests/fixtures/fuse_reference/lora",
+        "--save-path",
+        s(&tmp.path().join("fused")),
+        "--export-gguf",
+        s(&tmp.path().join("spm.gguf")),
+    ]);
     assert!(!o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("tokenizer.json") && stderr(&o).contains("tokenizer.model"), "{}", stderr(&o));
     assert_eq!(entries(tmp.path()), ["spm"]);
 
+    // A pre-tokenizer llama.cpp has no name for (a split on digits before the byte-level
+    // mapping): refused by name, and again nothing is written.
+    let model = copy_model("llama", &tmp.path().join("unk"));
+    let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(model.join("tokenizer.json")).unwrap()).unwrap();
+    tok["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\p{N}+"}, "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}]});
+    std::fs::write(model.join("tokenizer.json"), tok.to_string()).unwrap();
+    let o = lora(&[
+        "fuse",
+        "--model",
+        s(&model),
+        "--adapter-path",
+        "tests/fixtures/fuse_reference/lora",
+        "--save-path",
+        s(&tmp.path().join("fused")),
+        "--export-gguf",
+        s(&tmp.path().join("unk.gguf")),
+    ]);
+    assert!(!o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("tokenizer.json") && stderr(&o).contains("pre-tokenizer"), "{}", stderr(&o));
+    assert_eq!(entries(tmp.path()), ["spm", "unk"]);
+    std::fs::remove_dir_all(&model).unwrap();
+
     // Sliding-window attention: llama.cpp's llama architecture would attend past the window
     // (on the Mistral fixture, window 8, its logits at position 10 are off by 7.7).
-    let o = lora(&["fuse", "--model", "tests/fixtures/mistral", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&tmp.path().join("fused")), "--export-gguf", s(&tmp.path().join("m.gguf"))]);
+    let o = lora(&[
+        "fuse",
+        "--model",
+        "tests/fixtures/mistral",
+        "--adapter-path",
+        "tests/fixtures/fuse_reference/lora",
+        "--save-path",
+        s(&tmp.path().join("fused")),
+        "--export-gguf",
+        s(&tmp.path().join("m.gguf")),
+    ]);
     assert!(!o.status.success() && stderr(&o).contains("sliding-window"), "{}", stderr(&o));
     assert_eq!(entries(tmp.path()), ["spm"]);
 
@@ -290,7 +372,18 @@ fn what_gguf_cannot_hold_is_refused_before_anything_is_written() {
     for (save, gguf) in [("fused", "./fused/m.gguf"), ("./fused", "fused/sub/m.gguf"), ("fused2", "tests/fixtures/llama/m.gguf")] {
         let save = tmp.path().join(save);
         let gguf = if gguf.starts_with("tests/") { common::root().join(gguf) } else { tmp.path().join(gguf) };
-        let o = lora(&["fuse", "--model", "tests/fixtures/llama", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&save), "--export-gguf", s(&gguf), "--force"]);
+        let o = lora(&[
+            "fuse",
+            "--model",
+            "tests/fixtures/llama",
+            "--adapter-path",
+            "tests/fixtures/fuse_reference/lora",
+            "--save-path",
+            s(&save),
+            "--export-gguf",
+            s(&gguf),
+            "--force",
+        ]);
         assert!(!o.status.success() && stderr(&o).contains("inside"), "{}", stderr(&o));
     }
     assert!(!fixture("llama/m.gguf").exists());
@@ -299,10 +392,31 @@ fn what_gguf_cannot_hold_is_refused_before_anything_is_written() {
     // An existing file is not replaced without --force.
     let taken = tmp.path().join("taken.gguf");
     std::fs::write(&taken, b"mine").unwrap();
-    let o = lora(&["convert-adapter", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--to", "gguf", "--model", "tests/fixtures/llama", "--save-path", s(&taken)]);
+    let o = lora(&[
+        "convert-adapter",
+        "--adapter-path",
+        "tests/fixtures/fuse_reference/lora",
+        "--to",
+        "gguf",
+        "--model",
+        "tests/fixtures/llama",
+        "--save-path",
+        s(&taken),
+    ]);
     assert!(!o.status.success() && stderr(&o).contains("--force"), "{}", stderr(&o));
     assert_eq!(std::fs::read(&taken).unwrap(), b"mine");
     // With --force it is replaced, and only then.
-    ok(&lora(&["convert-adapter", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--to", "gguf", "--model", "tests/fixtures/llama", "--save-path", s(&taken), "--force"]));
+    ok(&lora(&[
+        "convert-adapter",
+        "--adapter-path",
+        "tests/fixtures/fuse_reference/lora",
+        "--to",
+        "gguf",
+        "--model",
+        "tests/fixtures/llama",
+        "--save-path",
+        s(&taken),
+        "--force",
+    ]));
     assert_matches(&taken, &fixture("gguf_reference/lora.gguf"));
 }
