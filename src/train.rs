@@ -125,6 +125,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
     // Again under the lock: a run that started and finished meanwhile is not written over.
     check_adapter_path(&config, resuming, flags.force)?;
     let mut state = if resuming {
+        if !out.join(STATE_FILE).is_file() {
+            bail!(
+                "--resume {}: no checkpoint there yet ({STATE_FILE} is missing): the run stopped before its first save (--save-every); start it again without --resume, with --force to write over what it left",
+                out.display()
+            );
+        }
         let state = checkpoint::restore(&mut model, &out.join(STATE_FILE))?;
         if state.optimizer.config != config.optimizer_config() {
             eprintln!("Note: the optimizer settings differ from the resumed run's; continuing with the new ones.");

@@ -181,6 +181,25 @@ fn a_run_killed_mid_way_resumes_exactly() {
     for name in ["adapter_model.safetensors", "0000008_adapter_model.safetensors", "0000012_adapter_model.safetensors"] {
         assert_eq!(std::fs::read(cut.join(name)).unwrap(), std::fs::read(whole.join(name)).unwrap(), "{name} differs");
     }
+    // Killed at other points (just before and after a checkpoint, the last iteration): each
+    // resumes to the same final adapter (README: "killed after any iteration").
+    // Before the first checkpoint there is nothing to resume: a clear error saying so.
+    let early = tmp.path().join("early");
+    let o = command().args(resumable(&early, 12, 4)).env("LORA_TEST_ABORT_AT", "1").output().unwrap();
+    assert!(!o.status.success(), "the run was meant to die");
+    let o = lora(&["train", "--resume", s(&early)]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no checkpoint there yet") && stderr(&o).contains("without --resume"), "{}", stderr(&o));
+    for at in [5, 8, 11] {
+        let cut = tmp.path().join(format!("cut{at}"));
+        let o = command().args(resumable(&cut, 12, 4)).env("LORA_TEST_ABORT_AT", at.to_string()).output().unwrap();
+        assert!(!o.status.success(), "the run was meant to die at {at}");
+        let o = lora(&["train", "--resume", s(&cut)]);
+        assert!(o.status.success(), "killed at {at}: {}", stderr(&o));
+        let name = "adapter_model.safetensors";
+        assert_eq!(std::fs::read(cut.join(name)).unwrap(), std::fs::read(whole.join(name)).unwrap(), "killed at {at}: the final adapter differs");
+        assert_eq!(curve(&cut, "train_loss"), curve(&whole, "train_loss"), "killed at {at}: the loss curve differs");
+    }
     // Resuming with --iters at or below where the run is: an error, not a silent success.
     let o = lora(&["train", "--resume", s(&cut), "--iters", "8"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
