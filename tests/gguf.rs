@@ -304,51 +304,45 @@ fn what_gguf_cannot_hold_is_refused_before_anything_is_written() {
     assert!(stderr(&o).contains("q_proj.lora_B") && stderr(&o).contains("[64, 4]") && stderr(&o).contains("[128, 4]"), "{}", stderr(&o));
     assert_eq!(entries(tmp.path()), Vec::<String>::new());
 
+    // A copy of the llama fixture named `name` with its tokenizer.json edited, fused with a
+    // GGUF export that must fail: its stderr.
+    let refused = |name: &str, edit: &dyn Fn(&mut Value)| -> String {
+        let model = copy_model("llama", &tmp.path().join(name));
+        let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(model.join("tokenizer.json")).unwrap()).unwrap();
+        edit(&mut tok);
+        std::fs::write(model.join("tokenizer.json"), tok.to_string()).unwrap();
+        let gguf = tmp.path().join(format!("{name}.gguf"));
+        let o = lora(&[
+            "fuse",
+            "--model",
+            s(&model),
+            "--adapter-path",
+            "tests/fixtures/fuse_reference/lora",
+            "--save-path",
+            s(&tmp.path().join("fused")),
+            "--export-gguf",
+            s(&gguf),
+        ]);
+        assert!(!o.status.success(), "{}", stderr(&o));
+        stderr(&o)
+    };
     // A SentencePiece tokenizer without its tokenizer.model: llama.cpp's gpt2 vocabulary
     // cannot hold it, and the scores are in tokenizer.model. Neither the model directory nor
     // the GGUF is written.
-    let model = copy_model("llama", &tmp.path().join("spm"));
-    let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(model.join("tokenizer.json")).unwrap()).unwrap();
-    tok["model"]["byte_fallback"] = Value::Bool(true);
-    std::fs::write(model.join("tokenizer.json"), tok.to_string()).unwrap();
-    let o = lora(&[
-        "fuse",
-        "--model",
-        s(&model),
-        "--adapter-path",
-        "tests/fixtures/fuse_reference/lora",
-        "--save-path",
-        s(&tmp.path().join("fused")),
-        "--export-gguf",
-        s(&tmp.path().join("spm.gguf")),
-    ]);
-    assert!(!o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("tokenizer.json") && stderr(&o).contains("tokenizer.model"), "{}", stderr(&o));
+    let err = refused("spm", &|tok| tok["model"]["byte_fallback"] = Value::Bool(true));
+    assert!(err.contains("tokenizer.json") && err.contains("tokenizer.model"), "{err}");
     assert_eq!(entries(tmp.path()), ["spm"]);
 
     // A pre-tokenizer llama.cpp has no name for (a split on digits before the byte-level
     // mapping): refused by name, and again nothing is written.
-    let model = copy_model("llama", &tmp.path().join("unk"));
-    let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(model.join("tokenizer.json")).unwrap()).unwrap();
-    tok["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": "\\p{N}+"}, "behavior": "Isolated", "invert": false},
-        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}]});
-    std::fs::write(model.join("tokenizer.json"), tok.to_string()).unwrap();
-    let o = lora(&[
-        "fuse",
-        "--model",
-        s(&model),
-        "--adapter-path",
-        "tests/fixtures/fuse_reference/lora",
-        "--save-path",
-        s(&tmp.path().join("fused")),
-        "--export-gguf",
-        s(&tmp.path().join("unk.gguf")),
-    ]);
-    assert!(!o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("tokenizer.json") && stderr(&o).contains("pre-tokenizer"), "{}", stderr(&o));
+    let err = refused("unk", &|tok| {
+        tok["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "\\p{N}+"}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}]})
+    });
+    assert!(err.contains("tokenizer.json") && err.contains("pre-tokenizer"), "{err}");
     assert_eq!(entries(tmp.path()), ["spm", "unk"]);
-    std::fs::remove_dir_all(&model).unwrap();
+    std::fs::remove_dir_all(tmp.path().join("unk")).unwrap();
 
     // Sliding-window attention: llama.cpp's llama architecture would attend past the window
     // (on the Mistral fixture, window 8, its logits at position 10 are off by 7.7).
