@@ -196,7 +196,24 @@ fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(declared_size))
         .with_state(state)
+}
+
+/// A body whose declared length is over the limit is answered 413 at once, before any of it
+/// is read, and the connection closed: a client still sending reads the answer instead of a
+/// reset halfway through. A body of no declared length (chunked) is cut at the limit as it
+/// is read ([`DefaultBodyLimit`]).
+async fn declared_size(request: axum::extract::Request, next: Next) -> Response {
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        let mut response =
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", format!("the request body is over the limit (at most {MAX_BODY} bytes)"))
+                .into_response();
+        response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        return response;
+    }
+    next.run(request).await
 }
 
 async fn authorize(State(state): State<AppState>, request: axum::extract::Request, next: Next) -> Response {
