@@ -54,10 +54,14 @@ for stage in "$@"; do
         ;;
     matmul)
         sampled matmul-peer peer matmul --json "$OUT/matmul-peer.json"
-        sampled matmul-ours $L bench matmul --dtype f16 --tiles ${TILES:-128x256x32} --json "$OUT/matmul-ours.json"
+        sampled matmul-ours $L bench matmul --dtype f16 --tiles ${TILES:-128x256x32,128x256x32+e} --json "$OUT/matmul-ours.json"
         ;;
     cm2)
-        sampled cm2 $L bench matmul --dtype f16 --quantized false --iters 10 --tiles ${TILES:-128x128x32,128x256x32,256x128x32,128x128x64,128x256x64}
+        # One process per configuration (see `lora bench matmul --help`), so that one the
+        # driver refuses does not end the others.
+        for t in $(echo "${TILES:-128x256x32,128x256x32+e,128x256x32+e4,128x256x32+p,128x256x64+p,256x128x32+p,128x128x32+p@128}" | tr , ' '); do
+            sampled "cm2-$(echo "$t" | tr -c 'a-zA-Z0-9\n' _)" $L bench matmul --dtype f16 --quantized false --iters 10 --tiles "$t"
+        done
         ;;
     peer1b) sampled peer1b peer train --geometry llama-1b --batch-size 8 --seq 512 --steps 8 --json "$OUT/peer1b.json" ;;
     ours1b) sampled ours1b $L bench train --geometry llama-1b --batch-size 8 --seq 512 --steps 8 --dtype f16 --json "$OUT/ours1b.json" ;;

@@ -1,7 +1,7 @@
 //! Half-precision matrix products on workgroup-scope cooperative matrices
 //! (`VK_NV_cooperative_matrix2`'s tensor-addressed loads and stores).
 //!
-//! One workgroup of [`UNITS`] invocations computes one `BM × BN` tile of the output in an f32
+//! One workgroup of [`UNITS`] invocations (or [`Cm2Config::units`]) computes one `BM × BN` tile of the output in an f32
 //! accumulator, stepping through K `BK` at a time; the driver stages the operands and maps the
 //! product onto the tensor cores. Tensor views clamp reads outside the operands to 0 and drop
 //! writes outside the output, so no shape needs to be a multiple of the tile.
@@ -24,45 +24,95 @@ pub fn used() -> bool {
     USED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Invocations per workgroup.
+/// Invocations per workgroup by default.
 pub const UNITS: u32 = 256;
 
-static TILE: std::sync::Mutex<Option<(usize, usize, usize)>> = std::sync::Mutex::new(None);
+static TILE: std::sync::Mutex<Option<Cm2Config>> = std::sync::Mutex::new(None);
 
-/// The output tile and K step `(BM, BN, BK)`: [`set_tile`]'s, else `LORA_CM2_TILE=BMxBNxBK`,
-/// else 128×256×32.
-pub fn tile() -> (usize, usize, usize) {
-    if let Some(t) = *TILE.lock().unwrap_or_else(|e| e.into_inner()) {
-        return t;
-    }
-    if let Ok(v) = std::env::var("LORA_CM2_TILE") {
-        let d: Vec<usize> = v.split('x').filter_map(|s| s.parse().ok()).collect();
-        if let [m, n, k] = d[..] {
-            return (m, n, k);
-        }
-    }
-    (128, 256, 32)
+/// How the tensor-core kernel runs: its output tile and K step, and whether products whose
+/// sizes are all multiples of the tile take the exact-shape kernel (sizes compiled in, loads
+/// unclamped, the K loop unrolled `unroll` steps at a time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cm2Config {
+    /// `(BM, BN, BK)`.
+    pub tile: (usize, usize, usize),
+    /// Exact-shape kernel where the sizes allow it.
+    pub exact: bool,
+    /// K steps per unrolled loop body of the exact-shape kernel.
+    pub unroll: usize,
+    /// The exact-shape kernel loads the next K step's operands before it multiplies the
+    /// current ones (two sets of operand matrices in registers).
+    pub pipelined: bool,
+    /// Invocations per workgroup.
+    pub units: u32,
 }
 
-/// Sets the tile of the launches that follow (`None`: back to [`tile`]'s default); for
-/// benchmarks of the choices.
-pub fn set_tile(tile: Option<(usize, usize, usize)>) {
-    *TILE.lock().unwrap_or_else(|e| e.into_inner()) = tile;
+impl Cm2Config {
+    /// `BMxBNxBK`, then optionally `+e` (exact-shape kernel), `+eU` (and unrolled `U` steps) or
+    /// `+p` (exact-shape and pipelined),
+    /// then optionally `@W` (`W` invocations per workgroup, a multiple of 32 up to 1024).
+    pub fn parse(spec: &str) -> Option<Self> {
+        let (spec, units) = match spec.split_once('@') {
+            Some((spec, w)) => (spec, w.parse::<u32>().ok().filter(|w| w % 32 == 0 && (32..=1024).contains(w))?),
+            None => (spec, UNITS),
+        };
+        let (tile, variant) = match spec.split_once('+') {
+            Some((tile, variant)) => (tile, Some(variant)),
+            None => (spec, None),
+        };
+        let d: Vec<usize> = tile.split('x').map(|s| s.parse().ok()).collect::<Option<_>>()?;
+        let [m, n, k] = d[..] else { return None };
+        if m == 0 || n == 0 || k == 0 {
+            return None;
+        }
+        let (exact, unroll, pipelined) = match variant {
+            None => (false, 1, false),
+            Some("e") => (true, 1, false),
+            Some("p") => (true, 2, true),
+            Some(v) => (true, v.strip_prefix('e')?.parse::<usize>().ok().filter(|u| (1..=16).contains(u))?, false),
+        };
+        Some(Self { tile: (m, n, k), exact, unroll, units, pipelined })
+    }
+}
+
+/// The kernel's configuration: [`set_config`]'s, else `LORA_CM2_TILE` (as [`Cm2Config::parse`]
+/// reads it), else 128×256×32 with the exact-shape kernel where the sizes allow it (on an
+/// H200 it ran the 8B geometry's 2048-row products at 175–225 TFLOP/s against the clamped
+/// kernel's 113–126; BENCHMARKS.md).
+pub fn config() -> Cm2Config {
+    if let Some(c) = *TILE.lock().unwrap_or_else(|e| e.into_inner()) {
+        return c;
+    }
+    if let Some(c) = std::env::var("LORA_CM2_TILE").ok().and_then(|v| Cm2Config::parse(&v)) {
+        return c;
+    }
+    Cm2Config { tile: (128, 256, 32), exact: true, unroll: 1, units: UNITS, pipelined: false }
+}
+
+/// The output tile and K step `(BM, BN, BK)` of [`config`].
+pub fn tile() -> (usize, usize, usize) {
+    config().tile
+}
+
+/// Sets the configuration of the launches that follow (`None`: back to [`config`]'s
+/// default); for benchmarks of the choices.
+pub fn set_config(config: Option<Cm2Config>) {
+    *TILE.lock().unwrap_or_else(|e| e.into_inner()) = config;
 }
 
 /// Whether `tensor`'s device runs workgroup-scope f16 products with f32 accumulation on
-/// [`UNITS`] invocations, with granularities that divide `tile`, and `dtype` is f16.
+/// [`config`]'s invocations, with granularities that divide its tile, and `dtype` is f16.
 pub fn supported(tensor: &CubeTensor, dtype: DType) -> bool {
     if dtype != DType::F16 || std::env::var_os("LORA_NO_CM2").is_some() {
         return false;
     }
-    let (bm, bn, bk) = tile();
+    let Cm2Config { tile: (bm, bn, bk), units, .. } = config();
     let f16 = ElemType::Float(FloatKind::F16);
     tensor.client.properties().features.matmul.cube_mma.iter().any(|c| {
         c.a_type == f16
             && c.b_type == f16
             && c.cd_type == ElemType::Float(FloatKind::F32)
-            && c.units_per_block.is_none_or(|u| u == UNITS)
+            && c.units_per_block.is_none_or(|u| u == units)
             && (bm as u32).is_multiple_of(c.m_granularity)
             && (bn as u32).is_multiple_of(c.n_granularity)
             && (bk as u32).is_multiple_of(c.k_granularity)
@@ -123,6 +173,143 @@ fn matmul_cm2_kernel<F: Float, O: Float>(
     cmma::store_tensor(&mut ov, &result);
 }
 
+/// [`matmul_cm2_kernel`] for sizes `(m, n, k)` known when it is compiled, each a multiple of
+/// the tile: constant strides, loads and stores without clamping, and the K loop unrolled
+/// `unroll` steps at a time (`k / bk` a multiple of it).
+#[cube(launch_unchecked)]
+fn matmul_cm2_exact_kernel<F: Float, O: Float>(
+    lhs: &Tensor<F>,
+    rhs: &Tensor<F>,
+    out: &mut Tensor<O>,
+    #[comptime] dims: (usize, usize, usize),
+    #[comptime] tile: (usize, usize, usize),
+    #[comptime] unroll: usize,
+    #[comptime] rhs_transposed: bool,
+    #[define(F)] _dtype: ElemType,
+    #[define(O)] _out_dtype: ElemType,
+) {
+    let (m, n, k) = dims;
+    let (bm, bn, bk) = tile;
+    let row0 = CUBE_POS_Y * bm as u32;
+    let col0 = CUBE_POS_X * bn as u32;
+    let steps = comptime!((k / (bk * unroll)) as u32);
+
+    let lhs_view = TensorView::new(lhs.as_slice(), seq![m as u32, k as u32]).with_clamp_mode(comptime![TensorClampMode::Undefined]).finish();
+    let out_view = TensorView::new(out.as_slice(), seq![m as u32, n as u32]).with_clamp_mode(comptime![TensorClampMode::Undefined]).finish();
+
+    let mut a = unsafe { cmma::Matrix::<F, cmma::Cube>::uninitialized(cmma::MatrixIdent::A, bm, bn, bk, cmma::MatrixLayout::Undefined) };
+    let mut b = unsafe { cmma::Matrix::<F, cmma::Cube>::uninitialized(cmma::MatrixIdent::B, bm, bn, bk, cmma::MatrixLayout::Undefined) };
+    let acc = cmma::Matrix::<f32, cmma::Cube>::from_value(cmma::MatrixIdent::Accumulator, bm, bn, bk, cmma::MatrixLayout::Undefined, 0.0);
+
+    if comptime!(rhs_transposed) {
+        let rhs_view = TensorView::new(rhs.as_slice(), seq![n as u32, k as u32]).with_clamp_mode(comptime![TensorClampMode::Undefined]).finish();
+        for s in 0..steps {
+            #[unroll]
+            for j in 0..unroll {
+                let k0 = (s * unroll as u32 + j as u32) * bk as u32;
+                let av = lhs_view.slice(seq![row0, k0], seq![bm as u32, bk as u32]);
+                let bv = rhs_view.slice(seq![col0, k0], seq![bn as u32, bk as u32]);
+                let bv = bv.permuted(seq![1, 0]);
+                cmma::load_tensor(&mut a, &av);
+                cmma::load_tensor(&mut b, &bv);
+                cmma::execute(&a, &b, &acc, &acc);
+            }
+        }
+    } else {
+        let rhs_view = TensorView::new(rhs.as_slice(), seq![k as u32, n as u32]).with_clamp_mode(comptime![TensorClampMode::Undefined]).finish();
+        for s in 0..steps {
+            #[unroll]
+            for j in 0..unroll {
+                let k0 = (s * unroll as u32 + j as u32) * bk as u32;
+                let av = lhs_view.slice(seq![row0, k0], seq![bm as u32, bk as u32]);
+                let bv = rhs_view.slice(seq![k0, col0], seq![bk as u32, bn as u32]);
+                cmma::load_tensor(&mut a, &av);
+                cmma::load_tensor(&mut b, &bv);
+                cmma::execute(&a, &b, &acc, &acc);
+            }
+        }
+    }
+    let result: cmma::Matrix<O, cmma::Cube> = cmma::cast(&acc);
+    let mut ov = out_view.slice(seq![row0, col0], seq![bm as u32, bn as u32]);
+    cmma::store_tensor(&mut ov, &result);
+}
+
+/// Loads K step `k0`'s operand tiles: `lhs` rows from `row0`, `rhs` columns (of the output)
+/// from `col0`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_step<F: Float>(
+    a: &mut cmma::Matrix<F, cmma::Cube>,
+    b: &mut cmma::Matrix<F, cmma::Cube>,
+    lhs: &TensorView<F>,
+    rhs: &TensorView<F>,
+    row0: u32,
+    col0: u32,
+    k0: u32,
+    #[comptime] tile: (usize, usize, usize),
+    #[comptime] rhs_transposed: bool,
+) {
+    let (bm, bn, bk) = tile;
+    let av = lhs.slice(seq![row0, k0], seq![bm as u32, bk as u32]);
+    cmma::load_tensor(a, &av);
+    if comptime!(rhs_transposed) {
+        let bv = rhs.slice(seq![col0, k0], seq![bn as u32, bk as u32]);
+        let bv = bv.permuted(seq![1, 0]);
+        cmma::load_tensor(b, &bv);
+    } else {
+        let bv = rhs.slice(seq![k0, col0], seq![bk as u32, bn as u32]);
+        cmma::load_tensor(b, &bv);
+    }
+}
+
+/// [`matmul_cm2_exact_kernel`] with the loads of each K step issued before the product of the
+/// step before it, from two sets of operand matrices (`k / bk` even and at least 2).
+#[cube(launch_unchecked)]
+fn matmul_cm2_pipelined_kernel<F: Float, O: Float>(
+    lhs: &Tensor<F>,
+    rhs: &Tensor<F>,
+    out: &mut Tensor<O>,
+    #[comptime] dims: (usize, usize, usize),
+    #[comptime] tile: (usize, usize, usize),
+    #[comptime] rhs_transposed: bool,
+    #[define(F)] _dtype: ElemType,
+    #[define(O)] _out_dtype: ElemType,
+) {
+    let (m, n, k) = dims;
+    let (bm, bn, bk) = tile;
+    let (r0, r1) = comptime!(if rhs_transposed { (n, k) } else { (k, n) });
+    let row0 = CUBE_POS_Y * bm as u32;
+    let col0 = CUBE_POS_X * bn as u32;
+    let pairs = comptime!((k / (2 * bk)) as u32);
+    let step = comptime!(bk as u32);
+
+    let lhs_view = TensorView::new(lhs.as_slice(), seq![m as u32, k as u32]).with_clamp_mode(comptime![TensorClampMode::Undefined]).finish();
+    let rhs_view = TensorView::new(rhs.as_slice(), seq![r0 as u32, r1 as u32]).with_clamp_mode(comptime![TensorClampMode::Undefined]).finish();
+    let out_view = TensorView::new(out.as_slice(), seq![m as u32, n as u32]).with_clamp_mode(comptime![TensorClampMode::Undefined]).finish();
+
+    let mut a0 = unsafe { cmma::Matrix::<F, cmma::Cube>::uninitialized(cmma::MatrixIdent::A, bm, bn, bk, cmma::MatrixLayout::Undefined) };
+    let mut b0 = unsafe { cmma::Matrix::<F, cmma::Cube>::uninitialized(cmma::MatrixIdent::B, bm, bn, bk, cmma::MatrixLayout::Undefined) };
+    let mut a1 = unsafe { cmma::Matrix::<F, cmma::Cube>::uninitialized(cmma::MatrixIdent::A, bm, bn, bk, cmma::MatrixLayout::Undefined) };
+    let mut b1 = unsafe { cmma::Matrix::<F, cmma::Cube>::uninitialized(cmma::MatrixIdent::B, bm, bn, bk, cmma::MatrixLayout::Undefined) };
+    let acc = cmma::Matrix::<f32, cmma::Cube>::from_value(cmma::MatrixIdent::Accumulator, bm, bn, bk, cmma::MatrixLayout::Undefined, 0.0);
+
+    load_step::<F>(&mut a0, &mut b0, &lhs_view, &rhs_view, row0, col0, 0, tile, rhs_transposed);
+    for s in 1..pairs {
+        let k0 = s * 2 * step;
+        load_step::<F>(&mut a1, &mut b1, &lhs_view, &rhs_view, row0, col0, k0 - step, tile, rhs_transposed);
+        cmma::execute(&a0, &b0, &acc, &acc);
+        load_step::<F>(&mut a0, &mut b0, &lhs_view, &rhs_view, row0, col0, k0, tile, rhs_transposed);
+        cmma::execute(&a1, &b1, &acc, &acc);
+    }
+    load_step::<F>(&mut a1, &mut b1, &lhs_view, &rhs_view, row0, col0, comptime!((k - bk) as u32), tile, rhs_transposed);
+    cmma::execute(&a0, &b0, &acc, &acc);
+    cmma::execute(&a1, &b1, &acc, &acc);
+
+    let result: cmma::Matrix<O, cmma::Cube> = cmma::cast(&acc);
+    let mut ov = out_view.slice(seq![row0, col0], seq![bm as u32, bn as u32]);
+    cmma::store_tensor(&mut ov, &result);
+}
+
 /// `lhs` `[m, k]` · `rhsᵀ` (`rhs` `[n, k]`) when `rhs_transposed`, else `lhs · rhs` (`rhs`
 /// `[k, n]`): `[m, n]` in the operands' dtype. Call only where [`supported`] holds.
 pub fn matmul_cm2(lhs: CubeTensor, rhs: CubeTensor, rhs_transposed: bool) -> CubeTensor {
@@ -136,26 +323,101 @@ pub fn matmul_cm2(lhs: CubeTensor, rhs: CubeTensor, rhs_transposed: bool) -> Cub
     let f32_out = std::env::var_os("LORA_CM2_F32").is_some();
     let out_dtype = if f32_out { DType::F32 } else { dtype };
     let out = empty_device_dtype(lhs.client.clone(), lhs.device.clone(), Shape::new([m, n]), out_dtype);
-    let (bm, bn, bk) = tile();
+    let config = config();
+    let (bm, bn, bk) = config.tile;
     let count = CubeCount::Static((n as u32).div_ceil(bn as u32), (m as u32).div_ceil(bm as u32), 1);
-    // SAFETY: every access goes through a tensor view sized to its operand, which clamps reads
-    // and drops writes outside it; the operands are contiguous and row-major.
-    unsafe {
-        matmul_cm2_kernel::launch_unchecked(
-            &out.client,
-            count,
-            CubeDim::new_1d(UNITS),
-            into_contiguous(lhs).into_tensor_arg(),
-            into_contiguous(rhs).into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            (bm, bn, bk),
-            rhs_transposed,
-            dtype_to_storage_type(dtype),
-            dtype_to_storage_type(out_dtype),
-        )
+    let exact = config.exact && m % bm == 0 && n % bn == 0 && k % (bk * config.unroll) == 0;
+    let (lhs, rhs) = (into_contiguous(lhs), into_contiguous(rhs));
+    if exact && config.pipelined {
+        // SAFETY: as the exact-shape kernel's; `k` is a multiple of two K steps (checked
+        // above: `unroll` is 2), so every step loaded is inside the operands.
+        unsafe {
+            matmul_cm2_pipelined_kernel::launch_unchecked(
+                &out.client,
+                count,
+                CubeDim::new_1d(config.units),
+                lhs.into_tensor_arg(),
+                rhs.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                (m, n, k),
+                (bm, bn, bk),
+                rhs_transposed,
+                dtype_to_storage_type(dtype),
+                dtype_to_storage_type(out_dtype),
+            )
+        }
+    } else if exact {
+        // SAFETY: the sizes compiled in are the operands' own, each a multiple of its tile
+        // (checked above), so every unclamped load and store is inside its operand; the
+        // operands are contiguous and row-major.
+        unsafe {
+            matmul_cm2_exact_kernel::launch_unchecked(
+                &out.client,
+                count,
+                CubeDim::new_1d(config.units),
+                lhs.into_tensor_arg(),
+                rhs.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                (m, n, k),
+                (bm, bn, bk),
+                config.unroll,
+                rhs_transposed,
+                dtype_to_storage_type(dtype),
+                dtype_to_storage_type(out_dtype),
+            )
+        }
+    } else {
+        // SAFETY: every access goes through a tensor view sized to its operand, which clamps
+        // reads and drops writes outside it; the operands are contiguous and row-major.
+        unsafe {
+            matmul_cm2_kernel::launch_unchecked(
+                &out.client,
+                count,
+                CubeDim::new_1d(config.units),
+                lhs.into_tensor_arg(),
+                rhs.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                (bm, bn, bk),
+                rhs_transposed,
+                dtype_to_storage_type(dtype),
+                dtype_to_storage_type(out_dtype),
+            )
+        }
     }
     if f32_out {
         return burn_cubecl::kernel::cast(out, dtype);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cm2Config;
+
+    #[test]
+    fn configurations_parse_and_nonsense_does_not() {
+        let c = |tile, exact, unroll| Some(Cm2Config { tile, exact, unroll, units: super::UNITS, pipelined: false });
+        assert_eq!(Cm2Config::parse("128x256x32"), c((128, 256, 32), false, 1));
+        assert_eq!(Cm2Config::parse("128x256x32+e"), c((128, 256, 32), true, 1));
+        assert_eq!(Cm2Config::parse("256x128x64+e4"), c((256, 128, 64), true, 4));
+        assert_eq!(Cm2Config::parse("128x128x32+e2@128"), Some(Cm2Config { tile: (128, 128, 32), exact: true, unroll: 2, units: 128, pipelined: false }));
+        assert_eq!(Cm2Config::parse("128x256x32+p"), Some(Cm2Config { tile: (128, 256, 32), exact: true, unroll: 2, units: 256, pipelined: true }));
+        for bad in [
+            "",
+            "128x256",
+            "128x256x32x1",
+            "0x256x32",
+            "128x256x32+",
+            "128x256x32+x",
+            "128x256x32+e0",
+            "128x256x32+e17",
+            "axbxc",
+            "128x256x32+e-1",
+            "128x256x32@",
+            "128x256x32@100",
+            "128x256x32+e@2048",
+        ] {
+            assert_eq!(Cm2Config::parse(bad), None, "{bad}");
+        }
+    }
 }

@@ -12,6 +12,7 @@
 use anyhow::Result;
 use burn::tensor::{DType, Distribution, Tensor};
 use clap::Args;
+use lora_kernels::matmul::Cm2Config;
 use lora_quant::QuantWeight;
 use lora_quant::affine::{self, AffineSpec};
 use serde_json::json;
@@ -29,8 +30,12 @@ pub struct BenchMatmulArgs {
     /// Also the 4-bit bases (affine group 64, NF4).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub quantized: bool,
-    /// Output tiles of the tensor-core kernel to time, `BMxBNxBK`, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "128x256x32")]
+    /// Configurations of the tensor-core kernel to time, comma-separated: the output tile
+    /// `BMxBNxBK`, then `+e` for the exact-shape kernel (sizes compiled in, loads unclamped) on
+    /// sizes that are multiples of the tile (the model's default), `+eU` to unroll its K loop `U`
+    /// steps, `+p` to load each K step before multiplying the last, `@W` for `W` invocations per
+    /// workgroup.
+    #[arg(long, value_delimiter = ',', default_value = "128x256x32,128x256x32+e")]
     pub tiles: Vec<String>,
     /// Timed repetitions of each product (after one warm-up).
     #[arg(long, default_value_t = 20)]
@@ -75,19 +80,24 @@ pub fn run(args: BenchMatmulArgs) -> Result<()> {
         row["burn_rel_err"] = json!(burn_err);
         line += &format!(" (rel. err. {burn_err:.1e})");
         for t in &args.tiles {
-            let d: Vec<usize> = t.split('x').filter_map(|v| v.parse().ok()).collect();
-            let [bm, bn, bk] = d[..] else { anyhow::bail!("--tiles {t}: expected BMxBNxBK") };
-            lora_kernels::matmul::set_tile(Some((bm, bn, bk)));
+            let config = Cm2Config::parse(t).ok_or_else(|| anyhow::anyhow!("--tiles {t}: expected BMxBNxBK, optionally +e or +eU"))?;
+            lora_kernels::matmul::set_config(Some(config));
             let f = time(&device, args.iters, || lora_kernels::frozen_linear(x.clone(), w.clone()))?;
             let b = time(&device, args.iters, || lora_kernels::matmul_frozen(dy.clone(), w.clone()))?;
-            let ef = rel_err(lora_kernels::frozen_linear(cx.clone(), cw.clone()), reference.0.clone());
-            let eb = rel_err(lora_kernels::matmul_frozen(cdy.clone(), cw.clone()), reference.1.clone());
+            let mut ef = rel_err(lora_kernels::frozen_linear(cx.clone(), cw.clone()), reference.0.clone());
+            let mut eb = rel_err(lora_kernels::matmul_frozen(cdy.clone(), cw.clone()), reference.1.clone());
+            if config.exact {
+                // The exact-shape kernel runs only on sizes that are multiples of its tile: checked
+                // on the timed operands, against f32 products of them.
+                ef = ef.max(rel_err(lora_kernels::frozen_linear(x.clone(), w.clone()), f32_of(&x).matmul(f32_of(&w).transpose())));
+                eb = eb.max(rel_err(lora_kernels::matmul_frozen(dy.clone(), w.clone()), f32_of(&dy).matmul(f32_of(&w))));
+            }
             row[format!("ours_{t}_forward_tflops")] = json!(tf(f));
             row[format!("ours_{t}_input_grad_tflops")] = json!(tf(b));
             row[format!("ours_{t}_rel_err")] = json!(ef.max(eb));
             line += &format!("; ours {t} x·Wᵀ {:.1}, dy·W {:.1} TFLOP/s (rel. err. {:.1e})", tf(f), tf(b), ef.max(eb));
         }
-        lora_kernels::matmul::set_tile(None);
+        lora_kernels::matmul::set_config(None);
         if args.quantized {
             let host: Vec<f32> =
                 w.clone().cast(burn::tensor::FloatDType::F32).into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
