@@ -16,7 +16,7 @@ use lora_data::{DataKeys, ReadOptions, Splits, Tokenizer, count_too_long, count_
 use lora_model::{CausalLm, Checkpoint, ModelConfig};
 use lora_trainer::checkpoint::{self, STATE_FILE};
 use lora_trainer::run::Quiet;
-use lora_trainer::{Observer, Optimizer, Outcome, Report, Schedule, Settings, State, TrainError};
+use lora_trainer::{Best, EarlyStop, Observer, Optimizer, Outcome, Report, Schedule, Settings, State, TrainError};
 use serde_json::json;
 
 use crate::device::{PeakMemory, compute_dtype, select};
@@ -36,6 +36,9 @@ static STOP: AtomicBool = AtomicBool::new(false);
 
 /// The metrics file's name in the adapter directory.
 pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// The directory in the adapter directory that `--keep-best` keeps the best adapter in.
+pub const BEST_DIR: &str = "best";
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let flags = &args.flags;
@@ -82,6 +85,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .map(|l| l.examples.as_slice())
         .with_context(|| format!("data {}: no train.jsonl", config.data.as_ref().expect("checked").display()))?;
     let valid = data.valid.as_ref().map(|l| l.examples.as_slice());
+    if valid.is_none_or(<[_]>::is_empty) {
+        for (on, flag) in [(config.keep_best, "--keep-best"), (config.early_stop_patience.is_some(), "--early-stop-patience")] {
+            if on {
+                bail!("{flag} needs validation data: {} has no valid.jsonl rows", config.data.as_ref().expect("checked").display());
+            }
+        }
+    }
     let lengths: Vec<usize> = train.iter().map(|e| e.tokens.len()).collect();
     let batcher = lora_data::Batcher::new(&lengths, config.batch_size, config.shuffle, config.seed)
         .with_context(|| format!("{}", config.data.as_ref().expect("checked").join("train.jsonl").display()))?;
@@ -112,6 +122,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         shuffle: config.shuffle,
         max_grad_norm: config.max_grad_norm,
         recompute: config.grad_checkpoint,
+        keep_best: config.keep_best,
+        early_stop: config.early_stop_patience.map(|patience| EarlyStop { patience, min_delta: config.early_stop_min_delta }),
         schedule: Schedule {
             kind: config.schedule_kind(),
             lr: config.learning_rate,
@@ -170,6 +182,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Ok(Outcome::Stopped(i)) => {
             eprintln!("Interrupted at iteration {i}; checkpoint saved. Continue with: lora train --resume {}", out.display());
             std::process::exit(130);
+        }
+        Ok(Outcome::EarlyStopped { iteration, best }) => {
+            let (patience, delta) = (config.early_stop_patience.unwrap_or(0), config.early_stop_min_delta);
+            eprintln!(
+                "Stopped early at iteration {iteration}: {patience} evaluations without the validation loss falling by more than {delta} (best {:.4} at iteration {}); checkpoint saved to {}. Continue with: lora train --resume {}",
+                best.val_loss,
+                best.iteration,
+                out.display(),
+                out.display()
+            );
         }
         Ok(Outcome::Finished) => eprintln!("Saved final adapter to {}", out.display()),
     }
@@ -524,6 +546,31 @@ impl Observer for Files {
         self.last_checkpoint = Some(it);
         say(&self.bar, format!("Iter {it}: Saved adapter weights to {} and {}.", self.out.display(), snapshot.display()));
         self.plot();
+        Ok(())
+    }
+
+    fn best(&mut self, model: &CausalLm, best: &Best) -> Result<(), TrainError> {
+        // Written beside best/ and swapped in, so best/ is always one whole adapter.
+        let (dir, new, old) = (self.out.join(BEST_DIR), self.out.join(".best.new"), self.out.join(".best.old"));
+        let io = |what: &'static str, path: &Path, source: std::io::Error| TrainError::Io { what, path: path.to_path_buf(), source };
+        for stale in [&new, &old] {
+            if stale.exists() {
+                std::fs::remove_dir_all(stale).map_err(|e| io("removing", stale, e))?;
+            }
+        }
+        std::fs::create_dir(&new).map_err(|e| io("creating", &new, e))?;
+        format::save(&new, self.format, &self.spec, &adapter_weights(model), &self.base_model, Some(&self.extra))?;
+        let about = json!({"step": best.iteration, "val_loss": best.val_loss});
+        write_atomic(&new.join("best.json"), format!("{about:#}\n").as_bytes())?;
+        if dir.exists() {
+            std::fs::rename(&dir, &old).map_err(|e| io("moving", &dir, e))?;
+        }
+        std::fs::rename(&new, &dir).map_err(|e| io("moving into place", &dir, e))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| io("removing", &old, e))?;
+        }
+        say(&self.bar, format!("Iter {}: Val loss {:.3} is the best so far; adapter kept in {}.", best.iteration, best.val_loss, dir.display()));
+        self.log(json!({ "step": best.iteration, "best_val_loss": best.val_loss }));
         Ok(())
     }
 

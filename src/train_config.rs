@@ -103,6 +103,8 @@ pub struct TrainConfig {
     pub eps: f64,
     /// SGD momentum. Default 0.
     pub momentum: f64,
+    /// LoRA+: `B`'s learning rate over `A`'s (PEFT's `loraplus_lr_ratio`). Default 1 (off).
+    pub lora_plus_ratio: f64,
     /// Seed of the adapter init, the batch order and dropout. Default 0.
     pub seed: u64,
     /// Blocks adapted, counted back from the last; -1 for all. Default 16.
@@ -132,6 +134,14 @@ pub struct TrainConfig {
     pub adapter_format: AdapterFormat,
     /// Iterations between checkpoints. Default 100.
     pub save_every: usize,
+    /// Keep the adapter of the lowest validation loss in `best/` inside the adapter path.
+    /// Default false.
+    pub keep_best: bool,
+    /// Stop after this many evaluations without improvement. Default: never.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub early_stop_patience: Option<usize>,
+    /// How much lower a validation loss must be to count as an improvement. Default 0.
+    pub early_stop_min_delta: f64,
     /// Test batches; -1 for all. Default 500.
     pub test_batches: i64,
     /// Longer sequences are truncated. Default 2048.
@@ -195,6 +205,7 @@ impl Default for TrainConfig {
             betas: [0.9, 0.999],
             eps: 1e-8,
             momentum: 0.0,
+            lora_plus_ratio: 1.0,
             seed: 0,
             num_layers: 16,
             batch_size: 4,
@@ -208,6 +219,9 @@ impl Default for TrainConfig {
             adapter_path: PathBuf::from("adapters"),
             adapter_format: AdapterFormat::Peft,
             save_every: 100,
+            keep_best: false,
+            early_stop_patience: None,
+            early_stop_min_delta: 0.0,
             test_batches: 500,
             max_seq_length: 2048,
             grad_checkpoint: false,
@@ -281,6 +295,11 @@ pub struct TrainFlags {
     #[arg(long, value_name = "X")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub momentum: Option<f64>,
+    /// LoRA+: the adapters' B matrices (and DoRA magnitudes) learn at R times the learning
+    /// rate, as PEFT's create_loraplus_optimizer [default: 1, plain LoRA].
+    #[arg(long, value_name = "R", allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_plus_ratio: Option<f64>,
     /// Seed [default: 0].
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -333,6 +352,21 @@ pub struct TrainFlags {
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub save_every: Option<usize>,
+    /// Keep the adapter of the lowest validation loss so far in best/ inside the adapter path,
+    /// with its step and loss in best/best.json. Given bare it means true.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_best: Option<bool>,
+    /// Stop after N evaluations in a row without improvement; the run stays resumable
+    /// [default: never].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub early_stop_patience: Option<usize>,
+    /// A validation loss must be lower than the best by more than X to count as an
+    /// improvement [default: 0].
+    #[arg(long, value_name = "X", allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub early_stop_min_delta: Option<f64>,
     /// Test batches; -1 for all [default: 500].
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -586,6 +620,15 @@ impl TrainConfig {
         if self.weight_decay.is_some_and(|w| !(w.is_finite() && w >= 0.0)) {
             return bad("weight_decay", "must be >= 0".into());
         }
+        if self.early_stop_patience == Some(0) {
+            return bad("early_stop_patience", "must be at least 1".into());
+        }
+        if !(self.early_stop_min_delta.is_finite() && self.early_stop_min_delta >= 0.0) {
+            return bad("early_stop_min_delta", format!("must be >= 0, got {}", self.early_stop_min_delta));
+        }
+        if !(self.lora_plus_ratio.is_finite() && self.lora_plus_ratio > 0.0) {
+            return bad("lora_plus_ratio", format!("must be > 0 (1 is plain LoRA; LoRA+ uses 2 to 16), got {}", self.lora_plus_ratio));
+        }
         if self.steps_per_report == 0 || self.steps_per_eval == 0 {
             return bad(if self.steps_per_report == 0 { "steps_per_report" } else { "steps_per_eval" }, "must be at least 1".into());
         }
@@ -624,6 +667,7 @@ impl TrainConfig {
             betas: (self.betas[0], self.betas[1]),
             eps: self.eps,
             momentum: self.momentum,
+            lora_plus_ratio: self.lora_plus_ratio,
         }
     }
 

@@ -66,27 +66,148 @@ fn reference_flags(out: &Path, iters: usize, initial: bool) -> Vec<String> {
     args
 }
 
+/// Checks the run in `out` against the torch + PEFT run in fixture `reference`: every step's
+/// loss and the final adapter's weights within `tol`. Returns the reference's losses.
+fn assert_matches_reference(out: &Path, reference: &str, tol: f64) -> Vec<f64> {
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(fixture(reference).join("expected.json")).unwrap()).unwrap();
+    let want: Vec<f64> = serde_json::from_value(expected["losses"].clone()).unwrap();
+    let got = curve(out, "train_loss");
+    assert_eq!(got.len(), want.len(), "one report per step");
+    for ((step, loss), want) in got.iter().zip(&want) {
+        assert!((loss - want).abs() < tol, "step {step}: {loss} vs {reference}'s {want}");
+    }
+    let ours = tensors(&out.join("adapter_model.safetensors"));
+    let peft = tensors(&fixture(reference).join("final/adapter_model.safetensors"));
+    assert_eq!(ours.iter().map(|t| &t.0).collect::<Vec<_>>(), peft.iter().map(|t| &t.0).collect::<Vec<_>>());
+    let max = ours.iter().zip(&peft).flat_map(|(a, b)| a.1.iter().zip(&b.1).map(|(x, y)| (x - y).abs())).fold(0f32, f32::max);
+    assert!(f64::from(max) < tol, "final adapter differs from {reference}'s by {max}");
+    want
+}
+
 #[test]
 fn the_cli_matches_a_torch_and_peft_loop_step_for_step() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let o = run_args(&reference_flags(&out, 30, true));
     assert!(o.status.success(), "{}", stderr(&o));
-    let expected: Value = serde_json::from_str(&std::fs::read_to_string(fixture("train_reference/expected.json")).unwrap()).unwrap();
-    let want: Vec<f64> = serde_json::from_value(expected["losses"].clone()).unwrap();
-    let got = curve(&out, "train_loss");
-    assert_eq!(got.len(), want.len(), "one report per step");
-    for ((step, loss), want) in got.iter().zip(&want) {
-        assert!((loss - want).abs() < 1e-3, "step {step}: {loss} vs torch {want}");
-    }
-    // The saved PEFT adapter against the one PEFT saved after the same 30 steps.
-    let ours = tensors(&out.join("adapter_model.safetensors"));
-    let peft = tensors(&fixture("train_reference/final/adapter_model.safetensors"));
-    assert_eq!(ours.iter().map(|t| &t.0).collect::<Vec<_>>(), peft.iter().map(|t| &t.0).collect::<Vec<_>>());
-    let max = ours.iter().zip(&peft).flat_map(|(a, b)| a.1.iter().zip(&b.1).map(|(x, y)| (x - y).abs())).fold(0f32, f32::max);
-    assert!(max < 1e-3, "final adapter differs from PEFT's by {max}");
+    // The losses, and the saved PEFT adapter against the one PEFT saved after the same 30 steps.
+    assert_matches_reference(&out, "train_reference", 1e-3);
     let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!((config["r"].as_u64(), config["lora_alpha"].as_f64()), (Some(4), Some(8.0)), "{config}");
+}
+
+/// LoRA+ (`--lora-plus-ratio 4`) against PEFT's `create_loraplus_optimizer` in the same torch
+/// loop for 10 steps (`tests/fixtures/train_reference_loraplus`, made by
+/// `train_reference/make_train_reference.py --loraplus-ratio 4 --steps 10`).
+#[test]
+fn lora_plus_matches_peft_s_loraplus_optimizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = reference_flags(out, 10, true);
+        args.extend(extra.iter().map(|x| x.to_string()));
+        let o = run_args(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        curve(out, "train_loss")
+    };
+    let (plus, plain) = (tmp.path().join("plus"), tmp.path().join("plain"));
+    run(&plus, &["--lora-plus-ratio", "4"]);
+    let want = assert_matches_reference(&plus, "train_reference_loraplus", 1e-4);
+    // The ratio is what made the difference: plain LoRA drifts from that curve.
+    let plain = run(&plain, &[]);
+    let apart = plain.iter().zip(&want).map(|((_, a), b)| (a - b).abs()).fold(0f64, f64::max);
+    assert!(apart > 1e-2, "plain LoRA gives LoRA+'s losses within {apart}: the test cannot tell them apart");
+    // A ratio that is not a positive number is refused, naming the setting.
+    let o = run_args(&[reference_flags(&tmp.path().join("bad"), 1, false), vec!["--lora-plus-ratio".into(), "0".into()]].concat());
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("lora_plus_ratio"), "{}", stderr(&o));
+}
+
+/// `--keep-best`: best/ holds the adapter of the lowest validation loss in metrics.jsonl, the
+/// same weights as that iteration's snapshot, and best.json says which.
+#[test]
+fn keep_best_keeps_the_adapter_of_the_lowest_validation_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let args = [
+        "train",
+        "--config",
+        "configs/quickstart.toml",
+        "--adapter-path",
+        s(&out),
+        "--iters",
+        "12",
+        "--steps-per-eval",
+        "2",
+        "--save-every",
+        "1",
+        "--keep-best",
+    ];
+    let o = lora(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let evals = curve(&out, "val_loss");
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [0, 1, 3, 5, 7, 9, 11], "evaluations");
+    let best = evals.iter().fold(evals[0], |b, e| if e.1 < b.1 { *e } else { b });
+    assert!(best.0 > 0, "training must lower the validation loss for this test to mean anything: {evals:?}");
+    let about: Value = serde_json::from_str(&std::fs::read_to_string(out.join("best/best.json")).unwrap()).unwrap();
+    assert_eq!((about["step"].as_u64(), about["val_loss"].as_f64()), (Some(best.0), Some(best.1)), "{about}");
+    let kept = tensors(&out.join("best/adapter_model.safetensors"));
+    let snapshot = tensors(&out.join(format!("{:07}_adapter_model.safetensors", best.0)));
+    assert_eq!(kept, snapshot, "best/ holds the weights evaluated at step {}", best.0);
+    assert!(out.join("best/adapter_config.json").is_file());
+    assert!(!out.join(".best.new").exists() && !out.join(".best.old").exists());
+    // Without validation data it is refused before anything is written.
+    let bare = tmp.path().join("bare");
+    let o = run_args(&[reference_flags(&bare, 2, false), vec!["--keep-best".into()]].concat());
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--keep-best needs validation data"), "{}", stderr(&o));
+    assert!(!bare.join("trainer_state.safetensors").exists());
+}
+
+/// `--early-stop-patience`: a min-delta no loss can beat stops the run after `patience`
+/// evaluations past the first; the stop saves a checkpoint, and a resumed run with a larger
+/// patience goes on counting from there without counting the evaluation it repeats twice.
+#[test]
+fn early_stopping_stops_after_patience_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let mut args: Vec<String> = [
+        "train",
+        "--config",
+        "configs/quickstart.toml",
+        "--adapter-path",
+        s(&out),
+        "--iters",
+        "20",
+        "--steps-per-eval",
+        "2",
+        "--save-every",
+        "0",
+        "--steps-per-report",
+        "1",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    args.extend(["--early-stop-min-delta", "100", "--early-stop-patience", "2"].map(String::from));
+    let o = run_args(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Evaluations after 0 (the first: the best), 1 and 3 iterations: two without improvement.
+    assert!(stderr(&o).contains("Stopped early at iteration 3"), "{}", stderr(&o));
+    assert_eq!(curve(&out, "val_loss").iter().map(|e| e.0).collect::<Vec<_>>(), [0, 1, 3]);
+    assert_eq!(curve(&out, "train_loss").last().map(|e| e.0), Some(3));
+    assert!(out.join("trainer_state.safetensors").is_file() && out.join("adapter_model.safetensors").is_file());
+    // Resumed with patience 5: the evaluation after 3 iterations is repeated but not counted
+    // again, so the count reaches 5 at the evaluation after 9 (3 more: after 5, 7, 9).
+    let o = lora(&["train", "--resume", s(&out), "--early-stop-patience", "5"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("Stopped early at iteration 9"), "{}", stderr(&o));
+    assert_eq!(curve(&out, "val_loss").iter().map(|e| e.0).collect::<Vec<_>>(), [0, 1, 3, 5, 7, 9]);
+    // Settings that cannot work are refused, naming the key.
+    for (flag, value, key) in [("--early-stop-patience", "0", "early_stop_patience"), ("--early-stop-min-delta", "-1", "early_stop_min_delta")] {
+        let o = lora(&["train", "--config", "configs/quickstart.toml", "--adapter-path", s(&tmp.path().join("bad")), "--iters", "2", flag, value]);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains(key), "{}", stderr(&o));
+    }
 }
 
 #[test]

@@ -113,8 +113,10 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         max_grad_norm: None,
         recompute: args.grad_checkpoint,
         schedule: Schedule { kind: ScheduleKind::Constant, lr: 1e-4, warmup: 0, total: iters, min_lr: 0.0 },
+        keep_best: false,
+        early_stop: None,
     };
-    let optimizer = OptimizerConfig { kind: OptimizerKind::Adamw, weight_decay: 0.01, betas: (0.9, 0.999), eps: 1e-8, momentum: 0.0 };
+    let optimizer = OptimizerConfig { kind: OptimizerKind::Adamw, weight_decay: 0.01, ..Default::default() };
     let mut state = State::new(Optimizer::new(optimizer));
     let mut timer = StepTimer::new(device, iters);
     lora_trainer::train(&mut model, &examples, None, &settings, &mut state, &mut timer)?;

@@ -144,12 +144,12 @@ pub fn restore(model: &mut CausalLm, path: &Path) -> Result<State, TrainError> {
     for_each_trainable(model, |t| {
         let v = params.next().expect("checked above");
         match t {
-            Trainable::Matrix(p) => {
+            Trainable::A(p) | Trainable::B(p) => {
                 let shape = p.val().dims();
                 let value = tensor(v).reshape(shape).require_grad();
                 *p = Param::initialized(p.id, value);
             }
-            Trainable::Vector(p) => *p = Param::initialized(p.id, tensor(v).require_grad()),
+            Trainable::Magnitude(p) => *p = Param::initialized(p.id, tensor(v).require_grad()),
         }
     });
 

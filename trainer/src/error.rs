@@ -34,6 +34,16 @@ pub enum TrainError {
     /// The resume state could not be serialized.
     #[error("saving the resume state: {0}")]
     State(String),
+    /// A file or directory of the run could not be written.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
     /// A resume file is unreadable or does not fit the run.
     #[error("{path}: {message}")]
     Resume {

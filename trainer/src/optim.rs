@@ -33,11 +33,19 @@ pub struct OptimizerConfig {
     pub eps: f64,
     /// SGD momentum. Default 0.
     pub momentum: f64,
+    /// LoRA+: the learning rate of `B` (and of DoRA's magnitude) over that of `A`. Default 1
+    /// (plain LoRA); resume files written before it existed read as 1.
+    #[serde(default = "one")]
+    pub lora_plus_ratio: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Default for OptimizerConfig {
     fn default() -> Self {
-        Self { kind: OptimizerKind::Adam, weight_decay: 0.0, betas: (0.9, 0.999), eps: 1e-8, momentum: 0.0 }
+        Self { kind: OptimizerKind::Adam, weight_decay: 0.0, betas: (0.9, 0.999), eps: 1e-8, momentum: 0.0, lora_plus_ratio: 1.0 }
     }
 }
 

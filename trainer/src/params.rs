@@ -6,10 +6,20 @@ use lora_model::CausalLm;
 
 /// One trainable tensor.
 pub enum Trainable<'a> {
-    /// An adapter's `A` or `B`.
-    Matrix(&'a mut Param<Tensor<2>>),
+    /// An adapter's `A`.
+    A(&'a mut Param<Tensor<2>>),
+    /// An adapter's `B`.
+    B(&'a mut Param<Tensor<2>>),
     /// A DoRA magnitude.
-    Vector(&'a mut Param<Tensor<1>>),
+    Magnitude(&'a mut Param<Tensor<1>>),
+}
+
+impl Trainable<'_> {
+    /// Whether LoRA+ gives this tensor the larger learning rate: `B` and the magnitude, as
+    /// PEFT's `create_loraplus_optimizer` groups them (`lora_B`, or one dimension).
+    pub fn in_lora_plus_group(&self) -> bool {
+        !matches!(self, Trainable::A(_))
+    }
 }
 
 /// Calls `f` on every trainable tensor: block by block, projection by projection, `A`, `B`,
@@ -18,10 +28,10 @@ pub fn for_each_trainable(model: &mut CausalLm, mut f: impl FnMut(Trainable)) {
     for layer in &mut model.model.layers {
         for (_, linear) in layer.projections_mut() {
             let Some(adapter) = &mut linear.adapter else { continue };
-            f(Trainable::Matrix(&mut adapter.a));
-            f(Trainable::Matrix(&mut adapter.b));
+            f(Trainable::A(&mut adapter.a));
+            f(Trainable::B(&mut adapter.b));
             if let Some(m) = &mut adapter.magnitude {
-                f(Trainable::Vector(m));
+                f(Trainable::Magnitude(m));
             }
         }
     }

@@ -52,6 +52,30 @@ pub struct Settings {
     /// Recompute each block's activations in backward instead of keeping them
     /// (`--grad-checkpoint`; see [`loss_and_gradients`]).
     pub recompute: bool,
+    /// Hand the observer the adapter of every new lowest validation loss ([`Observer::best`]).
+    pub keep_best: bool,
+    /// Stop when the validation loss stops improving.
+    pub early_stop: Option<EarlyStop>,
+}
+
+/// When to stop early, as transformers' `EarlyStoppingCallback` decides: an evaluation whose
+/// loss is below the best so far by more than `min_delta` resets the count; any other adds
+/// one; at `patience` the run stops.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EarlyStop {
+    /// Evaluations without improvement before the run stops (at least 1).
+    pub patience: usize,
+    /// How much lower than the best a loss must be to count as an improvement.
+    pub min_delta: f64,
+}
+
+/// The lowest validation loss of a run so far.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Best {
+    /// The iterations done when it was measured.
+    pub iteration: usize,
+    /// The loss.
+    pub val_loss: f64,
 }
 
 /// Counters of the iterations since the last report.
@@ -82,6 +106,17 @@ pub struct Progress {
     /// the resume files of earlier versions, which then start from the initial scale.
     #[serde(default)]
     pub loss_scale: Option<LossScale>,
+    /// The lowest validation loss so far (absent from older resume files).
+    #[serde(default)]
+    pub best: Option<Best>,
+    /// Evaluations since the last one that improved on the best by more than the early stop's
+    /// `min_delta`.
+    #[serde(default)]
+    pub evals_without_improvement: usize,
+    /// The iterations done at the last evaluation counted into `best` and the count above, so
+    /// that a resumed run repeating that evaluation does not count it twice.
+    #[serde(default)]
+    pub last_eval: Option<usize>,
 }
 
 /// The mutable state of a run besides the model.
@@ -137,6 +172,11 @@ pub trait Observer {
     fn eval(&mut self, _iteration: usize, _val_loss: f64, _seconds: f64) {}
     /// Saves a checkpoint of the model's adapters and `state`.
     fn checkpoint(&mut self, model: &CausalLm, state: &State) -> Result<(), TrainError>;
+    /// With [`Settings::keep_best`]: the model's adapters have the lowest validation loss so
+    /// far, `best`.
+    fn best(&mut self, _model: &CausalLm, _best: &Best) -> Result<(), TrainError> {
+        Ok(())
+    }
     /// Whether the user asked to stop (Ctrl-C): the loop saves a checkpoint and returns.
     fn stop_requested(&self) -> bool {
         false
@@ -144,12 +184,19 @@ pub trait Observer {
 }
 
 /// How a run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Outcome {
     /// All iterations done.
     Finished,
     /// Stopped at the user's request after this many iterations, checkpoint saved.
     Stopped(usize),
+    /// Stopped by [`Settings::early_stop`] after this many iterations, checkpoint saved.
+    EarlyStopped {
+        /// Iterations done.
+        iteration: usize,
+        /// The lowest validation loss.
+        best: Best,
+    },
 }
 
 /// Trains `model`'s adapters on `train` for `settings.iters` iterations from where `state`
@@ -181,6 +228,14 @@ pub fn train(
             let (val_loss, _) = evaluate(model, valid, s.batch_size, s.val_batches, s.max_seq_length, observer)?;
             model.set_training(true);
             observer.eval(it - 1, val_loss, start.elapsed().as_secs_f64());
+            if track_best(model, s, &mut state.progress, it - 1, val_loss, observer)? {
+                let best = state.progress.best.expect("set by the first evaluation");
+                // Saved even where a checkpoint of this iteration exists: this one holds the
+                // evaluation's count, so a resumed run does not count it again.
+                observer.checkpoint(model, state)?;
+                model.set_training(false);
+                return Ok(Outcome::EarlyStopped { iteration: it - 1, best });
+            }
         }
 
         let start = Instant::now();
@@ -213,7 +268,7 @@ pub fn train(
                         clip_global_norm(&mut g, max);
                     }
                     let lr = s.schedule.lr(state.optimizer.steps);
-                    apply(model, &mut state.optimizer, g, lr);
+                    apply_step(model, &mut state.optimizer, g, lr);
                     state.progress.lr = lr;
                 }
                 Verdict::Skip => observer.skipped(it, state.progress.loss_scale.map_or(1.0, |l| l.scale)),
@@ -259,18 +314,48 @@ pub fn train(
     Ok(Outcome::Finished)
 }
 
-/// One optimizer step over every trainable tensor with the flattened gradients `grads`.
-fn apply(model: &mut CausalLm, optimizer: &mut Optimizer, grads: Vec<Tensor<1>>, lr: f64) {
+/// Counts the evaluation of the model after `done` iterations (loss `val_loss`) into the best
+/// loss and the early stop's count, handing a new best to the observer; true when the run
+/// should stop early. An evaluation already counted (a resumed run repeats the one at its
+/// checkpoint) changes nothing.
+fn track_best(model: &CausalLm, s: &Settings, p: &mut Progress, done: usize, val_loss: f64, observer: &mut dyn Observer) -> Result<bool, TrainError> {
+    if p.last_eval == Some(done) {
+        return Ok(false);
+    }
+    p.last_eval = Some(done);
+    let previous = p.best;
+    if previous.is_none_or(|b| val_loss < b.val_loss) {
+        let best = Best { iteration: done, val_loss };
+        p.best = Some(best);
+        if s.keep_best {
+            observer.best(model, &best)?;
+        }
+    }
+    let Some(stop) = s.early_stop else { return Ok(false) };
+    if previous.is_none_or(|b| val_loss < b.val_loss - stop.min_delta) {
+        p.evals_without_improvement = 0;
+    } else {
+        p.evals_without_improvement += 1;
+    }
+    Ok(p.evals_without_improvement >= stop.patience.max(1))
+}
+
+/// One optimizer step over every trainable tensor with the flattened gradients `grads`
+/// ([`for_each_trainable`] order) at learning rate `lr`, and `lr` times the optimizer's
+/// [`crate::OptimizerConfig::lora_plus_ratio`] for the tensors of LoRA+'s group.
+pub fn apply_step(model: &mut CausalLm, optimizer: &mut Optimizer, grads: Vec<Tensor<1>>, lr: f64) {
     optimizer.begin_step();
+    let plus = lr * optimizer.config.lora_plus_ratio;
     let mut grads = grads.into_iter().enumerate();
     for_each_trainable(model, |t| {
         let (i, g) = grads.next().expect("one gradient per trainable tensor");
+        let lr = if t.in_lora_plus_group() { plus } else { lr };
         match t {
-            Trainable::Matrix(p) => {
+            Trainable::A(p) | Trainable::B(p) => {
                 let [r, c] = p.val().dims();
                 optimizer.update(i, p, g.reshape([r, c]), lr)
             }
-            Trainable::Vector(p) => optimizer.update(i, p, g, lr),
+            Trainable::Magnitude(p) => optimizer.update(i, p, g, lr),
         }
     });
 }

@@ -37,7 +37,7 @@ proptest! {
     #[test]
     fn a_mutated_resume_file_is_an_error_not_a_panic(edits in edits(1..6), cut in prop::option::of(any::<usize>())) {
         let mut model = adapted_model();
-        let optimizer = OptimizerConfig { kind: OptimizerKind::Adamw, weight_decay: 0.01, betas: (0.9, 0.999), eps: 1e-8, momentum: 0.0 };
+        let optimizer = OptimizerConfig { kind: OptimizerKind::Adamw, weight_decay: 0.01, ..Default::default() };
         let bytes = to_bytes(&model, &State::new(Optimizer::new(optimizer))).unwrap();
         let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         let out = mutate(&bytes, &edits, header, None, cut);

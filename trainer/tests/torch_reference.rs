@@ -11,7 +11,7 @@ use lora_adapters::{format, set_adapters};
 use lora_data::{Batcher, ReadOptions, Tokenizer, collate, load_jsonl};
 use lora_model::{AttentionPath, CausalLm, Checkpoint, ModelConfig};
 use lora_trainer::loss::loss_and_gradients;
-use lora_trainer::{Optimizer, OptimizerConfig, OptimizerKind, Schedule, ScheduleKind, Trainable, clip_global_norm, for_each_trainable};
+use lora_trainer::{Optimizer, OptimizerConfig, OptimizerKind, Schedule, ScheduleKind, apply_step, clip_global_norm};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
@@ -84,19 +84,7 @@ fn run(device: Device, attention: AttentionPath) -> (f64, f32) {
         let (value, _, mut flat) = loss_and_gradients(&mut model, &batch, false, 1.0);
         clip_global_norm(&mut flat, 1.0);
         let lr = schedule.lr(step);
-        optimizer.begin_step();
-        let mut i = 0;
-        for_each_trainable(&mut model, |t| {
-            let g = flat[i].clone();
-            match t {
-                Trainable::Matrix(p) => {
-                    let [r, c] = p.val().dims();
-                    optimizer.update(i, p, g.reshape([r, c]), lr)
-                }
-                Trainable::Vector(p) => optimizer.update(i, p, g, lr),
-            }
-            i += 1;
-        });
+        apply_step(&mut model, &mut optimizer, flat, lr);
         let diff = (value - want_loss).abs();
         worst = worst.max(diff);
     }
