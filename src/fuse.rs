@@ -6,6 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lora_adapters::fuse::{FloatType, FuseOptions, OutTensor, fuse};
+use lora_adapters::io::replace_dir;
 use lora_gguf::ModelExport;
 use lora_gguf::file::Written;
 use lora_model::checkpoint::decode_floats;
@@ -90,23 +91,6 @@ pub fn check_save_path(out: &Path, inputs: &[&Path], force: bool) -> Result<()> 
     Ok(())
 }
 
-/// Moves the finished directory `tmp` to `out`, replacing what is there; on failure the old
-/// `out` is put back.
-fn replace_dir(tmp: &Path, out: &Path, old: &Path) -> Result<()> {
-    if !out.exists() {
-        return std::fs::rename(tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()));
-    }
-    std::fs::rename(out, old).with_context(|| format!("moving the old {} aside", out.display()))?;
-    if let Err(e) = std::fs::rename(tmp, out) {
-        let _ = std::fs::rename(old, out);
-        return Err(e).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()));
-    }
-    if let Err(e) = std::fs::remove_dir_all(old) {
-        eprintln!("warning: could not remove the replaced {}: {e}", old.display());
-    }
-    Ok(())
-}
-
 pub fn run(args: FuseArgs) -> Result<()> {
     let out = &args.save_path;
     let adapter = lora_adapters::format::load(&args.adapter_path)?;
@@ -151,7 +135,7 @@ pub fn run(args: FuseArgs) -> Result<()> {
     };
     if let Err(e) = replace_dir(&tmp, out, &parent.join(format!(".{name}.old-{}", std::process::id()))) {
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
+        return Err(e.into());
     }
     if let Some((path, written)) = gguf {
         written.commit()?;

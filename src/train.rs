@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use lora_adapters::io::write_atomic;
+use lora_adapters::io::{replace_dir, write_atomic};
 use lora_adapters::{AdapterSpec, adapter_weights, add_adapters, format, set_adapters, trainable_count};
 use lora_data::{DataKeys, ReadOptions, Splits, Tokenizer, count_too_long, count_without_targets, load_dir, padding_fraction};
 use lora_model::{CausalLm, Checkpoint, ModelConfig};
@@ -562,13 +562,7 @@ impl Observer for Files {
         format::save(&new, self.format, &self.spec, &adapter_weights(model), &self.base_model, Some(&self.extra))?;
         let about = json!({"step": best.iteration, "val_loss": best.val_loss});
         write_atomic(&new.join("best.json"), format!("{about:#}\n").as_bytes())?;
-        if dir.exists() {
-            std::fs::rename(&dir, &old).map_err(|e| io("moving", &dir, e))?;
-        }
-        std::fs::rename(&new, &dir).map_err(|e| io("moving into place", &dir, e))?;
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(|e| io("removing", &old, e))?;
-        }
+        replace_dir(&new, &dir, &old)?;
         say(&self.bar, format!("Iter {}: Val loss {:.3} is the best so far; adapter kept in {}.", best.iteration, best.val_loss, dir.display()));
         self.log(json!({ "step": best.iteration, "best_val_loss": best.val_loss }));
         Ok(())

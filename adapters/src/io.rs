@@ -23,9 +23,51 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
     })
 }
 
+/// Moves the finished directory `tmp` to `out`, replacing what is there by way of `old` (a
+/// free name beside it): readers see the old directory or the new one, whole. On failure the
+/// old `out` is put back; a replaced directory that cannot be removed stays at `old`, with a
+/// warning.
+pub fn replace_dir(tmp: &Path, out: &Path, old: &Path) -> Result<(), AdapterError> {
+    let rename = |from: &Path, to: &Path, what: &str| {
+        std::fs::rename(from, to)
+            .map_err(|e| AdapterError::io(to, std::io::Error::new(e.kind(), format!("{what} {} to {}: {e}", from.display(), to.display()))))
+    };
+    if !out.exists() {
+        return rename(tmp, out, "renaming");
+    }
+    rename(out, old, "moving the old directory aside:")?;
+    if let Err(e) = rename(tmp, out, "renaming") {
+        let _ = std::fs::rename(old, out);
+        return Err(e);
+    }
+    if let Err(e) = std::fs::remove_dir_all(old) {
+        eprintln!("warning: could not remove the replaced {}: {e}", old.display());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replaces_a_directory_whole_and_leaves_nothing_beside_it() {
+        let root = tempfile::tempdir().unwrap();
+        let (out, tmp, old) = (root.path().join("out"), root.path().join(".out.new"), root.path().join(".out.old"));
+        std::fs::create_dir(&tmp).unwrap();
+        std::fs::write(tmp.join("a"), "first").unwrap();
+        replace_dir(&tmp, &out, &old).unwrap();
+        std::fs::create_dir(&tmp).unwrap();
+        std::fs::write(tmp.join("b"), "second").unwrap();
+        replace_dir(&tmp, &out, &old).unwrap();
+        assert!(!out.join("a").exists(), "the old directory's files are gone with it");
+        assert_eq!(std::fs::read_to_string(out.join("b")).unwrap(), "second");
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1, "nothing but out is left");
+        // A missing new directory fails and puts the old one back.
+        assert!(replace_dir(&tmp, &out, &old).is_err());
+        assert_eq!(std::fs::read_to_string(out.join("b")).unwrap(), "second");
+        assert!(!old.exists());
+    }
 
     #[test]
     fn replaces_the_file_and_leaves_no_temporary() {
