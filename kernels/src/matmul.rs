@@ -85,10 +85,17 @@ pub fn config() -> Cm2Config {
     if let Some(c) = *TILE.lock().unwrap_or_else(|e| e.into_inner()) {
         return c;
     }
-    if let Some(c) = std::env::var("LORA_CM2_TILE").ok().and_then(|v| Cm2Config::parse(&v)) {
-        return c;
-    }
-    Cm2Config { tile: (128, 256, 32), exact: true, unroll: 1, units: UNITS, pipelined: false }
+    // Read once: every product asks, several times.
+    static DEFAULT: std::sync::OnceLock<Cm2Config> = std::sync::OnceLock::new();
+    *DEFAULT.get_or_init(|| {
+        std::env::var("LORA_CM2_TILE").ok().and_then(|v| Cm2Config::parse(&v)).unwrap_or(Cm2Config {
+            tile: (128, 256, 32),
+            exact: true,
+            unroll: 1,
+            units: UNITS,
+            pipelined: false,
+        })
+    })
 }
 
 /// The output tile and K step `(BM, BN, BK)` of [`config`].

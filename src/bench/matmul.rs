@@ -80,7 +80,7 @@ pub fn run(args: BenchMatmulArgs) -> Result<()> {
         row["burn_rel_err"] = json!(burn_err);
         line += &format!(" (rel. err. {burn_err:.1e})");
         for t in &args.tiles {
-            let config = Cm2Config::parse(t).ok_or_else(|| anyhow::anyhow!("--tiles {t}: expected BMxBNxBK, optionally +e or +eU"))?;
+            let config = Cm2Config::parse(t).ok_or_else(|| anyhow::anyhow!("--tiles {t}: expected BMxBNxBK, optionally +e, +eU or +p, then optionally @W"))?;
             lora_kernels::matmul::set_config(Some(config));
             let f = time(&device, args.iters, || lora_kernels::frozen_linear(x.clone(), w.clone()))?;
             let b = time(&device, args.iters, || lora_kernels::matmul_frozen(dy.clone(), w.clone()))?;
