@@ -27,16 +27,20 @@ WORK=/tmp/work
 mkdir -p $WORK ~/.cache
 if [ -f .bin/cubecl-cache.tar.xz ] && [ ! -d ~/.cache/cubecl ]; then tar -C ~/.cache -xJf .bin/cubecl-cache.tar.xz; fi
 
-# Runs "$@" while sampling the device's used memory every 100 ms; appends the peak (MiB) to
-# $OUT/$name.mem.
+# Runs "$@" while sampling the device's used memory, SM clock and utilization every 100 ms;
+# appends the peak memory (MiB) and the median SM clock over the busy samples (utilization 50%
+# or more: the GPU's clocks follow its load, see BENCHMARKS.md) to summary.txt.
 sampled() {
     local name=$1; shift
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/$name.smi" &
+    nvidia-smi --query-gpu=memory.used,clocks.sm,utilization.gpu --format=csv,noheader,nounits -lms 100 > "$OUT/$name.smi" &
     local smi=$!
     ( cd $WORK && "$@" ) > "$OUT/$name.log" 2>&1
     local rc=$?
     kill $smi 2>/dev/null; wait $smi 2>/dev/null
-    echo "$name rc=$rc peak_used_mib=$(sort -n "$OUT/$name.smi" | tail -1)" | tee -a "$OUT/summary.txt"
+    local peak clock
+    peak=$(cut -d, -f1 "$OUT/$name.smi" | sort -n | tail -1)
+    clock=$(awk -F', *' '$3 >= 50 {print $2}' "$OUT/$name.smi" | sort -n | awk '{v[NR]=$1} END {print NR ? v[int((NR+1)/2)] : "none"}')
+    echo "$name rc=$rc peak_used_mib=$peak busy_sm_mhz_median=$clock" | tee -a "$OUT/summary.txt"
     rm -f "$OUT/$name.smi"
     tail -2 "$OUT/$name.log"
 }
@@ -53,8 +57,11 @@ for stage in "$@"; do
         grep -i -E "bfloat|b_float|cooperative|Supported CMMA|spirv|wgpu<" "$OUT/features.log" | head -40
         ;;
     matmul)
-        sampled matmul-peer peer matmul --json "$OUT/matmul-peer.json"
-        sampled matmul-ours $L bench matmul --dtype f16 --tiles ${TILES:-128x256x32,128x256x32+e} --json "$OUT/matmul-ours.json"
+        # SHAPES (MxKxN, comma-separated) replaces both sides' default shapes; QUANTIZED=false
+        # leaves out our 4-bit products.
+        sampled matmul-peer peer matmul ${SHAPES:+--shapes $SHAPES} --json "$OUT/matmul-peer.json"
+        sampled matmul-ours $L bench matmul --dtype f16 ${SHAPES:+--shapes $SHAPES} --quantized ${QUANTIZED:-true} \
+            --tiles ${TILES:-auto,128x256x32+e,128x256x64+e} --json "$OUT/matmul-ours.json"
         ;;
     cm2)
         # One process per configuration (see `lora bench matmul --help`), so that one the

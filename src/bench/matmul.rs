@@ -17,7 +17,7 @@ use lora_quant::QuantWeight;
 use lora_quant::affine::{self, AffineSpec};
 use serde_json::json;
 
-use super::{time, write_json};
+use super::{time, time_samples, write_json};
 use crate::device::{DTypeArg, DeviceArg, compute_dtype, select};
 
 /// Flags of `lora bench matmul`.
@@ -34,10 +34,12 @@ pub struct BenchMatmulArgs {
     /// `BMxBNxBK`, then `+e` for the exact-shape kernel (sizes compiled in, loads unclamped) on
     /// sizes that are multiples of the tile (the model's default), `+eU` to unroll its K loop `U`
     /// steps, `+p` to load each K step before multiplying the last, `@W` for `W` invocations per
-    /// workgroup.
-    #[arg(long, value_delimiter = ',', default_value = "128x256x32,128x256x32+e")]
+    /// workgroup; `gG` after `+e` or `+eU` walks the output tiles in strips `G` tiles tall.
+    /// `auto` is autotune's choice among the kernel's candidates, as the model runs it.
+    #[arg(long, value_delimiter = ',', default_value = "auto,128x256x32+e")]
     pub tiles: Vec<String>,
-    /// Timed repetitions of each product (after one warm-up).
+    /// Timed repetitions of each product (after a first call and half a second of warm-up, so
+    /// that the GPU's clocks have risen).
     #[arg(long, default_value_t = 20)]
     pub iters: usize,
     /// Dense dtype [default: bf16 where the device has it, else f16].
@@ -80,13 +82,21 @@ pub fn run(args: BenchMatmulArgs) -> Result<()> {
         row["burn_rel_err"] = json!(burn_err);
         line += &format!(" (rel. err. {burn_err:.1e})");
         for t in &args.tiles {
-            let config = Cm2Config::parse(t).ok_or_else(|| anyhow::anyhow!("--tiles {t}: expected BMxBNxBK, optionally +e, +eU or +p, then optionally @W"))?;
-            lora_kernels::matmul::set_config(Some(config));
-            let f = time(&device, args.iters, || lora_kernels::frozen_linear(x.clone(), w.clone()))?;
-            let b = time(&device, args.iters, || lora_kernels::matmul_frozen(dy.clone(), w.clone()))?;
+            // `auto`: autotune's choice among the kernel's candidates, as the model runs it.
+            let config = if t == "auto" {
+                None
+            } else {
+                Some(Cm2Config::parse(t).ok_or_else(|| {
+                    anyhow::anyhow!("--tiles {t}: expected auto, or BMxBNxBK, optionally +e, +eU (either then optionally gG), or +p, then optionally @W")
+                })?)
+            };
+            lora_kernels::matmul::set_config(config);
+            let fs = time_samples(&device, args.iters, || lora_kernels::frozen_linear(x.clone(), w.clone()))?;
+            let bs = time_samples(&device, args.iters, || lora_kernels::matmul_frozen(dy.clone(), w.clone()))?;
+            let (f, b) = (fs[fs.len() / 2], bs[bs.len() / 2]);
             let mut ef = rel_err(lora_kernels::frozen_linear(cx.clone(), cw.clone()), reference.0.clone());
             let mut eb = rel_err(lora_kernels::matmul_frozen(cdy.clone(), cw.clone()), reference.1.clone());
-            if config.exact {
+            if config.is_none_or(|c| c.exact) {
                 // The exact-shape kernel runs only on sizes that are multiples of its tile: checked
                 // on the timed operands, against f32 products of them.
                 ef = ef.max(rel_err(lora_kernels::frozen_linear(x.clone(), w.clone()), f32_of(&x).matmul(f32_of(&w).transpose())));
@@ -94,8 +104,20 @@ pub fn run(args: BenchMatmulArgs) -> Result<()> {
             }
             row[format!("ours_{t}_forward_tflops")] = json!(tf(f));
             row[format!("ours_{t}_input_grad_tflops")] = json!(tf(b));
+            row[format!("ours_{t}_forward_best_tflops")] = json!(tf(fs[0]));
+            row[format!("ours_{t}_input_grad_best_tflops")] = json!(tf(bs[0]));
             row[format!("ours_{t}_rel_err")] = json!(ef.max(eb));
-            line += &format!("; ours {t} x·Wᵀ {:.1}, dy·W {:.1} TFLOP/s (rel. err. {:.1e})", tf(f), tf(b), ef.max(eb));
+            // Median, then the range over the repetitions (slowest to fastest).
+            line += &format!(
+                "; ours {t} x·Wᵀ {:.1} ({:.1}–{:.1}), dy·W {:.1} ({:.1}–{:.1}) TFLOP/s (rel. err. {:.1e})",
+                tf(f),
+                tf(fs[fs.len() - 1]),
+                tf(fs[0]),
+                tf(b),
+                tf(bs[bs.len() - 1]),
+                tf(bs[0]),
+                ef.max(eb)
+            );
         }
         lora_kernels::matmul::set_config(None);
         if args.quantized {
@@ -122,8 +144,13 @@ pub fn run(args: BenchMatmulArgs) -> Result<()> {
         "tensor-core kernel (workgroup-scope cooperative matrices): {}",
         if lora_kernels::matmul::used() { "used" } else { "not available here: burn's matmul" }
     );
+    let tuned = lora_kernels::matmul::tuned();
+    for (product, config) in &tuned {
+        println!("autotune: {product}: {config}");
+    }
+    let tuned: Vec<_> = tuned.iter().map(|(product, config)| json!({"product": product, "config": config.to_string()})).collect();
     if let Some(path) = &args.json {
-        write_json(path, &json!({"side": "lora", "dtype": format!("{dtype:?}"), "device": format!("{device:?}"), "rows": rows}))?;
+        write_json(path, &json!({"side": "lora", "dtype": format!("{dtype:?}"), "device": format!("{device:?}"), "rows": rows, "tuned": tuned}))?;
     }
     Ok(())
 }

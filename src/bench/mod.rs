@@ -11,6 +11,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use burn::tensor::{DType, Device, Tensor};
 use clap::Args;
+use lora_model::device::is_cpu;
 use lora_model::{CausalLm, Checkpoint, Geometry, LoadOptions, ModelConfig};
 
 use crate::device::{DTypeArg, DeviceArg, compute_dtype, select};
@@ -123,10 +124,32 @@ pub fn random_tokens(n: usize, vocab: usize, seed: &mut u64) -> Vec<u32> {
         .collect()
 }
 
-/// Seconds per call of `f`, the median of `iters` after one warm-up, synchronized.
+/// How long [`time_samples`] runs the timed call before timing it. A GPU's clocks follow its
+/// load: on the H200 the SM clock idles at 345 MHz and reaches its 1980 MHz only after a second
+/// or two of sustained work, and the pauses between one measurement and the next (operand
+/// set-up, checks, host reads) let it fall again, so a product timed cold runs at a third of
+/// its speed.
+pub const WARM_S: f64 = 0.5;
+
+/// Seconds per call of `f`, the median of `iters` after [`WARM_S`] of warm-up, synchronized.
 pub fn time<const D: usize>(device: &Device, iters: usize, f: impl Fn() -> Tensor<D>) -> Result<f64> {
+    Ok(median(&mut time_samples(device, iters, f)?))
+}
+
+/// Every timed repetition of [`time`]'s, in seconds, sorted. The first call (where kernels
+/// are compiled and tuned) and the warm-up are not timed.
+pub fn time_samples<const D: usize>(device: &Device, iters: usize, f: impl Fn() -> Tensor<D>) -> Result<Vec<f64>> {
     let _ = f();
     device.sync().context("device sync")?;
+    if !is_cpu(device) {
+        let started = Instant::now();
+        while started.elapsed().as_secs_f64() < WARM_S {
+            for _ in 0..4 {
+                drop(f());
+            }
+            device.sync().context("device sync")?;
+        }
+    }
     let mut samples = Vec::with_capacity(iters);
     for _ in 0..iters.max(1) {
         let start = Instant::now();
@@ -135,7 +158,8 @@ pub fn time<const D: usize>(device: &Device, iters: usize, f: impl Fn() -> Tenso
         samples.push(start.elapsed().as_secs_f64());
         drop(y);
     }
-    Ok(median(&mut samples))
+    samples.sort_by(f64::total_cmp);
+    Ok(samples)
 }
 
 /// The median of `samples` (the upper one of an even count); 0 when empty.

@@ -140,7 +140,12 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         min * 1e3,
         max * 1e3,
     );
+    let tuned = lora_kernels::matmul::tuned();
+    for (product, config) in &tuned {
+        println!("autotune: {product}: {config}");
+    }
     if let Some(path) = &args.json {
+        let tuned: Vec<_> = tuned.iter().map(|(product, config)| json!({"product": product, "config": config.to_string()})).collect();
         let value = json!({
             "side": "lora",
             "geometry": name,
@@ -163,6 +168,7 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
             "tflops": tflops,
             "losses": timer.losses,
             "device": format!("{device:?}"),
+            "tuned": tuned,
         });
         write_json(path, &value)?;
     }
