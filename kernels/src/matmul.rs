@@ -402,7 +402,7 @@ pub fn matmul_cm2(lhs: CubeTensor, rhs: CubeTensor, rhs_transposed: bool) -> Cub
 /// The configurations autotune settled on in this process, by product (for reports), in the
 /// order the products first ran.
 pub fn tuned() -> Vec<(String, Cm2Config)> {
-    tune::CHOICES.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    tune::CHOICES.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(product, config)| (product.to_string(), *config)).collect()
 }
 
 /// Runs the product with `config`: the exact-shape kernel (pipelined where asked) where every
@@ -541,21 +541,21 @@ mod tune {
         set
     }
 
-    /// What [`super::tuned`] reports.
-    pub static CHOICES: std::sync::Mutex<Vec<(String, Cm2Config)>> = std::sync::Mutex::new(Vec::new());
+    /// What [`super::tuned`] reports: each product's key once, with its choice.
+    pub static CHOICES: std::sync::Mutex<Vec<(Key, Cm2Config)>> = std::sync::Mutex::new(Vec::new());
 
     pub fn matmul(lhs: CubeTensor, rhs: CubeTensor, rhs_transposed: bool) -> CubeTensor {
         let client = lhs.client.clone();
         let id = CubeTuneId::new(&client, &lhs.device);
         let set = TUNER.init(&id, tunables);
         let inputs = (lhs, rhs, rhs_transposed);
-        let name = key(&inputs).to_string();
-        let out = TUNER.execute(&id, &client, set.clone(), inputs.clone());
+        let product = key(&inputs);
+        let out = TUNER.execute(&id, &client, set.clone(), inputs);
         let mut choices = CHOICES.lock().unwrap_or_else(|e| e.into_inner());
-        if !choices.iter().any(|(n, _)| *n == name)
-            && let Some(config) = TUNER.fastest_identity(&id, &set, &key(&inputs))
+        if !choices.iter().any(|(k, _)| *k == product)
+            && let Some(config) = TUNER.fastest_identity(&id, &set, &product)
         {
-            choices.push((name, config));
+            choices.push((product, config));
         }
         out
     }

@@ -17,7 +17,7 @@ use lora_quant::QuantWeight;
 use lora_quant::affine::{self, AffineSpec};
 use serde_json::json;
 
-use super::{time, time_samples, write_json};
+use super::{median, report_tuned, time, time_samples, write_json};
 use crate::device::{DTypeArg, DeviceArg, compute_dtype, select};
 
 /// Flags of `lora bench matmul`.
@@ -91,9 +91,9 @@ pub fn run(args: BenchMatmulArgs) -> Result<()> {
                 })?)
             };
             lora_kernels::matmul::set_config(config);
-            let fs = time_samples(&device, args.iters, || lora_kernels::frozen_linear(x.clone(), w.clone()))?;
-            let bs = time_samples(&device, args.iters, || lora_kernels::matmul_frozen(dy.clone(), w.clone()))?;
-            let (f, b) = (fs[fs.len() / 2], bs[bs.len() / 2]);
+            let mut fs = time_samples(&device, args.iters, || lora_kernels::frozen_linear(x.clone(), w.clone()))?;
+            let mut bs = time_samples(&device, args.iters, || lora_kernels::matmul_frozen(dy.clone(), w.clone()))?;
+            let (f, b) = (median(&mut fs), median(&mut bs));
             let mut ef = rel_err(lora_kernels::frozen_linear(cx.clone(), cw.clone()), reference.0.clone());
             let mut eb = rel_err(lora_kernels::matmul_frozen(cdy.clone(), cw.clone()), reference.1.clone());
             if config.is_none_or(|c| c.exact) {
@@ -144,11 +144,7 @@ pub fn run(args: BenchMatmulArgs) -> Result<()> {
         "tensor-core kernel (workgroup-scope cooperative matrices): {}",
         if lora_kernels::matmul::used() { "used" } else { "not available here: burn's matmul" }
     );
-    let tuned = lora_kernels::matmul::tuned();
-    for (product, config) in &tuned {
-        println!("autotune: {product}: {config}");
-    }
-    let tuned: Vec<_> = tuned.iter().map(|(product, config)| json!({"product": product, "config": config.to_string()})).collect();
+    let tuned = report_tuned();
     if let Some(path) = &args.json {
         write_json(path, &json!({"side": "lora", "dtype": format!("{dtype:?}"), "device": format!("{device:?}"), "rows": rows, "tuned": tuned}))?;
     }

@@ -171,6 +171,16 @@ pub fn median(samples: &mut [f64]) -> f64 {
     samples[samples.len() / 2]
 }
 
+/// Prints the configurations the tensor-core kernel's autotune settled on in this process, a
+/// line per product, and returns them for a report's JSON.
+pub fn report_tuned() -> serde_json::Value {
+    let tuned = lora_kernels::matmul::tuned();
+    for (product, config) in &tuned {
+        println!("autotune: {product}: {config}");
+    }
+    tuned.iter().map(|(product, config)| serde_json::json!({"product": product, "config": config.to_string()})).collect()
+}
+
 /// Writes `value` as pretty JSON to `path`.
 pub fn write_json(path: &std::path::Path, value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value).context("JSON")?;

@@ -19,7 +19,7 @@ use lora_model::CausalLm;
 use lora_trainer::{Observer, Optimizer, OptimizerConfig, OptimizerKind, Schedule, ScheduleKind, Settings, State, TrainError};
 use serde_json::json;
 
-use super::{RandomModelArgs, median, random_tokens, write_json};
+use super::{RandomModelArgs, median, random_tokens, report_tuned, write_json};
 use crate::device::PeakMemory;
 
 /// Flags of `lora bench train`.
@@ -140,12 +140,8 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         min * 1e3,
         max * 1e3,
     );
-    let tuned = lora_kernels::matmul::tuned();
-    for (product, config) in &tuned {
-        println!("autotune: {product}: {config}");
-    }
+    let tuned = report_tuned();
     if let Some(path) = &args.json {
-        let tuned: Vec<_> = tuned.iter().map(|(product, config)| json!({"product": product, "config": config.to_string()})).collect();
         let value = json!({
             "side": "lora",
             "geometry": name,
