@@ -6,8 +6,8 @@ use lora_model::{CausalLm, LoraAdapter, PROJECTIONS};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use crate::spec::{AdapterSpec, FineTuneType, Init};
 use crate::AdapterError;
+use crate::spec::{AdapterSpec, FineTuneType, Init};
 
 /// One projection's adapter on the host, in PEFT's layout, f32.
 #[derive(Debug, Clone, PartialEq)]
@@ -207,10 +207,14 @@ pub fn combine(adapters: &[(&[AdapterWeights], f64, &std::path::Path)]) -> Resul
         return Err(AdapterError::invalid(path, "a DoRA adapter cannot be combined with others or given a scale other than 1"));
     }
     if let [(weights, weight, _)] = adapters {
-        return Ok(weights.iter().cloned().map(|mut a| {
-            a.scale *= weight;
-            a
-        }).collect());
+        return Ok(weights
+            .iter()
+            .cloned()
+            .map(|mut a| {
+                a.scale *= weight;
+                a
+            })
+            .collect());
     }
     let mut modules: Vec<String> = Vec::new();
     for (weights, _, _) in adapters {

@@ -12,8 +12,8 @@ use lora_model::{Checkpoint, ModelConfig};
 use lora_quant::affine::{self, AffineSpec};
 use safetensors::Dtype;
 
-use crate::attach::AdapterWeights;
 use crate::AdapterError;
+use crate::attach::AdapterWeights;
 
 /// The float type of written weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,10 +137,20 @@ pub fn check_fits(checkpoint: &Checkpoint, config: &ModelConfig, adapters: &[Ada
         let shape = float_shape(checkpoint, config, &name)?.unwrap_or_default();
         let (out, inp) = (shape.first().copied().unwrap_or(0), shape.get(1).copied().unwrap_or(0));
         if a.inputs != inp {
-            return Err(AdapterError::ShapeMismatch { path: source.to_path_buf(), name: format!("{}.lora_A", a.module), expected: vec![a.rank, inp], found: vec![a.rank, a.inputs] });
+            return Err(AdapterError::ShapeMismatch {
+                path: source.to_path_buf(),
+                name: format!("{}.lora_A", a.module),
+                expected: vec![a.rank, inp],
+                found: vec![a.rank, a.inputs],
+            });
         }
         if a.outputs != out {
-            return Err(AdapterError::ShapeMismatch { path: source.to_path_buf(), name: format!("{}.lora_B", a.module), expected: vec![out, a.rank], found: vec![a.outputs, a.rank] });
+            return Err(AdapterError::ShapeMismatch {
+                path: source.to_path_buf(),
+                name: format!("{}.lora_B", a.module),
+                expected: vec![out, a.rank],
+                found: vec![a.outputs, a.rank],
+            });
         }
     }
     Ok(())

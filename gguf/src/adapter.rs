@@ -11,17 +11,20 @@ use std::path::Path;
 use lora_adapters::AdapterWeights;
 use lora_model::ModelConfig;
 
+use crate::GgufError;
 use crate::file::{Declared, Element, GgufFile, Meta};
 use crate::model::QUANTIZATION_VERSION;
 use crate::names::{GgufArch, rope_heads, rope_rows, tensor_name};
-use crate::GgufError;
 
 /// Writes `adapters` (read from `source`) for a base model of `config` to `path`.
 pub fn export_adapter(config: &ModelConfig, adapters: &[AdapterWeights], source: &Path, path: &Path) -> Result<(), GgufError> {
     let arch = GgufArch::of(config);
     let first = adapters.first().ok_or_else(|| GgufError::invalid(source, "the adapter has no weights"))?;
     if let Some(a) = adapters.iter().find(|a| a.magnitude.is_some()) {
-        return Err(GgufError::unsupported(source, format!("{} is a DoRA adapter; llama.cpp's --lora applies LoRA only (fuse it with `lora fuse --export-gguf` instead)", a.module)));
+        return Err(GgufError::unsupported(
+            source,
+            format!("{} is a DoRA adapter; llama.cpp's --lora applies LoRA only (fuse it with `lora fuse --export-gguf` instead)", a.module),
+        ));
     }
     // llama.cpp reads alpha 0 as "no scaling": alpha comes from a layer that scales.
     let alpha = adapters.iter().find(|a| a.scale != 0.0).map_or(first.rank as f64, |a| a.scale * a.rank as f64);
@@ -29,7 +32,10 @@ pub fn export_adapter(config: &ModelConfig, adapters: &[AdapterWeights], source:
     let mut values = Vec::new();
     for a in adapters {
         if a.b.len() != a.outputs * a.rank || a.a.len() != a.rank * a.inputs {
-            return Err(GgufError::invalid(source, format!("{}: A or B does not hold rank {} for {} inputs and {} outputs", a.module, a.rank, a.inputs, a.outputs)));
+            return Err(GgufError::invalid(
+                source,
+                format!("{}: A or B does not hold rank {} for {} inputs and {} outputs", a.module, a.rank, a.inputs, a.outputs),
+            ));
         }
         let weight = format!("{}.weight", a.module);
         let name = tensor_name(&weight, source)?.ok_or_else(|| GgufError::unsupported(source, format!("{weight} has no GGUF tensor")))?;
@@ -38,7 +44,12 @@ pub fn export_adapter(config: &ModelConfig, adapters: &[AdapterWeights], source:
         let b: Vec<f32> = if fold == 1.0 { a.b.clone() } else { a.b.iter().map(|v| v * fold).collect() };
         let b = match rope_heads(arch, config, &weight) {
             Some(heads) if a.outputs == heads * config.head_dim => rope_rows(&b, a.outputs, heads),
-            Some(heads) => return Err(GgufError::invalid(source, format!("{} has {} outputs; {heads} heads of {} need {}", a.module, a.outputs, config.head_dim, heads * config.head_dim))),
+            Some(heads) => {
+                return Err(GgufError::invalid(
+                    source,
+                    format!("{} has {} outputs; {heads} heads of {} need {}", a.module, a.outputs, config.head_dim, heads * config.head_dim),
+                ));
+            }
             None => b,
         };
         declared.push(Declared { name: format!("{name}.lora_a"), shape: vec![a.rank, a.inputs], element: Element::F32 });
@@ -46,7 +57,11 @@ pub fn export_adapter(config: &ModelConfig, adapters: &[AdapterWeights], source:
         declared.push(Declared { name: format!("{name}.lora_b"), shape: vec![a.outputs, a.rank], element: Element::F32 });
         values.push(b);
     }
-    let name = source.parent().and_then(|d| d.canonicalize().ok()).and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| "adapter".into());
+    let name = source
+        .parent()
+        .and_then(|d| d.canonicalize().ok())
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "adapter".into());
     let metadata = vec![
         ("general.architecture".into(), Meta::Str(arch.name().into())),
         ("general.type".into(), Meta::Str("adapter".into())),

@@ -62,7 +62,8 @@ impl ModelExport {
             (format!("{a}.vocab_size"), u(config.vocab_size)),
         ];
         // llama.cpp requires the training context; config.json spells it several ways.
-        let context = ["max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length", "model_max_length"].iter().find_map(|k| raw[k].as_u64());
+        let context =
+            ["max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length", "model_max_length"].iter().find_map(|k| raw[k].as_u64());
         let context = context.ok_or_else(|| GgufError::invalid(&config_path, "no max_position_embeddings: llama.cpp needs the model's context length"))?;
         metadata.push((format!("{a}.context_length"), Meta::U32(context as u32)));
         if let RopeScaling::Linear { factor } = config.rope_scaling {
@@ -70,7 +71,10 @@ impl ModelExport {
             metadata.push((format!("{a}.rope.scaling.factor"), Meta::F32(factor as f32)));
         }
         if config.layer_windows.iter().any(Option::is_some) {
-            return Err(GgufError::unsupported(&config_path, "sliding-window attention is not exported to GGUF (llama.cpp's llama, qwen2 and qwen3 attend to the whole context)"));
+            return Err(GgufError::unsupported(
+                &config_path,
+                "sliding-window attention is not exported to GGUF (llama.cpp's llama, qwen2 and qwen3 attend to the whole context)",
+            ));
         }
         metadata.extend(vocab::tokenizer_metadata(model_dir, &raw, config.vocab_size, arch == GgufArch::Llama)?);
 
@@ -83,7 +87,10 @@ impl ModelExport {
             if let Some(heads) = rope_heads(arch, config, name)
                 && shape.first() != Some(&(heads * config.head_dim))
             {
-                return Err(GgufError::invalid(checkpoint.dir(), format!("{name} has shape {shape:?}; {heads} heads of {} need {} rows", config.head_dim, heads * config.head_dim)));
+                return Err(GgufError::invalid(
+                    checkpoint.dir(),
+                    format!("{name} has shape {shape:?}; {heads} heads of {} need {} rows", config.head_dim, heads * config.head_dim),
+                ));
             }
             let element = if shape.len() <= 1 || gguf_name.ends_with("_norm.weight") || !gguf_name.ends_with(".weight") { Element::F32 } else { Element::F16 };
             declared.push(Declared { name: gguf_name, shape, element });

@@ -115,7 +115,10 @@ mod tests {
         std::fs::write(&path, model.encode_to_vec()).unwrap();
         let meta = metadata(dir.path(), &path, None, 6).unwrap();
         let get = |k: &str| meta.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).unwrap();
-        assert_eq!(get("tokenizer.ggml.tokens"), Meta::StrArray(vec!["<unk>".into(), "<s>".into(), "<0x41>".into(), "\u{2581}the".into(), "<mine>".into(), "[PAD5]".into()]));
+        assert_eq!(
+            get("tokenizer.ggml.tokens"),
+            Meta::StrArray(vec!["<unk>".into(), "<s>".into(), "<0x41>".into(), "\u{2581}the".into(), "<mine>".into(), "[PAD5]".into()])
+        );
         assert_eq!(get("tokenizer.ggml.scores"), Meta::F32Array(vec![0.0, 0.0, 0.0, -3.0, 0.0, PAD_SCORE]));
         assert_eq!(get("tokenizer.ggml.token_type"), Meta::I32Array(vec![2, 3, 6, 1, 1, 5]));
 

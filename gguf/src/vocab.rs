@@ -54,7 +54,10 @@ pub(crate) fn read_json(path: &Path) -> Result<Option<Json>, GgufError> {
 /// The name llama.cpp knows `pre_tokenizer`'s splitting by.
 fn pre_tokenizer_name(pre: &Json, path: &Path) -> Result<&'static str, GgufError> {
     let unsupported = |what: String| {
-        GgufError::unsupported(path, format!("{what}: llama.cpp only knows a fixed set of pre-tokenizers; supported here are GPT-2's byte level, Llama 3's and Qwen 2's"))
+        GgufError::unsupported(
+            path,
+            format!("{what}: llama.cpp only knows a fixed set of pre-tokenizers; supported here are GPT-2's byte level, Llama 3's and Qwen 2's"),
+        )
     };
     match pre["type"].as_str() {
         Some("ByteLevel") if pre["use_regex"].as_bool() != Some(false) => Ok("gpt-2"),
@@ -63,9 +66,11 @@ fn pre_tokenizer_name(pre: &Json, path: &Path) -> Result<&'static str, GgufError
             let regex = parts.iter().find(|p| p["type"] == "Split").and_then(|p| p["pattern"]["Regex"].as_str());
             let byte_level = parts.iter().any(|p| p["type"] == "ByteLevel" && p["use_regex"].as_bool() == Some(false));
             match regex {
-                Some(r) if byte_level && parts.len() == 2 => {
-                    KNOWN_PRE.iter().find(|(known, _)| *known == r).map(|(_, name)| *name).ok_or_else(|| unsupported(format!("the pre-tokenizer splits on {r:?}")))
-                }
+                Some(r) if byte_level && parts.len() == 2 => KNOWN_PRE
+                    .iter()
+                    .find(|(known, _)| *known == r)
+                    .map(|(_, name)| *name)
+                    .ok_or_else(|| unsupported(format!("the pre-tokenizer splits on {r:?}"))),
                 _ => Err(unsupported("the pre-tokenizer sequence is not a split and a byte-level mapping".into())),
             }
         }
@@ -140,7 +145,8 @@ pub fn tokenizer_metadata(dir: &Path, model_config: &Json, vocab_size: usize, se
     {
         return Err(invalid(format!("token id {max} is beyond the model's vocab_size {vocab_size}")));
     }
-    let (tokens, types): (Vec<String>, Vec<i32>) = (0..vocab_size).map(|i| by_id.remove(&i).unwrap_or_else(|| (format!("[PAD{i}]"), token_type::UNUSED))).unzip();
+    let (tokens, types): (Vec<String>, Vec<i32>) =
+        (0..vocab_size).map(|i| by_id.remove(&i).unwrap_or_else(|| (format!("[PAD{i}]"), token_type::UNUSED))).unzip();
 
     // Merges, in either of tokenizer.json's spellings.
     let merges: Vec<String> = match model["merges"].as_array() {
@@ -335,12 +341,15 @@ mod tests {
         assert_eq!(pre_tokenizer_name(&json!({"type": "ByteLevel", "add_prefix_space": false, "use_regex": true}), p).unwrap(), "gpt-2");
         // As Llama 3's and Qwen 2.5's tokenizer.json spell them.
         let split = |regex: &str| -> Json {
-            serde_json::from_str(&format!(r#"{{"type": "Sequence", "pretokenizers": [
+            serde_json::from_str(&format!(
+                r#"{{"type": "Sequence", "pretokenizers": [
                 {{"type": "Split", "pattern": {{"Regex": "{regex}"}}, "behavior": "Isolated", "invert": false}},
-                {{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}}]}}"#))
+                {{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}}]}}"#
+            ))
             .unwrap()
         };
-        let llama3 = split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+");
+        let llama3 =
+            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+");
         assert_eq!(pre_tokenizer_name(&llama3, p).unwrap(), "llama-bpe");
         let qwen2 = split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+");
         assert_eq!(pre_tokenizer_name(&qwen2, p).unwrap(), "qwen2");

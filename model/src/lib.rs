@@ -30,9 +30,6 @@ pub use config::{Architecture, HfConfig, MlxQuantization, ModelConfig, RopeScali
 pub use error::ModelError;
 pub use generate::{Decoding, GenerationStats, generate};
 pub use geometry::Geometry;
-pub use llama::{
-    AttentionPath, BlockInputs, CausalLm, KvCache, Linear, LoadEvent, LoadOptions, PROJECTIONS, QuantizeAtLoad,
-    Weight,
-};
+pub use llama::{AttentionPath, BlockInputs, CausalLm, KvCache, Linear, LoadEvent, LoadOptions, PROJECTIONS, QuantizeAtLoad, Weight};
 pub use lora::LoraAdapter;
 pub use sampling::{Sampler, SamplingConfig};

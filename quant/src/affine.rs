@@ -73,9 +73,8 @@ pub fn quantize(w: &[f32], cols: usize, spec: AffineSpec) -> Result<AffineQuanti
     let mut scales = vec![0f32; groups];
     let mut biases = vec![0f32; groups];
     // Groups are independent: quantized in parallel, with the same result as in sequence.
-    (w.par_chunks_exact(spec.group_size), codes.par_chunks_exact_mut(spec.group_size), &mut scales, &mut biases)
-        .into_par_iter()
-        .for_each(|(g, out, scale_out, bias_out)| {
+    (w.par_chunks_exact(spec.group_size), codes.par_chunks_exact_mut(spec.group_size), &mut scales, &mut biases).into_par_iter().for_each(
+        |(g, out, scale_out, bias_out)| {
             let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
             for &x in g {
                 lo = lo.min(x);
@@ -98,18 +97,15 @@ pub fn quantize(w: &[f32], cols: usize, spec: AffineSpec) -> Result<AffineQuanti
             }
             *scale_out = scale;
             *bias_out = bias;
-        });
+        },
+    );
     Ok(AffineQuantized { packed: pack::pack(&codes, cols, spec.bits), scales, biases })
 }
 
 /// Dequantizes on the host: `scale·q + bias`, row-major `[rows, cols]`.
 pub fn dequantize(packed: &[u32], scales: &[f32], biases: &[f32], cols: usize, spec: AffineSpec) -> Vec<f32> {
     let codes = pack::unpack(packed, cols, spec.bits);
-    codes
-        .chunks_exact(spec.group_size)
-        .zip(scales.iter().zip(biases))
-        .flat_map(|(g, (&s, &b))| g.iter().map(move |&q| s * f32::from(q) + b))
-        .collect()
+    codes.chunks_exact(spec.group_size).zip(scales.iter().zip(biases)).flat_map(|(g, (&s, &b))| g.iter().map(move |&q| s * f32::from(q) + b)).collect()
 }
 
 /// `x·dequant(W)ᵀ` on the host without a dense `W`: `x` is `[m, cols]`, the result
@@ -124,28 +120,31 @@ pub fn matmul_t(x: &[f32], m: usize, q: &AffineQuantized, cols: usize, spec: Aff
     // Σ x over each group, per row of x.
     let xsum: Vec<f32> = x.chunks_exact(g).map(|c| c.iter().sum()).collect();
     let mut out_t = vec![0.0f32; rows * m]; // [rows, m]
-    out_t.par_chunks_mut(m).enumerate().for_each_init(|| vec![0u8; cols], |codes, (r, out)| {
-        let words = &q.packed[r * wpr..(r + 1) * wpr];
-        // 4 bits, the common case, reads the words directly; other widths unpack first.
-        let four = spec.bits == 4;
-        if !four {
-            pack::unpack_row(words, spec.bits, codes);
-        }
-        for (i, o) in out.iter_mut().enumerate() {
-            let xi = &x[i * cols..(i + 1) * cols];
-            let mut acc = 0.0f32;
-            for j in 0..groups {
-                let xg = &xi[j * g..(j + 1) * g];
-                let dot = if four {
-                    pack::dot_words4(xg, &words[j * g / 8..(j + 1) * g / 8], |c| c as f32)
-                } else {
-                    pack::dot_codes(xg, &codes[j * g..(j + 1) * g], f32::from)
-                };
-                acc += q.scales[r * groups + j] * dot + q.biases[r * groups + j] * xsum[i * groups + j];
+    out_t.par_chunks_mut(m).enumerate().for_each_init(
+        || vec![0u8; cols],
+        |codes, (r, out)| {
+            let words = &q.packed[r * wpr..(r + 1) * wpr];
+            // 4 bits, the common case, reads the words directly; other widths unpack first.
+            let four = spec.bits == 4;
+            if !four {
+                pack::unpack_row(words, spec.bits, codes);
             }
-            *o = acc;
-        }
-    });
+            for (i, o) in out.iter_mut().enumerate() {
+                let xi = &x[i * cols..(i + 1) * cols];
+                let mut acc = 0.0f32;
+                for j in 0..groups {
+                    let xg = &xi[j * g..(j + 1) * g];
+                    let dot = if four {
+                        pack::dot_words4(xg, &words[j * g / 8..(j + 1) * g / 8], |c| c as f32)
+                    } else {
+                        pack::dot_codes(xg, &codes[j * g..(j + 1) * g], f32::from)
+                    };
+                    acc += q.scales[r * groups + j] * dot + q.biases[r * groups + j] * xsum[i * groups + j];
+                }
+                *o = acc;
+            }
+        },
+    );
     let mut out = vec![0.0f32; m * rows];
     for r in 0..rows {
         for i in 0..m {

@@ -269,12 +269,7 @@ impl QuantWeight {
         };
         // Each row unpacked and converted to the storage type on its own core.
         type Row<'a> = dyn Fn(usize, &mut Vec<u8>, &mut Vec<f32>) + Sync + 'a;
-        fn build<T: Copy + Default + Send + burn::tensor::Element>(
-            rows: usize,
-            cols: usize,
-            row: &Row<'_>,
-            convert: fn(f32) -> T,
-        ) -> TensorData {
+        fn build<T: Copy + Default + Send + burn::tensor::Element>(rows: usize, cols: usize, row: &Row<'_>, convert: fn(f32) -> T) -> TensorData {
             use rayon::prelude::*;
             let mut v = vec![T::default(); rows * cols];
             v.par_chunks_mut(cols).enumerate().for_each_init(
@@ -298,11 +293,9 @@ impl QuantWeight {
     /// the rows it reads.
     pub fn rows(&self, ids: Tensor<1, Int>) -> Tensor<2> {
         match self {
-            Self::Affine(w) => w.dequantize_rows(
-                w.packed.clone().select(0, ids.clone()),
-                w.scales.clone().select(0, ids.clone()),
-                w.biases.clone().select(0, ids),
-            ),
+            Self::Affine(w) => {
+                w.dequantize_rows(w.packed.clone().select(0, ids.clone()), w.scales.clone().select(0, ids.clone()), w.biases.clone().select(0, ids))
+            }
             Self::Nf4(w) => w.dequantize().select(0, ids),
         }
     }
@@ -328,8 +321,7 @@ impl Nf4Weight {
             (None, Some(s)) => {
                 let padded = self.absmax.dims()[0] * 4;
                 let words = self.absmax.clone().reshape([1, padded / 4]).into_dispatch();
-                let codes = Tensor::<2, Int>::from_dispatch(<Dispatch as PackedOps>::unpack_codes(words, 8))
-                    .reshape([padded / DQ_BLOCK, DQ_BLOCK]);
+                let codes = Tensor::<2, Int>::from_dispatch(<Dispatch as PackedOps>::unpack_codes(words, 8)).reshape([padded / DQ_BLOCK, DQ_BLOCK]);
                 let a = (codes.cast(FloatDType::F32) - 128.0) * s.clone().unsqueeze_dim::<2>(1) + self.dq_offset;
                 a.reshape([padded]).slice(0..n)
             }

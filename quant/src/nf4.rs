@@ -63,9 +63,7 @@ impl Nf4Quantized {
     pub fn effective_absmax(&self) -> Vec<f32> {
         match &self.double_quant {
             None => self.absmax.clone(),
-            Some(dq) => (0..self.absmax.len())
-                .map(|i| (f32::from(dq.codes[i]) - 128.0) * dq.scales[i / DQ_BLOCK] + dq.offset)
-                .collect(),
+            Some(dq) => (0..self.absmax.len()).map(|i| (f32::from(dq.codes[i]) - 128.0) * dq.scales[i / DQ_BLOCK] + dq.offset).collect(),
         }
     }
 }
@@ -120,11 +118,7 @@ fn quantize_absmax(absmax: &[f32]) -> DoubleQuant {
 /// Dequantizes on the host, row-major `[rows, cols]`.
 pub fn dequantize(q: &Nf4Quantized, cols: usize) -> Vec<f32> {
     let absmax = q.effective_absmax();
-    pack::unpack(&q.packed, cols, 4)
-        .chunks_exact(BLOCK)
-        .zip(absmax)
-        .flat_map(|(b, m)| b.iter().map(move |&c| LEVELS[c as usize] * m))
-        .collect()
+    pack::unpack(&q.packed, cols, 4).chunks_exact(BLOCK).zip(absmax).flat_map(|(b, m)| b.iter().map(move |&c| LEVELS[c as usize] * m)).collect()
 }
 
 /// `x·dequant(W)ᵀ` on the host without a dense `W`: `x` `[m, cols]` -> `[m, rows]`, with

@@ -44,9 +44,9 @@ fn round(v: &[f32], dtype: &str) -> Vec<f32> {
 }
 
 fn cases() -> impl Iterator<Item = (&'static str, AffineSpec)> {
-    ["f32", "f16", "bf16"].into_iter().flat_map(|d| {
-        affine::BITS.into_iter().flat_map(move |b| affine::GROUP_SIZES.into_iter().map(move |g| (d, AffineSpec::new(b, g).unwrap())))
-    })
+    ["f32", "f16", "bf16"]
+        .into_iter()
+        .flat_map(|d| affine::BITS.into_iter().flat_map(move |b| affine::GROUP_SIZES.into_iter().map(move |g| (d, AffineSpec::new(b, g).unwrap()))))
 }
 
 #[test]
@@ -70,13 +70,7 @@ fn affine_dequantize_matches_mlx() {
     let r = Reference::load();
     for (dtype, spec) in cases().filter(|(d, _)| *d == "f32") {
         let key = format!("{dtype}.b{}.g{}", spec.bits, spec.group_size);
-        let back = affine::dequantize(
-            &r.u32(&format!("{key}.q")),
-            &r.f32(&format!("{key}.scales")),
-            &r.f32(&format!("{key}.biases")),
-            COLS,
-            spec,
-        );
+        let back = affine::dequantize(&r.u32(&format!("{key}.q")), &r.f32(&format!("{key}.scales")), &r.f32(&format!("{key}.biases")), COLS, spec);
         let want = r.f32(&format!("{key}.dequant"));
         let diff = back.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         assert!(diff <= 1e-6, "{key}: {diff}");
@@ -110,10 +104,8 @@ fn device_dequantize_and_matmul_match_the_host_for_every_width() {
 
             let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [3, COLS]), (&device, DType::F32));
             let y = to_vec(xt.clone().matmul(dense.transpose()));
-            let want: Vec<f32> = (0..3)
-                .flat_map(|i| (0..ROWS).map(move |j| (i, j)))
-                .map(|(i, j)| (0..COLS).map(|k| x[i * COLS + k] * host[j * COLS + k]).sum())
-                .collect();
+            let want: Vec<f32> =
+                (0..3).flat_map(|i| (0..ROWS).map(move |j| (i, j))).map(|(i, j)| (0..COLS).map(|k| x[i * COLS + k] * host[j * COLS + k]).sum()).collect();
             assert!(max_diff(&y, &want) < 1e-4, "{device:?} bits {} matmul", spec.bits);
             // x·Wᵀ as the model computes it: from packed words on the CPU, dequantized on wgpu.
             let y = to_vec(dq.matmul_t(xt));
@@ -142,10 +134,8 @@ fn device_nf4_matches_the_host_with_and_without_double_quant() {
             assert!(diff <= 1e-6, "{device:?} double_quant {dq}: {diff}");
             let x: Vec<f32> = (0..2 * COLS).map(|i| ((i * 31 % 101) as f32 / 50.0 - 1.0) + 0.003).collect();
             let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [2, COLS]), (&device, DType::F32));
-            let want: Vec<f32> = (0..2)
-                .flat_map(|i| (0..ROWS).map(move |j| (i, j)))
-                .map(|(i, j)| (0..COLS).map(|k| x[i * COLS + k] * host[j * COLS + k]).sum())
-                .collect();
+            let want: Vec<f32> =
+                (0..2).flat_map(|i| (0..ROWS).map(move |j| (i, j))).map(|(i, j)| (0..COLS).map(|k| x[i * COLS + k] * host[j * COLS + k]).sum()).collect();
             assert!(max_diff(&to_vec(weight.matmul_t(xt)), &want) < 1e-4, "{device:?} double_quant {dq} matmul_t");
             // Through the differentiable operation (more rows than the CPU decoding shortcut), with its backward.
             let ad = device.clone().autodiff();
@@ -153,10 +143,8 @@ fn device_nf4_matches_the_host_with_and_without_double_quant() {
             let x: Vec<f32> = (0..20 * COLS).map(|i| ((i * 31 % 101) as f32 / 50.0 - 1.0) + 0.003).collect();
             let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [20, COLS]), (&ad, DType::F32)).require_grad();
             let y = weight.matmul_t(xt.clone());
-            let want: Vec<f32> = (0..20)
-                .flat_map(|i| (0..ROWS).map(move |j| (i, j)))
-                .map(|(i, j)| (0..COLS).map(|k| x[i * COLS + k] * host[j * COLS + k]).sum())
-                .collect();
+            let want: Vec<f32> =
+                (0..20).flat_map(|i| (0..ROWS).map(move |j| (i, j))).map(|(i, j)| (0..COLS).map(|k| x[i * COLS + k] * host[j * COLS + k]).sum()).collect();
             assert!(max_diff(&to_vec(y.clone()), &want) < 1e-4, "{device:?} double_quant {dq} autodiff forward");
             let grads = y.sum().backward();
             // d(sum(x·Wᵀ))/dx = the column sums of W, for every row of x.
