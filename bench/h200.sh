@@ -2,9 +2,11 @@
 # One measurement on a lent NVIDIA machine, ours and the peer side by side, in one call:
 #
 #   bash bench/h200.sh STAGE...     (stages: features matmul peer1b ours1b profile1b peer8b ours8b
-#                                    long8b second1b losses peergen gen1b gen1bq gen1bnf4 peerlong
+#                                    long8b second1b base1b base8b scalar1b kerneltest losses peergen gen1b gen1bq gen1bnf4 peerlong
 #                                    genlong gen8bq profilegen serve1b)
 #
+# base1b and base8b are ours1b and ours8b with the adapter's kernels off (LORA_NO_LORA_KERNELS),
+# scalar1b with their tensor-core forms off (LORA_NO_LORA_MMA).
 # Expects the stripped, xz-compressed release binary at .bin/lora.xz and the Vulkan loader
 # packages in .gl/ (see the device README's "Headless rendering"); writes every log and JSON
 # into $OUT/results.tar.xz, with summary.txt beside it (OUT is bench/out when unset). A cubecl autotune cache saved by an earlier
@@ -72,6 +74,16 @@ for stage in "$@"; do
         ;;
     peer1b) sampled peer1b peer train --geometry llama-1b --batch-size 8 --seq 512 --steps 8 --json "$OUT/peer1b.json" ;;
     ours1b) sampled ours1b $L bench train --geometry llama-1b --batch-size 8 --seq 512 --steps 8 --dtype f16 --json "$OUT/ours1b.json" ;;
+    scalar1b) sampled scalar1b env LORA_NO_LORA_MMA=1 $L bench train --geometry llama-1b --batch-size 8 --seq 512 --steps 8 --dtype f16 --json "$OUT/scalar1b.json" ;;
+    kerneltest)
+        # The kernels' tests (a test binary built here, stripped and compressed to
+        # .bin/kernel-tests.xz) on this GPU, where the tensor-core paths run.
+        xz -dc .bin/kernel-tests.xz > /tmp/kernel-tests && chmod +x /tmp/kernel-tests
+        ( cd "$ROOT/kernels" && LORA_REQUIRE_WGPU=1 /tmp/kernel-tests --test-threads 1 ) > "$OUT/kerneltest.log" 2>&1
+        echo "kerneltest rc=$?" | tee -a "$OUT/summary.txt"
+        grep -E "^test |panicked|differ" "$OUT/kerneltest.log" | head -20
+        ;;
+    base1b) sampled base1b env LORA_NO_LORA_KERNELS=1 $L bench train --geometry llama-1b --batch-size 8 --seq 512 --steps 8 --dtype f16 --json "$OUT/base1b.json" ;;
     second1b) sampled second1b $L bench train --geometry llama-1b --batch-size 8 --seq 512 --steps 3 --warmup 0 --dtype f16 --json "$OUT/second1b.json" ;;
     profile1b)
         printf '[profiling.logger]\nlevel = "medium"\nfile = "%s/profile1b.txt"\nappend = false\n' "$OUT" > $WORK/cubecl.toml
@@ -94,6 +106,7 @@ for stage in "$@"; do
         ;;
     peer8b) sampled peer8b peer train --geometry llama-8b --batch-size 4 --seq 512 --steps 6 --grad-checkpoint --json "$OUT/peer8b.json" ;;
     ours8b) sampled ours8b $L bench train --geometry llama-8b --batch-size 4 --seq 512 --steps 4 --quantize nf4 --double-quant --grad-checkpoint --dtype f16 --json "$OUT/ours8b.json" ;;
+    base8b) sampled base8b env LORA_NO_LORA_KERNELS=1 $L bench train --geometry llama-8b --batch-size 4 --seq 512 --steps 4 --quantize nf4 --double-quant --grad-checkpoint --dtype f16 --json "$OUT/base8b.json" ;;
     long8b) sampled long8b $L bench train --geometry llama-8b --batch-size 1 --seq 16384 --steps 2 --warmup 1 --quantize nf4 --double-quant --grad-checkpoint --dtype f16 --json "$OUT/long8b.json" ;;
     losses)
         # The first 10 training losses of the quickstart run on the GPU (f16 and f32) against the CPU (f32).

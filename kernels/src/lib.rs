@@ -5,6 +5,8 @@
 //!   a GPU whose driver offers workgroup-scope cooperative matrices
 //!   (`VK_NV_cooperative_matrix2`), both products run on [`matmul`]'s tensor-core kernel;
 //!   elsewhere they are burn's matmul.
+//! - [`lora`]: the low-rank adapter's thin products `x·Aᵀ`, `y + s·h·Bᵀ` and their backward,
+//!   each one pass over its large operand, where a general matmul tiles them as square ones.
 //! - [`matvec`]: the same product for a few rows of `x` (decoding), bound by reading `W` once.
 //! - [`attention`]: causal attention in chunks of queries with a backward that recomputes the
 //!   probabilities from the log-sum-exp: no `[heads, T, T]` tensor is ever held.
@@ -18,6 +20,7 @@ pub mod attention;
 pub mod decode;
 pub mod device;
 pub mod linear;
+pub mod lora;
 pub mod matmul;
 pub mod matvec;
 pub mod norm;

@@ -52,20 +52,18 @@ impl LoraAdapter {
             x
         };
         let (a, b) = (self.a.val().cast(dtype), self.b.val().cast(dtype));
-        let lora = x.clone().matmul(a.transpose()).matmul(b.transpose()) * self.scale; // [m, out]
         let Some(magnitude) = &self.magnitude else {
-            return y + lora;
+            // One operation: the thin products as kernels of their own on a GPU, a backward
+            // that keeps only x, A, B and the [m, rank] x·Aᵀ.
+            return lora_kernels::lora::lora_add(x, a, b, y, self.scale as f32);
         };
+        let lora = x.clone().matmul(a.transpose()).matmul(b.transpose()) * self.scale; // [m, out]
         // DoRA (PEFT): m/‖W + s·B·A‖ per output row, the norm detached from the graph.
         let w = base.dense().cast(burn::tensor::FloatDType::F32) + self.delta().detach();
         let norm = w.square().sum_dim(1).sqrt().squeeze_dim::<1>(1).detach(); // [out]
         let factor = (magnitude.val() / norm).cast(dtype).unsqueeze::<2>(); // [1, out]
         // y + (f - 1)·x·Wᵀ + f·lora; under dropout PEFT takes the middle term from the
         // dropped input.
-        if dropped {
-            y + base.matmul_t(x) * (factor.clone() - 1.0) + lora * factor
-        } else {
-            y * factor.clone() + lora * factor
-        }
+        if dropped { y + base.matmul_t(x) * (factor.clone() - 1.0) + lora * factor } else { y * factor.clone() + lora * factor }
     }
 }

@@ -19,11 +19,19 @@ pub struct Prepared {
     pub tokens: usize,
 }
 
+/// Positions a GPU batch is padded to a multiple of: the tensor-core kernels take products whose
+/// sizes are multiples of 16 (and the large ones whole tiles), so rows of any length keep them.
+/// The padded positions come after every row's last token: causal attention keeps them out of
+/// the real positions, and the mask keeps them out of the loss.
+pub const GPU_POSITION_MULTIPLE: usize = 16;
+
 /// Splits a batch into inputs and shifted targets. Target `j` (the token at position `j`,
-/// predicted from position `j - 1`) is trained when `max(offset, 1) <= j < length`.
+/// predicted from position `j - 1`) is trained when `max(offset, 1) <= j < length`. On a GPU the
+/// positions are padded to a multiple of [`GPU_POSITION_MULTIPLE`].
 pub fn prepare(batch: &Batch, device: &burn::tensor::Device) -> Prepared {
     let (rows, len) = (batch.rows, batch.len);
     let width = len.saturating_sub(1).max(1);
+    let width = if *device == burn::tensor::Device::flex() { width } else { width.next_multiple_of(GPU_POSITION_MULTIPLE) };
     let mut inputs = vec![0i32; rows * width];
     let mut targets = vec![0i32; rows * width];
     let mut mask = vec![0f32; rows * width];
@@ -158,5 +166,20 @@ mod tests {
         assert_eq!(p.tokens, 4);
         let targets: Vec<i32> = p.targets.into_data().convert::<i32>().try_to_vec().unwrap();
         assert_eq!(targets, [2, 3, 4, 0, 6, 7, 0, 0]);
+    }
+
+    #[test]
+    fn gpu_positions_are_padded_to_the_multiple_and_masked() {
+        let Some(device) = lora_model::device::wgpu_device() else {
+            assert!(std::env::var_os("LORA_REQUIRE_WGPU").is_none(), "LORA_REQUIRE_WGPU is set but no wgpu adapter");
+            return;
+        };
+        let batch = Batch { tokens: vec![1, 2, 3, 4, 0, 5, 6, 7, 0, 0], rows: 2, len: 5, offsets: vec![2, 0], lengths: vec![4, 3], padding: 3 };
+        let p = prepare(&batch, &device);
+        assert_eq!(p.inputs.dims(), [2, GPU_POSITION_MULTIPLE]);
+        let mask: Vec<f32> = p.mask.into_data().try_to_vec().unwrap();
+        let trained: Vec<usize> = mask.iter().enumerate().filter(|(_, m)| **m == 1.0).map(|(i, _)| i).collect();
+        assert_eq!(trained, [1, 2, GPU_POSITION_MULTIPLE, GPU_POSITION_MULTIPLE + 1]);
+        assert_eq!(p.tokens, 4);
     }
 }
