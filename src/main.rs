@@ -13,6 +13,24 @@ mod train_config;
 
 use std::process::ExitCode;
 
+/// mimalloc, told never to give freed memory back ([`keep_freed_memory`]): training frees and
+/// allocates tensors of the same few sizes thousands of times a step, which the system
+/// allocator hands back to the kernel and faults in again, zeroed (a fifth of a CPU step's
+/// time; BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_purge_delay` in mimalloc's `mi_option_t` (v2 and v3 alike; the Rust bindings do
+/// not name it): milliseconds before freed memory is returned to the OS, -1 for never.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Sets mimalloc's purge delay to "never": the process's footprint stays at its peak, which a
+/// training step reaches again every step anyway.
+fn keep_freed_memory() {
+    // SAFETY: setting an option is thread-safe in mimalloc and takes any value.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+}
+
 use clap::{Parser, Subcommand};
 
 /// On-device LoRA/QLoRA fine-tuning for Llama, Mistral and Qwen models.
@@ -53,6 +71,7 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LORA_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")))
         .with_writer(std::io::stderr)
@@ -90,4 +109,21 @@ pub(crate) fn describe(err: &anyhow::Error) -> String {
         }
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    /// The option number is mimalloc's purge delay: its default (1000 ms in mimalloc v3, which
+    /// the crate builds) and its neighbour's (the NUMA node count, 0) read back as the header
+    /// says.
+    #[test]
+    fn the_purge_delay_option_is_mimallocs() {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+            return;
+        }
+        // SAFETY: reading options is thread-safe in mimalloc.
+        let get = |o| unsafe { libmimalloc_sys::mi_option_get(o) };
+        assert_eq!(get(super::MI_OPTION_PURGE_DELAY), 1000);
+        assert_eq!(get(super::MI_OPTION_PURGE_DELAY + 1), 0);
+    }
 }
