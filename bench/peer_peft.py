@@ -9,10 +9,13 @@ TFLOP/s, and writes them as JSON with --json.
 
     python3 bench/peer_peft.py train --geometry llama-1b --batch-size 8 --seq 512 --steps 8
     python3 bench/peer_peft.py train --geometry llama-8b --batch-size 4 --seq 512 --grad-checkpoint
+    python3 bench/peer_peft.py train --device cpu --geometry smollm-135m --batch-size 4 --seq 256 \
+        --rank 8 --alpha 16 --keys q_proj,v_proj
     python3 bench/peer_peft.py matmul --shapes 2048x4096x14336,512x4096x14336
     python3 bench/peer_peft.py generate --geometry llama-1b --prompt-tokens 16 --max-tokens 128
 
-Needs torch, transformers and peft (the H200 image has them).
+Needs torch, transformers and peft (the H200 image has them); `train --device cpu` runs in f32
+on every core of the CPU and reports the peak resident set instead of device memory.
 """
 
 import argparse
@@ -27,6 +30,7 @@ import torch
 # Kept equal to `lora_model::config::Geometry` in the Rust code.
 GEOMETRIES = {
     "tiny": (64, 128, 2, 4, 2, 256, True, 10000.0),
+    "smollm-135m": (576, 1536, 30, 9, 3, 49152, True, 10000.0),
     "llama-1b": (2048, 8192, 16, 32, 8, 128256, True, 500000.0),
     "llama-3b": (3072, 8192, 28, 24, 8, 128256, True, 500000.0),
     "llama-8b": (4096, 14336, 32, 32, 8, 128256, False, 500000.0),
@@ -49,7 +53,7 @@ def model_flops_per_token(g, seq):
     return 4 * params + 3 * attn
 
 
-def build(name, dtype, grad_checkpoint, rank, alpha):
+def build(name, dtype, grad_checkpoint, rank, alpha, device="cuda", keys=None):
     from transformers import LlamaConfig, LlamaForCausalLM
     from peft import LoraConfig, get_peft_model
 
@@ -66,7 +70,7 @@ def build(name, dtype, grad_checkpoint, rank, alpha):
         max_position_embeddings=131072,
     )
     config._attn_implementation = "sdpa"
-    with torch.device("cuda"):
+    with torch.device(device):
         torch.set_default_dtype(dtype)
         model = LlamaForCausalLM(config)
         torch.set_default_dtype(torch.float32)
@@ -74,7 +78,7 @@ def build(name, dtype, grad_checkpoint, rank, alpha):
     if grad_checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=KEYS, task_type="CAUSAL_LM")
+    lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=keys or KEYS, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     # PEFT keeps the adapter in the base dtype; train it in f32 as ours does.
     for p in model.parameters():
@@ -84,32 +88,36 @@ def build(name, dtype, grad_checkpoint, rank, alpha):
 
 
 def train(args):
-    dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
+    cpu = args.device == "cpu"
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[args.dtype]
+    keys = args.keys.split(",") if args.keys else None
     g = GEOMETRIES[args.geometry]
     torch.manual_seed(0)
+    sync = (lambda: None) if cpu else torch.cuda.synchronize
     t0 = time.perf_counter()
-    model = build(args.geometry, dtype, args.grad_checkpoint, args.rank, args.alpha)
-    torch.cuda.synchronize()
+    model = build(args.geometry, dtype, args.grad_checkpoint, args.rank, args.alpha, args.device, keys)
+    sync()
     loaded = time.perf_counter() - t0
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.01)
     vocab = g[5]
-    gen = torch.Generator(device="cuda").manual_seed(1)
+    gen = torch.Generator(device=args.device).manual_seed(1)
     times, losses = [], []
     first = None
-    torch.cuda.reset_peak_memory_stats()
+    if not cpu:
+        torch.cuda.reset_peak_memory_stats()
     for step in range(args.warmup + args.steps):
-        ids = torch.randint(0, vocab, (args.batch_size, args.seq + 1), device="cuda", generator=gen)
-        torch.cuda.synchronize()
+        ids = torch.randint(0, vocab, (args.batch_size, args.seq + 1), device=args.device, generator=gen)
+        sync()
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=dtype):
+        with torch.autocast(args.device, dtype=dtype, enabled=dtype != torch.float32):
             out = model(input_ids=ids[:, :-1], labels=None)
             logits = out.logits.float()
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), ids[:, 1:].reshape(-1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         elapsed = time.perf_counter() - start
         if first is None:
             first = elapsed
@@ -122,31 +130,39 @@ def train(args):
     result = {
         "side": "pytorch+peft",
         "geometry": args.geometry,
+        "device": args.device,
         "dtype": args.dtype,
         "batch_size": args.batch_size,
         "seq": args.seq,
         "grad_checkpoint": args.grad_checkpoint,
         "rank": args.rank,
+        "keys": keys or KEYS,
         "tokens_per_s": tokens / median,
         "step_s_median": median,
         "step_s_min": min(times),
         "step_s_max": max(times),
         "load_s": loaded,
         "first_step_s": first,
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
         "tflops": flops,
         "losses": losses,
         "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(),
     }
+    if cpu:
+        import resource
+
+        result["threads"] = torch.get_num_threads()
+        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        memory = f"peak {result['peak_rss_gib']:.2f} GiB RSS, {result['threads']} threads"
+    else:
+        result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        result["gpu"] = torch.cuda.get_device_name()
+        memory = f"peak {result['peak_allocated_gib']:.2f} GiB allocated / {result['peak_reserved_gib']:.2f} GiB reserved"
     print(
         f"pytorch+peft {args.geometry} {args.batch_size}x{args.seq} {args.dtype}"
         f"{' grad-checkpoint' if args.grad_checkpoint else ''}: {result['tokens_per_s']:.0f} tokens/s "
         f"(step {median * 1e3:.1f} ms, min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}), "
-        f"first step {first:.2f} s after {loaded:.1f} s of building, "
-        f"peak {result['peak_allocated_gib']:.2f} GiB allocated / {result['peak_reserved_gib']:.2f} GiB reserved, "
-        f"{flops:.0f} TFLOP/s"
+        f"first step {first:.2f} s after {loaded:.1f} s of building, {memory}, {flops:.2f} TFLOP/s"
     )
     if args.json:
         with open(args.json, "w") as f:
@@ -204,7 +220,7 @@ def generate(args):
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         torch.set_default_dtype(dtype)
         model = LlamaForCausalLM(config).eval()
         torch.set_default_dtype(torch.float32)
@@ -265,7 +281,9 @@ def main():
     t.add_argument("--warmup", type=int, default=2)
     t.add_argument("--rank", type=int, default=16)
     t.add_argument("--alpha", type=float, default=32.0)
-    t.add_argument("--dtype", default="bf16", choices=["bf16", "f16"])
+    t.add_argument("--dtype", default=None, choices=["bf16", "f16", "f32"], help="bf16 on a GPU, f32 on the CPU by default")
+    t.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    t.add_argument("--keys", help="projections to adapt, comma-separated (all seven by default)")
     t.add_argument("--grad-checkpoint", action="store_true")
     t.add_argument("--json")
     m = sub.add_parser("matmul")
@@ -283,8 +301,10 @@ def main():
     g.add_argument("--caches", default="static,dynamic", help="comma-separated: static, dynamic")
     g.add_argument("--json")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("peer_peft.py needs a CUDA GPU")
+    if args.what == "train" and args.dtype is None:
+        args.dtype = "f32" if args.device == "cpu" else "bf16"
+    if getattr(args, "device", "cuda") == "cuda" and not torch.cuda.is_available():
+        sys.exit("peer_peft.py needs a CUDA GPU (train takes --device cpu)")
     {"train": train, "matmul": matmul, "generate": generate}[args.what](args)
 
 

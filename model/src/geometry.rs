@@ -30,8 +30,12 @@ pub struct Geometry {
 }
 
 /// `(name, geometry)` of every named shape.
-pub const GEOMETRIES: [(&str, Geometry); 6] = [
+pub const GEOMETRIES: [(&str, Geometry); 7] = [
     ("tiny", Geometry { hidden: 64, intermediate: 128, layers: 2, heads: 4, kv_heads: 2, vocab: 256, tied: true, rope_theta: 10_000.0, qkv_bias: false }),
+    (
+        "smollm-135m",
+        Geometry { hidden: 576, intermediate: 1536, layers: 30, heads: 9, kv_heads: 3, vocab: 49_152, tied: true, rope_theta: 10_000.0, qkv_bias: false },
+    ),
     (
         "llama-1b",
         Geometry { hidden: 2048, intermediate: 8192, layers: 16, heads: 32, kv_heads: 8, vocab: 128_256, tied: true, rope_theta: 500_000.0, qkv_bias: false },
@@ -158,12 +162,14 @@ mod tests {
         // Llama-3.2-1B: 1.24 B (tied); Llama-3.1-8B: 8.03 B; Qwen2-0.5B: 0.49 B (tied, biased).
         let count = |n: &str| Geometry::named(n).unwrap().parameters() as f64 / 1e9;
         assert!((count("llama-1b") - 1.236).abs() < 0.005, "{}", count("llama-1b"));
+        // SmolLM-135M: 134.5 M (tied).
+        assert!((count("smollm-135m") - 0.1345).abs() < 0.0005, "{}", count("smollm-135m"));
         assert!((count("llama-8b") - 8.030).abs() < 0.005, "{}", count("llama-8b"));
         // Qwen2's q/k/v biases are not in `parameters` (1 k of 494 M).
         assert!((count("qwen2-0.5b") - 0.494).abs() < 0.005, "{}", count("qwen2-0.5b"));
         for (_, g) in GEOMETRIES {
             g.validate().unwrap();
         }
-        assert!(Geometry { heads: 5, ..GEOMETRIES[1].1 }.validate().is_err());
+        assert!(Geometry { heads: 5, ..GEOMETRIES[2].1 }.validate().is_err());
     }
 }
