@@ -17,7 +17,10 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::{BoolTensor, FloatTensor};
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, Scalar, TensorMetadata, backend_extension, get_device_settings};
-use burn::tensor::{FloatDType, IntDType, Shape, Slice, Tensor};
+use burn::tensor::{DType, FloatDType, IntDType, Shape, Slice, Tensor, TensorData};
+use burn_flex::FlexTensor;
+
+use crate::cpu;
 
 /// Elements of one chunk's f32 score block (`batch × heads × chunk × T`): 64 M, 256 MiB.
 const CHUNK_ELEMENTS: usize = 64 << 20;
@@ -46,11 +49,104 @@ pub trait AttentionOps: Backend {
         window: usize,
         chunk: usize,
     ) -> FloatTensor<Self> {
-        forward::<Self>(q, k, v, &keys, window, chunk).0
+        Self::attention_forward(q, k, v, keys, window, chunk).0
+    }
+
+    /// [`AttentionOps::chunked_attention`]'s output and the f32 log-sum-exp of every query's
+    /// scores `[b, kv, h / kv, s, 1]`, which [`AttentionOps::attention_backward`] takes.
+    #[fusion(default)]
+    fn attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        keys: FloatTensor<Self>,
+        window: usize,
+        chunk: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        forward::<Self>(q, k, v, &keys, window, chunk)
+    }
+
+    /// `(dq, dk, dv)` for the output gradient `dout`, given the forward's inputs, output and
+    /// log-sum-exp (the probabilities are recomputed from them).
+    #[fusion(default)]
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        keys: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+        window: usize,
+        chunk: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        backward::<Self>(AttentionState { q, k, v, keys, out, lse, window, chunk }, dout)
     }
 }
 
-impl AttentionOps for Flex {}
+/// On the CPU, f32 attention runs as [`crate::cpu`]'s kernels: one task per (batch row,
+/// key/value head) on every core, no chunk of scores ever leaving the cache. Other dtypes take
+/// the composition.
+impl AttentionOps for Flex {
+    fn attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        keys: FloatTensor<Self>,
+        window: usize,
+        chunk: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let Some(dims) = cpu_dims(&q, &k, &v, &keys) else {
+            return forward::<Self>(q, k, v, &keys, window, chunk);
+        };
+        let [q, k, v, keys] = [q, k, v, keys].map(|t| t.to_contiguous());
+        let (out, lse) = cpu::attention_forward(f32s(&q), f32s(&k), f32s(&v), f32s(&keys), dims, window);
+        let cpu::Dims { b, h, kv, s, d } = dims;
+        (flex_f32(out, [b, h, s, d].into()), flex_f32(lse, [b, kv, h / kv, s, 1].into()))
+    }
+
+    fn attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        keys: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+        window: usize,
+        chunk: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let all_f32 = [&out, &lse, &dout].iter().all(|t| t.dtype() == DType::F32);
+        let Some(dims) = cpu_dims(&q, &k, &v, &keys).filter(|_| all_f32) else {
+            return backward::<Self>(AttentionState { q, k, v, keys, out, lse, window, chunk }, dout);
+        };
+        let [q, k, v, keys, out, lse, dout] = [q, k, v, keys, out, lse, dout].map(|t| t.to_contiguous());
+        let (dq, dk, dv) = cpu::attention_backward(f32s(&q), f32s(&k), f32s(&v), f32s(&keys), f32s(&out), f32s(&lse), f32s(&dout), dims, window);
+        let cpu::Dims { b, h, kv, s, d } = dims;
+        (flex_f32(dq, [b, h, s, d].into()), flex_f32(dk, [b, kv, s, d].into()), flex_f32(dv, [b, kv, s, d].into()))
+    }
+}
+
+/// The sizes of an f32 attention call the CPU kernels take, or `None`.
+fn cpu_dims(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, keys: &FlexTensor) -> Option<cpu::Dims> {
+    let [b, h, s, d] = q.shape().dims();
+    let kv = k.shape()[1];
+    let all_f32 = [q, k, v, keys].iter().all(|t| t.dtype() == DType::F32);
+    (all_f32 && kv > 0 && h % kv == 0 && k.shape().dims::<4>() == [b, kv, s, d] && v.shape() == k.shape() && keys.shape().dims::<2>() == [b, s])
+        .then_some(cpu::Dims { b, h, kv, s, d })
+}
+
+/// A contiguous f32 tensor's elements.
+fn f32s(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("a contiguous f32 tensor")
+}
+
+/// An f32 flex tensor of `shape` holding `values`.
+fn flex_f32(values: Vec<f32>, shape: Shape) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
 impl AttentionOps for burn_cubecl::CubeBackend {}
 
 fn slice_dim(rank: usize, dim: usize, start: usize, end: usize) -> Vec<Slice> {
@@ -206,13 +302,14 @@ fn backward<B: Backend>(st: AttentionState<B>, dout: FloatTensor<B>) -> (FloatTe
 #[derive(Debug)]
 struct AttentionBackward;
 
-impl<B: Backend> Backward<B, 3> for AttentionBackward {
+impl<B: Backend + AttentionOps> Backward<B, 3> for AttentionBackward {
     type State = AttentionState<B>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [q_node, k_node, v_node] = ops.parents;
         let dout = grads.consume::<B>(&ops.node);
-        let (dq, dk, dv) = backward::<B>(ops.state, dout);
+        let AttentionState { q, k, v, keys, out, lse, window, chunk } = ops.state;
+        let (dq, dk, dv) = B::attention_backward(q, k, v, keys, out, lse, dout, window, chunk);
         if let Some(node) = q_node {
             grads.register::<B>(node.id, dq);
         }
@@ -238,7 +335,7 @@ impl<B: Backend + AttentionOps, C: CheckpointStrategy> AttentionOps for Autodiff
         match AttentionBackward.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-                let (out, lse) = forward::<B>(q.clone(), k.clone(), v.clone(), &keys, window, chunk);
+                let (out, lse) = B::attention_forward(q.clone(), k.clone(), v.clone(), keys.clone(), window, chunk);
                 let state = AttentionState { q, k, v, keys, out: out.clone(), lse, window, chunk };
                 prep.finish(state, out)
             }

@@ -10,6 +10,7 @@
 //! - [`matvec`]: the same product for a few rows of `x` (decoding), bound by reading `W` once.
 //! - [`attention`]: causal attention in chunks of queries with a backward that recomputes the
 //!   probabilities from the log-sum-exp: no `[heads, T, T]` tensor is ever held.
+//! - [`cpu`]: the CPU backend's attention in one pass per head group on every core.
 //! - [`decode`]: a decoded token's attention over the key/value cache in one kernel.
 //! - [`norm`]: RMSNorm in one kernel for inference.
 //! - [`rope`]: rotary position embeddings in one kernel for inference.
@@ -17,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod attention;
+pub mod cpu;
 pub mod decode;
 pub mod device;
 pub mod linear;

@@ -5,6 +5,7 @@
 //! dtype allow it, and burn's matmul otherwise; flex uses burn's matmul. A forward product of
 //! at most [`crate::matvec::MATVEC_ROWS`] rows (decoding) is a matrix-vector kernel.
 
+use burn::backend::Scalar;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -12,7 +13,8 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
-use burn::tensor::{Shape, Tensor};
+use burn::tensor::{DType, Shape, Tensor, TensorData};
+use burn_flex::FlexTensor;
 
 use crate::matmul::{matmul_cm2, supported};
 use crate::matvec::{MATVEC_ROWS, dense_matvec_t, matvec3_t, swiglu_matvec_t};
@@ -51,6 +53,35 @@ pub trait LinearOps: Backend {
     fn frozen_swiglu_t(x: FloatTensor<Self>, gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         composed_swiglu::<Self>(x, gate, up)
     }
+
+    /// SwiGLU's activation `silu(gate)·up` for equally shaped `gate` and `up`. Under autodiff one
+    /// operation whose backward keeps only the two inputs ([`LinearOps::swiglu_backward`]).
+    #[fusion(default)]
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        composed_swiglu_activation::<Self>(gate, up)
+    }
+
+    /// The gradients `(dgate, dup)` of [`LinearOps::swiglu`] for the output's gradient `grad`:
+    /// `dup = grad·silu(gate)`, `dgate = grad·up·σ(gate)·(1 + gate·(1 − σ(gate)))`.
+    #[fusion(default)]
+    fn swiglu_backward(gate: FloatTensor<Self>, up: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        composed_swiglu_backward::<Self>(gate, up, grad)
+    }
+}
+
+/// [`LinearOps::swiglu`] as tensor operations.
+fn composed_swiglu_activation<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+    B::float_mul(B::float_mul(gate.clone(), B::sigmoid(gate)), up)
+}
+
+/// [`LinearOps::swiglu_backward`] as tensor operations.
+fn composed_swiglu_backward<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>, grad: FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
+    let s = B::sigmoid(gate.clone());
+    let dup = B::float_mul(grad.clone(), B::float_mul(gate.clone(), s.clone()));
+    let one = Scalar::from(1.0f32);
+    let slope = B::float_add_scalar(B::float_mul(gate, B::float_add_scalar(B::float_neg(s.clone()), one)), one);
+    let dgate = B::float_mul(B::float_mul(B::float_mul(grad, up), s), slope);
+    (dgate, dup)
 }
 
 /// [`LinearOps::frozen_linear_add_t`] as a sum after the product (every backend's fallback).
@@ -70,10 +101,42 @@ fn composed_linear3<B: LinearOps>(x: FloatTensor<B>, wq: FloatTensor<B>, wk: Flo
 fn composed_swiglu<B: LinearOps>(x: FloatTensor<B>, gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
     let u = B::frozen_linear_t(x.clone(), up);
     let g = B::frozen_linear_t(x, gate);
-    B::float_mul(B::float_mul(g.clone(), B::sigmoid(g)), u)
+    B::swiglu(g, u)
 }
 
-impl LinearOps for Flex {}
+/// On the CPU, f32 SwiGLU runs as [`crate::cpu`]'s kernels (every core, a vectorized
+/// exponential); other dtypes take the composition.
+impl LinearOps for Flex {
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !cpu_elementwise(&[&gate, &up]) {
+            return composed_swiglu_activation::<Self>(gate, up);
+        }
+        let shape = gate.shape();
+        let [gate, up] = [gate, up].map(|t| t.to_contiguous());
+        let out = crate::cpu::swiglu(f32s(&gate), f32s(&up));
+        FlexTensor::from_data(TensorData::new(out, shape))
+    }
+
+    fn swiglu_backward(gate: FloatTensor<Self>, up: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !cpu_elementwise(&[&gate, &up, &grad]) {
+            return composed_swiglu_backward::<Self>(gate, up, grad);
+        }
+        let shape = gate.shape();
+        let [gate, up, grad] = [gate, up, grad].map(|t| t.to_contiguous());
+        let (dgate, dup) = crate::cpu::swiglu_backward(f32s(&gate), f32s(&up), f32s(&grad));
+        (FlexTensor::from_data(TensorData::new(dgate, shape.clone())), FlexTensor::from_data(TensorData::new(dup, shape)))
+    }
+}
+
+/// Whether the CPU's element-wise kernels take these tensors: f32, one shape.
+fn cpu_elementwise(ts: &[&FlexTensor]) -> bool {
+    ts.iter().all(|t| t.dtype() == DType::F32 && t.shape() == ts[0].shape())
+}
+
+/// A contiguous f32 tensor's elements.
+fn f32s(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("a contiguous f32 tensor")
+}
 
 impl LinearOps for burn_cubecl::CubeBackend {
     fn frozen_linear_t(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -158,7 +221,39 @@ impl<B: LinearOps> Backward<B, 1> for MatmulBackward {
     }
 }
 
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl<B: LinearOps> Backward<B, 2> for SwigluBackward {
+    /// `(gate, up)`.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [gate_node, up_node] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (gate, up) = ops.state;
+        let (dgate, dup) = B::swiglu_backward(gate, up, grad);
+        if let Some(node) = gate_node {
+            grads.register::<B>(node.id, dgate);
+        }
+        if let Some(node) = up_node {
+            grads.register::<B>(node.id, dup);
+        }
+    }
+}
+
 impl<B: Backend + LinearOps, C: CheckpointStrategy> LinearOps for Autodiff<B, C> {
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        match SwigluBackward.prepare::<C>([gate.node(), up.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (gate, up) = (gate.into_primitive(), up.into_primitive());
+                let out = B::swiglu(gate.clone(), up.clone());
+                prep.finish((gate, up), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::swiglu(gate.into_primitive(), up.into_primitive())),
+        }
+    }
+
     fn frozen_linear_t(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         // Only `x` is a parent: `w` is frozen, so no weight-shaped gradient exists.
         let w = w.into_primitive();
@@ -199,6 +294,12 @@ pub fn frozen_linear_add(x: Tensor<2>, w: Tensor<2>, residual: Tensor<2>) -> Ten
 /// differentiable in `x` only; one pass over both weights for a few rows of `x` on a GPU.
 pub fn frozen_swiglu(x: Tensor<2>, gate: Tensor<2>, up: Tensor<2>) -> Tensor<2> {
     Tensor::from_dispatch(<Dispatch as LinearOps>::frozen_swiglu_t(x.into_dispatch(), gate.into_dispatch(), up.into_dispatch()))
+}
+
+/// SwiGLU's activation `silu(gate)·up` for equally shaped tensors, differentiable in both with a
+/// backward of its own that keeps only the two (on the CPU, one vectorized pass on every core).
+pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as LinearOps>::swiglu(gate.into_dispatch(), up.into_dispatch()))
 }
 
 /// `x` `[m, k]` · `Wᵀ` (`w` `[n, k]`) -> `[m, n]`, differentiable in `x` only: `w` must be

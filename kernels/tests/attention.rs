@@ -33,8 +33,8 @@ fn max_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
     (a - b).abs().max().into_scalar::<f32>()
 }
 
-fn check(device: &Device, tolerance: f32, configs: &[(Option<usize>, usize)]) {
-    let (b, h, kv, s, d) = (2, 4, 2, 11, 8);
+fn check(device: &Device, tolerance: f32, s: usize, configs: &[(Option<usize>, usize)]) {
+    let (b, h, kv, d) = (2, 4, 2, 8);
     let keys: Vec<bool> = (0..b * s).map(|i| !(i >= s && i < s + 3)).collect(); // row 1: 3 left pads
     let flags = Tensor::<2>::from_data(TensorData::new(keys.iter().map(|&k| if k { 1f32 } else { 0.0 }).collect::<Vec<_>>(), [b, s]), (device, DType::F32));
     for &(window, chunk) in configs {
@@ -67,7 +67,14 @@ fn check(device: &Device, tolerance: f32, configs: &[(Option<usize>, usize)]) {
 
 #[test]
 fn chunked_attention_matches_the_full_score_matrix_on_the_cpu() {
-    check(&Device::flex(), 1e-5, &[(None, 4), (Some(3), 5), (None, 0), (Some(6), 1)]);
+    check(&Device::flex(), 1e-5, 11, &[(None, 4), (Some(3), 5), (None, 0), (Some(6), 1)]);
+}
+
+/// Sequences longer than the CPU kernel's block of queries (128), with and without a window
+/// that spans a block boundary.
+#[test]
+fn long_sequences_match_the_full_score_matrix_on_the_cpu() {
+    check(&Device::flex(), 1e-4, 300, &[(None, 0), (Some(150), 0)]);
 }
 
 /// wgpu (lavapipe in CI), one case; skipped without an adapter unless `LORA_REQUIRE_WGPU` is set.
@@ -82,5 +89,5 @@ fn chunked_attention_matches_the_full_score_matrix_on_wgpu() {
         }
     };
     // One case: each new shape compiles kernels anew, which is slow on lavapipe.
-    check(&device, 1e-4, &[(Some(3), 5)]);
+    check(&device, 1e-4, 11, &[(Some(3), 5)]);
 }
