@@ -5,7 +5,7 @@
 //! [`ModelConfig`], never a second copy of the model.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData};
 
 use lora_kernels::rope::rotary;
@@ -478,10 +478,11 @@ impl Mlp {
             let h = lora_kernels::frozen_swiglu(x.reshape([b * s, i]), gate, up).reshape([b, s, n]);
             return self.down_proj.forward_add(h, residual);
         }
-        // Both products first, so that the SiLU and the product fuse into one kernel.
+        // Both products first, then the activation as one operation (one fused kernel on a GPU,
+        // one pass on every core of a CPU).
         let up = self.up_proj.forward(x.clone());
-        let gate = silu(self.gate_proj.forward(x));
-        self.down_proj.forward_add(gate * up, residual)
+        let gate = self.gate_proj.forward(x);
+        self.down_proj.forward_add(lora_kernels::linear::swiglu(gate, up), residual)
     }
 }
 
@@ -587,10 +588,12 @@ pub enum AttentionPath {
 pub const CHUNKED_FROM: usize = 1 << 22;
 
 impl AttentionPath {
-    /// Whether `batch` rows of `seq` positions over `heads` heads take the chunked attention.
-    pub fn chunked(self, batch: usize, heads: usize, seq: usize) -> bool {
+    /// Whether `batch` rows of `seq` positions over `heads` heads on `device` take the chunked
+    /// attention. On the CPU `Auto` always does: there it is one kernel per head group on
+    /// every core (`lora_kernels::cpu`), faster than the dense composition at every size.
+    pub fn chunked(self, batch: usize, heads: usize, seq: usize, device: &Device) -> bool {
         match self {
-            Self::Auto => batch * heads * seq * seq >= CHUNKED_FROM,
+            Self::Auto => *device == Device::flex() || batch * heads * seq * seq >= CHUNKED_FROM,
             Self::Dense => false,
             Self::Chunked => true,
         }
@@ -764,6 +767,12 @@ impl CausalLm {
         self.logits(hidden)
     }
 
+    /// [`CausalLm::forward`] without the final norm and the head: the last block's output
+    /// `[batch, seq, hidden]`, for losses that apply the head themselves.
+    pub fn hidden(&self, tokens: Tensor<2, Int>, attention_mask: Option<&[bool]>) -> Tensor<3> {
+        self.hidden_states(tokens, attention_mask, None)
+    }
+
     /// Incremental forward pass for generation: appends `tokens` `[batch, new]` to `cache`
     /// and returns the logits of the last position, `[batch, vocab]`.
     pub fn forward_cached(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<2> {
@@ -790,11 +799,24 @@ impl CausalLm {
     pub fn block(&self, index: usize, x: Tensor<3>, inputs: &BlockInputs) -> Tensor<3> {
         let layer = &self.model.layers[index];
         let [b, s, _] = x.dims();
-        if !self.attention.chunked(b, layer.self_attn.num_heads, s) {
+        if !self.attention.chunked(b, layer.self_attn.num_heads, s, &x.device()) {
             let mask = build_mask(b, s, 0, s, layer.window, Some(&key_list(&inputs.keys)), &x.device());
             return layer.forward(x, &inputs.cos, &inputs.sin, AttentionMask::Dense(&mask), None);
         }
         layer.forward(x, &inputs.cos, &inputs.sin, AttentionMask::Chunked { keys: &inputs.keys, window: layer.window }, None)
+    }
+
+    /// The head's weight `[vocab, hidden]` when it is a frozen dense matrix with nothing else
+    /// to it (the tied embedding, or an `lm_head` without bias or adapter): what a loss that
+    /// multiplies by it chunk by chunk (never holding every position's logits) can take.
+    pub fn dense_head(&self) -> Option<Tensor<2>> {
+        match &self.lm_head {
+            Some(head) => head.plain_frozen(),
+            None => match &self.model.embed_tokens.weight {
+                Weight::Dense(w) if !w.is_require_grad() => Some(w.val()),
+                _ => None,
+            },
+        }
     }
 
     /// The final norm and the head: hidden states `[batch, seq, hidden]` -> logits
@@ -854,7 +876,7 @@ impl CausalLm {
                 };
                 x = layer.forward(x, &cos, &sin, AttentionMask::Decode(bias), step(&mut cache, i));
             }
-        } else if past == 0 && self.attention.chunked(b, heads, s) {
+        } else if past == 0 && self.attention.chunked(b, heads, s, &device) {
             let keys = key_flags(b, s, attention_mask, &device);
             for (i, layer) in self.model.layers.iter().enumerate() {
                 let mask = AttentionMask::Chunked { keys: &keys, window: layer.window };

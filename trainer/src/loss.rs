@@ -3,7 +3,7 @@
 
 use burn::module::Module;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
 use lora_data::Batch;
 use lora_model::CausalLm;
 
@@ -56,8 +56,8 @@ pub fn prepare(batch: &Batch, device: &burn::tensor::Device) -> Prepared {
     }
 }
 
-/// Positions per chunk of the head (final norm, lm_head, log-softmax) under recomputation:
-/// its `[positions, vocab]` logits in f32 are the largest tensors of a step.
+/// Positions per chunk of the head's loss ([`head_loss`]): its `[positions, vocab]` logits in
+/// f32 are the largest tensors of a step, and only one chunk's exist at a time.
 const HEAD_CHUNK: usize = 256;
 
 /// Sum of `-log p(target)` over the trained positions: `logits` `[rows, n, vocab]`,
@@ -67,6 +67,48 @@ fn nll_sum(logits: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>) -> Tenso
     let logp = log_softmax(logits.cast(FloatDType::F32), 2);
     let picked = logp.gather(2, targets.reshape([rows, n, 1])).reshape([rows, n]); // [rows, n]
     -(picked * mask).sum()
+}
+
+/// The summed target NLL of the head over `hidden` `[rows, n, hidden]` (the last block's
+/// output), as a `[1]` f32 tensor without a graph, and with `grad` a surrogate: a scalar whose
+/// gradient in `hidden` is that of the sum divided by `total`.
+///
+/// Where the head is a frozen dense matrix ([`CausalLm::dense_head`]), the logits exist only
+/// [`HEAD_CHUNK`] positions at a time: each chunk's log-sum-exp and target logit give its
+/// losses, and `(softmax - onehot)·mask/total` times the head gives its part of the gradient at
+/// once, so that backward has nothing of the head left to do. Otherwise the whole logits go
+/// through `log_softmax` under autodiff, and the surrogate is the mean itself.
+fn head_loss(model: &CausalLm, hidden: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>, total: f64, grad: bool) -> (Tensor<1>, Option<Tensor<1>>) {
+    let Some(w) = model.dense_head() else {
+        let sum = nll_sum(model.logits(hidden), targets, mask);
+        return (sum.clone().detach(), grad.then(|| sum / total));
+    };
+    let [rows, n, width] = hidden.dims();
+    let positions = rows * n;
+    let dtype = hidden.dtype();
+    let h = model.model.norm.forward(hidden).reshape([positions, width]);
+    let values = h.clone().detach();
+    let (targets, mask) = (targets.reshape([positions, 1]), mask.reshape([positions, 1]));
+    let mut sum = Tensor::<1>::zeros([1], (&values.device(), DType::F32));
+    let mut parts = Vec::new();
+    for start in (0..positions).step_by(HEAD_CHUNK) {
+        let c = HEAD_CHUNK.min(positions - start);
+        let logits = lora_kernels::frozen_linear(values.clone().narrow(0, start, c), w.clone()).cast(FloatDType::F32); // [c, vocab]
+        let t = targets.clone().narrow(0, start, c);
+        let m = mask.clone().narrow(0, start, c);
+        let max = logits.clone().max_dim(1); // [c, 1]
+        let e = (logits.clone() - max.clone()).exp();
+        let total_e = e.clone().sum_dim(1); // [c, 1]
+        let lse = max + total_e.clone().log();
+        sum = sum + ((lse - logits.gather(1, t.clone())) * m.clone()).sum();
+        if grad {
+            let minus_one = Tensor::<2>::full([c, 1], -1.0, (&values.device(), DType::F32));
+            let d = (e / total_e).scatter(1, t, minus_one, IndexingUpdateOp::Add) * (m / total); // [c, vocab]
+            parts.push(lora_kernels::matmul_frozen(d.cast(dtype), w.clone())); // [c, width]
+        }
+    }
+    let surrogate = grad.then(|| (h * Tensor::cat(parts, 0).detach()).cast(FloatDType::F32).sum());
+    (sum, surrogate)
 }
 
 /// The batch's mean target NLL, its number of target tokens, and the gradient of every
@@ -84,14 +126,16 @@ fn nll_sum(logits: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>) -> Tenso
 /// [`for_each_trainable`]: crate::params::for_each_trainable
 pub fn loss_and_gradients(model: &mut CausalLm, batch: &Batch, recompute: bool, scale: f64) -> (f64, usize, Vec<Tensor<1>>) {
     if !recompute {
-        let (loss, tokens) = batch_loss(model, batch);
-        let value = loss.clone().into_scalar::<f64>();
-        let grads = scaled(loss, scale).backward();
+        let p = prepare(batch, &model.device());
+        let total = p.tokens.max(1) as f64;
+        let hidden = model.hidden(p.inputs, None);
+        let (sum, surrogate) = head_loss(model, hidden, p.targets, p.mask, total, true);
+        let value = sum.into_scalar::<f64>() / total;
+        let grads = scaled(surrogate.expect("asked for"), scale).backward();
         let flat = model.model.layers.iter().flat_map(|l| crate::params::layer_gradients(l, &grads)).collect();
-        return (value, tokens, flat);
+        return (value, p.tokens, flat);
     }
     let p = prepare(batch, &model.device());
-    let [rows, width] = p.inputs.dims();
     let total = p.tokens.max(1) as f64;
     // 1. Forward without autodiff, keeping each block's input.
     let frozen = model.clone().no_grad();
@@ -106,19 +150,12 @@ pub fn loss_and_gradients(model: &mut CausalLm, batch: &Batch, recompute: bool, 
         x = frozen.block(i, x, &inputs).detach();
     }
     drop(frozen);
-    // 2. The head, in chunks of positions: the loss and its gradient at the last hidden state.
-    let chunk = (HEAD_CHUNK / rows).max(1);
-    let (mut value, mut grad_parts) = (0f64, Vec::new());
-    for start in (0..width).step_by(chunk) {
-        let n = chunk.min(width - start);
-        let h = x.clone().narrow(1, start, n).require_grad();
-        let loss = nll_sum(model.logits(h.clone()), p.targets.clone().narrow(1, start, n), p.mask.clone().narrow(1, start, n)) / total;
-        value += loss.clone().into_scalar::<f64>();
-        let grads = scaled(loss, scale).backward();
-        grad_parts.push(h.grad(&grads).expect("the head depends on its input"));
-    }
-    drop(x);
-    let mut upstream = Some(Tensor::cat(grad_parts, 1)); // [rows, width, hidden], inner backend
+    // 2. The head: the loss and its gradient at the last hidden state.
+    let h = x.require_grad();
+    let (sum, surrogate) = head_loss(model, h.clone(), p.targets, p.mask, total, true);
+    let value = sum.into_scalar::<f64>() / total;
+    let grads = scaled(surrogate.expect("asked for"), scale).backward();
+    let mut upstream = Some(h.grad(&grads).expect("the head depends on its input")); // [rows, width, hidden], inner backend
     // 3. The adapted blocks, last to first.
     let mut per_block: Vec<Vec<Tensor<1>>> = Vec::with_capacity(blocks - first);
     for i in (first..blocks).rev() {
@@ -145,10 +182,9 @@ fn scaled(loss: Tensor<1>, scale: f64) -> Tensor<1> {
 /// target tokens.
 pub fn batch_loss(model: &CausalLm, batch: &Batch) -> (Tensor<1>, usize) {
     let p = prepare(batch, &model.device());
-    let [rows, width] = p.inputs.dims();
-    let logits = model.forward(p.inputs, None); // [rows, width, vocab]
-    debug_assert_eq!(logits.dims()[..2], [rows, width]);
-    (nll_sum(logits, p.targets, p.mask) / p.tokens.max(1) as f64, p.tokens)
+    let hidden = model.hidden(p.inputs, None); // [rows, width, hidden]
+    let (sum, _) = head_loss(model, hidden, p.targets, p.mask, 1.0, false);
+    (sum / p.tokens.max(1) as f64, p.tokens)
 }
 
 #[cfg(test)]
