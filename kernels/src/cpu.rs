@@ -1,7 +1,8 @@
 //! CPU (flex) kernels for what burn's element-wise operations do one element and one thread at
 //! a time there: causal attention forward and backward as one pass per (batch row, key/value
 //! head), on every core, with its products on the `gemm` crate (which flex's matmul uses too),
-//! and SwiGLU's activation and its gradient; both through an exponential that vectorizes.
+//! SwiGLU's activation and its gradient, and the head's cross-entropy with its gradient; all
+//! through an exponential that vectorizes.
 
 use rayon::prelude::*;
 
@@ -376,6 +377,36 @@ pub fn swiglu_backward(g: &[f32], u: &[f32], dh: &[f32]) -> (Vec<f32>, Vec<f32>)
         }
     });
     (dg, du)
+}
+
+/// The cross-entropy of `rows` rows of `logits` (`[rows, vocab]`, row-major) against their
+/// `targets`, and its gradient, each row a task on every core: returns every row's
+/// `lse − logit[target]` and overwrites `logits` with `weight·(softmax − onehot(target))`.
+/// A row whose weight is 0 gives 0 (its target is never read); one whose target is outside the
+/// vocabulary gives NaN.
+pub fn cross_entropy(logits: &mut [f32], vocab: usize, targets: &[i64], weights: &[f32]) -> Vec<f32> {
+    let rows = targets.len();
+    assert!(logits.len() == rows * vocab && weights.len() == rows && vocab > 0, "cross_entropy: sizes differ");
+    let mut nll = vec![0f32; rows];
+    logits.par_chunks_mut(vocab).zip(nll.par_iter_mut()).zip(targets.par_iter().zip(weights.par_iter())).for_each(|((row, nll), (&t, &w))| {
+        let target = usize::try_from(t).ok().filter(|&t| t < vocab);
+        let picked = target.map_or(f32::NAN, |t| row[t]);
+        let m = max(row);
+        for x in row.iter_mut() {
+            *x -= m;
+        }
+        exp_in_place(row);
+        let total = sum(row);
+        *nll = if w == 0.0 { 0.0 } else { m + total.ln() - picked };
+        let scale = w / total;
+        for x in row.iter_mut() {
+            *x *= scale;
+        }
+        if let Some(t) = target {
+            row[t] -= w;
+        }
+    });
+    nll
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 //! - [`decode`]: a decoded token's attention over the key/value cache in one kernel.
 //! - [`norm`]: RMSNorm in one kernel for inference.
 //! - [`rope`]: rotary position embeddings in one kernel for inference.
+//! - [`xent`]: the head's cross-entropy and its gradient in the logits as one operation.
 //! - [`device`]: finding a wgpu adapter and its shader compiler, shared by every crate above.
 #![warn(missing_docs)]
 
@@ -27,5 +28,6 @@ pub mod matmul;
 pub mod matvec;
 pub mod norm;
 pub mod rope;
+pub mod xent;
 
 pub use linear::{frozen_linear, frozen_linear_add, frozen_linear3, frozen_swiglu, matmul_frozen};

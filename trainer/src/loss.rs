@@ -3,8 +3,9 @@
 
 use burn::module::Module;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{DType, FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
 use lora_data::Batch;
+use lora_kernels::xent::cross_entropy;
 use lora_model::CausalLm;
 
 /// Inputs, targets and the target mask of a batch, on `device`.
@@ -94,16 +95,10 @@ fn head_loss(model: &CausalLm, hidden: Tensor<3>, targets: Tensor<2, Int>, mask:
     for start in (0..positions).step_by(HEAD_CHUNK) {
         let c = HEAD_CHUNK.min(positions - start);
         let logits = lora_kernels::frozen_linear(values.clone().narrow(0, start, c), w.clone()).cast(FloatDType::F32); // [c, vocab]
-        let t = targets.clone().narrow(0, start, c);
         let m = mask.clone().narrow(0, start, c);
-        let max = logits.clone().max_dim(1); // [c, 1]
-        let e = (logits.clone() - max.clone()).exp();
-        let total_e = e.clone().sum_dim(1); // [c, 1]
-        let lse = max + total_e.clone().log();
-        sum = sum + ((lse - logits.gather(1, t.clone())) * m.clone()).sum();
+        let (nll, d) = cross_entropy(logits, targets.clone().narrow(0, start, c), m.clone() / total);
+        sum = sum + (nll * m).sum();
         if grad {
-            let minus_one = Tensor::<2>::full([c, 1], -1.0, (&values.device(), DType::F32));
-            let d = (e / total_e).scatter(1, t, minus_one, IndexingUpdateOp::Add) * (m / total); // [c, vocab]
             parts.push(lora_kernels::matmul_frozen(d.cast(dtype), w.clone())); // [c, width]
         }
     }
