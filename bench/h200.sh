@@ -76,12 +76,14 @@ for stage in "$@"; do
     ours1b) sampled ours1b $L bench train --geometry llama-1b --batch-size 8 --seq 512 --steps 8 --dtype f16 --json "$OUT/ours1b.json" ;;
     scalar1b) sampled scalar1b env LORA_NO_LORA_MMA=1 $L bench train --geometry llama-1b --batch-size 8 --seq 512 --steps 8 --dtype f16 --json "$OUT/scalar1b.json" ;;
     kerneltest)
-        # The kernels' tests (a test binary built here, stripped and compressed to
-        # .bin/kernel-tests.xz) on this GPU, where the tensor-core paths run.
-        xz -dc .bin/kernel-tests.xz > /tmp/kernel-tests && chmod +x /tmp/kernel-tests
-        ( cd "$ROOT/kernels" && LORA_REQUIRE_WGPU=1 /tmp/kernel-tests --test-threads 1 ) > "$OUT/kerneltest.log" 2>&1
-        echo "kerneltest rc=$?" | tee -a "$OUT/summary.txt"
-        grep -E "^test |panicked|differ" "$OUT/kerneltest.log" | head -20
+        # The kernels' tests (the test binaries of kernels/tests, built here, stripped and packed
+        # as .bin/kernel-tests.tar.xz) on this GPU, where the tensor-core paths run.
+        mkdir -p /tmp/kernel-tests && tar -xJf .bin/kernel-tests.tar.xz -C /tmp/kernel-tests
+        for t in /tmp/kernel-tests/*; do
+            ( cd "$ROOT/kernels" && LORA_REQUIRE_WGPU=1 "$t" --test-threads 1 ) >> "$OUT/kerneltest.log" 2>&1
+            echo "kerneltest $(basename "$t") rc=$?" | tee -a "$OUT/summary.txt"
+        done
+        grep -E "^test |panicked|differ" "$OUT/kerneltest.log" | head -40
         ;;
     base1b) sampled base1b env LORA_NO_LORA_KERNELS=1 $L bench train --geometry llama-1b --batch-size 8 --seq 512 --steps 8 --dtype f16 --json "$OUT/base1b.json" ;;
     second1b) sampled second1b $L bench train --geometry llama-1b --batch-size 8 --seq 512 --steps 3 --warmup 0 --dtype f16 --json "$OUT/second1b.json" ;;

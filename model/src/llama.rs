@@ -217,6 +217,15 @@ impl Linear {
         lora_kernels::frozen_linear_add(x.reshape([b * s, i]), w, residual.reshape([b * s, out])).reshape([b, s, out])
     }
 
+    /// The weight when this projection is a frozen `x·Wᵀ` and nothing else (no bias, no
+    /// adapter), dense or dequantized (a transient copy in the compute dtype).
+    pub fn frozen_dense(&self) -> Option<Tensor<2>> {
+        match &self.weight {
+            Weight::Quant(q) if self.bias.is_none() && self.adapter.is_none() => Some(q.dequantize()),
+            _ => self.plain_frozen(),
+        }
+    }
+
     /// The weight when this projection is a frozen dense `x·Wᵀ` and nothing else (no bias, no
     /// adapter): what fused operations of several projections may take.
     pub fn plain_frozen(&self) -> Option<Tensor<2>> {
@@ -806,15 +815,17 @@ impl CausalLm {
         layer.forward(x, &inputs.cos, &inputs.sin, AttentionMask::Chunked { keys: &inputs.keys, window: layer.window }, None)
     }
 
-    /// The head's weight `[vocab, hidden]` when it is a frozen dense matrix with nothing else
-    /// to it (the tied embedding, or an `lm_head` without bias or adapter): what a loss that
-    /// multiplies by it chunk by chunk (never holding every position's logits) can take.
+    /// The head's weight `[vocab, hidden]` when it is a frozen matrix with nothing else to it
+    /// (the tied embedding, or an `lm_head` without bias or adapter), dequantized if it is
+    /// quantized: what a loss that multiplies by it chunk by chunk (never holding every
+    /// position's logits) can take.
     pub fn dense_head(&self) -> Option<Tensor<2>> {
         match &self.lm_head {
-            Some(head) => head.plain_frozen(),
+            Some(head) => head.frozen_dense(),
             None => match &self.model.embed_tokens.weight {
                 Weight::Dense(w) if !w.is_require_grad() => Some(w.val()),
-                _ => None,
+                Weight::Quant(q) => Some(q.dequantize()),
+                Weight::Dense(_) => None,
             },
         }
     }

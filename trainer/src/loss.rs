@@ -71,18 +71,27 @@ fn nll_sum(logits: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>) -> Tenso
 }
 
 /// The summed target NLL of the head over `hidden` `[rows, n, hidden]` (the last block's
-/// output), as a `[1]` f32 tensor without a graph, and with `grad` a surrogate: a scalar whose
-/// gradient in `hidden` is that of the sum divided by `total`.
+/// output), as a `[1]` f32 tensor without a graph, and with `grad_scale` a surrogate: a scalar
+/// whose gradient in `hidden` is `grad_scale` times that of the sum divided by `total` (the loss
+/// scale of f16 training, applied before anything is rounded to f16, else 1).
 ///
-/// Where the head is a frozen dense matrix ([`CausalLm::dense_head`]), the logits exist only
-/// [`HEAD_CHUNK`] positions at a time: each chunk's log-sum-exp and target logit give its
-/// losses, and `(softmax - onehot)·mask/total` times the head gives its part of the gradient at
-/// once, so that backward has nothing of the head left to do. Otherwise the whole logits go
-/// through `log_softmax` under autodiff, and the surrogate is the mean itself.
-fn head_loss(model: &CausalLm, hidden: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>, total: f64, grad: bool) -> (Tensor<1>, Option<Tensor<1>>) {
+/// Where the head is a frozen matrix ([`CausalLm::dense_head`], dequantized once if 4-bit),
+/// the logits exist only [`HEAD_CHUNK`] positions at a time: each chunk's log-sum-exp and
+/// target logit give its losses, and `(softmax - onehot)·mask·grad_scale/total` times the head
+/// gives its part of the gradient at once, so that backward has nothing of the head left to do.
+/// Otherwise the whole logits go through `log_softmax` under autodiff, and the surrogate is the
+/// scaled mean itself.
+fn head_loss(
+    model: &CausalLm,
+    hidden: Tensor<3>,
+    targets: Tensor<2, Int>,
+    mask: Tensor<2>,
+    total: f64,
+    grad_scale: Option<f64>,
+) -> (Tensor<1>, Option<Tensor<1>>) {
     let Some(w) = model.dense_head() else {
         let sum = nll_sum(model.logits(hidden), targets, mask);
-        return (sum.clone().detach(), grad.then(|| sum / total));
+        return (sum.clone().detach(), grad_scale.map(|scale| scaled(sum / total, scale)));
     };
     let [rows, n, width] = hidden.dims();
     let positions = rows * n;
@@ -96,13 +105,13 @@ fn head_loss(model: &CausalLm, hidden: Tensor<3>, targets: Tensor<2, Int>, mask:
         let c = HEAD_CHUNK.min(positions - start);
         let logits = lora_kernels::frozen_linear(values.clone().narrow(0, start, c), w.clone()).cast(FloatDType::F32); // [c, vocab]
         let m = mask.clone().narrow(0, start, c);
-        let (nll, d) = cross_entropy(logits, targets.clone().narrow(0, start, c), m.clone() / total);
+        let (nll, d) = cross_entropy(logits, targets.clone().narrow(0, start, c), m.clone() * (grad_scale.unwrap_or(1.0) / total));
         sum = sum + (nll * m).sum();
-        if grad {
+        if grad_scale.is_some() {
             parts.push(lora_kernels::matmul_frozen(d.cast(dtype), w.clone())); // [c, width]
         }
     }
-    let surrogate = grad.then(|| (h * Tensor::cat(parts, 0).detach()).cast(FloatDType::F32).sum());
+    let surrogate = grad_scale.map(|_| (h * Tensor::cat(parts, 0).detach()).cast(FloatDType::F32).sum());
     (sum, surrogate)
 }
 
@@ -124,9 +133,9 @@ pub fn loss_and_gradients(model: &mut CausalLm, batch: &Batch, recompute: bool, 
         let p = prepare(batch, &model.device());
         let total = p.tokens.max(1) as f64;
         let hidden = model.hidden(p.inputs, None);
-        let (sum, surrogate) = head_loss(model, hidden, p.targets, p.mask, total, true);
+        let (sum, surrogate) = head_loss(model, hidden, p.targets, p.mask, total, Some(scale));
         let value = sum.into_scalar::<f64>() / total;
-        let grads = scaled(surrogate.expect("asked for"), scale).backward();
+        let grads = surrogate.expect("asked for").backward();
         let flat = model.model.layers.iter().flat_map(|l| crate::params::layer_gradients(l, &grads)).collect();
         return (value, p.tokens, flat);
     }
@@ -147,9 +156,9 @@ pub fn loss_and_gradients(model: &mut CausalLm, batch: &Batch, recompute: bool, 
     drop(frozen);
     // 2. The head: the loss and its gradient at the last hidden state.
     let h = x.require_grad();
-    let (sum, surrogate) = head_loss(model, h.clone(), p.targets, p.mask, total, true);
+    let (sum, surrogate) = head_loss(model, h.clone(), p.targets, p.mask, total, Some(scale));
     let value = sum.into_scalar::<f64>() / total;
-    let grads = scaled(surrogate.expect("asked for"), scale).backward();
+    let grads = surrogate.expect("asked for").backward();
     let mut upstream = Some(h.grad(&grads).expect("the head depends on its input")); // [rows, width, hidden], inner backend
     // 3. The adapted blocks, last to first.
     let mut per_block: Vec<Vec<Tensor<1>>> = Vec::with_capacity(blocks - first);
@@ -173,12 +182,12 @@ fn scaled(loss: Tensor<1>, scale: f64) -> Tensor<1> {
     if scale == 1.0 { loss } else { loss * scale }
 }
 
-/// The batch's mean target NLL (a scalar `[1]` tensor, f32, differentiable) and its number of
+/// The batch's mean target NLL (a scalar `[1]` f32 tensor without a graph) and its number of
 /// target tokens.
 pub fn batch_loss(model: &CausalLm, batch: &Batch) -> (Tensor<1>, usize) {
     let p = prepare(batch, &model.device());
     let hidden = model.hidden(p.inputs, None); // [rows, width, hidden]
-    let (sum, _) = head_loss(model, hidden, p.targets, p.mask, 1.0, false);
+    let (sum, _) = head_loss(model, hidden, p.targets, p.mask, 1.0, None);
     (sum / p.tokens.max(1) as f64, p.tokens)
 }
 
