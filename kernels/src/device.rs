@@ -100,6 +100,19 @@ pub fn minimal_autotune_for_tests() {
     let _ = CubeClRuntimeConfig::try_set(config);
 }
 
+/// The wgpu device for a test, after [`minimal_autotune_for_tests`], or `None` (the test skips,
+/// saying so) where this machine has no adapter. With `LORA_REQUIRE_WGPU` set (CI) a missing
+/// adapter fails the test instead.
+pub fn wgpu_device_for_tests() -> Option<Device> {
+    minimal_autotune_for_tests();
+    let device = wgpu_device();
+    if device.is_none() {
+        assert!(std::env::var_os("LORA_REQUIRE_WGPU").is_none(), "LORA_REQUIRE_WGPU is set but no wgpu adapter was found");
+        eprintln!("no wgpu adapter: skipped");
+    }
+    device
+}
+
 /// Whether `device` is burn's CPU (flex) backend.
 pub fn is_cpu(device: &Device) -> bool {
     *device == Device::flex()

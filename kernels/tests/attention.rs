@@ -4,7 +4,7 @@
 
 use burn::tensor::{Bool, DType, Device, Distribution, Tensor, TensorData};
 use lora_kernels::attention::{Masking, attention};
-use lora_kernels::device::{minimal_autotune_for_tests, wgpu_device};
+use lora_kernels::device::wgpu_device_for_tests;
 
 /// `softmax(q·kᵀ/√d + mask)·v` with every score held, the model's reference path.
 fn reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, keys: &[bool], window: Option<usize>) -> Tensor<4> {
@@ -80,14 +80,7 @@ fn long_sequences_match_the_full_score_matrix_on_the_cpu() {
 /// wgpu (lavapipe in CI), one case; skipped without an adapter unless `LORA_REQUIRE_WGPU` is set.
 #[test]
 fn chunked_attention_matches_the_full_score_matrix_on_wgpu() {
-    minimal_autotune_for_tests();
-    let device = match wgpu_device() {
-        Some(d) => d,
-        None => {
-            assert!(std::env::var_os("LORA_REQUIRE_WGPU").is_none(), "LORA_REQUIRE_WGPU is set but no wgpu adapter");
-            return;
-        }
-    };
+    let Some(device) = wgpu_device_for_tests() else { return };
     // One case: each new shape compiles kernels anew, which is slow on lavapipe.
     check(&device, 1e-4, 11, &[(Some(3), 5)]);
 }

@@ -7,17 +7,14 @@
 
 use burn::tensor::{DType, Device, Distribution, FloatDType, Tensor, TensorData};
 use lora_kernels::decode::decode_attention;
-use lora_kernels::device::{minimal_autotune_for_tests, wgpu_device};
+use lora_kernels::device::wgpu_device_for_tests;
 use lora_kernels::frozen_linear;
 use lora_kernels::matvec::MATVEC_ROWS;
 use lora_kernels::norm::rms_norm;
 
 /// The wgpu device, or `None` (test skipped) without an adapter unless `LORA_REQUIRE_WGPU` is set.
 fn gpu() -> Option<Device> {
-    minimal_autotune_for_tests();
-    let device = wgpu_device();
-    assert!(device.is_some() || std::env::var_os("LORA_REQUIRE_WGPU").is_none(), "LORA_REQUIRE_WGPU is set but no wgpu adapter");
-    device
+    wgpu_device_for_tests()
 }
 
 fn max_diff(got: Vec<f32>, want: &[f32]) -> f32 {

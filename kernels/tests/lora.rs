@@ -5,7 +5,7 @@
 //! reduction's chunk, and both orientations of the row reduction.
 
 use burn::tensor::{DType, Device, Distribution, FloatDType, Tensor};
-use lora_kernels::device::{minimal_autotune_for_tests, wgpu_device};
+use lora_kernels::device::wgpu_device_for_tests;
 use lora_kernels::lora::{MAX_RANK, lora_add};
 
 /// `(m, k, n, rank)`.
@@ -60,11 +60,7 @@ fn lora_add_matches_the_composition_on_the_cpu() {
 /// reference is the f32 composition on the CPU, so the GPU compiles only the kernels under test.
 #[test]
 fn lora_add_kernels_match_the_composition_on_wgpu() {
-    minimal_autotune_for_tests();
-    let Some(device) = wgpu_device() else {
-        assert!(std::env::var_os("LORA_REQUIRE_WGPU").is_none(), "LORA_REQUIRE_WGPU is set but no wgpu adapter");
-        return;
-    };
+    let Some(device) = wgpu_device_for_tests() else { return };
     let cpu = Device::flex();
     // m = 8·37 + 3 rows (partial workgroups of the thin product and of the up-projection, and
     // row slices of the reduction); k = 128·2 + 45 (the unrolled loop and its tail), n = 256 + 14

@@ -5,7 +5,7 @@
 
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{DType, Device, Distribution, Tensor};
-use lora_kernels::device::{minimal_autotune_for_tests, wgpu_device};
+use lora_kernels::device::wgpu_device_for_tests;
 use lora_kernels::linear::swiglu;
 
 /// Output, `dgate`, `dup` through the operation or the composition, on the CPU in f32.
@@ -41,13 +41,6 @@ fn swiglu_matches_the_composition_on_the_cpu() {
 /// wgpu (lavapipe in CI); skipped without an adapter unless `LORA_REQUIRE_WGPU` is set.
 #[test]
 fn swiglu_matches_the_composition_on_wgpu() {
-    minimal_autotune_for_tests();
-    let device = match wgpu_device() {
-        Some(d) => d,
-        None => {
-            assert!(std::env::var_os("LORA_REQUIRE_WGPU").is_none(), "LORA_REQUIRE_WGPU is set but no wgpu adapter");
-            return;
-        }
-    };
+    let Some(device) = wgpu_device_for_tests() else { return };
     check(&device, [3, 7, 37], 1e-4);
 }

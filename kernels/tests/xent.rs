@@ -5,7 +5,7 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData};
-use lora_kernels::device::{minimal_autotune_for_tests, wgpu_device};
+use lora_kernels::device::wgpu_device_for_tests;
 use lora_kernels::xent::cross_entropy;
 
 fn check(device: &Device, rows: usize, vocab: usize, tolerance: f32) {
@@ -49,13 +49,6 @@ fn cross_entropy_matches_log_softmax_on_the_cpu() {
 /// wgpu (lavapipe in CI); skipped without an adapter unless `LORA_REQUIRE_WGPU` is set.
 #[test]
 fn cross_entropy_matches_log_softmax_on_wgpu() {
-    minimal_autotune_for_tests();
-    let device = match wgpu_device() {
-        Some(d) => d,
-        None => {
-            assert!(std::env::var_os("LORA_REQUIRE_WGPU").is_none(), "LORA_REQUIRE_WGPU is set but no wgpu adapter");
-            return;
-        }
-    };
+    let Some(device) = wgpu_device_for_tests() else { return };
     check(&device, 5, 1003, 1e-4);
 }

@@ -13,7 +13,6 @@
 use lora_testkit::fixture;
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
-use lora_model::device::wgpu_device;
 use lora_model::{AttentionPath, CausalLm, Checkpoint, LoadEvent, LoadOptions, ModelConfig, QuantizeAtLoad, Sampler, SamplingConfig, generate};
 use lora_quant::affine::AffineSpec;
 use serde_json::Value;
@@ -195,13 +194,7 @@ fn cpu_greedy_ids_match_transformers() {
 /// The wgpu device, or `None` (test skipped) when this machine has no adapter. CI sets
 /// `LORA_REQUIRE_WGPU=1` so that a missing adapter fails instead of skipping.
 fn wgpu() -> Option<Device> {
-    lora_model::device::minimal_autotune_for_tests();
-    let device = wgpu_device();
-    if device.is_none() {
-        assert!(std::env::var_os("LORA_REQUIRE_WGPU").is_none(), "LORA_REQUIRE_WGPU is set but no wgpu adapter was found");
-        eprintln!("no wgpu adapter: skipping");
-    }
-    device
+    lora_model::device::wgpu_device_for_tests()
 }
 
 #[test]

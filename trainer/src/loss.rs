@@ -231,10 +231,7 @@ mod tests {
 
     #[test]
     fn gpu_positions_are_padded_to_the_multiple_and_masked() {
-        let Some(device) = lora_model::device::wgpu_device() else {
-            assert!(std::env::var_os("LORA_REQUIRE_WGPU").is_none(), "LORA_REQUIRE_WGPU is set but no wgpu adapter");
-            return;
-        };
+        let Some(device) = lora_model::device::wgpu_device_for_tests() else { return };
         let batch = Batch { tokens: vec![1, 2, 3, 4, 0, 5, 6, 7, 0, 0], rows: 2, len: 5, offsets: vec![2, 0], lengths: vec![4, 3], padding: 3 };
         let p = prepare(&batch, &device);
         assert_eq!(p.inputs.dims(), [2, GPU_POSITION_MULTIPLE]);
