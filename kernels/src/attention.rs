@@ -17,10 +17,10 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::{BoolTensor, FloatTensor};
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, Scalar, TensorMetadata, backend_extension, get_device_settings};
-use burn::tensor::{DType, FloatDType, IntDType, Shape, Slice, Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, IntDType, Shape, Slice, Tensor};
 use burn_flex::FlexTensor;
 
-use crate::cpu;
+use crate::cpu::{self, f32s, flex_f32};
 
 /// Elements of one chunk's f32 score block (`batch × heads × chunk × T`): 64 M, 256 MiB.
 const CHUNK_ELEMENTS: usize = 64 << 20;
@@ -103,7 +103,7 @@ impl AttentionOps for Flex {
         let [q, k, v, keys] = [q, k, v, keys].map(|t| t.to_contiguous());
         let (out, lse) = cpu::attention_forward(f32s(&q), f32s(&k), f32s(&v), f32s(&keys), dims, window);
         let cpu::Dims { b, h, kv, s, d } = dims;
-        (flex_f32(out, [b, h, s, d].into()), flex_f32(lse, [b, kv, h / kv, s, 1].into()))
+        (flex_f32(out, [b, h, s, d]), flex_f32(lse, [b, kv, h / kv, s, 1]))
     }
 
     fn attention_backward(
@@ -124,7 +124,7 @@ impl AttentionOps for Flex {
         let [q, k, v, keys, out, lse, dout] = [q, k, v, keys, out, lse, dout].map(|t| t.to_contiguous());
         let (dq, dk, dv) = cpu::attention_backward(f32s(&q), f32s(&k), f32s(&v), f32s(&keys), f32s(&out), f32s(&lse), f32s(&dout), dims, window);
         let cpu::Dims { b, h, kv, s, d } = dims;
-        (flex_f32(dq, [b, h, s, d].into()), flex_f32(dk, [b, kv, s, d].into()), flex_f32(dv, [b, kv, s, d].into()))
+        (flex_f32(dq, [b, h, s, d]), flex_f32(dk, [b, kv, s, d]), flex_f32(dv, [b, kv, s, d]))
     }
 }
 
@@ -135,16 +135,6 @@ fn cpu_dims(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, keys: &FlexTensor) -
     let all_f32 = [q, k, v, keys].iter().all(|t| t.dtype() == DType::F32);
     (all_f32 && kv > 0 && h % kv == 0 && k.shape().dims::<4>() == [b, kv, s, d] && v.shape() == k.shape() && keys.shape().dims::<2>() == [b, s])
         .then_some(cpu::Dims { b, h, kv, s, d })
-}
-
-/// A contiguous f32 tensor's elements.
-fn f32s(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().expect("a contiguous f32 tensor")
-}
-
-/// An f32 flex tensor of `shape` holding `values`.
-fn flex_f32(values: Vec<f32>, shape: Shape) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(values, shape))
 }
 
 impl AttentionOps for burn_cubecl::CubeBackend {}

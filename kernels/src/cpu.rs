@@ -409,6 +409,16 @@ pub fn cross_entropy(logits: &mut [f32], vocab: usize, targets: &[i64], weights:
     nll
 }
 
+/// A contiguous f32 flex tensor's elements, for the kernels above.
+pub(crate) fn f32s(t: &burn_flex::FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("a contiguous f32 tensor")
+}
+
+/// An f32 flex tensor of `shape` holding a kernel's output `values`.
+pub(crate) fn flex_f32(values: Vec<f32>, shape: impl Into<burn::tensor::Shape>) -> burn_flex::FlexTensor {
+    burn_flex::FlexTensor::from_data(burn::tensor::TensorData::new(values, shape.into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,9 +13,10 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
-use burn::tensor::{DType, Shape, Tensor, TensorData};
+use burn::tensor::{DType, Shape, Tensor};
 use burn_flex::FlexTensor;
 
+use crate::cpu::{f32s, flex_f32};
 use crate::matmul::{matmul_cm2, supported};
 use crate::matvec::{MATVEC_ROWS, dense_matvec_t, matvec3_t, swiglu_matvec_t};
 
@@ -114,7 +115,7 @@ impl LinearOps for Flex {
         let shape = gate.shape();
         let [gate, up] = [gate, up].map(|t| t.to_contiguous());
         let out = crate::cpu::swiglu(f32s(&gate), f32s(&up));
-        FlexTensor::from_data(TensorData::new(out, shape))
+        flex_f32(out, shape)
     }
 
     fn swiglu_backward(gate: FloatTensor<Self>, up: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
@@ -124,18 +125,13 @@ impl LinearOps for Flex {
         let shape = gate.shape();
         let [gate, up, grad] = [gate, up, grad].map(|t| t.to_contiguous());
         let (dgate, dup) = crate::cpu::swiglu_backward(f32s(&gate), f32s(&up), f32s(&grad));
-        (FlexTensor::from_data(TensorData::new(dgate, shape.clone())), FlexTensor::from_data(TensorData::new(dup, shape)))
+        (flex_f32(dgate, shape.clone()), flex_f32(dup, shape))
     }
 }
 
 /// Whether the CPU's element-wise kernels take these tensors: f32, one shape.
 fn cpu_elementwise(ts: &[&FlexTensor]) -> bool {
     ts.iter().all(|t| t.dtype() == DType::F32 && t.shape() == ts[0].shape())
-}
-
-/// A contiguous f32 tensor's elements.
-fn f32s(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().expect("a contiguous f32 tensor")
 }
 
 impl LinearOps for burn_cubecl::CubeBackend {

@@ -6,12 +6,12 @@
 //! On the CPU (flex, f32) it is [`crate::cpu::cross_entropy`], one pass per row on every core;
 //! elsewhere the composition of tensor operations (fused on a GPU).
 
+use crate::cpu::{f32s, flex_f32};
 use burn::backend::Scalar;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
-use burn::tensor::{DType, FloatDType, IndexingUpdateOp, Int, Shape, Tensor, TensorData};
-use burn_flex::FlexTensor;
+use burn::tensor::{DType, FloatDType, IndexingUpdateOp, Int, Shape, Tensor};
 
 /// Cross-entropy with its gradient.
 #[backend_extension(Autodiff, Flex, Cube, Fusion)]
@@ -58,9 +58,9 @@ impl CrossEntropyOps for Flex {
             return composed::<Self>(logits, targets, weights);
         };
         let weights = weights.to_contiguous();
-        let mut grad = logits.to_contiguous().as_slice::<f32>().expect("a contiguous f32 tensor").to_vec();
-        let nll = crate::cpu::cross_entropy(&mut grad, vocab, &targets, weights.as_slice::<f32>().expect("a contiguous f32 tensor"));
-        (FlexTensor::from_data(TensorData::new(nll, [rows, 1])), FlexTensor::from_data(TensorData::new(grad, [rows, vocab])))
+        let mut grad = f32s(&logits.to_contiguous()).to_vec();
+        let nll = crate::cpu::cross_entropy(&mut grad, vocab, &targets, f32s(&weights));
+        (flex_f32(nll, [rows, 1]), flex_f32(grad, [rows, vocab]))
     }
 }
 

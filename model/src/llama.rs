@@ -87,6 +87,16 @@ impl Weight {
         }
     }
 
+    /// The frozen weight `[out, in]`, dense or dequantized (a transient copy in the compute
+    /// dtype); `None` for a dense weight that trains.
+    pub fn frozen_dense(&self) -> Option<Tensor<2>> {
+        match self {
+            Self::Dense(w) if w.is_require_grad() => None,
+            Self::Dense(w) => Some(w.val()),
+            Self::Quant(q) => Some(q.dequantize()),
+        }
+    }
+
     /// `x·Wᵀ`: `x` `[m, in]` -> `[m, out]`, a quantized weight one layer at a time.
     pub fn matmul_t(&self, x: Tensor<2>) -> Tensor<2> {
         match self {
@@ -220,10 +230,10 @@ impl Linear {
     /// The weight when this projection is a frozen `x·Wᵀ` and nothing else (no bias, no
     /// adapter), dense or dequantized (a transient copy in the compute dtype).
     pub fn frozen_dense(&self) -> Option<Tensor<2>> {
-        match &self.weight {
-            Weight::Quant(q) if self.bias.is_none() && self.adapter.is_none() => Some(q.dequantize()),
-            _ => self.plain_frozen(),
+        if self.bias.is_some() || self.adapter.is_some() {
+            return None;
         }
+        self.weight.frozen_dense()
     }
 
     /// The weight when this projection is a frozen dense `x·Wᵀ` and nothing else (no bias, no
@@ -822,11 +832,7 @@ impl CausalLm {
     pub fn dense_head(&self) -> Option<Tensor<2>> {
         match &self.lm_head {
             Some(head) => head.frozen_dense(),
-            None => match &self.model.embed_tokens.weight {
-                Weight::Dense(w) if !w.is_require_grad() => Some(w.val()),
-                Weight::Quant(q) => Some(q.dequantize()),
-                Weight::Dense(_) => None,
-            },
+            None => self.model.embed_tokens.weight.frozen_dense(),
         }
     }
 

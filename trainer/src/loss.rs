@@ -150,9 +150,9 @@ fn head_loss(
 ///
 /// [`for_each_trainable`]: crate::params::for_each_trainable
 pub fn loss_and_gradients(model: &mut CausalLm, batch: &Batch, recompute: bool, scale: f64) -> (f64, usize, Vec<Tensor<1>>) {
+    let p = prepare(batch, &model.device());
+    let total = p.tokens.max(1) as f64;
     if !recompute {
-        let p = prepare(batch, &model.device());
-        let total = p.tokens.max(1) as f64;
         let hidden = model.hidden(p.inputs, None);
         let (sum, surrogate) = head_loss(model, hidden, p.targets, p.mask, total, Some(scale));
         let value = sum.into_scalar::<f64>() / total;
@@ -160,8 +160,6 @@ pub fn loss_and_gradients(model: &mut CausalLm, batch: &Batch, recompute: bool, 
         let flat = model.model.layers.iter().flat_map(|l| crate::params::layer_gradients(l, &grads)).collect();
         return (value, p.tokens, flat);
     }
-    let p = prepare(batch, &model.device());
-    let total = p.tokens.max(1) as f64;
     // 1. Forward without autodiff, keeping each block's input.
     let frozen = model.clone().no_grad();
     let (mut x, inputs) = frozen.embed(p.inputs, None);
