@@ -2,11 +2,13 @@
 # One measurement on a lent NVIDIA machine, ours and the peer side by side, in one call:
 #
 #   bash bench/h200.sh STAGE...     (stages: features matmul peer1b ours1b profile1b peer8b ours8b
-#                                    long8b second1b base1b base8b scalar1b kerneltest losses peergen gen1b gen1bq gen1bnf4 peerlong
+#                                    long8b second1b base1b base8b flash1b flash8b compose1b compose8b scalar1b kerneltest losses peergen gen1b gen1bq gen1bnf4 peerlong
 #                                    genlong gen8bq profilegen serve1b)
 #
 # base1b and base8b are ours1b and ours8b with the adapter's kernels off (LORA_NO_LORA_KERNELS),
-# scalar1b with their tensor-core forms off (LORA_NO_LORA_MMA).
+# scalar1b with their tensor-core forms off (LORA_NO_LORA_MMA); flash1b and flash8b with the
+# tensor-core attention kernels (LORA_FLASH=mma), compose1b and compose8b with the chunked
+# composition (LORA_FLASH=off).
 # Expects the stripped, xz-compressed release binary at .bin/lora.xz and the Vulkan loader
 # packages in .gl/ (see the device README's "Headless rendering"); writes every log and JSON
 # into $OUT/results.tar.xz, with summary.txt beside it (OUT is bench/out when unset). A cubecl autotune cache saved by an earlier
@@ -80,7 +82,7 @@ for stage in "$@"; do
         # as .bin/kernel-tests.tar.xz) on this GPU, where the tensor-core paths run.
         mkdir -p /tmp/kernel-tests && tar -xJf .bin/kernel-tests.tar.xz -C /tmp/kernel-tests
         for t in /tmp/kernel-tests/*; do
-            ( cd "$ROOT/kernels" && LORA_REQUIRE_WGPU=1 "$t" --test-threads 1 ) >> "$OUT/kerneltest.log" 2>&1
+            ( cd "$ROOT/kernels" && LORA_REQUIRE_WGPU=1 LORA_REQUIRE_MMA=1 "$t" --test-threads 1 ) >> "$OUT/kerneltest.log" 2>&1
             echo "kerneltest $(basename "$t") rc=$?" | tee -a "$OUT/summary.txt"
         done
         grep -E "^test |panicked|differ" "$OUT/kerneltest.log" | head -40
@@ -107,6 +109,10 @@ for stage in "$@"; do
         xz -9 -f "$OUT/profilegen.txt"
         ;;
     peer8b) sampled peer8b peer train --geometry llama-8b --batch-size 4 --seq 512 --steps 6 --grad-checkpoint --json "$OUT/peer8b.json" ;;
+    flash1b) sampled flash1b env LORA_FLASH=mma $L bench train --geometry llama-1b --batch-size 8 --seq 512 --steps 8 --dtype f16 --json "$OUT/flash1b.json" ;;
+    flash8b) sampled flash8b env LORA_FLASH=mma $L bench train --geometry llama-8b --batch-size 4 --seq 512 --steps 4 --quantize nf4 --double-quant --grad-checkpoint --dtype f16 --json "$OUT/flash8b.json" ;;
+    compose1b) sampled compose1b env LORA_FLASH=off $L bench train --geometry llama-1b --batch-size 8 --seq 512 --steps 8 --dtype f16 --json "$OUT/compose1b.json" ;;
+    compose8b) sampled compose8b env LORA_FLASH=off $L bench train --geometry llama-8b --batch-size 4 --seq 512 --steps 4 --quantize nf4 --double-quant --grad-checkpoint --dtype f16 --json "$OUT/compose8b.json" ;;
     ours8b) sampled ours8b $L bench train --geometry llama-8b --batch-size 4 --seq 512 --steps 4 --quantize nf4 --double-quant --grad-checkpoint --dtype f16 --json "$OUT/ours8b.json" ;;
     base8b) sampled base8b env LORA_NO_LORA_KERNELS=1 $L bench train --geometry llama-8b --batch-size 4 --seq 512 --steps 4 --quantize nf4 --double-quant --grad-checkpoint --dtype f16 --json "$OUT/base8b.json" ;;
     long8b) sampled long8b $L bench train --geometry llama-8b --batch-size 1 --seq 16384 --steps 2 --warmup 1 --quantize nf4 --double-quant --grad-checkpoint --dtype f16 --json "$OUT/long8b.json" ;;

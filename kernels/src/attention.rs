@@ -21,6 +21,7 @@ use burn::tensor::{DType, FloatDType, IntDType, Shape, Slice, Tensor};
 use burn_flex::FlexTensor;
 
 use crate::cpu::{self, f32s, flex_f32};
+use crate::flash;
 
 /// Elements of one chunk's f32 score block (`batch × heads × chunk × T`): 64 M, 256 MiB.
 const CHUNK_ELEMENTS: usize = 64 << 20;
@@ -40,7 +41,7 @@ pub trait AttentionOps: Backend {
     /// `q` `[b, h, s, d]`, `k` and `v` `[b, kv, s, d]` (`kv` divides `h`; query head `i` uses
     /// key/value head `i / (h / kv)`), `keys` `[b, s]` 1 for a real key and 0 for padding, in f32:
     /// `softmax(q·kᵀ/√d + mask)·v` `[b, h, s, d]`, causal, in the dtype of `q`.
-    #[fusion(default)]
+    #[fusion(dtype = q, shape = q)]
     fn chunked_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -54,7 +55,7 @@ pub trait AttentionOps: Backend {
 
     /// [`AttentionOps::chunked_attention`]'s output and the f32 log-sum-exp of every query's
     /// scores `[b, kv, h / kv, s, 1]`, which [`AttentionOps::attention_backward`] takes.
-    #[fusion(default)]
+    #[fusion(meta = |q, k, _v, _keys, _window, _chunk| (q.clone(), lse_spec(q, k)))]
     fn attention_forward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -68,7 +69,7 @@ pub trait AttentionOps: Backend {
 
     /// `(dq, dk, dv)` for the output gradient `dout`, given the forward's inputs, output and
     /// log-sum-exp (the probabilities are recomputed from them).
-    #[fusion(default)]
+    #[fusion(meta = |q, k, v, _keys, _out, _lse, _dout, _window, _chunk| (q.clone(), k.clone(), v.clone()))]
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         q: FloatTensor<Self>,
@@ -137,7 +138,48 @@ fn cpu_dims(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, keys: &FlexTensor) -
         .then_some(cpu::Dims { b, h, kv, s, d })
 }
 
-impl AttentionOps for burn_cubecl::CubeBackend {}
+/// The log-sum-exp's description under fusion: `[b, kv, h / kv, s, 1]` f32.
+fn lse_spec(q: &burn::backend::fusion::custom::TensorSpec, k: &burn::backend::fusion::custom::TensorSpec) -> burn::backend::fusion::custom::TensorSpec {
+    let (b, h, s, kv) = (q.shape[0], q.shape[1], q.shape[2], k.shape[1]);
+    burn::backend::fusion::custom::TensorSpec::new(Shape::new([b, kv, h / kv.max(1), s, 1]), DType::F32)
+}
+
+/// On a GPU, [`crate::flash`]'s kernels where its mode and the shapes take them, the chunked
+/// composition elsewhere.
+impl AttentionOps for burn_cubecl::CubeBackend {
+    fn attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        keys: FloatTensor<Self>,
+        window: usize,
+        chunk: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        match flash::path(&q, &k, &v, &keys, &[]) {
+            Some(path) => flash::forward(q, k, v, keys, window, path),
+            None => forward::<Self>(q, k, v, &keys, window, chunk),
+        }
+    }
+
+    fn attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        keys: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+        window: usize,
+        chunk: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let [b, h, s, _] = q.shape().dims();
+        let lse_fits = lse.dtype == DType::F32 && lse.shape().num_elements() == b * h * s;
+        match flash::path(&q, &k, &v, &keys, &[&out, &dout]).filter(|_| lse_fits) {
+            Some(path) => flash::backward(q, k, v, keys, out, lse, dout, window, path),
+            None => backward::<Self>(AttentionState { q, k, v, keys, out, lse, window, chunk }, dout),
+        }
+    }
+}
 
 fn slice_dim(rank: usize, dim: usize, start: usize, end: usize) -> Vec<Slice> {
     (0..rank).map(|i| if i == dim { Slice::new(start as isize, Some(end as isize), 1) } else { Slice::new(0, None, 1) }).collect()

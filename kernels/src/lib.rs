@@ -10,6 +10,8 @@
 //! - [`matvec`]: the same product for a few rows of `x` (decoding), bound by reading `W` once.
 //! - [`attention`]: causal attention in chunks of queries with a backward that recomputes the
 //!   probabilities from the log-sum-exp: no `[heads, T, T]` tensor is ever held.
+//! - [`flash`]: that attention on a GPU as three kernels (tensor cores where the device has
+//!   them): the scores never leave workgroup memory.
 //! - [`cpu`]: the CPU backend's attention in one pass per head group on every core.
 //! - [`decode`]: a decoded token's attention over the key/value cache in one kernel.
 //! - [`norm`]: RMSNorm in one kernel for inference.
@@ -22,6 +24,7 @@ pub mod attention;
 pub mod cpu;
 pub mod decode;
 pub mod device;
+pub mod flash;
 pub mod linear;
 pub mod lora;
 pub mod matmul;

@@ -2,32 +2,12 @@
 //! score matrix), forward and gradients, with GQA, a sliding window, key padding and chunks
 //! that do not divide the sequence.
 
-use burn::tensor::{Bool, DType, Device, Distribution, Tensor, TensorData};
+mod common;
+
+use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
+use common::reference;
 use lora_kernels::attention::{Masking, attention};
 use lora_kernels::device::wgpu_device_for_tests;
-
-/// `softmax(q·kᵀ/√d + mask)·v` with every score held, the model's reference path.
-fn reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, keys: &[bool], window: Option<usize>) -> Tensor<4> {
-    let [b, h, s, d] = q.dims();
-    let kv = k.dims()[1];
-    let rep = h / kv;
-    // Repeat each key/value head for its group of query heads.
-    let expand = |t: Tensor<4>| t.unsqueeze_dim::<5>(2).expand([b, kv, rep, s, d]).reshape([b, h, s, d]);
-    let (k, v) = (expand(k), expand(v));
-    let device = q.device();
-    let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (d as f64).sqrt());
-    let mut flags = Vec::with_capacity(b * s * s);
-    for row in 0..b {
-        for qi in 0..s {
-            for ki in 0..s {
-                flags.push(ki > qi || window.is_some_and(|w| qi - ki >= w) || !keys[row * s + ki]);
-            }
-        }
-    }
-    let mask = Tensor::<4, Bool>::from_data(TensorData::new(flags, [b, 1, s, s]), &device).expand([b, h, s, s]);
-    let probs = burn::tensor::activation::softmax(scores.mask_fill(mask, f32::MIN), 3);
-    probs.matmul(v)
-}
 
 fn max_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
     (a - b).abs().max().into_scalar::<f32>()
