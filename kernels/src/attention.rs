@@ -172,9 +172,9 @@ impl AttentionOps for burn_cubecl::CubeBackend {
         window: usize,
         chunk: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let [b, h, s, _] = q.shape().dims();
-        let lse_fits = lse.dtype == DType::F32 && lse.shape().num_elements() == b * h * s;
-        match flash::path(&q, &k, &v, &keys, &[&out, &dout]).filter(|_| lse_fits) {
+        // One f32 log-sum-exp per query (`path` checked that `q` is `[b, h, s, d]`).
+        let lse_fits = |q: &FloatTensor<Self>| lse.dtype == DType::F32 && lse.shape().num_elements() * q.shape()[3] == q.shape().num_elements();
+        match flash::path(&q, &k, &v, &keys, &[&out, &dout]).filter(|_| lse_fits(&q)) {
             Some(path) => flash::backward(q, k, v, keys, out, lse, dout, window, path),
             None => backward::<Self>(AttentionState { q, k, v, keys, out, lse, window, chunk }, dout),
         }

@@ -124,7 +124,7 @@ fn has_mma(t: &CubeTensor) -> bool {
 /// composition.
 pub fn path(q: &CubeTensor, k: &CubeTensor, v: &CubeTensor, keys: &CubeTensor, more: &[&CubeTensor]) -> Option<Path> {
     let mode = mode();
-    if mode == Mode::Off || q.shape().num_dims() != 4 || k.shape().num_dims() != 4 {
+    if mode == Mode::Off || q.shape().num_dims() != 4 || k.shape().num_dims() != 4 || keys.shape().num_dims() != 2 {
         return None;
     }
     let [b, h, s, d] = q.shape().dims();
