@@ -181,7 +181,8 @@ impl AttentionOps for burn_cubecl::CubeBackend {
     }
 }
 
-fn slice_dim(rank: usize, dim: usize, start: usize, end: usize) -> Vec<Slice> {
+/// Positions `start..end` along `dim` of a tensor of rank `rank`, every other dimension whole.
+pub(crate) fn slice_dim(rank: usize, dim: usize, start: usize, end: usize) -> Vec<Slice> {
     (0..rank).map(|i| if i == dim { Slice::new(start as isize, Some(end as isize), 1) } else { Slice::new(0, None, 1) }).collect()
 }
 

@@ -35,6 +35,8 @@ use cubecl::cmma;
 use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::*;
 
+use crate::attention::slice_dim;
+
 /// Invocations per workgroup: four groups of 32.
 pub const UNITS: usize = 128;
 /// Query (or key) positions per workgroup, and key (or query) positions per loop step.
@@ -626,9 +628,7 @@ fn pad(t: CubeTensor, dim: usize, to: usize) -> CubeTensor {
     let mut padded = shape.clone();
     padded[dim] = to;
     let zeros = zeros_client(t.client.clone(), t.device.clone(), padded, t.dtype);
-    let ranges: Vec<burn::tensor::Slice> =
-        (0..shape.num_dims()).map(|i| burn::tensor::Slice::new(0, Some(if i == dim { shape[dim] as isize } else { shape[i] as isize }), 1)).collect();
-    burn_cubecl::CubeBackend::float_slice_assign(zeros, &ranges, t)
+    burn_cubecl::CubeBackend::float_slice_assign(zeros, &slice_dim(shape.num_dims(), dim, 0, shape[dim]), t)
 }
 
 /// The first `s` positions of `t` along `dim`.
@@ -637,9 +637,8 @@ fn unpad(t: CubeTensor, dim: usize, s: usize) -> CubeTensor {
     if t.shape()[dim] == s {
         return t;
     }
-    let ranges: Vec<burn::tensor::Slice> =
-        (0..t.shape().num_dims()).map(|i| burn::tensor::Slice::new(0, Some(if i == dim { s as isize } else { t.shape()[i] as isize }), 1)).collect();
-    into_contiguous(burn_cubecl::CubeBackend::float_slice(t, &ranges))
+    let rank = t.shape().num_dims();
+    into_contiguous(burn_cubecl::CubeBackend::float_slice(t, &slice_dim(rank, dim, 0, s)))
 }
 
 fn launch_dims(blocks: usize, heads: usize, b: usize) -> (CubeCount, CubeDim) {
