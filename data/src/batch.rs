@@ -9,7 +9,7 @@
 //!
 //! let examples: Vec<Example> = [3, 1, 2, 5]
 //!     .iter()
-//!     .map(|&n| Example { tokens: vec![9; n], offset: 0 })
+//!     .map(|&n| Example::new(vec![9; n]))
 //!     .collect();
 //! let lengths: Vec<usize> = examples.iter().map(|e| e.tokens.len()).collect();
 //! let batcher = Batcher::new(&lengths, 2, true, 42)?;
@@ -19,6 +19,8 @@
 //! assert!(batch.lengths == [1, 2] || batch.lengths == [3, 4]);
 //! # Ok::<(), lora_data::DataError>(())
 //! ```
+
+use std::ops::Range;
 
 use rand::SeedableRng as _;
 use rand::rngs::Xoshiro256PlusPlus;
@@ -97,8 +99,9 @@ impl Batcher {
 /// Examples padded into one `[rows, len]` array.
 ///
 /// The model reads `tokens[r, ..len - 1]` and predicts `tokens[r, 1..]`. Target token `j` of
-/// row `r` (`1 <= j < len`) is trained on iff `offsets[r] <= j < lengths[r]`: mlx-lm's
-/// `steps >= offset && steps < length` mask, which also leaves out the padding.
+/// row `r` (`1 <= j < len`) is trained on iff `j < lengths[r]` and `j` lies in one of
+/// `targets[r]`: for a masked prompt mlx-lm's `steps >= offset && steps < length` mask, which
+/// also leaves out the padding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
     /// Token ids, `[rows, len]` row-major, padded with 0.
@@ -107,8 +110,8 @@ pub struct Batch {
     pub rows: usize,
     /// Positions per row: the longest truncated sequence.
     pub len: usize,
-    /// Per row, the index of the first trained token ([`Example::offset`], not truncated).
-    pub offsets: Vec<usize>,
+    /// Per row, the token ranges trained on ([`Example::targets`], not truncated).
+    pub targets: Vec<Vec<Range<usize>>>,
     /// Per row, the sequence's token count after truncation.
     pub lengths: Vec<usize>,
     /// Padded positions: `rows * len - sum(lengths)`.
@@ -129,9 +132,9 @@ pub fn collate(examples: &[Example], indices: &[usize], max_seq_length: usize) -
     for (row, (&i, &n)) in indices.iter().zip(&lengths).enumerate() {
         tokens[row * len..row * len + n].copy_from_slice(&examples[i].tokens[..n]);
     }
-    let offsets = indices.iter().map(|&i| examples[i].offset).collect();
+    let targets = indices.iter().map(|&i| examples[i].targets.clone()).collect();
     let padding = rows * len - lengths.iter().sum::<usize>();
-    Batch { tokens, rows, len, offsets, lengths, padding }
+    Batch { tokens, rows, len, targets, lengths, padding }
 }
 
 /// Examples longer than `max_seq_length` tokens, which [`collate`] truncates.
@@ -140,9 +143,17 @@ pub fn count_too_long(examples: &[Example], max_seq_length: usize) -> usize {
 }
 
 /// Examples left with no target once [`collate`] cuts them to `max_seq_length` tokens: the
-/// masked prompt reaches the cut (target `j` is trained on iff `offset <= j < length`).
+/// masked prompt reaches the cut.
 pub fn count_without_targets(examples: &[Example], max_seq_length: usize) -> usize {
-    examples.iter().filter(|e| e.offset.max(1) >= e.tokens.len().min(max_seq_length)).count()
+    examples.iter().filter(|e| e.targets_within(max_seq_length) == 0).count()
+}
+
+impl Batch {
+    /// Target token `j` of row `r` is trained on (`1 <= j < lengths[r]`, inside one of the
+    /// row's target ranges).
+    pub fn is_target(&self, r: usize, j: usize) -> bool {
+        j >= 1 && j < self.lengths[r] && self.targets[r].iter().any(|t| t.contains(&j))
+    }
 }
 
 /// The share of padded positions over one epoch of `batcher`'s batches, in `[0, 1]`.
@@ -163,7 +174,7 @@ mod tests {
     use super::*;
 
     fn examples(lengths: &[usize]) -> Vec<Example> {
-        lengths.iter().enumerate().map(|(i, &n)| Example { tokens: (0..n as u32).map(|t| 100 * (i as u32 + 1) + t).collect(), offset: i }).collect()
+        lengths.iter().enumerate().map(|(i, &n)| Example::from_offset((0..n as u32).map(|t| 100 * (i as u32 + 1) + t).collect(), i)).collect()
     }
 
     /// Every batch of one epoch, in the order the steps visit them.
@@ -241,7 +252,7 @@ mod tests {
         let batch = collate(&ex, &[1, 0, 2], 4);
         assert_eq!((batch.rows, batch.len), (3, 4));
         assert_eq!(batch.lengths, vec![4, 3, 1]);
-        assert_eq!(batch.offsets, vec![1, 0, 2]);
+        assert_eq!(batch.targets, vec![vec![1..6], vec![0..3], vec![1..1]]);
         assert_eq!(batch.padding, 12 - 8);
         #[rustfmt::skip]
         assert_eq!(batch.tokens, vec![

@@ -1,12 +1,16 @@
 //! Hugging Face chat templates, rendered with minijinja in the environment transformers
 //! gives them: `trim_blocks`, `lstrip_blocks`, loop controls, Python string methods,
 //! `raise_exception`, `strftime_now` and a `tojson` that writes what Python's `json.dumps` writes.
+//! transformers' `{% generation %}` blocks, which mark the assistant's text, are rendered as
+//! their content, and [`ChatTemplate::assistant_spans`] reads them.
 
 use std::fmt::Write as _;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use minijinja::value::{Kwargs, Serde, ValueKind};
-use minijinja::{Environment, Error, ErrorKind, Value, context};
+use minijinja::{Environment, Error, ErrorKind, State, Value, context};
 use serde_json::Value as Json;
 
 use crate::error::DataError;
@@ -22,12 +26,41 @@ const FUEL: u64 = 4_000_000;
 /// The most a render may produce.
 const MAX_RENDERED: usize = 64 << 20;
 
+/// Where a `{% generation %}` block's text begins and ends in a render of
+/// [`ChatTemplate::assistant_spans`]: two code points of Unicode's last private use plane.
+const BLOCK_START: char = '\u{10FFF0}';
+const BLOCK_END: char = '\u{10FFF1}';
+
+/// The context variable that turns the block markers on.
+const MARK_VAR: &str = "__lora_mark_generation";
+
+/// Stand-ins for one message's content, which [`ChatTemplate::assistant_spans`] swaps in to find
+/// where the template writes it.
+const PROBES: [&str; 2] = ["\u{10FFF2}a", "\u{10FFF3}b"];
+
 /// A compiled chat template with the tokenizer's special tokens.
 pub struct ChatTemplate {
     env: Environment<'static>,
     path: PathBuf,
     bos_token: String,
     eos_token: String,
+    /// The source has `{% generation %}` blocks.
+    generation_blocks: bool,
+    /// What the template writes after an assistant message's content to end the turn
+    /// (`<|im_end|>\n`, `<|eot_id|>`), found on first use; empty when a probe chat does not show it.
+    turn_end: OnceLock<String>,
+}
+
+/// A rendered chat with the byte ranges of its assistant turns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssistantSpans {
+    /// The rendered chat, as [`ChatTemplate::render`] writes it.
+    pub text: String,
+    /// Byte ranges of `text`, in order and disjoint, one per assistant message (one per
+    /// `{% generation %}` block where the template has them).
+    pub spans: Vec<Range<usize>>,
+    /// The spans come from the template's `{% generation %}` blocks.
+    pub from_blocks: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -49,15 +82,34 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(NAME, source.to_string()).map_err(error)?;
-        Ok(Self { env, path: path.to_path_buf(), bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+        env.add_filter("generation", generation);
+        let (source, generation_blocks) = translate_generation_blocks(source);
+        env.add_template_owned(NAME, source).map_err(error)?;
+        Ok(Self {
+            env,
+            path: path.to_path_buf(),
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+            generation_blocks,
+            turn_end: OnceLock::new(),
+        })
+    }
+
+    /// The template marks the assistant's text with transformers' `{% generation %}` blocks.
+    pub fn has_generation_blocks(&self) -> bool {
+        self.generation_blocks
     }
 
     /// Renders `messages` (a JSON array of `{role, content, ...}`), with optional `tools`.
     /// Stops with an error past the fuel budget or [`MAX_RENDERED`] bytes.
     pub fn render(&self, messages: &Json, tools: Option<&Json>, add_generation_prompt: bool) -> Result<String, DataError> {
-        let error = |message: String| DataError::Template { path: self.path.clone(), message };
-        let template = self.env.get_template(NAME).map_err(|e| error(describe(&e)))?;
+        self.render_with(messages, tools, add_generation_prompt, false)
+    }
+
+    /// [`render`](Self::render), with `{% generation %}` blocks between [`BLOCK_START`] and
+    /// [`BLOCK_END`] when `mark` is set.
+    fn render_with(&self, messages: &Json, tools: Option<&Json>, add_generation_prompt: bool, mark: bool) -> Result<String, DataError> {
+        let template = self.env.get_template(NAME).map_err(|e| self.error(describe(&e)))?;
         let text = template
             .render(context! {
                 messages => Value::from(Serde(messages)),
@@ -65,13 +117,173 @@ impl ChatTemplate {
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token.clone(),
                 eos_token => self.eos_token.clone(),
+                __lora_mark_generation => mark,
             })
-            .map_err(|e| error(describe(&e)))?;
+            .map_err(|e| self.error(describe(&e)))?;
         if text.len() > MAX_RENDERED {
-            return Err(error(format!("renders {} bytes, more than the {MAX_RENDERED} allowed", text.len())));
+            return Err(self.error(format!("renders {} bytes, more than the {MAX_RENDERED} allowed", text.len())));
         }
         Ok(text)
     }
+
+    fn error(&self, message: String) -> DataError {
+        DataError::Template { path: self.path.clone(), message }
+    }
+
+    /// Renders `messages` (without a generation prompt) and finds the text of every assistant
+    /// turn in it: what training on every assistant turn trains on.
+    ///
+    /// Where the template has `{% generation %}` blocks, the spans are the blocks' text, as
+    /// transformers' `return_assistant_tokens_mask` reads them. Otherwise each assistant
+    /// message's span runs from where the template writes its content (found by rendering the
+    /// chat again with that content swapped for two stand-ins: the first byte where a render
+    /// differs) to the end of the turn: past its tool calls, through the text the template ends
+    /// an assistant turn with. That works for templates that write a message differently once
+    /// later turns follow (Qwen3 drops earlier turns' reasoning), where rendering prefixes of the
+    /// chat does not. An error names the message whose text cannot be found.
+    pub fn assistant_spans(&self, messages: &Json, tools: Option<&Json>) -> Result<AssistantSpans, DataError> {
+        let text = self.render(messages, tools, false)?;
+        if text.chars().any(|c| (BLOCK_START..='\u{10FFF3}').contains(&c)) {
+            return Err(self.error("the chat holds a code point of U+10FFF0..U+10FFF3, which marks the assistant's text when it is found".into()));
+        }
+        if self.generation_blocks {
+            let marked = self.render_with(messages, tools, false, true)?;
+            let (unmarked, spans) = strip_block_markers(&marked).map_err(|e| self.error(e))?;
+            if unmarked != text {
+                return Err(self.error("renders differently with its {% generation %} blocks marked".into()));
+            }
+            return Ok(AssistantSpans { text, spans, from_blocks: true });
+        }
+        let list = messages.as_array().map(Vec::as_slice).unwrap_or_default();
+        let mut spans: Vec<Range<usize>> = Vec::new();
+        for (i, message) in list.iter().enumerate() {
+            if message.get("role").and_then(Json::as_str) != Some("assistant") {
+                continue;
+            }
+            let (mut start, mut end) = (text.len(), text.len());
+            for probe in PROBES {
+                let mut swapped = list.to_vec();
+                if let Some(message) = swapped[i].as_object_mut() {
+                    message.insert("content".into(), Json::String(probe.to_string()));
+                }
+                let other = self.render(&Json::Array(swapped), tools, false)?;
+                start = start.min(common_prefix(&text, &other));
+                end = end.min(common_suffix(&text, &other));
+            }
+            let content_end = (text.len() - end).max(start);
+            if start == text.len() && content_end == text.len() {
+                return Err(self.error(format!("does not write the content of message {i} (an assistant message), so its turn cannot be found")));
+            }
+            let turn_end = self.turn_end();
+            let end = match text[content_end..].find(turn_end.as_str()) {
+                Some(at) if !turn_end.is_empty() => content_end + at + turn_end.len(),
+                _ => content_end,
+            };
+            if spans.last().is_some_and(|last| last.end > start) {
+                return Err(
+                    self.error(format!("writes message {i} (an assistant message) where an earlier assistant turn ends, so the turns cannot be told apart"))
+                );
+            }
+            spans.push(start..end);
+        }
+        Ok(AssistantSpans { text, spans, from_blocks: false })
+    }
+
+    /// What follows an assistant message's content in `[user, assistant]` rendered without a
+    /// generation prompt (the end of its turn); empty when that render fails or does not show it.
+    fn turn_end(&self) -> &String {
+        self.turn_end.get_or_init(|| {
+            let chat = serde_json::json!([{"role": "user", "content": PROBES[1]}, {"role": "assistant", "content": PROBES[0]}]);
+            let Ok(text) = self.render(&chat, None, false) else { return String::new() };
+            text.rfind(PROBES[0]).map(|at| text[at + PROBES[0].len()..].to_string()).unwrap_or_default()
+        })
+    }
+}
+
+/// Bytes `a` and `b` share at their start, backed off to a character boundary.
+fn common_prefix(a: &str, b: &str) -> usize {
+    let mut n = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+    while !a.is_char_boundary(n) {
+        n -= 1;
+    }
+    n
+}
+
+/// Bytes `a` and `b` share at their end, backed off to a character boundary of `a`.
+fn common_suffix(a: &str, b: &str) -> usize {
+    let mut n = a.bytes().rev().zip(b.bytes().rev()).take_while(|(x, y)| x == y).count();
+    while !a.is_char_boundary(a.len() - n) {
+        n -= 1;
+    }
+    n
+}
+
+/// The text without [`BLOCK_START`] and [`BLOCK_END`], and the byte ranges (of that text) they
+/// enclosed; an error where they do not pair up.
+fn strip_block_markers(marked: &str) -> Result<(String, Vec<Range<usize>>), String> {
+    let mut text = String::with_capacity(marked.len());
+    let mut spans = Vec::new();
+    let mut open = None;
+    for c in marked.chars() {
+        match (c, open) {
+            (BLOCK_START, None) => open = Some(text.len()),
+            (BLOCK_END, Some(start)) => {
+                spans.push(start..text.len());
+                open = None;
+            }
+            (BLOCK_START | BLOCK_END, _) => return Err("has {% generation %} blocks inside one another".into()),
+            _ => text.push(c),
+        }
+    }
+    if open.is_some() {
+        return Err("has a {% generation %} block that does not end".into());
+    }
+    spans.retain(|s| !s.is_empty());
+    Ok((text, spans))
+}
+
+/// transformers' `{% generation %}` / `{% endgeneration %}` (a jinja2 extension) as minijinja's
+/// `{% filter generation %}` / `{% endfilter %}`: a block tag as well, so `trim_blocks` and
+/// `lstrip_blocks` treat it alike, and whitespace control (`{%-`, `-%}`) is kept. Also says
+/// whether there were any.
+fn translate_generation_blocks(source: &str) -> (String, bool) {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    let mut found = false;
+    while let Some(at) = rest.find("{%") {
+        out.push_str(&rest[..at]);
+        let tag = &rest[at + 2..];
+        let open_ctl = tag.strip_prefix(['-', '+']).map_or("", |_| &tag[..1]);
+        let body = tag[open_ctl.len()..].trim_start();
+        let word_len = body.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(body.len());
+        let (word, after) = body.split_at(word_len);
+        let after = after.trim_start();
+        let close_ctl = after.strip_prefix(['-', '+']).map_or("", |_| &after[..1]);
+        let replacement = match word {
+            "generation" => "filter generation",
+            "endgeneration" => "endfilter",
+            _ => "",
+        };
+        match after[close_ctl.len()..].strip_prefix("%}") {
+            Some(tail) if !replacement.is_empty() => {
+                found = true;
+                let _ = write!(out, "{{%{open_ctl} {replacement} {close_ctl}%}}");
+                rest = tail;
+            }
+            _ => {
+                out.push_str("{%");
+                rest = tag;
+            }
+        }
+    }
+    out.push_str(rest);
+    (out, found)
+}
+
+/// The body of a `{% generation %}` block: as it is, or between the block markers when the
+/// render asks for them.
+fn generation(state: &State, body: String) -> String {
+    if state.lookup(MARK_VAR).is_some_and(|v| v.is_true()) { format!("{BLOCK_START}{body}{BLOCK_END}") } else { body }
 }
 
 /// minijinja errors carry their cause chain; join it into one line.
@@ -309,6 +521,91 @@ mod tests {
 
     fn render(src: &str, messages: Json) -> Result<String, DataError> {
         ChatTemplate::new(src, Path::new("chat_template.jinja"), "<s>", "</s>")?.render(&messages, None, false)
+    }
+
+    fn template(src: &str) -> ChatTemplate {
+        ChatTemplate::new(src, Path::new("chat_template.jinja"), "<s>", "</s>").unwrap()
+    }
+
+    fn fixture_template(name: &str) -> ChatTemplate {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name).join("chat_template.jinja");
+        ChatTemplate::new(&std::fs::read_to_string(&path).unwrap(), &path, "", "<|im_end|>").unwrap()
+    }
+
+    /// The text of each span [`ChatTemplate::assistant_spans`] finds.
+    fn spans(t: &ChatTemplate, messages: Json, tools: Option<Json>) -> Vec<String> {
+        let found = t.assistant_spans(&messages, tools.as_ref()).unwrap();
+        assert_eq!(found.text, t.render(&messages, tools.as_ref(), false).unwrap());
+        found.spans.iter().map(|s| found.text[s.clone()].to_string()).collect()
+    }
+
+    /// Issue 16, item 2, without `{% generation %}` blocks: each assistant turn from its content
+    /// through the end of the turn, tool calls included, tool results and user turns left out.
+    #[test]
+    fn assistant_spans_cover_each_assistant_turn() {
+        // Mistral's [INST] template ends an assistant turn with the EOS token.
+        let mistral = template(
+            "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]{% else %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}",
+        );
+        let chat = json!([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]);
+        assert_eq!(spans(&mistral, chat, None), ["Hello.</s>", "Hello.</s>"]);
+
+        // ChatML with tool calls (the qwen3 fixture's Qwen2.5-style template).
+        let chatml = fixture_template("qwen3");
+        let call = json!({"type": "function", "function": {"name": "add", "arguments": {"a": 1}}});
+        let chat = json!([
+            {"role": "user", "content": "Add one"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "2"},
+            {"role": "assistant", "content": "Two."},
+        ]);
+        let got = spans(&chatml, chat, None);
+        assert_eq!(got.len(), 2);
+        assert!(got[0].contains("<tool_call>") && got[0].ends_with("</tool_call><|im_end|>\n") && !got[0].contains("user"), "{got:?}");
+        assert_eq!(got[1], "Two.<|im_end|>\n");
+
+        // Like Qwen3's: an assistant turn before the last user message is written without its
+        // reasoning, so rendering the chat up to that turn is not a prefix of the whole.
+        let reasoning = template(
+            "{% set ns = namespace(last=0) %}{% for m in messages %}{% if m.role == 'user' %}{% set ns.last = loop.index0 %}{% endif %}{% endfor %}\
+             {% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' and loop.index0 < ns.last %}{{ m.content.split('</think>')[-1].lstrip('\n') }}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}",
+        );
+        let chat = json!([
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "<think>\nGreet back.\n</think>\n\nHello."},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "<think>\nWave.\n</think>\n\nBye."},
+        ]);
+        assert_eq!(spans(&reasoning, chat, None), ["Hello.<|im_end|>\n", "<think>\nWave.\n</think>\n\nBye.<|im_end|>\n"]);
+
+        // A chat without assistant messages has no spans.
+        assert!(spans(&mistral, json!([{"role": "user", "content": "Hi"}]), None).is_empty());
+    }
+
+    #[test]
+    fn a_template_that_drops_an_assistant_message_is_an_error_naming_it() {
+        let skipping = template("{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}");
+        let chat = json!([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]);
+        let e = skipping.assistant_spans(&chat, None).unwrap_err().to_string();
+        assert!(e.contains("chat_template.jinja") && e.contains("message 1"), "{e}");
+        let marked = json!([{"role": "user", "content": "Hi \u{10FFF0}"}]);
+        assert!(skipping.assistant_spans(&marked, None).unwrap_err().to_string().contains("U+10FFF0"));
+    }
+
+    /// transformers' `{% generation %}` blocks render as their content with jinja2's block
+    /// whitespace rules, and mark the assistant's text.
+    #[test]
+    fn generation_blocks_render_plain_and_mark_the_assistant_text() {
+        let src = "{% for m in messages %}\n  {% if m.role == 'assistant' %}\n<a>{%- generation %}\n{{ m.content }}</a>{% endgeneration %}\n{% else %}<u>{{ m.content }}</u>{% endif %}\n{% endfor %}";
+        let t = template(src);
+        assert!(t.has_generation_blocks());
+        let chat = json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}, {"role": "assistant", "content": "y"}]);
+        // What jinja2 renders with trim_blocks and lstrip_blocks.
+        assert_eq!(t.render(&chat, None, false).unwrap(), "<u>q</u><a>x</a><a>y</a>");
+        assert_eq!(spans(&t, chat, None), ["x</a>", "y</a>"]);
+        assert!(!template("{{ 'generation' }}{% if true %}{% endif %}").has_generation_blocks());
+        let unclosed = ChatTemplate::new("{% generation %}x", Path::new("t.jinja"), "", "").unwrap_err().to_string();
+        assert!(unclosed.contains("t.jinja"), "{unclosed}");
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //!
 //! The format is read from the keys of each row (`prompt` and `completion` first, then
 //! `messages`, then `text`, as mlx-lm's `create_dataset`), and every row of a file must have
-//! the same one. With `mask_prompt` only the completion, or the last message, is trained on.
+//! the same one. With `mask_prompt` only the completion, or every assistant message of a chat
+//! (mlx-lm trains on the last one only), is trained on.
 //!
 //! ```
 //! use std::io::Write as _;
@@ -22,10 +23,11 @@
 //! writeln!(file, r#"{{"prompt": "Hi", "completion": "Hello!"}}"#).unwrap();
 //! let data = load_jsonl(file.path(), &tok, &ReadOptions { mask_prompt: true, ..Default::default() })?;
 //! let ex = &data.examples[0];
-//! assert!(tok.decode(&ex.tokens[ex.offset..], false)?.starts_with("Hello!"));
+//! assert!(tok.decode(&ex.tokens[ex.offset()..], false)?.starts_with("Hello!"));
 //! # Ok::<(), lora_data::DataError>(())
 //! ```
 
+use std::ops::Range;
 use std::path::Path;
 
 use serde_json::{Map, Value as Json};
@@ -90,15 +92,42 @@ impl Default for DataKeys {
 /// One tokenized row.
 ///
 /// The model reads `tokens[..n - 1]` and predicts `tokens[1..]`. Target token `j`
-/// (`1 <= j < n`) is trained on iff `j >= offset`: mlx-lm's `steps >= offset && steps < length`
-/// mask. `offset` is the index of the first completion token when the prompt is masked and
-/// 0 otherwise.
+/// (`1 <= j < n`) is trained on iff it lies in one of `targets`: `[0, n)` without a mask,
+/// `[offset, n)` for a masked prompt (mlx-lm's `steps >= offset && steps < length` mask,
+/// `offset` the index of the first completion token), and one range per assistant turn for a
+/// masked chat.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Example {
     /// Token ids, special tokens included.
     pub tokens: Vec<u32>,
-    /// Index of the first token that is a training target.
-    pub offset: usize,
+    /// The token ranges trained on, in order and disjoint.
+    pub targets: Vec<Range<usize>>,
+}
+
+impl Example {
+    /// Every token a target (an unmasked row).
+    pub fn new(tokens: Vec<u32>) -> Self {
+        let n = tokens.len();
+        Self { tokens, targets: std::iter::once(0..n).collect() }
+    }
+
+    /// The tokens from `offset` on are the targets (a masked prompt).
+    pub fn from_offset(tokens: Vec<u32>, offset: usize) -> Self {
+        let n = tokens.len();
+        Self { tokens, targets: std::iter::once(offset.min(n)..n).collect() }
+    }
+
+    /// The index of the first target token (the row's length when there is none).
+    pub fn offset(&self) -> usize {
+        self.targets.first().map_or(self.tokens.len(), |r| r.start)
+    }
+
+    /// Target tokens once the row is cut to its first `len` tokens (the first token is never a
+    /// target: nothing predicts it).
+    pub fn targets_within(&self, len: usize) -> usize {
+        let len = len.min(self.tokens.len());
+        self.targets.iter().map(|r| r.end.min(len).saturating_sub(r.start.max(1))).sum()
+    }
 }
 
 /// The examples of one file.
@@ -311,45 +340,70 @@ impl RowReader<'_> {
         let tok = self.tokenizer;
         let bad = |e: DataError| RowError::Bad(e.to_string());
         let eos = || tok.eos_ids().first().copied().ok_or_else(|| RowError::Fatal(format!("{} declares no end-of-sequence token", tok.dir().display())));
-        let (tokens, offset) = match row {
+        let example = match row {
             Row::Text(text) => {
                 let mut tokens = tok.encode(text, true).map_err(bad)?;
                 if tokens.last().is_none_or(|t| !tok.eos_ids().contains(t)) {
                     tokens.push(eos()?);
                 }
-                (tokens, 0)
+                Example::new(tokens)
             }
             Row::Completion { prompt, completion, tools } if tok.chat_template().is_some() => {
                 let user = serde_json::json!({"role": "user", "content": prompt});
                 let assistant = serde_json::json!({"role": "assistant", "content": completion});
                 let tokens = tok.encode_chat(&Json::Array(vec![user.clone(), assistant]), tools, false).map_err(bad)?;
                 let offset = if self.mask_prompt { tok.encode_chat(&Json::Array(vec![user]), tools, true).map_err(bad)?.len() } else { 0 };
-                (tokens, offset)
+                Example::from_offset(tokens, offset)
             }
             Row::Completion { prompt, completion, .. } => {
                 let mut tokens = tok.encode(prompt, true).map_err(bad)?;
                 let offset = if self.mask_prompt { tokens.len() } else { 0 };
                 tokens.extend(tok.encode(completion, false).map_err(bad)?);
                 tokens.push(eos()?);
-                (tokens, offset)
+                Example::from_offset(tokens, offset)
             }
-            Row::Chat { messages, tools } => {
-                let tokens = tok.encode_chat(messages, tools, false).map_err(bad)?;
-                let offset = match messages.as_array() {
-                    Some(list) if self.mask_prompt => {
-                        let prompt = Json::Array(list[..list.len() - 1].to_vec());
-                        tok.encode_chat(&prompt, tools, true).map_err(bad)?.len()
-                    }
-                    _ => 0,
-                };
-                (tokens, offset)
-            }
+            Row::Chat { messages, tools } if self.mask_prompt => self.assistant_turns(messages, tools)?,
+            Row::Chat { messages, tools } => Example::new(tok.encode_chat(messages, tools, false).map_err(bad)?),
         };
-        if offset >= tokens.len() {
-            return Err(RowError::Bad(format!("the prompt takes all {} tokens; nothing is left to train on", tokens.len())));
+        if example.targets_within(usize::MAX) == 0 {
+            return Err(RowError::Bad(format!("the prompt takes all {} tokens; nothing is left to train on", example.tokens.len())));
         }
-        Ok(Example { tokens, offset })
+        Ok(example)
     }
+
+    /// A chat whose every assistant turn is trained on, and nothing else: the spans
+    /// [`ChatTemplate::assistant_spans`](crate::chat::ChatTemplate::assistant_spans) finds,
+    /// as the tokens that overlap them. Without `{% generation %}` blocks the last message's
+    /// targets are mlx-lm's, everything after the rendered chat before it with the generation
+    /// prompt.
+    fn assistant_turns(&self, messages: &Json, tools: Option<&Json>) -> Result<Example, RowError> {
+        let tok = self.tokenizer;
+        let bad = |e: DataError| RowError::Bad(e.to_string());
+        let template = tok.chat_template().ok_or_else(|| RowError::Fatal(format!("{} has no chat template", tok.dir().display())))?;
+        let found = template.assistant_spans(messages, tools).map_err(bad)?;
+        let encoded = tok.encode_with_offsets(&found.text).map_err(bad)?;
+        let mut targets: Vec<Range<usize>> = found.spans.iter().filter_map(|span| overlapping(&encoded.bytes, span)).collect();
+        let tokens = encoded.ids;
+        if !found.from_blocks {
+            let list = messages.as_array().map(Vec::as_slice).unwrap_or_default();
+            let prompt = Json::Array(list[..list.len().saturating_sub(1)].to_vec());
+            let offset = tok.encode_chat(&prompt, tools, true).map_err(bad)?.len();
+            targets.pop();
+            if targets.last().is_some_and(|r| r.end > offset) {
+                return Err(RowError::Bad("an earlier assistant turn ends after the last one begins in the rendered chat".into()));
+            }
+            targets.push(offset.min(tokens.len())..tokens.len());
+        }
+        Ok(Example { tokens, targets })
+    }
+}
+
+/// The tokens (by their byte ranges `offsets`) that overlap `span`, as one range; `None` when
+/// none does.
+fn overlapping(offsets: &[(usize, usize)], span: &Range<usize>) -> Option<Range<usize>> {
+    let first = offsets.iter().position(|&(start, end)| end > span.start && start < span.end)?;
+    let count = offsets[first..].iter().take_while(|&&(start, _)| start < span.end).count();
+    Some(first..first + count)
 }
 
 /// `object[key]` as a string that is not empty or only whitespace.
@@ -363,7 +417,7 @@ fn non_empty_string<'v>(object: &'v Map<String, Json>, key: &str) -> Result<&'v 
 
 /// A non-empty list of `{role, content}` objects with string roles. `content` is a string,
 /// or absent or null on a message with `tool_calls`. The last message must not be empty,
-/// and with `mask_prompt` it must be the assistant's, the one message trained on.
+/// and with `mask_prompt` it must be the assistant's.
 fn check_messages(messages: &Json, key: &str, mask_prompt: bool) -> Result<(), String> {
     let list = messages.as_array().ok_or_else(|| format!("{key:?} is not an array"))?;
     let Some(last) = list.last() else {
@@ -455,11 +509,11 @@ mod tests {
         let mut want = tok.encode("Hello world", true).unwrap();
         assert_eq!(want[0], 0, "the llama fixture adds <|bos|> = 0");
         want.push(7);
-        assert_eq!(data.examples[0], Example { tokens: want, offset: 0 });
+        assert_eq!(data.examples[0], Example::new(want));
         // Already ends with an EOS id: none is added.
         let want = tok.encode("Hi<|eot_id|>", true).unwrap();
         assert_eq!(*want.last().unwrap(), 7);
-        assert_eq!(data.examples[1], Example { tokens: want, offset: 0 });
+        assert_eq!(data.examples[1], Example::new(want));
         assert_eq!(data.skipped, 0);
     }
 
@@ -475,16 +529,16 @@ mod tests {
         let prompt = tok.encode_chat(&json!([{"role": "user", "content": "What is 2+2?"}]), None, true).unwrap();
 
         let plain = load(&path, &tok, false).unwrap();
-        assert_eq!(plain.examples[0], Example { tokens: want.clone(), offset: 0 });
+        assert_eq!(plain.examples[0], Example::new(want.clone()));
 
         let masked = load(&path, &tok, true).unwrap();
         let ex = &masked.examples[0];
         assert_eq!(ex.tokens, want);
-        assert_eq!(ex.offset, prompt.len());
-        assert_eq!(ex.tokens[..ex.offset], prompt[..], "the prompt is a prefix of the whole");
-        let rest = tok.decode(&ex.tokens[ex.offset..], false).unwrap();
+        assert_eq!(ex.offset(), prompt.len());
+        assert_eq!(ex.tokens[..ex.offset()], prompt[..], "the prompt is a prefix of the whole");
+        let rest = tok.decode(&ex.tokens[ex.offset()..], false).unwrap();
         assert!(rest.starts_with("Four."), "{rest:?}");
-        let head = tok.decode(&ex.tokens[..ex.offset], false).unwrap();
+        let head = tok.decode(&ex.tokens[..ex.offset()], false).unwrap();
         assert!(head.ends_with("<|im_start|>assistant\n"), "{head:?}");
     }
 
@@ -496,15 +550,31 @@ mod tests {
         let mut want = prompt.clone();
         want.extend(tok.encode(" hi", false).unwrap());
         want.push(7);
-        assert_eq!(load(&path, &tok, false).unwrap().examples[0], Example { tokens: want.clone(), offset: 0 });
+        assert_eq!(load(&path, &tok, false).unwrap().examples[0], Example::new(want.clone()));
         let masked = &load(&path, &tok, true).unwrap().examples[0];
-        assert_eq!(*masked, Example { tokens: want, offset: prompt.len() });
-        assert_eq!(tok.decode(&masked.tokens[masked.offset..], false).unwrap(), " hi<|eot_id|>");
+        assert_eq!(*masked, Example::from_offset(want, prompt.len()));
+        assert_eq!(tok.decode(&masked.tokens[masked.offset()..], false).unwrap(), " hi<|eot_id|>");
     }
 
+    /// The text of each trained span of `ex`.
+    fn trained_text(tok: &Tokenizer, ex: &Example) -> Vec<String> {
+        ex.targets.iter().map(|r| tok.decode(&ex.tokens[r.clone()], false).unwrap()).collect()
+    }
+
+    /// Issue 16, item 2: with the prompt masked, every assistant message of a chat is trained on
+    /// (its content and the end of its turn), and nothing of the system and user turns; the last
+    /// one's targets are still mlx-lm's (everything after the chat before it with the
+    /// generation prompt). The spans are checked by hand for each template.
     #[test]
-    fn messages_train_on_the_last_assistant_message_when_masked() {
-        for name in ["qwen2", "qwen3", "llama", "mistral"] {
+    fn messages_train_on_every_assistant_turn_when_masked() {
+        let turns = [
+            ("qwen2", vec!["Hello.<|im_end|>\n", "Paris.<|im_end|>\n"]),
+            ("qwen3", vec!["Hello.<|im_end|>\n", "Paris.<|im_end|>\n"]),
+            ("llama", vec!["Hello.<|eot_id|>", "Paris.<|eot_id|>"]),
+            // The mistral fixture has a Llama-3 style template with the llama tokenizer.
+            ("mistral", vec!["Hello.<|eot_id|>", "Paris.<|eot_id|>"]),
+        ];
+        for (name, want_text) in turns {
             let tok = tokenizer(name);
             let row = json!({
                 "messages": [
@@ -521,12 +591,11 @@ mod tests {
             let prompt = Json::Array(messages.as_array().unwrap()[..4].to_vec());
             let prompt = tok.encode_chat(&prompt, None, true).unwrap();
 
-            assert_eq!(load(&path, &tok, false).unwrap().examples[0], Example { tokens: want.clone(), offset: 0 }, "{name}");
+            assert_eq!(load(&path, &tok, false).unwrap().examples[0], Example::new(want.clone()), "{name}");
             let ex = &load(&path, &tok, true).unwrap().examples[0];
             assert_eq!(ex.tokens, want, "{name}");
-            assert_eq!(ex.offset, prompt.len(), "{name}");
-            let rest = tok.decode(&ex.tokens[ex.offset..], false).unwrap();
-            assert!(rest.starts_with("Paris."), "{name}: {rest:?}");
+            assert_eq!(ex.targets.last().unwrap(), &(prompt.len()..want.len()), "{name}");
+            assert_eq!(trained_text(&tok, ex), want_text, "{name}");
         }
     }
 
@@ -625,7 +694,7 @@ mod tests {
         assert_eq!(data.skipped, 3);
         let first: Vec<u32> = [tok.encode("a", true).unwrap(), vec![7]].concat();
         let second: Vec<u32> = [tok.encode("b", true).unwrap(), vec![7]].concat();
-        assert_eq!(data.examples, vec![Example { tokens: first, offset: 0 }, Example { tokens: second, offset: 0 }]);
+        assert_eq!(data.examples, vec![Example::new(first), Example::new(second)]);
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub mod error;
 pub mod tokenizer;
 
 pub use batch::{Batch, Batcher, collate, count_too_long, count_without_targets, padding_fraction};
-pub use chat::ChatTemplate;
+pub use chat::{AssistantSpans, ChatTemplate};
 pub use dataset::{DEFAULT_MAX_ROW_BYTES, DataKeys, Example, Loaded, ReadOptions, Splits, load_dir, load_jsonl};
 pub use error::DataError;
-pub use tokenizer::{StreamDecoder, Tokenizer};
+pub use tokenizer::{Offsets, StreamDecoder, Tokenizer};

@@ -102,6 +102,16 @@ impl Tokenizer {
 
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor (its BOS).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, DataError> {
+        Ok(self.encoding(text, add_special_tokens)?.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` (no special tokens added) with each token's byte range in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<Offsets, DataError> {
+        let enc = self.encoding(text, false)?;
+        Ok(Offsets { ids: enc.get_ids().to_vec(), bytes: enc.get_offsets().to_vec() })
+    }
+
+    fn encoding(&self, text: &str, add_special_tokens: bool) -> Result<tokenizers::Encoding, DataError> {
         let enc =
             self.inner.encode(text, add_special_tokens).map_err(|e| DataError::Tokenizer { path: self.dir.join("tokenizer.json"), message: e.to_string() })?;
         if let Some(rows) = self.rows
@@ -109,7 +119,7 @@ impl Tokenizer {
         {
             return Err(self.beyond(id, rows));
         }
-        Ok(enc.get_ids().to_vec())
+        Ok(enc)
     }
 
     /// Text of `ids`.
@@ -158,6 +168,15 @@ impl Tokenizer {
         let text = self.apply_chat_template(messages, tools, add_generation_prompt)?;
         self.encode(&text, false)
     }
+}
+
+/// Token ids with the byte range of the text each came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offsets {
+    /// The token ids.
+    pub ids: Vec<u32>,
+    /// Per token, its `(start, end)` bytes in the text.
+    pub bytes: Vec<(usize, usize)>,
 }
 
 /// Turns a stream of token ids into text as it is produced, holding back an incomplete

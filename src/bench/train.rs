@@ -174,7 +174,7 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
 /// `n` rows of `len` random token ids below `vocab`, every position a target.
 fn random_rows(n: usize, len: usize, vocab: usize) -> Vec<Example> {
     let mut seed = 0x2545_F491_4F6C_DD1Du64;
-    (0..n).map(|_| Example { tokens: random_tokens(len, vocab, &mut seed), offset: 0 }).collect()
+    (0..n).map(|_| Example::new(random_tokens(len, vocab, &mut seed))).collect()
 }
 
 /// Times each iteration (the device synchronized at its end) and samples the memory.

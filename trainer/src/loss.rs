@@ -27,7 +27,7 @@ pub struct Prepared {
 pub const GPU_POSITION_MULTIPLE: usize = 16;
 
 /// Splits a batch into inputs and shifted targets. Target `j` (the token at position `j`,
-/// predicted from position `j - 1`) is trained when `max(offset, 1) <= j < length`. On a GPU the
+/// predicted from position `j - 1`) is trained when [`Batch::is_target`]. On a GPU the
 /// positions are padded to a multiple of [`GPU_POSITION_MULTIPLE`].
 pub fn prepare(batch: &Batch, device: &burn::tensor::Device) -> Prepared {
     let (rows, len) = (batch.rows, batch.len);
@@ -43,7 +43,7 @@ pub fn prepare(batch: &Batch, device: &burn::tensor::Device) -> Prepared {
             inputs[r * width + p] = row[p] as i32;
             targets[r * width + p] = row[p + 1] as i32;
             let j = p + 1;
-            if j >= batch.offsets[r].max(1) && j < batch.lengths[r] {
+            if batch.is_target(r, j) {
                 mask[r * width + p] = 1.0;
                 tokens += 1;
             }
@@ -217,7 +217,8 @@ mod tests {
     #[test]
     fn targets_follow_the_offset_and_length() {
         // Two rows: length 4 with the prompt ending at 2; length 3 unmasked; padded to 5.
-        let batch = Batch { tokens: vec![1, 2, 3, 4, 0, 5, 6, 7, 0, 0], rows: 2, len: 5, offsets: vec![2, 0], lengths: vec![4, 3], padding: 3 };
+        let batch =
+            Batch { tokens: vec![1, 2, 3, 4, 0, 5, 6, 7, 0, 0], rows: 2, len: 5, targets: vec![vec![2..4], vec![0..3]], lengths: vec![4, 3], padding: 3 };
         let p = prepare(&batch, &burn::tensor::Device::flex());
         let mask: Vec<f32> = p.mask.into_data().try_to_vec().unwrap();
         // Row 0 trains targets 2 and 3 (positions 1, 2); row 1 targets 1 and 2.
@@ -230,7 +231,8 @@ mod tests {
     #[test]
     fn gpu_positions_are_padded_to_the_multiple_and_masked() {
         let Some(device) = lora_model::device::wgpu_device_for_tests() else { return };
-        let batch = Batch { tokens: vec![1, 2, 3, 4, 0, 5, 6, 7, 0, 0], rows: 2, len: 5, offsets: vec![2, 0], lengths: vec![4, 3], padding: 3 };
+        let batch =
+            Batch { tokens: vec![1, 2, 3, 4, 0, 5, 6, 7, 0, 0], rows: 2, len: 5, targets: vec![vec![2..4], vec![0..3]], lengths: vec![4, 3], padding: 3 };
         let p = prepare(&batch, &device);
         assert_eq!(p.inputs.dims(), [2, GPU_POSITION_MULTIPLE]);
         let mask: Vec<f32> = p.mask.into_data().try_to_vec().unwrap();
