@@ -15,6 +15,7 @@ pub mod file;
 pub mod model;
 pub mod names;
 mod spm;
+mod tokens;
 pub mod vocab;
 
 pub use adapter::export_adapter;

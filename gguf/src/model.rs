@@ -39,7 +39,7 @@ impl ModelExport {
     pub fn new(model_dir: &Path, config: &ModelConfig, checkpoint: &Checkpoint, path: &Path) -> Result<Self, GgufError> {
         let arch = GgufArch::of(config);
         let config_path = model_dir.join("config.json");
-        let raw = vocab::read_json(&config_path)?.ok_or_else(|| GgufError::invalid(&config_path, "no such file"))?;
+        let raw = crate::tokens::read_json(&config_path)?.ok_or_else(|| GgufError::invalid(&config_path, "no such file"))?;
         let name = model_dir.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| "model".into());
         let a = arch.name();
         let u = |v: usize| Meta::U32(v as u32);

@@ -13,7 +13,7 @@ use serde_json::Value as Json;
 
 use crate::GgufError;
 use crate::file::Meta;
-use crate::vocab::{looks_special, token_type};
+use crate::tokens::{looks_special, read_json, token_type};
 
 /// `sentencepiece_model.proto`'s `ModelProto`, as far as it is read.
 #[derive(Clone, PartialEq, Message)]
@@ -60,7 +60,7 @@ pub fn metadata(dir: &Path, path: &Path, config: Option<(&Json, &Path)>, vocab_s
 
     // added_tokens.json: {"content": id}.
     let added_path = dir.join("added_tokens.json");
-    if let Some(added) = crate::vocab::read_json(&added_path)? {
+    if let Some(added) = read_json(&added_path)? {
         for (content, id) in added.as_object().ok_or_else(|| GgufError::invalid(&added_path, "not an object"))? {
             let id = id.as_u64().ok_or_else(|| GgufError::invalid(&added_path, format!("{content:?} has no integer id")))? as usize;
             if id < vocab_size {

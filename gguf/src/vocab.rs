@@ -14,16 +14,7 @@ use serde_json::Value as Json;
 
 use crate::GgufError;
 use crate::file::Meta;
-
-/// GGUF token types (llama.cpp's `llama_token_type`, sentencepiece's piece types).
-pub(crate) mod token_type {
-    pub const NORMAL: i32 = 1;
-    pub const UNKNOWN: i32 = 2;
-    pub const CONTROL: i32 = 3;
-    pub const USER_DEFINED: i32 = 4;
-    pub const UNUSED: i32 = 5;
-    pub const BYTE: i32 = 6;
-}
+use crate::tokens::{looks_special, read_json, token_type};
 
 /// Pre-tokenizer regexes as tokenizer.json writes them, and the name llama.cpp knows each by.
 const KNOWN_PRE: &[(&str, &str)] = &[
@@ -42,14 +33,6 @@ const SPECIAL: &[(&str, &str)] = &[
     ("cls", "cls_token_id"),
     ("mask", "mask_token_id"),
 ];
-
-pub(crate) fn read_json(path: &Path) -> Result<Option<Json>, GgufError> {
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| GgufError::io(path, e))?;
-    serde_json::from_str(&text).map(Some).map_err(|e| GgufError::invalid(path, e.to_string()))
-}
 
 /// The name llama.cpp knows `pre_tokenizer`'s splitting by.
 fn pre_tokenizer_name(pre: &Json, path: &Path) -> Result<&'static str, GgufError> {
@@ -76,14 +59,6 @@ fn pre_tokenizer_name(pre: &Json, path: &Path) -> Result<&'static str, GgufError
         }
         other => Err(unsupported(format!("the pre-tokenizer is {}", other.unwrap_or("missing")))),
     }
-}
-
-/// Whether an added token that is not marked special still reads as a control token.
-pub(crate) fn looks_special(token: &str) -> bool {
-    matches!(token, "<pad>" | "<mask>" | "<2mass>" | "[@BOS@]")
-        || (token.starts_with("<|") && token.ends_with("|>"))
-        || (token.starts_with("<｜") && token.ends_with("｜>"))
-        || (token.starts_with("<unused") && token.ends_with('>'))
 }
 
 /// The tokenizer metadata of the model in `dir`, whose config.json is `model_config`, with

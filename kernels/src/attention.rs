@@ -17,11 +17,12 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::{BoolTensor, FloatTensor};
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, Scalar, TensorMetadata, backend_extension, get_device_settings};
-use burn::tensor::{DType, FloatDType, IntDType, Shape, Slice, Tensor};
+use burn::tensor::{DType, FloatDType, IntDType, Shape, Tensor};
 use burn_flex::FlexTensor;
 
 use crate::cpu::{self, f32s, flex_f32};
 use crate::flash;
+use crate::tensor::{float_dtype, slice_dim};
 
 /// Elements of one chunk's f32 score block (`batch × heads × chunk × T`): 64 M, 256 MiB.
 const CHUNK_ELEMENTS: usize = 64 << 20;
@@ -181,20 +182,6 @@ impl AttentionOps for burn_cubecl::CubeBackend {
     }
 }
 
-/// Positions `start..end` along `dim` of a tensor of rank `rank`, every other dimension whole.
-pub(crate) fn slice_dim(rank: usize, dim: usize, start: usize, end: usize) -> Vec<Slice> {
-    (0..rank).map(|i| if i == dim { Slice::new(start as isize, Some(end as isize), 1) } else { Slice::new(0, None, 1) }).collect()
-}
-
-fn float_dtype(t: &impl TensorMetadata) -> FloatDType {
-    match t.dtype() {
-        burn::tensor::DType::F16 => FloatDType::F16,
-        burn::tensor::DType::BF16 => FloatDType::BF16,
-        burn::tensor::DType::F64 => FloatDType::F64,
-        _ => FloatDType::F32,
-    }
-}
-
 /// The query chunk size for `b` rows, `h` heads and `s` positions.
 fn chunk_size(b: usize, h: usize, s: usize, asked: usize) -> usize {
     if asked > 0 {
@@ -252,7 +239,7 @@ fn forward<B: Backend>(
     let [b, h, s, d] = q.shape().dims();
     let kv = k.shape()[1];
     let rep = h / kv;
-    let dtype = float_dtype(&q);
+    let dtype = float_dtype(q.dtype());
     let scale = 1.0 / (d as f64).sqrt();
     let c = chunk_size(b, h, s, chunk);
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
@@ -293,7 +280,7 @@ fn backward<B: Backend>(st: AttentionState<B>, dout: FloatTensor<B>) -> (FloatTe
     let [b, h, s, d] = st.q.shape().dims();
     let kv = st.k.shape()[1];
     let rep = h / kv;
-    let dtype = float_dtype(&st.q);
+    let dtype = float_dtype(st.q.dtype());
     let scale = 1.0 / (d as f64).sqrt();
     let c = chunk_size(b, h, s, st.chunk);
     let device = st.q.device();

@@ -35,7 +35,7 @@ use cubecl::cmma;
 use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::*;
 
-use crate::attention::slice_dim;
+use crate::tensor::slice_dim;
 
 /// Invocations per workgroup: four groups of 32.
 pub const UNITS: usize = 128;

@@ -18,6 +18,7 @@
 //! - [`rope`]: rotary position embeddings in one kernel for inference.
 //! - [`xent`]: the head's cross-entropy and its gradient in the logits as one operation.
 //! - [`device`]: finding a wgpu adapter and its shader compiler, shared by every crate above.
+//! - [`tensor`]: small tensor helpers (a compute dtype's float dtype, one dimension's slice).
 #![warn(missing_docs)]
 
 pub mod attention;
@@ -31,6 +32,7 @@ pub mod matmul;
 pub mod matvec;
 pub mod norm;
 pub mod rope;
+pub mod tensor;
 pub mod xent;
 
 pub use linear::{frozen_linear, frozen_linear_add, frozen_linear3, frozen_swiglu, matmul_frozen};

@@ -24,12 +24,14 @@ pub mod llama;
 pub mod lora;
 pub mod rope;
 pub mod sampling;
+pub mod weight;
 
 pub use checkpoint::Checkpoint;
 pub use config::{Architecture, HfConfig, MlxQuantization, ModelConfig, RopeScaling};
 pub use error::ModelError;
 pub use generate::{Decoding, GenerationStats, generate};
 pub use geometry::Geometry;
-pub use llama::{AttentionPath, BlockInputs, CausalLm, KvCache, Linear, LoadEvent, LoadOptions, PROJECTIONS, QuantizeAtLoad, Weight};
+pub use llama::{AttentionPath, BlockInputs, CausalLm, KvCache, Linear, PROJECTIONS};
 pub use lora::LoraAdapter;
 pub use sampling::{Sampler, SamplingConfig};
+pub use weight::{LoadEvent, LoadOptions, QuantizeAtLoad, Weight};

@@ -9,7 +9,9 @@
 use burn::module::{Module, Param};
 use burn::tensor::{Distribution, Tensor};
 
-use crate::llama::{Weight, float_dtype};
+use lora_kernels::tensor::float_dtype;
+
+use crate::weight::Weight;
 
 /// `A` `[rank, in]` and `B` `[out, rank]` in PEFT's layout (`lora_A.weight`, `lora_B.weight`),
 /// held in f32 whatever the compute dtype: they are the master weights the optimizer updates.

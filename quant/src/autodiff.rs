@@ -18,6 +18,7 @@ use burn::tensor::{DType, FloatDType, IntDType, Shape, TensorData};
 
 use crate::kernels;
 use lora_kernels::linear::LinearOps;
+use lora_kernels::tensor::float_dtype;
 
 /// Backend operations on an affine-packed weight `W` `[n, k]`: words `[n, k·bits/32]`
 /// (u32), scales and biases `[n, k/group_size]`.
@@ -166,14 +167,6 @@ impl<B: Backend + PackedOps + LinearOps, C: CheckpointStrategy> PackedOps for Au
             }
             OpsKind::UnTracked(prep) => prep.finish(B::nf4_matmul_t(x.into_primitive(), packed, absmax, levels)),
         }
-    }
-}
-
-fn float_dtype(dtype: DType) -> FloatDType {
-    match dtype {
-        DType::F16 => FloatDType::F16,
-        DType::BF16 => FloatDType::BF16,
-        _ => FloatDType::F32,
     }
 }
 

@@ -17,6 +17,7 @@ use crate::autodiff::PackedOps;
 const HOST_ROWS: usize = 16;
 use crate::error::QuantError;
 use crate::nf4::{self, DQ_BLOCK, Nf4Quantized};
+use lora_kernels::tensor::float_dtype;
 
 /// A frozen weight `[rows, cols]` in one of the quantized formats.
 // A model holds a few hundred of these; the size difference between variants is irrelevant.
@@ -71,15 +72,6 @@ pub struct Nf4Weight {
 
 fn u32_tensor<const D: usize>(words: Vec<u32>, shape: [usize; D], device: &Device) -> Tensor<D, Int> {
     Tensor::from_data(TensorData::new(words, shape), (device, DType::U32))
-}
-
-fn float_dtype(dtype: DType) -> FloatDType {
-    match dtype {
-        DType::F16 => FloatDType::F16,
-        DType::BF16 => FloatDType::BF16,
-        DType::F64 => FloatDType::F64,
-        _ => FloatDType::F32,
-    }
 }
 
 impl QuantWeight {

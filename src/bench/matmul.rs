@@ -56,7 +56,7 @@ pub struct BenchMatmulArgs {
 pub fn run(args: BenchMatmulArgs) -> Result<()> {
     let device = select(args.device)?;
     let dtype = compute_dtype(&device, args.dtype, Some("bfloat16"))?;
-    let fd = lora_model::llama::float_dtype(dtype);
+    let fd = lora_kernels::tensor::float_dtype(dtype);
     let mut rows = Vec::new();
     for spec in &args.shapes {
         let dims: Vec<usize> = spec.split('x').map(str::parse).collect::<Result<_, _>>().map_err(|_| anyhow::anyhow!("--shapes {spec}: expected MxKxN"))?;

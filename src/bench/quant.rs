@@ -8,7 +8,7 @@
 //!   prefill/training size (batch×seq rows) and at batch-1 decode.
 
 use anyhow::{Context, Result};
-use burn::tensor::{DType, Device, Distribution, FloatDType, Tensor};
+use burn::tensor::{DType, Device, Distribution, Tensor};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lora_quant::QuantWeight;
@@ -16,6 +16,7 @@ use lora_quant::affine::{self, AffineSpec};
 
 use super::time;
 use crate::device::{DeviceArg, select};
+use lora_kernels::tensor::float_dtype;
 
 /// Flags of `lora bench quant`.
 #[derive(Debug, Args)]
@@ -136,10 +137,6 @@ pub fn run(args: BenchQuantArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn float_dtype(dtype: DType) -> FloatDType {
-    if dtype == DType::F16 { FloatDType::F16 } else { FloatDType::F32 }
 }
 
 /// Bytes of the tensors a packed weight holds.
