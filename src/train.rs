@@ -315,7 +315,7 @@ fn load_data(config: &TrainConfig, tokenizer: &Tokenizer) -> Result<Splits> {
         // Generous for the sequences kept: 64 bytes per token, and at least the default.
         max_row_bytes: config.max_seq_length.saturating_mul(64).max(lora_data::DEFAULT_MAX_ROW_BYTES),
     };
-    let splits = load_dir(dir, tokenizer, &options)?;
+    let mut splits = load_dir(dir, tokenizer, &options)?;
     for (name, split) in [("train", &splits.train), ("valid", &splits.valid), ("test", &splits.test)] {
         let Some(split) = split else { continue };
         if split.skipped > 0 {
@@ -338,7 +338,38 @@ fn load_data(config: &TrainConfig, tokenizer: &Tokenizer) -> Result<Splits> {
             eprintln!("[WARNING] {empty} row(s) of {name}.jsonl have no target left within --max-seq-length {}; they add nothing.", config.max_seq_length);
         }
     }
+    if config.pack {
+        pack_splits(config, &mut splits);
+    }
     Ok(splits)
+}
+
+/// `--pack`: every split's rows packed into sequences of `max_seq_length` tokens, with a line
+/// saying into how many, and the training batches' padding before and after.
+fn pack_splits(config: &TrainConfig, splits: &mut Splits) {
+    let padding = |examples: &[lora_data::Example]| {
+        let lengths: Vec<usize> = examples.iter().map(|e| e.tokens.len()).collect();
+        lora_data::Batcher::new(&lengths, config.batch_size, config.shuffle, config.seed)
+            .ok()
+            .map(|b| 100.0 * padding_fraction(examples, &b, config.max_seq_length))
+    };
+    for (name, split) in [("train", &mut splits.train), ("valid", &mut splits.valid), ("test", &mut splits.test)] {
+        let Some(split) = split else { continue };
+        let packed = lora_data::pack(&split.examples, config.max_seq_length);
+        let share = |p: Option<f64>| p.map_or_else(|| "-".to_string(), |p| format!("{p:.1}%"));
+        let padding = if name == "train" {
+            format!("; batch padding {} unpacked, {} packed", share(padding(&split.examples)), share(padding(&packed)))
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "Packed the {} rows of {name}.jsonl into {} sequences of at most {} tokens{padding}",
+            split.examples.len(),
+            packed.len(),
+            config.max_seq_length
+        );
+        split.examples = packed;
+    }
 }
 
 /// Puts the adapters on the model: from `resume_adapter_file`, or freshly initialized.

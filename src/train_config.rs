@@ -155,6 +155,9 @@ pub struct TrainConfig {
     pub max_grad_norm: Option<f64>,
     /// Train only on completions and assistant turns. Default false.
     pub mask_prompt: bool,
+    /// Pack several rows into each sequence of `max_seq_length` tokens, each attending only to
+    /// itself. Default false.
+    pub pack: bool,
     /// Bucket by length and shuffle (true), or keep file order (false). Default true.
     pub shuffle: bool,
     /// Count and skip bad rows instead of stopping. Default false.
@@ -228,6 +231,7 @@ impl Default for TrainConfig {
             grad_accumulation_steps: 1,
             max_grad_norm: None,
             mask_prompt: false,
+            pack: false,
             shuffle: true,
             skip_bad_rows: false,
             text_feature: "text".into(),
@@ -395,6 +399,14 @@ pub struct TrainFlags {
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mask_prompt: Option<bool>,
+    /// Pack several rows into each sequence of --max-seq-length tokens (best-fit decreasing),
+    /// each attending only to itself with its positions from 0: its loss is what it is
+    /// unpacked, without the padding of batches of unequal rows [default: false].
+    ///
+    /// Given bare it means true.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pack: Option<bool>,
     /// Bucket batches by length and shuffle them [default: true].
     ///
     /// Given bare it means true; `--shuffle false` turns off what a config file turned on.

@@ -112,6 +112,9 @@ pub struct Batch {
     pub len: usize,
     /// Per row, the token ranges trained on ([`Example::targets`], not truncated).
     pub targets: Vec<Vec<Range<usize>>>,
+    /// Per row, where each sequence packed into it begins ([`Example::starts`]); all empty
+    /// without packing.
+    pub starts: Vec<Vec<usize>>,
     /// Per row, the sequence's token count after truncation.
     pub lengths: Vec<usize>,
     /// Padded positions: `rows * len - sum(lengths)`.
@@ -133,8 +136,9 @@ pub fn collate(examples: &[Example], indices: &[usize], max_seq_length: usize) -
         tokens[row * len..row * len + n].copy_from_slice(&examples[i].tokens[..n]);
     }
     let targets = indices.iter().map(|&i| examples[i].targets.clone()).collect();
+    let starts = indices.iter().map(|&i| examples[i].starts.clone()).collect();
     let padding = rows * len - lengths.iter().sum::<usize>();
-    Batch { tokens, rows, len, targets, lengths, padding }
+    Batch { tokens, rows, len, targets, starts, lengths, padding }
 }
 
 /// Examples longer than `max_seq_length` tokens, which [`collate`] truncates.
@@ -149,6 +153,25 @@ pub fn count_without_targets(examples: &[Example], max_seq_length: usize) -> usi
 }
 
 impl Batch {
+    /// Whether any row holds several packed sequences.
+    pub fn is_packed(&self) -> bool {
+        self.starts.iter().any(|s| !s.is_empty())
+    }
+
+    /// The sequence number of each of the first `width` positions of every row, `[rows, width]`
+    /// row-major: 1, 2, ... for the sequences packed into the row (1 for an unpacked row's
+    /// tokens), 0 past the row's tokens.
+    pub fn segments(&self, width: usize) -> Vec<u32> {
+        let mut out = vec![0u32; self.rows * width];
+        for (r, starts) in self.starts.iter().enumerate() {
+            let row = &mut out[r * width..(r + 1) * width];
+            for (p, g) in row.iter_mut().enumerate().take(self.lengths[r]) {
+                *g = starts.iter().filter(|&&s| s <= p).count().max(1) as u32;
+            }
+        }
+        out
+    }
+
     /// Target token `j` of row `r` is trained on (`1 <= j < lengths[r]`, inside one of the
     /// row's target ranges).
     pub fn is_target(&self, r: usize, j: usize) -> bool {

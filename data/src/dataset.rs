@@ -102,19 +102,21 @@ pub struct Example {
     pub tokens: Vec<u32>,
     /// The token ranges trained on, in order and disjoint.
     pub targets: Vec<Range<usize>>,
+    /// Where each row packed into this sequence begins ([`crate::pack`]); empty for a single row.
+    pub starts: Vec<usize>,
 }
 
 impl Example {
     /// Every token a target (an unmasked row).
     pub fn new(tokens: Vec<u32>) -> Self {
         let n = tokens.len();
-        Self { tokens, targets: std::iter::once(0..n).collect() }
+        Self { tokens, targets: std::iter::once(0..n).collect(), starts: Vec::new() }
     }
 
     /// The tokens from `offset` on are the targets (a masked prompt).
     pub fn from_offset(tokens: Vec<u32>, offset: usize) -> Self {
         let n = tokens.len();
-        Self { tokens, targets: std::iter::once(offset.min(n)..n).collect() }
+        Self { tokens, targets: std::iter::once(offset.min(n)..n).collect(), starts: Vec::new() }
     }
 
     /// The index of the first target token (the row's length when there is none).
@@ -394,7 +396,7 @@ impl RowReader<'_> {
             }
             targets.push(offset.min(tokens.len())..tokens.len());
         }
-        Ok(Example { tokens, targets })
+        Ok(Example { tokens, targets, starts: Vec::new() })
     }
 }
 

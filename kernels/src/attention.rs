@@ -27,6 +27,15 @@ use crate::tensor::{float_dtype, slice_dim};
 /// Elements of one chunk's f32 score block (`batch × heads × chunk × T`): 64 M, 256 MiB.
 const CHUNK_ELEMENTS: usize = 64 << 20;
 
+/// Whether a query whose own flag is `query` may see a key (at or before it, inside the window)
+/// whose flag is `key`. Flags are 1 for a real token and 0 for padding; rows packed with several
+/// sequences number them 1, 2, ... instead: a query then sees only the keys of its own sequence.
+/// A padding query (flag 0) sees every real key, as it did before packing existed: its output
+/// reaches no loss.
+pub fn key_visible(key: f32, query: f32) -> bool {
+    key >= 0.5 && (query < 0.5 || key == query)
+}
+
 /// How the attention is masked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Masking {
@@ -40,7 +49,8 @@ pub struct Masking {
 #[backend_extension(Autodiff, Flex, Cube, Fusion)]
 pub trait AttentionOps: Backend {
     /// `q` `[b, h, s, d]`, `k` and `v` `[b, kv, s, d]` (`kv` divides `h`; query head `i` uses
-    /// key/value head `i / (h / kv)`), `keys` `[b, s]` 1 for a real key and 0 for padding, in f32:
+    /// key/value head `i / (h / kv)`), `keys` `[b, s]` in f32, 1 for a real key and 0 for
+    /// padding, or each packed sequence's number ([`key_visible`]):
     /// `softmax(q·kᵀ/√d + mask)·v` `[b, h, s, d]`, causal, in the dtype of `q`.
     #[fusion(dtype = q, shape = q)]
     fn chunked_attention(
@@ -204,9 +214,21 @@ fn chunk_mask<B: Backend>(keys: &FloatTensor<B>, dims: [usize; 4], start: usize,
         forbidden = B::bool_or(forbidden, B::int_greater_equal_elem(diff, Scalar::from(window as i32), bool_dtype));
     }
     let forbidden = B::bool_expand(B::bool_reshape(forbidden, Shape::new([1, 1, 1, c, end])), Shape::new([b, kv, rep, c, end]));
-    let padding = B::float_lower_elem(B::float_slice(keys.clone(), &slice_dim(2, 1, 0, end)), Scalar::from(0.5f32), bool_dtype);
-    let padding = B::bool_expand(B::bool_reshape(padding, Shape::new([b, 1, 1, 1, end])), Shape::new([b, kv, rep, c, end]));
-    B::bool_reshape(B::bool_or(forbidden, padding), Shape::new([b, kv, rep * c, end]))
+    // [`key_visible`]: padding keys, and with packed rows the keys of another sequence.
+    let key_flags = B::float_slice(keys.clone(), &slice_dim(2, 1, 0, end)); // [b, end]
+    let padding = B::float_lower_elem(key_flags.clone(), Scalar::from(0.5f32), bool_dtype);
+    let hidden = B::bool_expand(B::bool_reshape(padding, Shape::new([b, 1, end])), Shape::new([b, c, end]));
+    let query_flags = B::float_slice(keys.clone(), &slice_dim(2, 1, start, start + c)); // [b, c]
+    let other = B::float_not_equal(
+        B::float_expand(B::float_reshape(key_flags, Shape::new([b, 1, end])), Shape::new([b, c, end])),
+        B::float_expand(B::float_reshape(query_flags.clone(), Shape::new([b, c, 1])), Shape::new([b, c, end])),
+        bool_dtype,
+    );
+    let real_query = B::float_greater_equal_elem(query_flags, Scalar::from(0.5f32), bool_dtype);
+    let other = B::bool_and(other, B::bool_expand(B::bool_reshape(real_query, Shape::new([b, c, 1])), Shape::new([b, c, end])));
+    let hidden = B::bool_or(hidden, other);
+    let hidden = B::bool_expand(B::bool_reshape(hidden, Shape::new([b, 1, 1, c, end])), Shape::new([b, kv, rep, c, end]));
+    B::bool_reshape(B::bool_or(forbidden, hidden), Shape::new([b, kv, rep * c, end]))
 }
 
 /// Queries `start..start + c` of `q` `[b, h, s, d]` as `[b, kv, rep·c, d]`.

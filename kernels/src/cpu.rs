@@ -185,10 +185,11 @@ fn softmax_rows(p: &mut [f32], end: usize, i0: usize, window: usize, keys: &[f32
     for (r, row) in p.chunks_mut(end).enumerate() {
         let i = i0 + r;
         let lo = visible(i, window);
+        let own = keys[i];
         let seen_keys = &keys[lo..=i];
         let seen = &mut row[lo..=i];
-        for (x, k) in seen.iter_mut().zip(seen_keys) {
-            if *k < 0.5 {
+        for (x, &k) in seen.iter_mut().zip(seen_keys) {
+            if !crate::attention::key_visible(k, own) {
                 *x = f32::NEG_INFINITY;
             }
         }
@@ -202,9 +203,9 @@ fn softmax_rows(p: &mut [f32], end: usize, i0: usize, window: usize, keys: &[f32
                 *x -= shift;
             }
             exp_in_place(seen);
-            // Padding keys were -inf, which the exponential clamps to about 1e-38: exactly 0.
-            for (x, k) in seen.iter_mut().zip(seen_keys) {
-                if *k < 0.5 {
+            // Hidden keys were -inf, which the exponential clamps to about 1e-38: exactly 0.
+            for (x, &k) in seen.iter_mut().zip(seen_keys) {
+                if !crate::attention::key_visible(k, own) {
                     *x = 0.0;
                 }
             }
@@ -223,8 +224,9 @@ fn softmax_rows(p: &mut [f32], end: usize, i0: usize, window: usize, keys: &[f32
 }
 
 /// Causal attention: `out` `[b, h, s, d]` and the log-sum-exp `[b, h, s]` for `q`, `k`, `v`
-/// (contiguous f32, shapes of `dims`), key flags `keys` `[b, s]` (1 real, 0 padding) and a
-/// sliding `window` (0 for none). A query that sees no key gets 0.
+/// (contiguous f32, shapes of `dims`), key flags `keys` `[b, s]` (see
+/// [`crate::attention::key_visible`]) and a sliding `window` (0 for none). A query that sees no
+/// key gets 0.
 pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], keys: &[f32], dims: Dims, window: usize) -> (Vec<f32>, Vec<f32>) {
     let Dims { b, h, kv, s, d } = dims;
     let rep = h / kv;

@@ -152,10 +152,12 @@ pub fn path(q: &CubeTensor, k: &CubeTensor, v: &CubeTensor, keys: &CubeTensor, m
     (mode == Mode::Scalar && d.is_multiple_of(2)).then_some(Path::Scalar)
 }
 
+/// Whether query `i` (flag `query`) may see key `j` (flag `key`): causal, inside the window, and
+/// `crate::attention::key_visible`.
 #[cube]
-fn allowed(i: usize, j: usize, window: usize, flag: f32) -> bool {
+fn allowed(i: usize, j: usize, window: usize, key: f32, query: f32) -> bool {
     // `j <= i` first: `i - j` is only read where it does not wrap.
-    let mut ok = j <= i && flag >= 0.5;
+    let mut ok = j <= i && key >= 0.5 && (query < 0.5 || key == query);
     if ok && window > 0 {
         ok = i - j < window;
     }
@@ -384,7 +386,7 @@ fn forward_kernel<F: Float>(
         for c in 0..comptime!(BLOCK / 2) {
             let col = half * comptime!(BLOCK / 2) + c;
             let j = kb * BLOCK + col;
-            if allowed(i, j, window, keys[row * s + j]) {
+            if allowed(i, j, window, keys[row * s + j], keys[row * s + i]) {
                 let x = scores[patch + r * BLOCK + col] * scale;
                 if x > m {
                     l = l * (m - x).exp() + 1.0;
@@ -423,7 +425,7 @@ fn forward_kernel<F: Float>(
             let j = kb * BLOCK + col;
             let at = patch + r * BLOCK + col;
             let mut p = 0f32;
-            if allowed(i, j, window, keys[row * s + j]) {
+            if allowed(i, j, window, keys[row * s + j], keys[row * s + i]) {
                 p = (scores[at] * scale - row_lse).exp();
             }
             probs[at] = F::cast_from(p);
@@ -517,7 +519,7 @@ fn dkv_kernel<F: Float>(
                 let i = qb * BLOCK + col;
                 let at = patch + r * BLOCK + col;
                 let mut p = 0f32;
-                if allowed(i, j, window, flag) {
+                if allowed(i, j, window, flag, keys[row * s + i]) {
                     p = (tile[at] * scale - lse[stat + i]).exp();
                 }
                 operand[at] = F::cast_from(p);
@@ -591,7 +593,7 @@ fn dq_kernel<F: Float>(
             let j = kb * BLOCK + col;
             let at = patch + r * BLOCK + col;
             let mut p = 0f32;
-            if allowed(i, j, window, keys[row * s + j]) {
+            if allowed(i, j, window, keys[row * s + j], keys[row * s + i]) {
                 p = (tile[at] * scale - row_lse).exp();
             }
             operand[at] = F::cast_from(p);

@@ -22,8 +22,9 @@ use cubecl::prelude::*;
 /// Rotary embeddings as one operation.
 #[backend_extension(Autodiff, Flex, Cube, Fusion)]
 pub trait RopeOps: Backend {
-    /// `x` `[b, s, n, d]`, `cos` and signed `sin` `[s, d]` in `x`'s dtype -> `[b, n, s, d]`,
-    /// heads `0..rotated` rotated and the others copied.
+    /// `x` `[b, s, n, d]`, `cos` and signed `sin` `[s, d]` (or `[b·s, d]`: a table per row, for
+    /// rows whose positions differ) in `x`'s dtype -> `[b, n, s, d]`, heads `0..rotated` rotated
+    /// and the others copied.
     #[fusion(dtype = x, shape = Shape::new([x[0], x[2], x[1], x[3]]))]
     fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, rotated: usize) -> FloatTensor<Self> {
         composed::<Self>(x, cos, sin, rotated)
@@ -35,7 +36,9 @@ impl RopeOps for Flex {}
 impl RopeOps for burn_cubecl::CubeBackend {
     fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, rotated: usize) -> FloatTensor<Self> {
         let d = x.shape()[3];
-        if !d.is_multiple_of(2) || x.dtype != cos.dtype || x.dtype != sin.dtype {
+        let [b, s, _, _] = x.shape().dims();
+        let rows = cos.shape()[0];
+        if !d.is_multiple_of(2) || x.dtype != cos.dtype || x.dtype != sin.dtype || (rows != s && rows != b * s) || sin.shape() != cos.shape() {
             return composed::<Self>(x, cos, sin, rotated);
         }
         kernel(x, cos, sin, rotated)
@@ -57,8 +60,9 @@ fn composed<B: Backend>(x: FloatTensor<B>, cos: FloatTensor<B>, sin: FloatTensor
     let r = rotated.min(n);
     let halves = B::float_reshape(x.clone(), Shape::new([b * r * s, 2, d / 2]));
     let swapped = B::float_reshape(B::float_flip(halves, &[1]), Shape::new([b, r, s, d])); // [x₂, x₁]
-    let cos = B::float_reshape(cos, Shape::new([1, 1, s, d]));
-    let sin = B::float_reshape(sin, Shape::new([1, 1, s, d]));
+    let tables = cos.shape()[0] / s.max(1); // 1, or one per row
+    let cos = B::float_reshape(cos, Shape::new([tables, 1, s, d]));
+    let sin = B::float_reshape(sin, Shape::new([tables, 1, s, d]));
     let out = B::float_add(B::float_mul(x, cos), B::float_mul(swapped, sin));
     match rest {
         Some(rest) => B::float_cat(vec![out, rest], 1),
@@ -81,8 +85,13 @@ fn rotary_kernel<F: Float>(x: &Tensor<F>, cos: &Tensor<F>, sin: &Tensor<F>, out:
     let half = d / 2;
     let partner = if j < half { j + half } else { j - half };
     let base = ((row * s + t) * n + head) * d;
+    // One table for every row, or one per row.
+    let mut at = t * d + j;
+    if cos.shape(0) != s {
+        at = (row * s + t) * d + j;
+    }
     if head < rotated {
-        let value = f32::cast_from(x[base + j]) * f32::cast_from(cos[t * d + j]) + f32::cast_from(x[base + partner]) * f32::cast_from(sin[t * d + j]);
+        let value = f32::cast_from(x[base + j]) * f32::cast_from(cos[at]) + f32::cast_from(x[base + partner]) * f32::cast_from(sin[at]);
         out[pos] = F::cast_from(value);
     } else {
         out[pos] = x[base + j];
@@ -96,7 +105,8 @@ fn kernel(x: CubeTensor, cos: CubeTensor, sin: CubeTensor, rotated: usize) -> Cu
     let cube_dim = CubeDim::new(&out.client, elements);
     let count = calculate_cube_count_elemwise(&out.client, elements, cube_dim);
     let dtype = dtype_to_storage_type(x.dtype);
-    // SAFETY: the operands are contiguous, `x` `[b, s, n, d]` and the tables `[s, d]`; every
+    // SAFETY: the operands are contiguous, `x` `[b, s, n, d]` and the tables `[s, d]` or
+    // `[b·s, d]` (`rotary` checked); every
     // index is decomposed from an output position below `out.len()`.
     unsafe {
         rotary_kernel::launch_unchecked(
@@ -114,8 +124,8 @@ fn kernel(x: CubeTensor, cos: CubeTensor, sin: CubeTensor, rotated: usize) -> Cu
     out
 }
 
-/// Rotates `x` `[b, s, heads, d]` by the tables `cos` and signed `sin` `[s, d]` (the first
-/// half of `sin` negated) -> `[b, heads, s, d]`; only heads `0..rotated` are rotated, the
+/// Rotates `x` `[b, s, heads, d]` by the tables `cos` and signed `sin` `[s, d]`, or `[b·s, d]`
+/// with a table per row (the first half of `sin` negated) -> `[b, heads, s, d]`; only heads `0..rotated` are rotated, the
 /// others are copied (query and key heads ahead of value heads in one tensor).
 pub fn rotary(x: burn::tensor::Tensor<4>, cos: burn::tensor::Tensor<2>, sin: burn::tensor::Tensor<2>, rotated: usize) -> burn::tensor::Tensor<4> {
     burn::tensor::Tensor::from_dispatch(<Dispatch as RopeOps>::rotary(x.into_dispatch(), cos.into_dispatch(), sin.into_dispatch(), rotated))

@@ -1,11 +1,11 @@
 //! The chunked attention against the plain composition of tensor operations (the whole masked
-//! score matrix), forward and gradients, with GQA, a sliding window, key padding and chunks
-//! that do not divide the sequence.
+//! score matrix), forward and gradients, with GQA, a sliding window, key padding, rows packed
+//! with several sequences and chunks that do not divide the sequence.
 
 mod common;
 
 use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
-use common::reference;
+use common::{reference, test_flags};
 use lora_kernels::attention::{Masking, attention};
 use lora_kernels::device::wgpu_device_for_tests;
 
@@ -15,15 +15,14 @@ fn max_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
 
 fn check(device: &Device, tolerance: f32, s: usize, configs: &[(Option<usize>, usize)]) {
     let (b, h, kv, d) = (2, 4, 2, 8);
-    let keys: Vec<bool> = (0..b * s).map(|i| !(i >= s && i < s + 3)).collect(); // row 1: 3 left pads
-    let flags = Tensor::<2>::from_data(TensorData::new(keys.iter().map(|&k| if k { 1f32 } else { 0.0 }).collect::<Vec<_>>(), [b, s]), (device, DType::F32));
+    let keys = test_flags(b, s); // row 0: three packed sequences; row 1: 3 left pads
+    let flags = Tensor::<2>::from_data(TensorData::new(keys.clone(), [b, s]), (device, DType::F32));
     for &(window, chunk) in configs {
         let random = |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), (device, DType::F32));
         let (q0, k0, v0) = (random([b, h, s, d]), random([b, kv, s, d]), random([b, kv, s, d]));
         // Query rows that may see no key (row 1's pads: every key up to them is padding) are
         // defined only as "some average"; their outputs never reach a loss, so they are left out.
-        let seen =
-            Tensor::<4>::from_data(TensorData::new(keys.iter().map(|&k| if k { 1f32 } else { 0.0 }).collect::<Vec<_>>(), [b, 1, s, 1]), (device, DType::F32));
+        let seen = Tensor::<4>::from_data(TensorData::new(keys.iter().map(|&k| k.min(1.0)).collect::<Vec<_>>(), [b, 1, s, 1]), (device, DType::F32));
         let upstream = random([b, h, s, d]) * seen.clone();
         let grads_of = |chunked: bool| {
             let q = q0.clone().autodiff().require_grad();

@@ -1,6 +1,7 @@
 //! The GPU attention kernels (`lora_kernels::flash`) against the plain composition of tensor
-//! operations, forward and gradients: grouped-query attention, key padding, sliding windows and
-//! sequences that are not a multiple of the kernels' 64-position blocks.
+//! operations, forward and gradients: grouped-query attention, key padding, rows packed with
+//! several sequences, sliding windows and sequences that are not a multiple of the kernels'
+//! 64-position blocks.
 //!
 //! On a device without tensor cores (lavapipe in CI) the scalar kernels run; on one with them
 //! (`LORA_REQUIRE_MMA` set, as on the lent GPU) the tensor-core kernels must run and are checked
@@ -9,7 +10,7 @@
 mod common;
 
 use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
-use common::reference;
+use common::{reference, test_flags};
 use lora_kernels::attention::{Masking, attention};
 use lora_kernels::device::wgpu_device_for_tests;
 use lora_kernels::flash::{self, Mode, Path};
@@ -17,9 +18,9 @@ use lora_kernels::flash::{self, Mode, Path};
 /// Largest difference between the kernels' and the reference's output and gradients, each
 /// relative to the reference's largest magnitude: `[out, dq, dk, dv]`.
 fn relative_errors(device: &Device, dtype: DType, (b, h, kv, d): (usize, usize, usize, usize), s: usize, window: Option<usize>) -> [f32; 4] {
-    let keys: Vec<bool> = (0..b * s).map(|i| !(i >= s && i < s + 3)).collect(); // row 1: 3 left pads
-    let flag_values: Vec<f32> = keys.iter().map(|&k| if k { 1.0 } else { 0.0 }).collect();
-    let flags = Tensor::<2>::from_data(TensorData::new(flag_values.clone(), [b, s]), (device, DType::F32));
+    let keys = test_flags(b, s); // row 0: three packed sequences; row 1: 3 left pads
+    let flag_values: Vec<f32> = keys.iter().map(|&k| k.min(1.0)).collect();
+    let flags = Tensor::<2>::from_data(TensorData::new(keys.clone(), [b, s]), (device, DType::F32));
     // Query rows that may see no key (row 1's pads) are defined only as "some average" by the
     // composition and as 0 by the kernels; their outputs never reach a loss, so they are left out.
     let seen = Tensor::<4>::from_data(TensorData::new(flag_values, [b, 1, s, 1]), (device, DType::F32));

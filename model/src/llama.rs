@@ -8,6 +8,7 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData};
 
+use lora_kernels::attention::key_visible;
 use lora_kernels::rope::rotary;
 
 use crate::checkpoint::Checkpoint;
@@ -355,8 +356,9 @@ pub struct DecoderLayer {
 pub const PROJECTIONS: [&str; 7] =
     ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
 
-/// What the blocks of one forward pass share: the rotary tables `[seq, head_dim]` and the key
-/// padding `[batch, seq]` (1 real, 0 padding) of the chunked attention.
+/// What the blocks of one forward pass share: the rotary tables `[seq, head_dim]` (or
+/// `[batch·seq, head_dim]` for packed rows) and the key flags `[batch, seq]` of the attention
+/// (1 real, 0 padding; in packed rows each sequence's number).
 #[derive(Debug, Clone)]
 pub struct BlockInputs {
     cos: Tensor<2>,
@@ -645,6 +647,33 @@ impl CausalLm {
         (x, BlockInputs { cos, sin, keys: key_flags(b, s, attention_mask, &device) })
     }
 
+    /// [`Self::embed`] for rows packed with several sequences each: `segments` `[batch * seq]`
+    /// (row-major) numbers the sequence each position belongs to, 1, 2, ... within a row, 0 for
+    /// padding. Each sequence's positions count from 0 and it attends only to itself, so its
+    /// hidden states are those it has alone.
+    ///
+    /// # Panics
+    ///
+    /// If `segments` does not hold `batch * seq` numbers.
+    pub fn embed_packed(&self, tokens: Tensor<2, Int>, segments: &[u32]) -> (Tensor<3>, BlockInputs) {
+        let [b, s] = tokens.dims();
+        assert_eq!(segments.len(), b * s, "one segment number per position");
+        let device = tokens.device();
+        let x = self.model.embed_tokens.forward(tokens);
+        let (cos, sin) = self.rope.tables_at(segment_positions(segments, s).into_iter(), &device, x.dtype()); // [b·s, d]
+        let flags: Vec<f32> = segments.iter().map(|&g| g as f32).collect();
+        (x, BlockInputs { cos, sin, keys: Tensor::from_data(TensorData::new(flags, [b, s]), (&device, DType::F32)) })
+    }
+
+    /// [`Self::hidden`] for packed rows ([`Self::embed_packed`]).
+    pub fn hidden_packed(&self, tokens: Tensor<2, Int>, segments: &[u32]) -> Tensor<3> {
+        let (mut x, inputs) = self.embed_packed(tokens, segments);
+        for i in 0..self.model.layers.len() {
+            x = self.block(i, x, &inputs);
+        }
+        x
+    }
+
     /// Block `index` on `x` `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
     pub fn block(&self, index: usize, x: Tensor<3>, inputs: &BlockInputs) -> Tensor<3> {
         let layer = &self.model.layers[index];
@@ -732,14 +761,15 @@ impl CausalLm {
             }
         } else {
             // At most two distinct masks: full causal and the sliding window.
-            let full = build_mask(b, s, past, total, None, attention_mask, &device);
+            let flags = mask_flags(attention_mask);
+            let full = build_mask(b, s, past, total, None, flags.as_deref(), &device);
             let mut windowed: Option<(usize, Tensor<5, Bool>)> = None;
             for (i, layer) in self.model.layers.iter().enumerate() {
                 let mask = match layer.window {
                     None => &full,
                     Some(w) => {
                         if windowed.as_ref().is_none_or(|(ww, _)| *ww != w) {
-                            windowed = Some((w, build_mask(b, s, past, total, Some(w), attention_mask, &device)));
+                            windowed = Some((w, build_mask(b, s, past, total, Some(w), flags.as_deref(), &device)));
                         }
                         &windowed.as_ref().expect("just built").1
                     }
@@ -754,6 +784,20 @@ impl CausalLm {
     }
 }
 
+/// Each position's place in its packed sequence: counts from 0, again wherever the segment
+/// number changes (and at every row's start).
+fn segment_positions(segments: &[u32], seq: usize) -> Vec<usize> {
+    let mut positions = Vec::with_capacity(segments.len());
+    for row in segments.chunks(seq.max(1)) {
+        let mut at = 0;
+        for (p, g) in row.iter().enumerate() {
+            at = if p > 0 && *g == row[p - 1] { at + 1 } else { 0 };
+            positions.push(at);
+        }
+    }
+    positions
+}
+
 /// Key flags `[batch, seq]` in f32: 1 for a real token, 0 for padding (all 1 without a mask).
 fn key_flags(batch: usize, seq: usize, attention_mask: Option<&[bool]>, device: &Device) -> Tensor<2> {
     let flags: Vec<f32> = match attention_mask {
@@ -763,10 +807,9 @@ fn key_flags(batch: usize, seq: usize, attention_mask: Option<&[bool]>, device: 
     Tensor::from_data(TensorData::new(flags, [batch, seq]), (device, DType::F32))
 }
 
-/// [`key_flags`] back as booleans, for the reference attention.
-fn key_list(keys: &Tensor<2>) -> Vec<bool> {
-    let flags: Vec<f32> = keys.clone().into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
-    flags.into_iter().map(|f| f > 0.5).collect()
+/// [`key_flags`] back on the host, for the reference attention.
+fn key_list(keys: &Tensor<2>) -> Vec<f32> {
+    keys.clone().into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default()
 }
 
 /// The additive bias `[batch, total]` (f32) of one query at position `past` over the keys at
@@ -786,20 +829,26 @@ fn hidden(q: usize, k: usize, window: Option<usize>) -> bool {
 
 /// The attention mask `[batch, 1, 1, seq, total]` of queries at `past..past + seq` over keys at
 /// `0..total`, true where attention is forbidden: future keys (among them every key from
-/// `past + seq` on, unwritten cache), keys outside the sliding window (`q - k >= window`),
-/// and padding keys.
-fn build_mask(batch: usize, seq: usize, past: usize, total: usize, window: Option<usize>, attention_mask: Option<&[bool]>, device: &Device) -> Tensor<5, Bool> {
-    let mut flags = Vec::with_capacity(batch * seq * total);
+/// `past + seq` on, unwritten cache), keys outside the sliding window (`q - k >= window`), and
+/// among this step's keys those that `flags` (`[batch, seq]`, see
+/// `lora_kernels::attention::key_visible`) hides: padding, and in packed rows other sequences.
+fn build_mask(batch: usize, seq: usize, past: usize, total: usize, window: Option<usize>, flags: Option<&[f32]>, device: &Device) -> Tensor<5, Bool> {
+    let mut mask = Vec::with_capacity(batch * seq * total);
     for row in 0..batch {
         for qi in 0..seq {
             let q = past + qi;
             for k in 0..total {
-                let padding = attention_mask.is_some_and(|m| k >= past && k < past + seq && !m[row * seq + (k - past)]);
-                flags.push(hidden(q, k, window) || padding);
+                let unseen = flags.is_some_and(|f| k >= past && k < past + seq && !key_visible(f[row * seq + (k - past)], f[row * seq + qi]));
+                mask.push(hidden(q, k, window) || unseen);
             }
         }
     }
-    Tensor::<5, Bool>::from_data(TensorData::new(flags, [batch, 1, 1, seq, total]), &device.clone())
+    Tensor::<5, Bool>::from_data(TensorData::new(mask, [batch, 1, 1, seq, total]), &device.clone())
+}
+
+/// An attention mask's flags as f32 (1 real, 0 padding), as the attention kernels take them.
+fn mask_flags(attention_mask: Option<&[bool]>) -> Option<Vec<f32>> {
+    attention_mask.map(|m| m.iter().map(|&real| if real { 1.0 } else { 0.0 }).collect())
 }
 
 fn to_f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
@@ -814,7 +863,7 @@ mod tests {
     fn mask_combines_causal_window_and_padding() {
         let device = Device::flex();
         // One row of 4 tokens, the first is padding, window 2.
-        let pad = [false, true, true, true];
+        let pad = [0.0, 1.0, 1.0, 1.0];
         let m = build_mask(1, 4, 0, 4, Some(2), Some(&pad), &device);
         let v: Vec<bool> = m.into_data().try_to_vec().unwrap();
         #[rustfmt::skip]
@@ -853,6 +902,31 @@ mod tests {
         assert_eq!(cache.len(), n);
         assert_eq!(cache.capacity(), 512, "grown from 256 to the next bucket");
         assert!(worst < 1e-4, "cached logits differ from the full pass by {worst}");
+    }
+
+    /// Issue 16, packing: two sequences packed in one row, each with its positions from 0 and
+    /// attending only to itself, give the hidden states each has alone, on the dense and the
+    /// chunked attention.
+    #[test]
+    fn packed_rows_match_each_sequence_alone() {
+        let device = Device::flex();
+        let config = crate::Geometry::named("tiny").expect("tiny shape").config();
+        let mut model = CausalLm::load(&config, &Checkpoint::random(&config), &device, DType::F32, |_| {}).unwrap();
+        let ids = |n: usize, seed: i64| -> Vec<i64> { (0..n as i64).map(|i| (i * 37 + seed) % config.vocab_size as i64).collect() };
+        let (a, b) = (ids(7, 3), ids(5, 11));
+        let packed: Vec<i64> = a.iter().chain(&b).copied().chain([0, 0]).collect();
+        let segments: Vec<u32> = [1; 7].into_iter().chain([2; 5]).chain([0; 2]).collect();
+        let alone = |model: &CausalLm, t: &[i64]| model.hidden(Tensor::<2, Int>::from_data(TensorData::new(t.to_vec(), [1, t.len()]), &device), None);
+        for path in [AttentionPath::Dense, AttentionPath::Chunked] {
+            model.attention = path;
+            let model = &model;
+            let (want_a, want_b) = (alone(model, &a), alone(model, &b));
+            let got = model.hidden_packed(Tensor::<2, Int>::from_data(TensorData::new(packed.clone(), [1, 14]), &device), &segments);
+            let diff_a: f32 = (got.clone().narrow(1, 0, 7) - want_a).abs().max().into_scalar();
+            let diff_b: f32 = (got.narrow(1, 7, 5) - want_b).abs().max().into_scalar();
+            assert!(diff_a < 1e-5 && diff_b < 1e-5, "{path:?}: packed hidden states differ by {diff_a}, {diff_b}");
+        }
+        assert_eq!(segment_positions(&segments, 14), [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 0, 1]);
     }
 
     #[test]

@@ -50,11 +50,17 @@ impl Rope {
     /// the frequency halves repeated as in transformers' `rotate_half` convention; the first
     /// half of `sin` is negated, as `lora_kernels::rope::rotary` takes it.
     pub fn tables(&self, start: usize, len: usize, device: &Device, dtype: DType) -> (Tensor<2>, Tensor<2>) {
+        self.tables_at(start..start + len, device, dtype)
+    }
+
+    /// [`Rope::tables`] for any positions, one table row each: `[positions, head_dim]`.
+    pub fn tables_at(&self, positions: impl ExactSizeIterator<Item = usize>, device: &Device, dtype: DType) -> (Tensor<2>, Tensor<2>) {
         let half = self.inv_freq.len();
         let dim = 2 * half;
+        let len = positions.len();
         let mut cos = Vec::with_capacity(len * dim);
         let mut sin = Vec::with_capacity(len * dim);
-        for p in start..start + len {
+        for p in positions {
             let pos = p as f32;
             for sign in [-1.0f32, 1.0] {
                 for &f in &self.inv_freq {

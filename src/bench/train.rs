@@ -54,6 +54,14 @@ pub struct BenchTrainArgs {
     /// Recompute each block in backward instead of keeping its activations.
     #[arg(long)]
     pub grad_checkpoint: bool,
+    /// Rows of random lengths from MIN to MAX tokens (a fixed draw), batched by length as
+    /// `lora train` batches them, instead of rows of exactly --seq targets; tokens/s then
+    /// counts trained (not padding) tokens.
+    #[arg(long, value_name = "MIN-MAX")]
+    pub row_lengths: Option<String>,
+    /// Pack the rows into sequences of --seq + 1 tokens (`lora train --pack`).
+    #[arg(long)]
+    pub pack: bool,
     /// Also write the figures as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<std::path::PathBuf>,
@@ -98,7 +106,15 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
     let trainable = trainable_count(&model);
 
     let iters = args.warmup + args.steps;
-    let examples = random_rows(iters * args.batch_size, args.seq + 1, g.vocab);
+    let examples = match &args.row_lengths {
+        None => random_rows(iters * args.batch_size, args.seq + 1, g.vocab),
+        // Enough rows for every step even packed, the same draw either way.
+        Some(range) => varied_rows(range, iters * args.batch_size * (args.seq + 1), g.vocab)?,
+    };
+    let examples = if args.pack { lora_data::pack(&examples, args.seq + 1) } else { examples };
+    if examples.len() < iters * args.batch_size {
+        bail!("{} rows for {iters} steps of {}: raise the rows' lengths or lower --steps", examples.len(), args.batch_size);
+    }
     let settings = Settings {
         iters,
         batch_size: args.batch_size,
@@ -109,7 +125,8 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         val_batches: None,
         save_every: 0,
         seed: 0,
-        shuffle: false,
+        // Rows of one length (the default) in file order; rows of varied lengths bucketed.
+        shuffle: args.row_lengths.is_some(),
         max_grad_norm: None,
         recompute: args.grad_checkpoint,
         schedule: Schedule { kind: ScheduleKind::Constant, lr: 1e-4, warmup: 0, total: iters, min_lr: 0.0 },
@@ -122,20 +139,30 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
     lora_trainer::train(&mut model, &examples, None, &settings, &mut state, &mut timer)?;
     timer.bar.finish_and_clear();
 
-    let tokens = args.batch_size * args.seq;
-    let mut timed: Vec<f64> = timer.steps[args.warmup.min(timer.steps.len())..].to_vec();
+    let skip = args.warmup.min(timer.steps.len());
+    let mut timed: Vec<f64> = timer.steps[skip..].to_vec();
     let (min, max) = (timed.iter().copied().fold(f64::INFINITY, f64::min), timed.iter().copied().fold(0.0, f64::max));
+    let total_s: f64 = timed.iter().sum();
     let step = median(&mut timed);
-    let tokens_per_s = tokens as f64 / step;
+    // Rows of one length: every step trains batch × seq targets. Varied rows: the steps differ,
+    // so the trained targets over the timed steps' total time.
+    let (tokens, tokens_per_s) = match args.row_lengths {
+        None => (args.batch_size * args.seq, (args.batch_size * args.seq) as f64 / step),
+        Some(_) => {
+            let trained: usize = timer.tokens[skip..].iter().sum();
+            (trained / timer.tokens.len().saturating_sub(skip).max(1), trained as f64 / total_s)
+        }
+    };
     let tflops = g.train_flops_per_token(args.seq) * tokens as f64 / step / 1e12;
     let peak = timer.peak.peak()? as f64 / (1u64 << 30) as f64;
     let first_step = timer.steps.first().copied().unwrap_or(0.0);
     println!(
-        "lora {name} {}x{} {dtype:?}{}{}: {tokens_per_s:.0} tokens/s (step {:.1} ms, min {:.1}, max {:.1}), first step {first_step:.2} s after {load_s:.1} s of building, peak {peak:.2} GiB, {tflops:.1} TFLOP/s",
+        "lora {name} {}x{} {dtype:?}{}{}{}: {tokens_per_s:.0} tokens/s (step {:.1} ms, min {:.1}, max {:.1}), first step {first_step:.2} s after {load_s:.1} s of building, peak {peak:.2} GiB, {tflops:.1} TFLOP/s",
         args.batch_size,
         args.seq,
         args.model.quant.quantize.map_or(String::new(), |q| format!(" {q:?}")),
         if args.grad_checkpoint { " grad-checkpoint" } else { "" },
+        args.row_lengths.as_ref().map_or(String::new(), |r| format!(" rows {r}{}", if args.pack { " packed" } else { "" })),
         step * 1e3,
         min * 1e3,
         max * 1e3,
@@ -153,6 +180,9 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
             "batch_size": args.batch_size,
             "seq": args.seq,
             "grad_checkpoint": args.grad_checkpoint,
+            "row_lengths": args.row_lengths,
+            "pack": args.pack,
+            "trained_tokens_per_step": tokens,
             "rank": args.rank,
             "tokens_per_s": tokens_per_s,
             "step_s_median": step,
@@ -177,11 +207,32 @@ fn random_rows(n: usize, len: usize, vocab: usize) -> Vec<Example> {
     (0..n).map(|_| Example::new(random_tokens(len, vocab, &mut seed))).collect()
 }
 
+/// Rows of random token ids below `vocab` and random lengths in `range` ("MIN-MAX"), a fixed
+/// draw, until they hold `total` tokens.
+fn varied_rows(range: &str, total: usize, vocab: usize) -> Result<Vec<Example>> {
+    let parsed = range.split_once('-').and_then(|(a, b)| Some((a.trim().parse::<usize>().ok()?, b.trim().parse::<usize>().ok()?)));
+    let Some((lo, hi)) = parsed.filter(|&(lo, hi)| lo >= 2 && lo <= hi) else {
+        bail!("--row-lengths {range:?}: expected MIN-MAX with 2 <= MIN <= MAX, as 50-300");
+    };
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let (mut rows, mut held) = (Vec::new(), 0);
+    while held < total {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let len = lo + (seed % (hi - lo + 1) as u64) as usize;
+        rows.push(Example::new(random_tokens(len, vocab, &mut seed)));
+        held += len;
+    }
+    Ok(rows)
+}
+
 /// Times each iteration (the device synchronized at its end) and samples the memory.
 struct StepTimer {
     device: burn::tensor::Device,
     last: Instant,
     steps: Vec<f64>,
+    tokens: Vec<usize>,
     losses: Vec<f64>,
     peak: PeakMemory,
     bar: ProgressBar,
@@ -191,15 +242,16 @@ impl StepTimer {
     fn new(device: &burn::tensor::Device, iters: usize) -> Self {
         let bar = ProgressBar::new(iters as u64);
         bar.set_style(ProgressStyle::with_template("Training {bar:30} {pos}/{len} {msg}").expect("valid template"));
-        Self { device: device.clone(), last: Instant::now(), steps: Vec::new(), losses: Vec::new(), peak: PeakMemory::new(device), bar }
+        Self { device: device.clone(), last: Instant::now(), steps: Vec::new(), tokens: Vec::new(), losses: Vec::new(), peak: PeakMemory::new(device), bar }
     }
 }
 
 impl Observer for StepTimer {
-    fn iteration(&mut self, _iteration: usize, loss: f64, _tokens: usize, _lr: f64) {
+    fn iteration(&mut self, _iteration: usize, loss: f64, tokens: usize, _lr: f64) {
         let _ = self.device.sync();
         let now = Instant::now();
         self.steps.push((now - self.last).as_secs_f64());
+        self.tokens.push(tokens);
         self.losses.push(loss);
         self.peak.sample();
         self.bar.set_message(format!("{:.0} ms", (now - self.last).as_secs_f64() * 1e3));

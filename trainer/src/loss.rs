@@ -18,6 +18,29 @@ pub struct Prepared {
     pub mask: Tensor<2>,
     /// Number of trained targets.
     pub tokens: usize,
+    /// For packed rows, `[rows, len - 1]` the sequence number of each input position
+    /// ([`Batch::segments`]); `None` otherwise.
+    pub segments: Option<Vec<u32>>,
+}
+
+impl Prepared {
+    /// The model's embedding of the inputs and what its blocks share ([`CausalLm::embed`], or
+    /// [`CausalLm::embed_packed`] for packed rows).
+    fn embed(&self, model: &CausalLm) -> (Tensor<3>, lora_model::BlockInputs) {
+        match &self.segments {
+            Some(segments) => model.embed_packed(self.inputs.clone(), segments),
+            None => model.embed(self.inputs.clone(), None),
+        }
+    }
+
+    /// The last block's output `[rows, len - 1, hidden]` ([`CausalLm::hidden`], or
+    /// [`CausalLm::hidden_packed`] for packed rows).
+    fn hidden(&self, model: &CausalLm) -> Tensor<3> {
+        match &self.segments {
+            Some(segments) => model.hidden_packed(self.inputs.clone(), segments),
+            None => model.hidden(self.inputs.clone(), None),
+        }
+    }
 }
 
 /// Positions a GPU batch is padded to a multiple of: the tensor-core kernels take products whose
@@ -54,6 +77,7 @@ pub fn prepare(batch: &Batch, device: &burn::tensor::Device) -> Prepared {
         targets: Tensor::from_data(TensorData::new(targets, [rows, width]), device),
         mask: Tensor::from_data(TensorData::new(mask, [rows, width]), (device, DType::F32)),
         tokens,
+        segments: batch.is_packed().then(|| batch.segments(width)),
     }
 }
 
@@ -153,7 +177,7 @@ pub fn loss_and_gradients(model: &mut CausalLm, batch: &Batch, recompute: bool, 
     let p = prepare(batch, &model.device());
     let total = p.tokens.max(1) as f64;
     if !recompute {
-        let hidden = model.hidden(p.inputs, None);
+        let hidden = p.hidden(model);
         let (sum, surrogate) = head_loss(model, hidden, p.targets, p.mask, total, Some(scale));
         let value = sum.into_scalar::<f64>() / total;
         let grads = surrogate.expect("asked for").backward();
@@ -162,7 +186,7 @@ pub fn loss_and_gradients(model: &mut CausalLm, batch: &Batch, recompute: bool, 
     }
     // 1. Forward without autodiff, keeping each block's input.
     let frozen = model.clone().no_grad();
-    let (mut x, inputs) = frozen.embed(p.inputs, None);
+    let (mut x, inputs) = p.embed(&frozen);
     let blocks = model.model.layers.len();
     let first = (0..blocks).find(|&i| crate::params::layer_is_trainable(&model.model.layers[i])).unwrap_or(blocks);
     let mut saved = Vec::with_capacity(blocks - first);
@@ -205,7 +229,7 @@ fn scaled(loss: Tensor<1>, scale: f64) -> Tensor<1> {
 /// target tokens.
 pub fn batch_loss(model: &CausalLm, batch: &Batch) -> (Tensor<1>, usize) {
     let p = prepare(batch, &model.device());
-    let hidden = model.hidden(p.inputs, None); // [rows, width, hidden]
+    let hidden = p.hidden(model); // [rows, width, hidden]
     let (sum, _) = head_loss(model, hidden, p.targets, p.mask, 1.0, None);
     (sum / p.tokens.max(1) as f64, p.tokens)
 }
@@ -217,8 +241,15 @@ mod tests {
     #[test]
     fn targets_follow_the_offset_and_length() {
         // Two rows: length 4 with the prompt ending at 2; length 3 unmasked; padded to 5.
-        let batch =
-            Batch { tokens: vec![1, 2, 3, 4, 0, 5, 6, 7, 0, 0], rows: 2, len: 5, targets: vec![vec![2..4], vec![0..3]], lengths: vec![4, 3], padding: 3 };
+        let batch = Batch {
+            tokens: vec![1, 2, 3, 4, 0, 5, 6, 7, 0, 0],
+            rows: 2,
+            len: 5,
+            targets: vec![vec![2..4], vec![0..3]],
+            starts: vec![vec![]; 2],
+            lengths: vec![4, 3],
+            padding: 3,
+        };
         let p = prepare(&batch, &burn::tensor::Device::flex());
         let mask: Vec<f32> = p.mask.into_data().try_to_vec().unwrap();
         // Row 0 trains targets 2 and 3 (positions 1, 2); row 1 targets 1 and 2.
@@ -231,8 +262,15 @@ mod tests {
     #[test]
     fn gpu_positions_are_padded_to_the_multiple_and_masked() {
         let Some(device) = lora_model::device::wgpu_device_for_tests() else { return };
-        let batch =
-            Batch { tokens: vec![1, 2, 3, 4, 0, 5, 6, 7, 0, 0], rows: 2, len: 5, targets: vec![vec![2..4], vec![0..3]], lengths: vec![4, 3], padding: 3 };
+        let batch = Batch {
+            tokens: vec![1, 2, 3, 4, 0, 5, 6, 7, 0, 0],
+            rows: 2,
+            len: 5,
+            targets: vec![vec![2..4], vec![0..3]],
+            starts: vec![vec![]; 2],
+            lengths: vec![4, 3],
+            padding: 3,
+        };
         let p = prepare(&batch, &device);
         assert_eq!(p.inputs.dims(), [2, GPU_POSITION_MULTIPLE]);
         let mask: Vec<f32> = p.mask.into_data().try_to_vec().unwrap();

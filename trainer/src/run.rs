@@ -362,6 +362,8 @@ pub fn apply_step(model: &mut CausalLm, optimizer: &mut Optimizer, grads: Vec<Te
 
 /// The token-averaged loss over `batches` (all when `None`) batches of `examples`, sorted by
 /// length as mlx-lm's evaluation does: `Σ NLL / Σ target tokens`, and the token count.
+/// Packed examples (`lora_data::pack`), which a small split has few of, are evaluated in
+/// batches of at most as many as there are.
 pub fn evaluate(
     model: &CausalLm,
     examples: &[Example],
@@ -371,6 +373,8 @@ pub fn evaluate(
     observer: &mut dyn Observer,
 ) -> Result<(f64, usize), TrainError> {
     let lengths: Vec<usize> = examples.iter().map(|e| e.tokens.len()).collect();
+    let packed = examples.iter().any(|e| !e.starts.is_empty());
+    let batch_size = if packed { batch_size.min(examples.len()).max(1) } else { batch_size };
     let batcher = Batcher::by_length(&lengths, batch_size)?;
     let n = batches.map_or(batcher.batches_per_epoch(), |b| b.min(batcher.batches_per_epoch()));
     observer.eval_start(n);

@@ -1,9 +1,26 @@
-//! What the attention tests share: the reference composition.
+//! What the attention tests share: the reference composition and the key flags.
 
 use burn::tensor::{Bool, Tensor, TensorData};
+use lora_kernels::attention::key_visible;
 
-/// `softmax(q·kᵀ/√d + mask)·v` with every score held, the model's reference path.
-pub fn reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, keys: &[bool], window: Option<usize>) -> Tensor<4> {
+/// Key flags `[b, s]` for the tests: row 0 packed with three sequences (flags 1, 2, 3; the
+/// last starts at an odd position), every other row one sequence after 3 left pads.
+pub fn test_flags(b: usize, s: usize) -> Vec<f32> {
+    (0..b * s)
+        .map(|i| {
+            let (row, p) = (i / s, i % s);
+            match row {
+                0 => 1.0 + (p >= s / 3) as u8 as f32 + (p > 2 * s / 3) as u8 as f32,
+                _ if p < 3 => 0.0,
+                _ => 1.0,
+            }
+        })
+        .collect()
+}
+
+/// `softmax(q·kᵀ/√d + mask)·v` with every score held, the model's reference path; `keys` the
+/// key flags `[b, s]` ([`key_visible`]).
+pub fn reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, keys: &[f32], window: Option<usize>) -> Tensor<4> {
     let [b, h, s, d] = q.dims();
     let kv = k.dims()[1];
     let rep = h / kv;
@@ -16,7 +33,7 @@ pub fn reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, keys: &[bool], window
     for row in 0..b {
         for qi in 0..s {
             for ki in 0..s {
-                flags.push(ki > qi || window.is_some_and(|w| qi - ki >= w) || !keys[row * s + ki]);
+                flags.push(ki > qi || window.is_some_and(|w| qi - ki >= w) || !key_visible(keys[row * s + ki], keys[row * s + qi]));
             }
         }
     }
