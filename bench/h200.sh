@@ -3,12 +3,13 @@
 #
 #   bash bench/h200.sh STAGE...     (stages: features matmul peer1b ours1b profile1b peer8b ours8b
 #                                    long8b second1b base1b base8b flash1b flash8b compose1b compose8b scalar1b kerneltest losses peergen gen1b gen1bq gen1bnf4 peerlong
-#                                    genlong gen8bq profilegen serve1b)
+#                                    genlong gen8bq profilegen serve1b short1b pack1b)
 #
 # base1b and base8b are ours1b and ours8b with the adapter's kernels off (LORA_NO_LORA_KERNELS),
 # scalar1b with their tensor-core forms off (LORA_NO_LORA_MMA); flash1b and flash8b with the
 # tensor-core attention kernels (LORA_FLASH=mma), compose1b and compose8b with the chunked
-# composition (LORA_FLASH=off).
+# composition (LORA_FLASH=off). short1b and pack1b train on rows of 50 to 300 tokens, batched by
+# length, then packed into sequences of 2048 (`--pack`): trained tokens per second.
 # Expects the stripped, xz-compressed release binary at .bin/lora.xz and the Vulkan loader
 # packages in .gl/ (see the device README's "Headless rendering"); writes every log and JSON
 # into $OUT/results.tar.xz, with summary.txt beside it (OUT is bench/out when unset). A cubecl autotune cache saved by an earlier
@@ -113,6 +114,8 @@ for stage in "$@"; do
     flash8b) sampled flash8b env LORA_FLASH=mma $L bench train --geometry llama-8b --batch-size 4 --seq 512 --steps 4 --quantize nf4 --double-quant --grad-checkpoint --dtype f16 --json "$OUT/flash8b.json" ;;
     compose1b) sampled compose1b env LORA_FLASH=off $L bench train --geometry llama-1b --batch-size 8 --seq 512 --steps 8 --dtype f16 --json "$OUT/compose1b.json" ;;
     compose8b) sampled compose8b env LORA_FLASH=off $L bench train --geometry llama-8b --batch-size 4 --seq 512 --steps 4 --quantize nf4 --double-quant --grad-checkpoint --dtype f16 --json "$OUT/compose8b.json" ;;
+    short1b) sampled short1b $L bench train --geometry llama-1b --batch-size 8 --seq 2047 --row-lengths 50-300 --steps 8 --dtype f16 --json "$OUT/short1b.json" ;;
+    pack1b) sampled pack1b $L bench train --geometry llama-1b --batch-size 8 --seq 2047 --row-lengths 50-300 --pack --steps 8 --dtype f16 --json "$OUT/pack1b.json" ;;
     ours8b) sampled ours8b $L bench train --geometry llama-8b --batch-size 4 --seq 512 --steps 4 --quantize nf4 --double-quant --grad-checkpoint --dtype f16 --json "$OUT/ours8b.json" ;;
     base8b) sampled base8b env LORA_NO_LORA_KERNELS=1 $L bench train --geometry llama-8b --batch-size 4 --seq 512 --steps 4 --quantize nf4 --double-quant --grad-checkpoint --dtype f16 --json "$OUT/base8b.json" ;;
     long8b) sampled long8b $L bench train --geometry llama-8b --batch-size 1 --seq 16384 --steps 2 --warmup 1 --quantize nf4 --double-quant --grad-checkpoint --dtype f16 --json "$OUT/long8b.json" ;;

@@ -53,7 +53,7 @@ pub fn run(args: ConvertArgs) -> Result<()> {
         None => AdapterFormat::Peft,
     };
     let out = &args.save_path;
-    crate::fuse::check_save_path(out, &[file.dir()], args.force)?;
+    crate::save_path::check_save_path(out, &[file.dir()], args.force)?;
     // The base model's name as the source config gives it (PEFT's key, or mlx-lm's `model`).
     let config: serde_json::Value =
         std::fs::read_to_string(file.dir().join(format::CONFIG_FILE)).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
@@ -69,7 +69,7 @@ fn to_gguf(args: &ConvertArgs, file: &lora_adapters::AdapterFile) -> Result<()> 
         bail!("--to gguf needs --model DIR, the base model: a GGUF adapter names the base's architecture and tensors");
     };
     let out = &args.save_path;
-    crate::fuse::check_save_file(out, &[file.dir(), model], args.force, "--save-path")?;
+    crate::save_path::check_save_file(out, &[file.dir(), model], args.force, "--save-path")?;
     let config = ModelConfig::from_dir(model)?;
     let checkpoint = Checkpoint::open(model)?;
     check_fits(&checkpoint, &config, &file.weights, &file.path)?;

@@ -20,7 +20,7 @@ use lora_trainer::{Best, EarlyStop, Observer, Optimizer, Outcome, Report, Schedu
 use serde_json::json;
 
 use crate::device::{PeakMemory, compute_dtype, select};
-use crate::generate::load_model;
+use crate::load::load_model;
 use crate::plot;
 use crate::train_config::{SAVED_CONFIG, TrainConfig, TrainFlags, resolve};
 
@@ -218,13 +218,13 @@ fn check_adapter_path(config: &TrainConfig, resuming: bool, force: bool) -> Resu
         inputs.push(("--data", d));
     }
     for (flag, input) in &inputs {
-        if crate::fuse::overlaps(out, &[input]) {
+        if crate::save_path::overlaps(out, &[input]) {
             bail!("--adapter-path {} is, holds or lies inside {flag} {}; nothing is ever written into an input", out.display(), input.display());
         }
     }
     if let Some(start) = &config.resume_adapter_file
         && !resuming
-        && crate::fuse::overlaps(start, &[out])
+        && crate::save_path::overlaps(start, &[out])
     {
         bail!(
             "--resume-adapter-file {} lies inside --adapter-path {}, which this run writes; copy it elsewhere or choose another --adapter-path",
@@ -509,10 +509,8 @@ impl Files {
 
 impl Observer for Files {
     fn iteration(&mut self, iteration: usize, loss: f64, tokens: usize, lr: f64) {
-        if std::env::var("LORA_TEST_ABORT_AT").ok().and_then(|v| v.parse::<usize>().ok()) == Some(iteration) {
-            // For the resume tests: die as abruptly as `kill -9` would, mid-run.
-            std::process::abort();
-        }
+        #[cfg(debug_assertions)]
+        abort_for_tests(iteration);
         self.peak.sample();
         self.bar.set_position(iteration as u64);
         self.tokens += tokens;
@@ -607,4 +605,13 @@ impl Observer for Files {
 /// Prints a line above the progress bar (plainly when the bar is hidden, as in a pipe).
 fn say(bar: &ProgressBar, line: String) {
     bar.suspend(|| eprintln!("{line}"));
+}
+
+/// For the resume tests: die as abruptly as `kill -9` would at iteration `LORA_TEST_ABORT_AT`.
+/// Only in debug builds, which is what `cargo test` runs; a release build has no such hook.
+#[cfg(debug_assertions)]
+fn abort_for_tests(iteration: usize) {
+    if std::env::var("LORA_TEST_ABORT_AT").ok().and_then(|v| v.parse::<usize>().ok()) == Some(iteration) {
+        std::process::abort();
+    }
 }

@@ -15,7 +15,7 @@ use lora_model::device::is_cpu;
 use lora_model::{CausalLm, Checkpoint, Geometry, LoadOptions, ModelConfig};
 
 use crate::device::{DTypeArg, DeviceArg, compute_dtype, select};
-use crate::generate::load_model;
+use crate::load::load_model;
 use crate::quantize::QuantArgs;
 
 /// A named model shape and overrides of its sizes.

@@ -215,7 +215,7 @@ impl Engine {
             return Err(ApiError::invalid(format!("{name} is the base model's name"), Some("name")));
         }
         let mut model = self.models[&self.base].clone();
-        crate::generate::apply_adapters(&mut model, &[path.to_path_buf()], &[]).map_err(|e| ApiError::invalid(crate::describe(&e), Some("path")))?;
+        crate::load::apply_adapters(&mut model, &[path.to_path_buf()], &[]).map_err(|e| ApiError::invalid(crate::describe(&e), Some("path")))?;
         self.models.insert(name.to_string(), model);
         self.names.write().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), Listed { created: now(), path: Some(path.to_path_buf()) });
         Ok(())

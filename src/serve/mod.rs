@@ -40,7 +40,7 @@ use api::{ApiError, Endpoint, PromptText, Request};
 use engine::{Command, Control, Engine, Event, Job, Limits, Names, Prompt, Ticket};
 
 use crate::device::{DTypeArg, DeviceArg, compute_dtype, select};
-use crate::generate::load_model;
+use crate::load::load_model;
 use crate::quantize::QuantArgs;
 
 /// Flags of `lora serve`.
