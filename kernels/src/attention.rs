@@ -22,19 +22,11 @@ use burn_flex::FlexTensor;
 
 use crate::cpu::{self, f32s, flex_f32};
 use crate::flash;
+pub use crate::mask::key_visible;
 use crate::tensor::{float_dtype, slice_dim};
 
 /// Elements of one chunk's f32 score block (`batch × heads × chunk × T`): 64 M, 256 MiB.
 const CHUNK_ELEMENTS: usize = 64 << 20;
-
-/// Whether a query whose own flag is `query` may see a key (at or before it, inside the window)
-/// whose flag is `key`. Flags are 1 for a real token and 0 for padding; rows packed with several
-/// sequences number them 1, 2, ... instead: a query then sees only the keys of its own sequence.
-/// A padding query (flag 0) sees every real key, as it did before packing existed: its output
-/// reaches no loss.
-pub fn key_visible(key: f32, query: f32) -> bool {
-    key >= 0.5 && (query < 0.5 || key == query)
-}
 
 /// How the attention is masked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -189,7 +189,7 @@ fn softmax_rows(p: &mut [f32], end: usize, i0: usize, window: usize, keys: &[f32
         let seen_keys = &keys[lo..=i];
         let seen = &mut row[lo..=i];
         for (x, &k) in seen.iter_mut().zip(seen_keys) {
-            if !crate::attention::key_visible(k, own) {
+            if !crate::mask::key_visible(k, own) {
                 *x = f32::NEG_INFINITY;
             }
         }
@@ -205,7 +205,7 @@ fn softmax_rows(p: &mut [f32], end: usize, i0: usize, window: usize, keys: &[f32
             exp_in_place(seen);
             // Hidden keys were -inf, which the exponential clamps to about 1e-38: exactly 0.
             for (x, &k) in seen.iter_mut().zip(seen_keys) {
-                if !crate::attention::key_visible(k, own) {
+                if !crate::mask::key_visible(k, own) {
                     *x = 0.0;
                 }
             }
@@ -225,7 +225,7 @@ fn softmax_rows(p: &mut [f32], end: usize, i0: usize, window: usize, keys: &[f32
 
 /// Causal attention: `out` `[b, h, s, d]` and the log-sum-exp `[b, h, s]` for `q`, `k`, `v`
 /// (contiguous f32, shapes of `dims`), key flags `keys` `[b, s]` (see
-/// [`crate::attention::key_visible`]) and a sliding `window` (0 for none). A query that sees no
+/// [`crate::mask::key_visible`]) and a sliding `window` (0 for none). A query that sees no
 /// key gets 0.
 pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], keys: &[f32], dims: Dims, window: usize) -> (Vec<f32>, Vec<f32>) {
     let Dims { b, h, kv, s, d } = dims;

@@ -13,6 +13,7 @@
 //! - [`flash`]: that attention on a GPU as three kernels (tensor cores where the device has
 //!   them): the scores never leave workgroup memory.
 //! - [`cpu`]: the CPU backend's attention in one pass per head group on every core.
+//! - [`mask`]: which keys a query sees (causality aside): padding, and packed sequences.
 //! - [`decode`]: a decoded token's attention over the key/value cache in one kernel.
 //! - [`norm`]: RMSNorm in one kernel for inference.
 //! - [`rope`]: rotary position embeddings in one kernel for inference.
@@ -28,6 +29,7 @@ pub mod device;
 pub mod flash;
 pub mod linear;
 pub mod lora;
+pub mod mask;
 pub mod matmul;
 pub mod matvec;
 pub mod norm;
