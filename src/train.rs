@@ -124,6 +124,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         recompute: config.grad_checkpoint,
         keep_best: config.keep_best,
         early_stop: config.early_stop_patience.map(|patience| EarlyStop { patience, min_delta: config.early_stop_min_delta }),
+        pack: config.pack,
         schedule: Schedule {
             kind: config.schedule_kind(),
             lr: config.learning_rate,
@@ -339,37 +340,32 @@ fn load_data(config: &TrainConfig, tokenizer: &Tokenizer) -> Result<Splits> {
         }
     }
     if config.pack {
-        pack_splits(config, &mut splits);
+        pack_train(config, &mut splits);
     }
     Ok(splits)
 }
 
-/// `--pack`: every split's rows packed into sequences of `max_seq_length` tokens, with a line
-/// saying into how many, and the training batches' padding before and after.
-fn pack_splits(config: &TrainConfig, splits: &mut Splits) {
+/// `--pack`: the training rows packed into sequences of `max_seq_length` tokens, with a line
+/// saying into how many, and the batches' padding before and after. (Evaluation packs the rows
+/// of the batches it would evaluate, so that its loss is the unpacked one.)
+fn pack_train(config: &TrainConfig, splits: &mut Splits) {
+    let Some(train) = &mut splits.train else { return };
     let padding = |examples: &[lora_data::Example]| {
         let lengths: Vec<usize> = examples.iter().map(|e| e.tokens.len()).collect();
         lora_data::Batcher::new(&lengths, config.batch_size, config.shuffle, config.seed)
             .ok()
-            .map(|b| 100.0 * padding_fraction(examples, &b, config.max_seq_length))
+            .map_or_else(|| "-".to_string(), |b| format!("{:.1}%", 100.0 * padding_fraction(examples, &b, config.max_seq_length)))
     };
-    for (name, split) in [("train", &mut splits.train), ("valid", &mut splits.valid), ("test", &mut splits.test)] {
-        let Some(split) = split else { continue };
-        let packed = lora_data::pack(&split.examples, config.max_seq_length);
-        let share = |p: Option<f64>| p.map_or_else(|| "-".to_string(), |p| format!("{p:.1}%"));
-        let padding = if name == "train" {
-            format!("; batch padding {} unpacked, {} packed", share(padding(&split.examples)), share(padding(&packed)))
-        } else {
-            String::new()
-        };
-        eprintln!(
-            "Packed the {} rows of {name}.jsonl into {} sequences of at most {} tokens{padding}",
-            split.examples.len(),
-            packed.len(),
-            config.max_seq_length
-        );
-        split.examples = packed;
-    }
+    let packed = lora_data::pack(&train.examples, config.max_seq_length);
+    eprintln!(
+        "Packed the {} rows of train.jsonl into {} sequences of at most {} tokens; batch padding {} unpacked, {} packed",
+        train.examples.len(),
+        packed.len(),
+        config.max_seq_length,
+        padding(&train.examples),
+        padding(&packed)
+    );
+    train.examples = packed;
 }
 
 /// Puts the adapters on the model: from `resume_adapter_file`, or freshly initialized.
@@ -413,7 +409,8 @@ fn test_only(config: &TrainConfig, model: &mut CausalLm, data: &Splits) -> Resul
 fn report_test(config: &TrainConfig, model: &CausalLm, data: &Splits) -> Result<()> {
     let test = data.test.as_ref().with_context(|| format!("--test: no test.jsonl in {}", config.data.as_ref().expect("checked").display()))?;
     let batches = usize::try_from(config.test_batches).ok();
-    let (loss, tokens) = lora_trainer::evaluate(model, &test.examples, config.batch_size, batches, config.max_seq_length, &mut Quiet)?;
+    let how = lora_trainer::Evaluation { batch_size: config.batch_size, batches, max_seq_length: config.max_seq_length, pack: config.pack };
+    let (loss, tokens) = lora_trainer::evaluate(model, &test.examples, &how, &mut Quiet)?;
     println!("Test loss {loss:.3}, Test ppl {:.3}.", loss.exp());
     eprintln!("({tokens} target tokens)");
     Ok(())

@@ -132,6 +132,7 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         schedule: Schedule { kind: ScheduleKind::Constant, lr: 1e-4, warmup: 0, total: iters, min_lr: 0.0 },
         keep_best: false,
         early_stop: None,
+        pack: args.pack,
     };
     let optimizer = OptimizerConfig { kind: OptimizerKind::Adamw, weight_decay: 0.01, ..Default::default() };
     let mut state = State::new(Optimizer::new(optimizer));

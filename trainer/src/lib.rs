@@ -15,5 +15,5 @@ pub mod schedule;
 pub use error::TrainError;
 pub use optim::{Optimizer, OptimizerConfig, OptimizerKind, clip_global_norm};
 pub use params::{Trainable, for_each_trainable, trainable_tensors};
-pub use run::{Best, EarlyStop, Observer, Outcome, Progress, Report, Settings, State, apply_step, evaluate, train};
+pub use run::{Best, EarlyStop, Evaluation, Observer, Outcome, Progress, Report, Settings, State, apply_step, evaluate, train};
 pub use schedule::{Schedule, ScheduleKind};

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::tensor::{DType, Tensor};
-use lora_data::{Batcher, Example, collate};
+use lora_data::{Batch, Batcher, Example, collate};
 use lora_model::CausalLm;
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +56,9 @@ pub struct Settings {
     pub keep_best: bool,
     /// Stop when the validation loss stops improving.
     pub early_stop: Option<EarlyStop>,
+    /// The training rows are packed (`lora_data::pack`); validation packs the rows of its
+    /// batches too ([`Evaluation::pack`]).
+    pub pack: bool,
 }
 
 /// When to stop early, as transformers' `EarlyStoppingCallback` decides: an evaluation whose
@@ -225,7 +228,8 @@ pub fn train(
         {
             let start = Instant::now();
             model.set_training(false);
-            let (val_loss, _) = evaluate(model, valid, s.batch_size, s.val_batches, s.max_seq_length, observer)?;
+            let how = Evaluation { batch_size: s.batch_size, batches: s.val_batches, max_seq_length: s.max_seq_length, pack: s.pack };
+            let (val_loss, _) = evaluate(model, valid, &how, observer)?;
             model.set_training(true);
             observer.eval(it - 1, val_loss, start.elapsed().as_secs_f64());
             if track_best(model, s, &mut state.progress, it - 1, val_loss, observer)? {
@@ -360,30 +364,41 @@ pub fn apply_step(model: &mut CausalLm, optimizer: &mut Optimizer, grads: Vec<Te
     });
 }
 
-/// The token-averaged loss over `batches` (all when `None`) batches of `examples`, sorted by
-/// length as mlx-lm's evaluation does: `Σ NLL / Σ target tokens`, and the token count.
-/// Packed examples (`lora_data::pack`), which a small split has few of, are evaluated in
-/// batches of at most as many as there are.
-pub fn evaluate(
-    model: &CausalLm,
-    examples: &[Example],
-    batch_size: usize,
-    batches: Option<usize>,
-    max_seq_length: usize,
-    observer: &mut dyn Observer,
-) -> Result<(f64, usize), TrainError> {
+/// How [`evaluate`] batches a split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Evaluation {
+    /// Rows per batch.
+    pub batch_size: usize,
+    /// Batches evaluated; all when `None`.
+    pub batches: Option<usize>,
+    /// Rows are cut to this many tokens.
+    pub max_seq_length: usize,
+    /// Pack the rows those batches hold into sequences of `max_seq_length` tokens, evaluated
+    /// `batch_size` sequences at a time: the same rows, so the same loss.
+    pub pack: bool,
+}
+
+/// The token-averaged loss over the first `batches` batches of `examples`, sorted by length as
+/// mlx-lm's evaluation does (the remainder that does not fill a batch left out):
+/// `Σ NLL / Σ target tokens`, and the token count.
+pub fn evaluate(model: &CausalLm, examples: &[Example], how: &Evaluation, observer: &mut dyn Observer) -> Result<(f64, usize), TrainError> {
     let lengths: Vec<usize> = examples.iter().map(|e| e.tokens.len()).collect();
-    let packed = examples.iter().any(|e| !e.starts.is_empty());
-    let batch_size = if packed { batch_size.min(examples.len()).max(1) } else { batch_size };
-    let batcher = Batcher::by_length(&lengths, batch_size)?;
-    let n = batches.map_or(batcher.batches_per_epoch(), |b| b.min(batcher.batches_per_epoch()));
-    observer.eval_start(n);
+    let batcher = Batcher::by_length(&lengths, how.batch_size)?;
+    let n = how.batches.map_or(batcher.batches_per_epoch(), |b| b.min(batcher.batches_per_epoch()));
+    let batches: Vec<Batch> = if how.pack {
+        let rows: Vec<Example> = (0..n).flat_map(|b| batcher.indices(b)).map(|&i| examples[i].clone()).collect();
+        let packed = lora_data::pack(&rows, how.max_seq_length);
+        let order: Vec<usize> = (0..packed.len()).collect();
+        order.chunks(how.batch_size).map(|indices| collate(&packed, indices, how.max_seq_length)).collect()
+    } else {
+        (0..n).map(|b| collate(examples, batcher.indices(b), how.max_seq_length)).collect()
+    };
+    observer.eval_start(batches.len());
     // Parameters that do not ask for gradients: no graph is kept.
     let model = &model.clone().no_grad();
     let (mut sum, mut tokens) = (0f64, 0usize);
-    for b in 0..n {
-        let batch = collate(examples, batcher.indices(b), max_seq_length);
-        let (loss, t) = batch_loss(model, &batch);
+    for batch in &batches {
+        let (loss, t) = batch_loss(model, batch);
         sum += loss.detach().into_scalar::<f64>() * t as f64;
         tokens += t;
         observer.eval_batch();

@@ -10,9 +10,9 @@ use lora_adapters::{format, set_adapters};
 use lora_data::{Batcher, Example, ReadOptions, Tokenizer, collate, load_jsonl, pack};
 use lora_model::{AttentionPath, CausalLm, Checkpoint, ModelConfig};
 use lora_testkit::fixture;
-use lora_trainer::evaluate;
 use lora_trainer::loss::loss_and_gradients;
 use lora_trainer::run::Quiet;
+use lora_trainer::{Evaluation, evaluate};
 
 fn model_and_rows(device: &Device) -> (CausalLm, Vec<Example>) {
     let base = fixture("llama");
@@ -49,13 +49,17 @@ fn check(device: Device) {
             assert!(diff < 1e-5, "{attention:?} recompute {recompute}: gradients differ by {diff}");
         }
     }
-    // Evaluation one sequence at a time: every row alone, then packed.
+    // Evaluation packs the rows of the batches it would evaluate unpacked: the same loss, also
+    // where batches of 3 leave a remainder out and only some batches are evaluated.
     model.set_training(false);
     model.attention = AttentionPath::Auto;
-    let (alone, tokens) = evaluate(&model, &rows, 1, None, 4096, &mut Quiet).unwrap();
-    let (together, tokens_p) = evaluate(&model, &packed, 1, None, 4096, &mut Quiet).unwrap();
-    assert_eq!(tokens, tokens_p);
-    assert!((alone - together).abs() < 1e-5, "evaluation loss {alone} alone, {together} packed");
+    for (batch_size, batches) in [(1, None), (3, None), (2, Some(2))] {
+        let how = |pack| Evaluation { batch_size, batches, max_seq_length: 4096, pack };
+        let (alone, tokens) = evaluate(&model, &rows, &how(false), &mut Quiet).unwrap();
+        let (together, tokens_p) = evaluate(&model, &rows, &how(true), &mut Quiet).unwrap();
+        assert_eq!(tokens, tokens_p, "batch {batch_size}, batches {batches:?}");
+        assert!((alone - together).abs() < 1e-5, "batch {batch_size}, batches {batches:?}: evaluation loss {alone} unpacked, {together} packed");
+    }
     // The batcher sees packed sequences as rows.
     assert_eq!(Batcher::by_length(&packed.iter().map(|e| e.tokens.len()).collect::<Vec<_>>(), 1).unwrap().batches_per_epoch(), packed.len());
 }
