@@ -365,6 +365,15 @@ fn pack_train(config: &TrainConfig, splits: &mut Splits) {
         padding(&train.examples),
         padding(&packed)
     );
+    // The batches are cut from the sequences sorted by length: those that do not fill the last
+    // batch (the longest) are left out of every epoch, as rows are unpacked.
+    let left_out = packed.len() % config.batch_size.max(1);
+    if left_out > 0 && packed.len() > config.batch_size {
+        let mut by_length: Vec<&lora_data::Example> = packed.iter().collect();
+        by_length.sort_by_key(|e| e.tokens.len());
+        let rows: usize = by_length[by_length.len() - left_out..].iter().map(|e| e.starts.len()).sum();
+        eprintln!("[WARNING] {left_out} packed sequence(s) holding {rows} row(s) do not fill a batch of {} and are left out of every epoch", config.batch_size);
+    }
     train.examples = packed;
 }
 

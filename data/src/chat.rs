@@ -47,7 +47,7 @@ pub struct ChatTemplate {
     /// The source has `{% generation %}` blocks.
     generation_blocks: bool,
     /// What the template writes after an assistant message's content to end the turn
-    /// (`<|im_end|>\n`, `<|eot_id|>`), found on first use; empty when a probe chat does not show it.
+    /// (`<|im_end|>\n`, `<|eot_id|>`), found on first use ([`ChatTemplate::turn_end`]).
     turn_end: OnceLock<String>,
 }
 
@@ -155,49 +155,115 @@ impl ChatTemplate {
             return Ok(AssistantSpans { text, spans, from_blocks: true });
         }
         let list = messages.as_array().map(Vec::as_slice).unwrap_or_default();
-        let mut spans: Vec<Range<usize>> = Vec::new();
+        // Where each assistant message's own text lies, then where each turn ends: searched only
+        // up to the next assistant message, so a turn never takes in a later one.
+        let mut found: Vec<Range<usize>> = Vec::new();
         for (i, message) in list.iter().enumerate() {
-            if message.get("role").and_then(Json::as_str) != Some("assistant") {
+            if message.get("role").and_then(Json::as_str) != Some("assistant") || nothing_to_train(message) {
                 continue;
             }
-            let (mut start, mut end) = (text.len(), text.len());
-            for probe in PROBES {
-                let mut swapped = list.to_vec();
-                if let Some(message) = swapped[i].as_object_mut() {
-                    message.insert("content".into(), Json::String(probe.to_string()));
-                }
-                let other = self.render(&Json::Array(swapped), tools, false)?;
-                start = start.min(common_prefix(&text, &other));
-                end = end.min(common_suffix(&text, &other));
-            }
-            let content_end = (text.len() - end).max(start);
-            if start == text.len() && content_end == text.len() {
-                return Err(self.error(format!("does not write the content of message {i} (an assistant message), so its turn cannot be found")));
-            }
-            let turn_end = self.turn_end();
-            let end = match text[content_end..].find(turn_end.as_str()) {
-                Some(at) if !turn_end.is_empty() => content_end + at + turn_end.len(),
-                _ => content_end,
+            let region = match self.content_region(&text, list, i, tools)? {
+                Some(region) => region,
+                // Templates that write no content beside tool calls (Llama 3.1's): the turn starts
+                // where the chat before it, with the generation prompt, ends.
+                None => self
+                    .prompt_region(&text, list, i, tools)
+                    .ok_or_else(|| self.error(format!("does not write the content of message {i} (an assistant message), so its turn cannot be found")))?,
             };
-            if spans.last().is_some_and(|last| last.end > start) {
+            if found.last().is_some_and(|last| last.end > region.start) {
                 return Err(
                     self.error(format!("writes message {i} (an assistant message) where an earlier assistant turn ends, so the turns cannot be told apart"))
                 );
             }
-            spans.push(start..end);
+            found.push(region);
         }
+        let turn_end = self.turn_end();
+        let spans = found
+            .iter()
+            .enumerate()
+            .map(|(n, region)| {
+                let limit = found.get(n + 1).map_or(text.len(), |next| next.start);
+                let end = match text[region.end..limit].find(turn_end.as_str()) {
+                    Some(at) if !turn_end.is_empty() => region.end + at + turn_end.len(),
+                    _ => region.end,
+                };
+                region.start..end
+            })
+            .collect();
         Ok(AssistantSpans { text, spans, from_blocks: false })
     }
 
-    /// What follows an assistant message's content in `[user, assistant]` rendered without a
-    /// generation prompt (the end of its turn); empty when that render fails or does not show it.
+    /// Where message `i`'s content lies in `text` (the chat rendered): the bytes that change when
+    /// it is swapped for the two stand-ins; `None` when the template does not write it.
+    fn content_region(&self, text: &str, list: &[Json], i: usize, tools: Option<&Json>) -> Result<Option<Range<usize>>, DataError> {
+        let (mut start, mut end) = (text.len(), text.len());
+        for probe in PROBES {
+            let mut swapped = list.to_vec();
+            if let Some(message) = swapped[i].as_object_mut() {
+                message.insert("content".into(), Json::String(probe.to_string()));
+            }
+            let other = self.render(&Json::Array(swapped), tools, false)?;
+            if other == text {
+                return Ok(None);
+            }
+            start = start.min(common_prefix(text, &other));
+            end = end.min(common_suffix(text, &other));
+        }
+        Ok(Some(start..(text.len() - end).max(start)))
+    }
+
+    /// The end of the chat before message `i` with the generation prompt, as an empty region,
+    /// where that render is how `text` begins.
+    fn prompt_region(&self, text: &str, list: &[Json], i: usize, tools: Option<&Json>) -> Option<Range<usize>> {
+        let prompt = self.render(&Json::Array(list[..i].to_vec()), tools, true).ok()?;
+        (text.starts_with(&prompt) && prompt.len() < text.len()).then_some(prompt.len()..prompt.len())
+    }
+
+    /// What the template writes after an assistant message's content to end its turn: what
+    /// follows the content both where the chat ends there and where another user turn follows
+    /// (templates that end the whole chat with an EOS, as Phi-3's, add it only in the first),
+    /// up to the last tag or line end the two share; tried with a system message first too;
+    /// empty when no probe chat renders.
     fn turn_end(&self) -> &String {
         self.turn_end.get_or_init(|| {
-            let chat = serde_json::json!([{"role": "user", "content": PROBES[1]}, {"role": "assistant", "content": PROBES[0]}]);
-            let Ok(text) = self.render(&chat, None, false) else { return String::new() };
-            text.rfind(PROBES[0]).map(|at| text[at + PROBES[0].len()..].to_string()).unwrap_or_default()
+            let after = |chat: Json| -> Option<String> {
+                let text = self.render(&chat, None, false).ok()?;
+                text.find(PROBES[0]).map(|at| text[at + PROBES[0].len()..].to_string())
+            };
+            let user = |c: &str| serde_json::json!({"role": "user", "content": c});
+            let assistant = |c: &str| serde_json::json!({"role": "assistant", "content": c});
+            let system = serde_json::json!({"role": "system", "content": "\u{10FFF3}s"});
+            for head in [vec![], vec![system]] {
+                let chat = |more: bool| {
+                    let mut chat = head.clone();
+                    chat.extend([user(PROBES[1]), assistant(PROBES[0])]);
+                    if more {
+                        chat.extend([user("\u{10FFF3}c"), assistant("\u{10FFF2}d")]);
+                    }
+                    Json::Array(chat)
+                };
+                match (after(chat(false)), after(chat(true))) {
+                    (Some(alone), Some(followed)) => {
+                        // Where the two part before the whole chat's own end, back to the end of
+                        // the last tag or line they share (`<|end|>\n` of `<|end|>\n<`).
+                        let shared = &alone[..common_prefix(&alone, &followed)];
+                        let end = if shared.len() == alone.len() { shared.len() } else { shared.rfind(['>', '\n']).map_or(0, |at| at + 1) };
+                        return shared[..end].to_string();
+                    }
+                    (Some(alone), None) => return alone,
+                    _ => {}
+                }
+            }
+            String::new()
         })
     }
+}
+
+/// An assistant message with neither content nor tool calls: nothing of it to train on.
+fn nothing_to_train(message: &Json) -> bool {
+    let content = message.get("content").and_then(Json::as_str).is_some_and(|c| !c.is_empty());
+    let calls = message.get("tool_calls").and_then(Json::as_array).is_some_and(|c| !c.is_empty());
+    !content && !calls
 }
 
 /// Bytes `a` and `b` share at their start, backed off to a character boundary.
@@ -577,6 +643,32 @@ mod tests {
             {"role": "assistant", "content": "<think>\nWave.\n</think>\n\nBye."},
         ]);
         assert_eq!(spans(&reasoning, chat, None), ["Hello.<|im_end|>\n", "<think>\nWave.\n</think>\n\nBye.<|im_end|>\n"]);
+
+        // Llama 3.1's template writes no content beside tool calls: the turn starts after the
+        // assistant header.
+        let llama = fixture_template("llama");
+        let chat = json!([
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
+            {"role": "tool", "content": "rain"},
+            {"role": "assistant", "content": "Rain."},
+        ]);
+        let got = spans(&llama, chat, None);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got[0].starts_with("{\"name\": \"weather\"") && got[0].ends_with("<|eot_id|>") && !got[0].contains("rain"), "{got:?}");
+        assert_eq!(got[1], "Rain.<|eot_id|>");
+
+        // Like Phi-3's: the whole chat ends with the EOS when there is no generation prompt, which
+        // is not part of an earlier turn's end.
+        let phi = template(
+            "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}",
+        );
+        let chat = json!([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye."}]);
+        assert_eq!(spans(&phi, chat, None), ["Hello.<|end|>\n", "Bye.<|end|>\n"]);
+
+        // An empty assistant message has nothing to train on.
+        let chat = json!([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes."}]);
+        assert_eq!(spans(&chatml, chat, None), ["Yes.<|im_end|>\n"]);
 
         // A chat without assistant messages has no spans.
         assert!(spans(&mistral, json!([{"role": "user", "content": "Hi"}]), None).is_empty());

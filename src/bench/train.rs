@@ -212,8 +212,8 @@ fn random_rows(n: usize, len: usize, vocab: usize) -> Vec<Example> {
 /// draw, until they hold `total` tokens.
 fn varied_rows(range: &str, total: usize, vocab: usize) -> Result<Vec<Example>> {
     let parsed = range.split_once('-').and_then(|(a, b)| Some((a.trim().parse::<usize>().ok()?, b.trim().parse::<usize>().ok()?)));
-    let Some((lo, hi)) = parsed.filter(|&(lo, hi)| lo >= 2 && lo <= hi) else {
-        bail!("--row-lengths {range:?}: expected MIN-MAX with 2 <= MIN <= MAX, as 50-300");
+    let Some((lo, hi)) = parsed.filter(|&(lo, hi)| lo >= 2 && lo <= hi && hi <= 1 << 20) else {
+        bail!("--row-lengths {range:?}: expected MIN-MAX with 2 <= MIN <= MAX <= 1048576, as 50-300");
     };
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
     let (mut rows, mut held) = (Vec::new(), 0);
