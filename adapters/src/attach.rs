@@ -163,13 +163,12 @@ fn locate(model: &CausalLm, module: &str) -> Option<(usize, usize)> {
 /// Every adapter on the model, copied to the host, in block then [`PROJECTIONS`] order.
 pub fn adapter_weights(model: &CausalLm) -> Vec<AdapterWeights> {
     let host = |t: Tensor<2>| t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data");
-    let mut out = Vec::new();
-    for (i, layer) in model.model.layers.iter().enumerate() {
-        for (name, linear) in layer.projections() {
-            let Some(adapter) = &linear.adapter else { continue };
+    model
+        .adapters()
+        .map(|(module, linear, adapter)| {
             let [outputs, inputs] = linear.weight.dims();
-            out.push(AdapterWeights {
-                module: format!("model.layers.{i}.{name}"),
+            AdapterWeights {
+                module,
                 a: host(adapter.a.val()),
                 b: host(adapter.b.val()),
                 magnitude: adapter.magnitude.as_ref().map(|m| m.val().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data")),
@@ -177,21 +176,16 @@ pub fn adapter_weights(model: &CausalLm) -> Vec<AdapterWeights> {
                 inputs,
                 outputs,
                 scale: adapter.scale,
-            });
-        }
-    }
-    out
+            }
+        })
+        .collect()
 }
 
 /// Number of trainable values: every adapter's `A`, `B` and magnitude.
 pub fn trainable_count(model: &CausalLm) -> usize {
     model
-        .model
-        .layers
-        .iter()
-        .flat_map(|l| l.projections())
-        .filter_map(|(_, linear)| linear.adapter.as_ref())
-        .map(|a| a.a.shape().num_elements() + a.b.shape().num_elements() + a.magnitude.as_ref().map_or(0, |m| m.dims()[0]))
+        .adapters()
+        .map(|(_, _, a)| a.a.shape().num_elements() + a.b.shape().num_elements() + a.magnitude.as_ref().map_or(0, |m| m.dims()[0]))
         .sum()
 }
 

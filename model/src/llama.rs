@@ -374,6 +374,11 @@ impl DecoderLayer {
         self.mlp.forward(self.post_attention_layernorm.forward(x.clone()), x)
     }
 
+    /// The adapters of the block's projections, in [`PROJECTIONS`] order.
+    pub fn adapters(&self) -> impl Iterator<Item = &LoraAdapter> {
+        self.projections().into_iter().filter_map(|(_, linear)| linear.adapter.as_ref())
+    }
+
     /// The block's linear projections, named as in [`PROJECTIONS`].
     pub fn projections(&self) -> [(&'static str, &Linear); 7] {
         let (a, m) = (&self.self_attn, &self.mlp);
@@ -571,14 +576,26 @@ impl CausalLm {
         Ok(Self { model: Backbone { embed_tokens, layers, norm }, lm_head, rope: Rope::new(d, c.rope_theta, &c.rope_scaling), attention: AttentionPath::Auto })
     }
 
+    /// Every adapted projection of the blocks, in block then [`PROJECTIONS`] order: its module
+    /// path as checkpoints name it (`model.layers.3.self_attn.q_proj`), the projection and its
+    /// adapter. The one walk over the adapters that saving, counting and training share.
+    pub fn adapters(&self) -> impl Iterator<Item = (String, &Linear, &LoraAdapter)> {
+        self.model.layers.iter().enumerate().flat_map(|(i, layer)| {
+            layer.projections().into_iter().filter_map(move |(name, linear)| linear.adapter.as_ref().map(|a| (format!("model.layers.{i}.{name}"), linear, a)))
+        })
+    }
+
+    /// [`Self::adapters`], each adapter mutable.
+    pub fn adapters_mut(&mut self) -> impl Iterator<Item = (String, &mut LoraAdapter)> {
+        self.model.layers.iter_mut().enumerate().flat_map(|(i, layer)| {
+            layer.projections_mut().into_iter().filter_map(move |(name, linear)| linear.adapter.as_mut().map(|a| (format!("model.layers.{i}.{name}"), a)))
+        })
+    }
+
     /// Switches adapter dropout on (training) or off (evaluation, generation).
     pub fn set_training(&mut self, training: bool) {
-        for layer in &mut self.model.layers {
-            for (_, linear) in layer.projections_mut() {
-                if let Some(adapter) = &mut linear.adapter {
-                    adapter.training = training;
-                }
-            }
+        for (_, adapter) in self.adapters_mut() {
+            adapter.training = training;
         }
     }
 

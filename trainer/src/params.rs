@@ -25,14 +25,11 @@ impl Trainable<'_> {
 /// Calls `f` on every trainable tensor: block by block, projection by projection, `A`, `B`,
 /// then the magnitude. The order is what optimizer state is saved and restored by.
 pub fn for_each_trainable(model: &mut CausalLm, mut f: impl FnMut(Trainable)) {
-    for layer in &mut model.model.layers {
-        for (_, linear) in layer.projections_mut() {
-            let Some(adapter) = &mut linear.adapter else { continue };
-            f(Trainable::A(&mut adapter.a));
-            f(Trainable::B(&mut adapter.b));
-            if let Some(m) = &mut adapter.magnitude {
-                f(Trainable::Magnitude(m));
-            }
+    for (_, adapter) in model.adapters_mut() {
+        f(Trainable::A(&mut adapter.a));
+        f(Trainable::B(&mut adapter.b));
+        if let Some(m) = &mut adapter.magnitude {
+            f(Trainable::Magnitude(m));
         }
     }
 }
@@ -40,14 +37,11 @@ pub fn for_each_trainable(model: &mut CausalLm, mut f: impl FnMut(Trainable)) {
 /// Every trainable tensor, flattened, in [`for_each_trainable`] order.
 pub fn trainable_tensors(model: &CausalLm) -> Vec<Tensor<1>> {
     let mut out = Vec::new();
-    for layer in &model.model.layers {
-        for (_, linear) in layer.projections() {
-            let Some(adapter) = &linear.adapter else { continue };
-            out.push(adapter.a.val().flatten::<1>(0, 1));
-            out.push(adapter.b.val().flatten::<1>(0, 1));
-            if let Some(m) = &adapter.magnitude {
-                out.push(m.val());
-            }
+    for (_, _, adapter) in model.adapters() {
+        out.push(adapter.a.val().flatten::<1>(0, 1));
+        out.push(adapter.b.val().flatten::<1>(0, 1));
+        if let Some(m) = &adapter.magnitude {
+            out.push(m.val());
         }
     }
     out
@@ -62,8 +56,7 @@ pub fn trainable_tensors(model: &CausalLm) -> Vec<Tensor<1>> {
 pub fn layer_gradients(layer: &lora_model::llama::DecoderLayer, grads: &burn::tensor::Gradients) -> Vec<Tensor<1>> {
     const MISSING: &str = "every trainable tensor takes part in the loss";
     let mut out = Vec::new();
-    for (_, linear) in layer.projections() {
-        let Some(adapter) = &linear.adapter else { continue };
+    for adapter in layer.adapters() {
         out.push(adapter.a.val().grad(grads).expect(MISSING).flatten::<1>(0, 1));
         out.push(adapter.b.val().grad(grads).expect(MISSING).flatten::<1>(0, 1));
         if let Some(m) = &adapter.magnitude {
@@ -75,5 +68,5 @@ pub fn layer_gradients(layer: &lora_model::llama::DecoderLayer, grads: &burn::te
 
 /// Whether block `layer` has any trainable tensor.
 pub fn layer_is_trainable(layer: &lora_model::llama::DecoderLayer) -> bool {
-    layer.projections().iter().any(|(_, l)| l.adapter.is_some())
+    layer.adapters().next().is_some()
 }
