@@ -183,10 +183,7 @@ pub fn adapter_weights(model: &CausalLm) -> Vec<AdapterWeights> {
 
 /// Number of trainable values: every adapter's `A`, `B` and magnitude.
 pub fn trainable_count(model: &CausalLm) -> usize {
-    model
-        .adapters()
-        .map(|(_, _, a)| a.a.shape().num_elements() + a.b.shape().num_elements() + a.magnitude.as_ref().map_or(0, |m| m.dims()[0]))
-        .sum()
+    model.adapters().map(|(_, _, a)| a.a.shape().num_elements() + a.b.shape().num_elements() + a.magnitude.as_ref().map_or(0, |m| m.dims()[0])).sum()
 }
 
 /// Several adapters as one, each weighted: `Σ wᵢ·sᵢ·Bᵢ·Aᵢ` is `B·A` with `A` the rows of

@@ -238,10 +238,9 @@ pub fn batch_loss(model: &CausalLm, batch: &Batch) -> (Tensor<1>, usize) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn targets_follow_the_offset_and_length() {
-        // Two rows: length 4 with the prompt ending at 2; length 3 unmasked; padded to 5.
-        let batch = Batch {
+    /// Two rows: length 4 with the prompt ending at 2; length 3 unmasked; padded to 5.
+    fn two_rows() -> Batch {
+        Batch {
             tokens: vec![1, 2, 3, 4, 0, 5, 6, 7, 0, 0],
             rows: 2,
             len: 5,
@@ -249,7 +248,27 @@ mod tests {
             starts: vec![vec![]; 2],
             lengths: vec![4, 3],
             padding: 3,
-        };
+        }
+    }
+
+    /// Packing: each input position carries its sequence's number (0 past the row), and only
+    /// a packed row holds more than one.
+    #[test]
+    fn packed_rows_number_their_sequences() {
+        let mut batch = two_rows();
+        assert!(prepare(&batch, &burn::tensor::Device::flex()).segments.is_none());
+        batch.starts[0] = vec![0, 2];
+        batch.targets[0] = std::iter::once(3..4).collect();
+        let p = prepare(&batch, &burn::tensor::Device::flex());
+        // Row 0: tokens 0-1 the first sequence, 2-3 the second; row 1 one sequence of 3.
+        assert_eq!(p.segments.as_deref(), Some(&[1, 1, 2, 2, 1, 1, 1, 0][..]));
+        let mask: Vec<f32> = p.mask.into_data().try_to_vec().unwrap();
+        assert_eq!(mask, [0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn targets_follow_the_offset_and_length() {
+        let batch = two_rows();
         let p = prepare(&batch, &burn::tensor::Device::flex());
         let mask: Vec<f32> = p.mask.into_data().try_to_vec().unwrap();
         // Row 0 trains targets 2 and 3 (positions 1, 2); row 1 targets 1 and 2.
@@ -262,15 +281,7 @@ mod tests {
     #[test]
     fn gpu_positions_are_padded_to_the_multiple_and_masked() {
         let Some(device) = lora_model::device::wgpu_device_for_tests() else { return };
-        let batch = Batch {
-            tokens: vec![1, 2, 3, 4, 0, 5, 6, 7, 0, 0],
-            rows: 2,
-            len: 5,
-            targets: vec![vec![2..4], vec![0..3]],
-            starts: vec![vec![]; 2],
-            lengths: vec![4, 3],
-            padding: 3,
-        };
+        let batch = two_rows();
         let p = prepare(&batch, &device);
         assert_eq!(p.inputs.dims(), [2, GPU_POSITION_MULTIPLE]);
         let mask: Vec<f32> = p.mask.into_data().try_to_vec().unwrap();
