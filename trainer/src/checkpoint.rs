@@ -15,13 +15,16 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::TrainError;
 use crate::optim::{Optimizer, OptimizerConfig, Slot};
-use crate::params::{Trainable, for_each_trainable, trainable_tensors};
+use crate::params::{Trainable, for_each_trainable, trainable_names, trainable_tensors};
 use crate::run::{Progress, State};
 
 /// The resume file's name in the adapter directory.
 pub const STATE_FILE: &str = "trainer_state.safetensors";
 
-const VERSION: &str = "1";
+/// Version 2 keys every tensor by its module path (`param.model.layers.0.self_attn.q_proj.lora_A`,
+/// `optimizer.<same>.first`), as PEFT and mlx-lm key theirs; version 1 keyed them by position
+/// (`param.0`), and is still read.
+const VERSION: &str = "2";
 
 fn host(t: &Tensor<1>) -> Vec<f32> {
     t.clone().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data")
@@ -30,19 +33,20 @@ fn host(t: &Tensor<1>) -> Vec<f32> {
 /// The resume file's bytes for `model`'s trainable tensors and `state`.
 pub fn to_bytes(model: &CausalLm, state: &State) -> Result<Vec<u8>, TrainError> {
     let mut tensors: Vec<(String, Vec<f32>)> = Vec::new();
-    for (i, t) in trainable_tensors(model).iter().enumerate() {
-        tensors.push((format!("param.{i}"), host(t)));
+    let keys = trainable_names(model);
+    for (key, t) in keys.iter().zip(trainable_tensors(model).iter()) {
+        tensors.push((format!("param.{key}"), host(t)));
     }
-    for (i, slot) in state.optimizer.slots.iter().enumerate() {
+    for (key, slot) in keys.iter().zip(&state.optimizer.slots) {
         if let Some(m) = &slot.first {
-            tensors.push((format!("optimizer.{i}.first"), host(m)));
+            tensors.push((format!("optimizer.{key}.first"), host(m)));
         }
         if let Some(v) = &slot.second {
-            tensors.push((format!("optimizer.{i}.second"), host(v)));
+            tensors.push((format!("optimizer.{key}.second"), host(v)));
         }
     }
-    for (i, g) in state.accumulated.iter().flatten().enumerate() {
-        tensors.push((format!("accumulated.{i}"), host(g)));
+    for (key, g) in keys.iter().zip(state.accumulated.iter().flatten()) {
+        tensors.push((format!("accumulated.{key}"), host(g)));
     }
     let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, v)| encode_floats(v, Dtype::F32)).collect();
     let views = tensors
@@ -103,8 +107,9 @@ pub fn restore(model: &mut CausalLm, path: &Path) -> Result<State, TrainError> {
         }
     }
     let field = |key: &str| meta.get(key).ok_or_else(|| invalid(format!("metadata has no {key:?}: not a lora resume file")));
-    if field("format_version")? != VERSION {
-        return Err(invalid(format!("format_version {} is not {VERSION}", field("format_version")?)));
+    let version = field("format_version")?;
+    if version != VERSION && version != "1" {
+        return Err(invalid(format!("format_version {version} is not {VERSION} (or 1)")));
     }
     let config: OptimizerConfig = serde_json::from_str(field("optimizer")?).map_err(|e| invalid(format!("optimizer: {e}")))?;
     let steps: usize = field("optimizer_steps")?.parse().map_err(|_| invalid("optimizer_steps is not a number".into()))?;
@@ -124,9 +129,10 @@ pub fn restore(model: &mut CausalLm, path: &Path) -> Result<State, TrainError> {
 
     // The trainable tensors, checked against the model before any is replaced.
     let current = trainable_tensors(model);
+    let keys: Vec<String> = if version == "1" { (0..current.len()).map(|i| i.to_string()).collect() } else { trainable_names(model) };
     let mut params = Vec::with_capacity(current.len());
-    for (i, t) in current.iter().enumerate() {
-        let name = format!("param.{i}");
+    for (key, t) in keys.iter().zip(&current) {
+        let name = format!("param.{key}");
         let v = read(&name)?.ok_or_else(|| invalid(format!("{name} is missing: the adapters differ from the run that saved this file")))?;
         if v.len() != t.dims()[0] {
             return Err(invalid(format!(
@@ -137,8 +143,9 @@ pub fn restore(model: &mut CausalLm, path: &Path) -> Result<State, TrainError> {
         }
         params.push(v);
     }
-    if read(&format!("param.{}", current.len()))?.is_some() {
-        return Err(invalid(format!("holds more than the model's {} trainable tensors: the adapters differ from the run that saved this file", current.len())));
+    let expected: std::collections::HashSet<String> = keys.iter().map(|k| format!("param.{k}")).collect();
+    if let Some(extra) = st.names().into_iter().find(|n| n.starts_with("param.") && !expected.contains(*n)) {
+        return Err(invalid(format!("holds {extra}, which the model has no trainable tensor for: the adapters differ from the run that saved this file")));
     }
     let mut params = params.into_iter();
     for_each_trainable(model, |t| {
@@ -155,16 +162,115 @@ pub fn restore(model: &mut CausalLm, path: &Path) -> Result<State, TrainError> {
 
     let inner = |v: Vec<f32>| tensor(v).inner();
     let mut slots = Vec::new();
-    for i in 0..current.len() {
-        let first = read(&format!("optimizer.{i}.first"))?.map(inner);
-        let second = read(&format!("optimizer.{i}.second"))?.map(inner);
+    for key in &keys {
+        let first = read(&format!("optimizer.{key}.first"))?.map(inner);
+        let second = read(&format!("optimizer.{key}.second"))?.map(inner);
         slots.push(Slot { first, second });
     }
     if slots.iter().all(|s| s.first.is_none() && s.second.is_none()) {
         slots.clear();
     }
     let accumulated: Vec<Tensor<1>> =
-        (0..current.len()).map_while(|i| read(&format!("accumulated.{i}")).transpose()).map(|r| r.map(inner)).collect::<Result<_, _>>()?;
+        keys.iter().map_while(|key| read(&format!("accumulated.{key}")).transpose()).map(|r| r.map(inner)).collect::<Result<_, _>>()?;
     let accumulated = (!accumulated.is_empty()).then_some(accumulated);
     Ok(State { optimizer: Optimizer { config, steps, slots }, accumulated, progress })
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Device;
+    use lora_adapters::{AdapterSpec, FineTuneType, Init, Scale, add_adapters};
+    use lora_model::{Checkpoint, Geometry};
+
+    use super::*;
+    use crate::optim::OptimizerKind;
+
+    fn model(keys: &[&str], seed: u64) -> CausalLm {
+        let config = Geometry::named("tiny").expect("tiny").config();
+        let mut model = CausalLm::load(&config, &Checkpoint::random(&config), &Device::flex().autodiff(), DType::F32, |_| {}).unwrap();
+        let spec = AdapterSpec {
+            fine_tune_type: FineTuneType::Dora,
+            num_layers: -1,
+            keys: Some(keys.iter().map(|k| k.to_string()).collect()),
+            rank: 2,
+            scale: Scale::Alpha { alpha: 4.0, rslora: false },
+            dropout: 0.0,
+            init: Init::Gaussian,
+        };
+        add_adapters(&mut model, &spec, seed).unwrap();
+        model
+    }
+
+    fn state(model: &CausalLm) -> State {
+        let mut state = State::new(Optimizer::new(OptimizerConfig { kind: OptimizerKind::Adamw, ..Default::default() }));
+        // Moments of the tensors' own sizes, each distinct, so a mix-up shows.
+        state.optimizer.slots = trainable_tensors(model)
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Slot { first: Some((t.clone() + i as f64).inner()), second: Some((t.clone() * 2.0).inner()) })
+            .collect();
+        state.optimizer.steps = 7;
+        state
+    }
+
+    fn write(dir: &Path, bytes: &[u8]) -> std::path::PathBuf {
+        let path = dir.join(STATE_FILE);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn values(model: &CausalLm) -> Vec<Vec<f32>> {
+        trainable_tensors(model).iter().map(host).collect()
+    }
+
+    /// Issue 15: the resume file keys every tensor by its module path (format 2), and files of
+    /// format 1 (keyed by position) still resume.
+    #[test]
+    fn resume_files_are_keyed_by_module_path_and_old_ones_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let saved = model(&["q_proj", "v_proj"], 1);
+        let bytes = to_bytes(&saved, &state(&saved)).unwrap();
+        let names = SafeTensors::deserialize(&bytes).unwrap().names().into_iter().map(str::to_string).collect::<Vec<_>>();
+        assert!(names.contains(&"param.model.layers.1.self_attn.v_proj.lora_magnitude_vector".to_string()), "{names:?}");
+        assert!(names.contains(&"optimizer.model.layers.0.self_attn.q_proj.lora_B.second".to_string()), "{names:?}");
+
+        let mut fresh = model(&["q_proj", "v_proj"], 2);
+        let restored = restore(&mut fresh, &write(dir.path(), &bytes)).unwrap();
+        assert_eq!(values(&fresh), values(&saved));
+        assert_eq!(restored.optimizer.steps, 7);
+        let first = |s: &State| s.optimizer.slots.iter().map(|s| host(&Tensor::from_inner(s.first.clone().unwrap()))).collect::<Vec<_>>();
+        assert_eq!(first(&restored), first(&state(&saved)));
+
+        // The same file in format 1: names by position, no checksum.
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let keys = trainable_names(&saved);
+        let old_name = |n: &str| keys.iter().enumerate().fold(n.to_string(), |n, (i, k)| n.replace(&format!(".{k}"), &format!(".{i}")));
+        let data: Vec<(String, Vec<u8>)> = st.names().iter().map(|&n| (old_name(n), st.tensor(n).unwrap().data().to_vec())).collect();
+        let views = data.iter().map(|(n, b)| (n.clone(), TensorView::new(Dtype::F32, vec![b.len() / 4], b).unwrap()));
+        let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+        let mut meta = meta.metadata().clone().unwrap();
+        meta.remove(CHECKSUM);
+        meta.insert("format_version".into(), "1".into());
+        let v1 = safetensors::serialize(views, Some(meta)).unwrap();
+        assert!(SafeTensors::deserialize(&v1).unwrap().names().contains(&"param.0"));
+        let mut fresh = model(&["q_proj", "v_proj"], 3);
+        restore(&mut fresh, &write(dir.path(), &v1)).unwrap();
+        assert_eq!(values(&fresh), values(&saved));
+    }
+
+    /// A resume file of other adapters is refused naming the tensor, and nothing changes.
+    #[test]
+    fn a_resume_file_of_other_adapters_names_the_module() {
+        let dir = tempfile::tempdir().unwrap();
+        let saved = model(&["q_proj", "v_proj"], 1);
+        let path = write(dir.path(), &to_bytes(&saved, &state(&saved)).unwrap());
+        let mut other = model(&["q_proj", "k_proj"], 2);
+        let before = values(&other);
+        let e = restore(&mut other, &path).unwrap_err().to_string();
+        assert!(e.contains("param.model.layers.0.self_attn.k_proj.lora_A is missing"), "{e}");
+        assert_eq!(values(&other), before);
+        let mut fewer = model(&["q_proj"], 2);
+        let e = restore(&mut fewer, &path).unwrap_err().to_string();
+        assert!(e.contains("holds param.model.layers.0.self_attn.v_proj"), "{e}");
+    }
 }

@@ -34,6 +34,21 @@ pub fn for_each_trainable(model: &mut CausalLm, mut f: impl FnMut(Trainable)) {
     }
 }
 
+/// The name of every trainable tensor, in [`for_each_trainable`] order, as PEFT names an
+/// adapter's tensors: `model.layers.3.self_attn.q_proj.lora_A`, `….lora_B`,
+/// `….lora_magnitude_vector`.
+pub fn trainable_names(model: &CausalLm) -> Vec<String> {
+    let mut out = Vec::new();
+    for (module, _, adapter) in model.adapters() {
+        out.push(format!("{module}.lora_A"));
+        out.push(format!("{module}.lora_B"));
+        if adapter.magnitude.is_some() {
+            out.push(format!("{module}.lora_magnitude_vector"));
+        }
+    }
+    out
+}
+
 /// Every trainable tensor, flattened, in [`for_each_trainable`] order.
 pub fn trainable_tensors(model: &CausalLm) -> Vec<Tensor<1>> {
     let mut out = Vec::new();
