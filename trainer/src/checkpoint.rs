@@ -144,7 +144,10 @@ pub fn restore(model: &mut CausalLm, path: &Path) -> Result<State, TrainError> {
         params.push(v);
     }
     let expected: std::collections::HashSet<String> = keys.iter().map(|k| format!("param.{k}")).collect();
-    if let Some(extra) = st.names().into_iter().find(|n| n.starts_with("param.") && !expected.contains(*n)) {
+    // safetensors lists names in no fixed order: name the first extra one in sorted order.
+    let mut names = st.names();
+    names.sort_unstable();
+    if let Some(extra) = names.into_iter().find(|n| n.starts_with("param.") && !expected.contains(*n)) {
         return Err(invalid(format!("holds {extra}, which the model has no trainable tensor for: the adapters differ from the run that saved this file")));
     }
     let mut params = params.into_iter();
