@@ -10,6 +10,7 @@ mod plot;
 mod quantize;
 mod save_path;
 mod serve;
+mod settings;
 mod train;
 mod train_config;
 
@@ -33,7 +34,7 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
 }
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// On-device LoRA/QLoRA fine-tuning for Llama, Mistral and Qwen models.
 #[derive(Debug, Parser)]
@@ -78,7 +79,8 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LORA_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let command = Cli::command().mut_subcommand("train", train_config::with_defaults);
+    let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Train(args) => train::run(*args),
         Command::Generate(args) => generate::run(args),

@@ -12,11 +12,11 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lora_adapters::io::{replace_dir, write_atomic};
 use lora_adapters::{AdapterSpec, adapter_weights, add_adapters, format, set_adapters, trainable_count};
-use lora_data::{DataKeys, ReadOptions, Splits, Tokenizer, count_too_long, count_without_targets, load_dir, padding_fraction};
+use lora_data::{Splits, Tokenizer, count_too_long, count_without_targets, load_dir, padding_fraction};
 use lora_model::{CausalLm, Checkpoint, ModelConfig};
 use lora_trainer::checkpoint::{self, STATE_FILE};
 use lora_trainer::run::Quiet;
-use lora_trainer::{Best, EarlyStop, Observer, Optimizer, Outcome, Report, Schedule, Settings, State, TrainError};
+use lora_trainer::{Best, Observer, Optimizer, Outcome, Report, State, TrainError};
 use serde_json::json;
 
 use crate::device::{PeakMemory, compute_dtype, select};
@@ -27,8 +27,19 @@ use crate::train_config::{SAVED_CONFIG, TrainConfig, TrainFlags, resolve};
 /// Flags of `lora train`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
+    /// A TOML experiment file; flags override its keys.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Continue the interrupted run whose adapter directory is DIR, exactly where its last
+    /// checkpoint left it. Its saved config is the starting point; flags override it.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
     #[command(flatten)]
     pub flags: TrainFlags,
+    /// Write into an --adapter-path that already holds files (they may be replaced); inputs
+    /// (the model, the data, --resume-adapter-file) are still never written over.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Set by Ctrl-C: the loop saves a checkpoint and stops.
@@ -41,14 +52,13 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const BEST_DIR: &str = "best";
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    let flags = &args.flags;
-    let mut config = resolve(flags)?;
-    let resuming = flags.resume.is_some();
-    let model_dir = config.model.clone().expect("checked");
+    let mut config = resolve(args.config.as_deref(), args.resume.as_deref(), &args.flags)?;
+    let resuming = args.resume.is_some();
+    let model_dir = config.model.clone();
     let out = config.adapter_path.clone();
     let training = config.training();
     if training {
-        check_adapter_path(&config, resuming, flags.force)?;
+        check_adapter_path(&config, resuming, args.force)?;
     }
 
     let model_config = ModelConfig::from_dir(&model_dir)?;
@@ -79,26 +89,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let total = model.num_weights() + trainable;
     eprintln!("Trainable parameters: {:.3}% ({:.3}M/{:.3}M)", 100.0 * trainable as f64 / total as f64, trainable as f64 / 1e6, total as f64 / 1e6);
 
-    let train = data
-        .train
-        .as_ref()
-        .map(|l| l.examples.as_slice())
-        .with_context(|| format!("data {}: no train.jsonl", config.data.as_ref().expect("checked").display()))?;
+    let train = data.train.as_ref().map(|l| l.examples.as_slice()).with_context(|| format!("data {}: no train.jsonl", config.data.display()))?;
     let valid = data.valid.as_ref().map(|l| l.examples.as_slice());
     if valid.is_none_or(<[_]>::is_empty) {
         for (on, flag) in [(config.keep_best, "--keep-best"), (config.early_stop_patience.is_some(), "--early-stop-patience")] {
             if on {
-                bail!("{flag} needs validation data: {} has no valid.jsonl rows", config.data.as_ref().expect("checked").display());
+                bail!("{flag} needs validation data: {} has no valid.jsonl rows", config.data.display());
             }
         }
     }
-    let lengths: Vec<usize> = train.iter().map(|e| e.tokens.len()).collect();
-    let batcher = lora_data::Batcher::new(&lengths, config.batch_size, config.shuffle, config.seed)
-        .with_context(|| format!("{}", config.data.as_ref().expect("checked").join("train.jsonl").display()))?;
-    let iters = match config.epochs {
-        Some(e) => e * batcher.batches_per_epoch(),
-        None => config.iters.unwrap_or(1000),
-    };
+    let batcher = config.batcher(train)?;
+    let iters = config.iterations(&batcher);
     let padding = padding_fraction(train, &batcher, config.max_seq_length);
     eprintln!(
         "Training on {} examples: {} batches of {} per epoch, {:.1}% padding; {iters} iterations ({:.2} epochs)",
@@ -108,35 +109,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         100.0 * padding,
         iters as f64 / batcher.batches_per_epoch() as f64
     );
-    let accumulation = config.grad_accumulation_steps;
-    let settings = Settings {
-        iters,
-        batch_size: config.batch_size,
-        grad_accumulation_steps: accumulation,
-        max_seq_length: config.max_seq_length,
-        steps_per_report: config.steps_per_report,
-        steps_per_eval: config.steps_per_eval,
-        val_batches: usize::try_from(config.val_batches).ok(),
-        save_every: config.save_every,
-        seed: config.seed,
-        shuffle: config.shuffle,
-        max_grad_norm: config.max_grad_norm,
-        recompute: config.grad_checkpoint,
-        keep_best: config.keep_best,
-        early_stop: config.early_stop_patience.map(|patience| EarlyStop { patience, min_delta: config.early_stop_min_delta }),
-        pack: config.pack,
-        schedule: Schedule {
-            kind: config.schedule_kind(),
-            lr: config.learning_rate,
-            warmup: config.lr_schedule.warmup,
-            total: iters / accumulation,
-            min_lr: config.lr_schedule.min_lr,
-        },
-    };
+    let settings = config.settings(iters);
 
     let _lock = lock_adapter_path(&out)?;
     // Again under the lock: a run that started and finished meanwhile is not written over.
-    check_adapter_path(&config, resuming, flags.force)?;
+    check_adapter_path(&config, resuming, args.force)?;
     let mut state = if resuming {
         if !out.join(STATE_FILE).is_file() {
             bail!(
@@ -170,7 +147,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
     });
     let mut observer = Files::open(&config, spec, &model_dir, &out, &device, iters, state.progress.iteration)?;
-    let outcome = lora_trainer::train(&mut model, train, valid, &settings, &mut state, &mut observer);
+    let outcome = lora_trainer::train(&mut model, train, &batcher, valid, &settings, &mut state, &mut observer);
     observer.bar.finish_and_clear();
     match outcome {
         Err(TrainError::NonFinite { iteration, loss }) => {
@@ -211,14 +188,7 @@ pub const LOCK_FILE: &str = ".lora-train.lock";
 /// given (an earlier run of ours is pointed to `--resume`). Writes nothing.
 fn check_adapter_path(config: &TrainConfig, resuming: bool, force: bool) -> Result<()> {
     let out = &config.adapter_path;
-    let mut inputs: Vec<(&str, &Path)> = Vec::new();
-    if let Some(m) = &config.model {
-        inputs.push(("--model", m));
-    }
-    if let Some(d) = &config.data {
-        inputs.push(("--data", d));
-    }
-    for (flag, input) in &inputs {
+    for (flag, input) in [("--model", &config.model), ("--data", &config.data)] {
         if crate::save_path::overlaps(out, &[input]) {
             bail!("--adapter-path {} is, holds or lies inside {flag} {}; nothing is ever written into an input", out.display(), input.display());
         }
@@ -302,21 +272,8 @@ fn remove_stale_temporaries(out: &Path) {
 
 /// Tokenized splits, with the warnings mlx-lm prints.
 fn load_data(config: &TrainConfig, tokenizer: &Tokenizer) -> Result<Splits> {
-    let dir = config.data.as_ref().expect("checked");
-    let options = ReadOptions {
-        keys: DataKeys {
-            text: config.text_feature.clone(),
-            prompt: config.prompt_feature.clone(),
-            completion: config.completion_feature.clone(),
-            messages: config.chat_feature.clone(),
-            ..Default::default()
-        },
-        mask_prompt: config.mask_prompt,
-        skip_bad_rows: config.skip_bad_rows,
-        // Generous for the sequences kept: 64 bytes per token, and at least the default.
-        max_row_bytes: config.max_seq_length.saturating_mul(64).max(lora_data::DEFAULT_MAX_ROW_BYTES),
-    };
-    let mut splits = load_dir(dir, tokenizer, &options)?;
+    let dir = &config.data;
+    let mut splits = load_dir(dir, tokenizer, &config.read_options())?;
     for (name, split) in [("train", &splits.train), ("valid", &splits.valid), ("test", &splits.test)] {
         let Some(split) = split else { continue };
         if split.skipped > 0 {
@@ -416,7 +373,7 @@ fn test_only(config: &TrainConfig, model: &mut CausalLm, data: &Splits) -> Resul
 }
 
 fn report_test(config: &TrainConfig, model: &CausalLm, data: &Splits) -> Result<()> {
-    let test = data.test.as_ref().with_context(|| format!("--test: no test.jsonl in {}", config.data.as_ref().expect("checked").display()))?;
+    let test = data.test.as_ref().with_context(|| format!("--test: no test.jsonl in {}", config.data.display()))?;
     let batches = usize::try_from(config.test_batches).ok();
     let how = lora_trainer::Evaluation { batch_size: config.batch_size, batches, max_seq_length: config.max_seq_length, pack: config.pack };
     let (loss, tokens) = lora_trainer::evaluate(model, &test.examples, &how, &mut Quiet)?;

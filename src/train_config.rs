@@ -7,59 +7,48 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, ValueEnum};
+use clap::ValueEnum;
 use lora_adapters::{AdapterFormat, AdapterSpec, FineTuneType, Init, Scale};
-use lora_trainer::{OptimizerConfig, OptimizerKind, ScheduleKind};
+use lora_data::{Batcher, DataKeys, Example, ReadOptions};
+use lora_trainer::{EarlyStop, OptimizerConfig, OptimizerKind, Schedule, ScheduleKind, Settings};
 use serde::{Deserialize, Serialize};
 
 use crate::device::{DTypeArg, DeviceArg};
 use crate::quantize::{QuantArgs, QuantMode};
+use crate::settings::settings;
 
-/// The adapter's shape and scale: mlx-lm's `lora_parameters`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LoraParameters {
-    /// Rank `r`. Default 8.
-    pub rank: usize,
-    /// mlx-lm's raw scale on `B·A`. Default 20. Ignored when `alpha` is set.
-    pub scale: f64,
-    /// PEFT's `lora_alpha`: the scale becomes alpha/r (alpha/√r with `use_rslora`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub alpha: Option<f64>,
-    /// rsLoRA's alpha/√r. Default false.
-    pub use_rslora: bool,
-    /// Dropout on the adapter's input while training, in [0, 1). Default 0.
-    pub dropout: f64,
-    /// The projections to adapt (`self_attn.q_proj` or PEFT's `q_proj`). Default: every
-    /// linear projection of attention and the MLP.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub keys: Option<Vec<String>>,
-    /// `A`'s initialization: kaiming (PEFT's and mlx-lm's default) or gaussian.
-    pub init: Init,
-}
-
-impl Default for LoraParameters {
-    fn default() -> Self {
-        Self { rank: 8, scale: 20.0, alpha: None, use_rslora: false, dropout: 0.0, keys: None, init: Init::Kaiming }
+settings! {
+    /// The adapter's shape and scale: mlx-lm's `lora_parameters`.
+    pub struct LoraParameters, layer LoraFlags {
+        /// LoRA rank `r` [lora_parameters.rank].
+        rank: usize = 8 => [value_name = "R"],
+        /// mlx-lm's raw scale on `B·A`; ignored when `alpha` is given [lora_parameters.scale].
+        scale: f64 = 20.0 => [value_name = "S"],
+        /// PEFT's `lora_alpha`: the scale becomes alpha/r (alpha/√r with `use_rslora`)
+        /// [lora_parameters.alpha].
+        alpha: Option<f64> => [value_name = "A"],
+        /// rsLoRA's alpha/√r.
+        use_rslora: bool = false,
+        /// Dropout on the adapter's input while training, in [0, 1) [lora_parameters.dropout].
+        dropout: f64 = 0.0 => [value_name = "P"],
+        /// The projections to adapt, comma-separated (`self_attn.q_proj` or PEFT's `q_proj`)
+        /// [lora_parameters.keys; default: every linear projection of attention and the MLP].
+        keys: Option<Vec<String>> => [value_name = "K,..", value_delimiter = ','],
+        /// `A`'s initialization: kaiming (PEFT's and mlx-lm's default) or gaussian.
+        init: Init = Init::Kaiming,
     }
 }
 
-/// The learning-rate schedule.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LrSchedule {
-    /// constant, cosine or linear (mlx-lm's `cosine_decay` and `linear_schedule` are
-    /// accepted too). Default constant.
-    pub name: ScheduleName,
-    /// Optimizer steps of linear warmup from 0. Default 0.
-    pub warmup: usize,
-    /// Where cosine and linear end. Default 0.
-    pub min_lr: f64,
-}
-
-impl Default for LrSchedule {
-    fn default() -> Self {
-        Self { name: ScheduleName::Constant, warmup: 0, min_lr: 0.0 }
+settings! {
+    /// The learning-rate schedule: mlx-lm's `lr_schedule`.
+    pub struct LrSchedule, layer ScheduleFlags {
+        /// The schedule: constant, cosine or linear (mlx-lm's `cosine_decay` and
+        /// `linear_schedule` are accepted too) [lr_schedule.name].
+        name: ScheduleName = ScheduleName::Constant => [long = "lr-schedule", value_enum, value_name = "NAME"],
+        /// Optimizer steps of linear warmup from 0 [lr_schedule.warmup].
+        warmup: usize = 0 => [value_name = "N"],
+        /// Where cosine and linear decay end [lr_schedule.min_lr].
+        min_lr: f64 = 0.0 => [value_name = "LR"],
     }
 }
 
@@ -77,465 +66,161 @@ pub enum ScheduleName {
     Linear,
 }
 
-/// Every setting of a run, as saved beside the adapter.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TrainConfig {
-    /// The base model directory (Hugging Face or MLX quantized).
-    pub model: Option<PathBuf>,
-    /// The dataset directory: train.jsonl, valid.jsonl, test.jsonl.
-    pub data: Option<PathBuf>,
-    /// Train. Default: true, unless only `test` is asked for.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub train: Option<bool>,
-    /// Report the test loss and perplexity after training (or of the adapter alone).
-    pub test: bool,
-    /// lora or dora.
-    pub fine_tune_type: FineTuneType,
-    /// adam (mlx-lm's default), adamw or sgd.
-    pub optimizer: OptimizerKind,
-    /// Weight decay. Default 0.01 for adamw (PyTorch's and MLX's), else 0.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub weight_decay: Option<f64>,
-    /// Adam's β₁, β₂. Default [0.9, 0.999].
-    pub betas: [f64; 2],
-    /// Adam's ε. Default 1e-8.
-    pub eps: f64,
-    /// SGD momentum. Default 0.
-    pub momentum: f64,
-    /// LoRA+: `B`'s learning rate over `A`'s (PEFT's `loraplus_lr_ratio`). Default 1 (off).
-    pub lora_plus_ratio: f64,
-    /// Seed of the adapter init, the batch order and dropout. Default 0.
-    pub seed: u64,
-    /// Blocks adapted, counted back from the last; -1 for all. Default 16.
-    pub num_layers: i64,
-    /// Sequences per batch. Default 4.
-    pub batch_size: usize,
-    /// Training iterations. Default 1000 (unless `epochs` is set).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub iters: Option<usize>,
-    /// Training length in passes over the data, instead of `iters`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub epochs: Option<usize>,
-    /// Validation batches per evaluation; -1 for all. Default 25.
-    pub val_batches: i64,
-    /// Peak learning rate. Default 1e-5.
-    pub learning_rate: f64,
-    /// Iterations between report lines. Default 10.
-    pub steps_per_report: usize,
-    /// Iterations between validations. Default 200.
-    pub steps_per_eval: usize,
-    /// Start from this adapter (a weights file beside its adapter_config.json, or a directory).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub resume_adapter_file: Option<PathBuf>,
-    /// Where the adapter, checkpoints, metrics and plots go. Default `adapters`.
-    pub adapter_path: PathBuf,
-    /// peft (default) or mlx.
-    pub adapter_format: AdapterFormat,
-    /// Iterations between checkpoints. Default 100.
-    pub save_every: usize,
-    /// Keep the adapter of the lowest validation loss in `best/` inside the adapter path.
-    /// Default false.
-    pub keep_best: bool,
-    /// Stop after this many evaluations without improvement. Default: never.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub early_stop_patience: Option<usize>,
-    /// How much lower a validation loss must be to count as an improvement. Default 0.
-    pub early_stop_min_delta: f64,
-    /// Test batches; -1 for all. Default 500.
-    pub test_batches: i64,
-    /// Longer sequences are truncated. Default 2048.
-    pub max_seq_length: usize,
-    /// Recompute activations in backward instead of keeping them. Default false.
-    pub grad_checkpoint: bool,
-    /// Batches per optimizer step. Default 1.
-    pub grad_accumulation_steps: usize,
-    /// Clip the gradients' global norm to this. Default: no clipping (as mlx-lm).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_grad_norm: Option<f64>,
-    /// Train only on completions and assistant turns. Default false.
-    pub mask_prompt: bool,
-    /// Pack several rows into each sequence of `max_seq_length` tokens, each attending only to
-    /// itself. Default false.
-    pub pack: bool,
-    /// Bucket by length and shuffle (true), or keep file order (false). Default true.
-    pub shuffle: bool,
-    /// Count and skip bad rows instead of stopping. Default false.
-    pub skip_bad_rows: bool,
-    /// The key of plain text rows. Default `text`.
-    pub text_feature: String,
-    /// The prompt key. Default `prompt`.
-    pub prompt_feature: String,
-    /// The completion key. Default `completion`.
-    pub completion_feature: String,
-    /// The message list key. Default `messages`.
-    pub chat_feature: String,
-    /// auto, cpu, wgpu or cuda. Default auto.
-    pub device: DeviceArg,
-    /// Compute dtype f32, f16 or bf16 (the adapter stays f32). Default: f32 on the CPU,
-    /// the checkpoint's half type on a GPU.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub dtype: Option<DTypeArg>,
-    /// Quantize the frozen base at load: affine or nf4.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub quantize: Option<QuantMode>,
-    /// Affine bits. Default 4.
-    pub q_bits: usize,
-    /// Affine group size. Default 64.
-    pub q_group_size: usize,
-    /// NF4 double quantization. Default false.
-    pub double_quant: bool,
-    /// Quantize embeddings and lm_head too. Default: true for affine, false for nf4.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub q_embeddings: Option<bool>,
-    /// The adapter.
-    pub lora_parameters: LoraParameters,
-    /// The schedule.
-    pub lr_schedule: LrSchedule,
+/// Training iterations when neither `iters` nor `epochs` is given (mlx-lm's).
+pub const DEFAULT_ITERS: usize = 1000;
+
+settings! {
+    /// Every setting of a run, as saved beside the adapter. The defaults are mlx-lm's.
+    pub struct TrainConfig, layer TrainFlags {
+        /// The base model directory (Hugging Face or MLX quantized).
+        model: PathBuf => [value_name = "DIR"],
+        /// The dataset directory (train.jsonl, valid.jsonl, test.jsonl).
+        data: PathBuf => [value_name = "DIR"],
+        /// Train [default: true unless only --test is given].
+        train: Option<bool> => switch,
+        /// Report the test loss and perplexity after training (or of the adapter alone).
+        test: bool = false => switch,
+        /// lora or dora.
+        fine_tune_type: FineTuneType = FineTuneType::Lora => [value_name = "TYPE", value_parser = from_str::<FineTuneType>],
+        /// adam, adamw or sgd.
+        optimizer: OptimizerKind = OptimizerKind::Adam => [value_name = "NAME", value_parser = from_str::<OptimizerKind>],
+        /// Weight decay [default: 0.01 for adamw (PyTorch's and MLX's), else 0].
+        weight_decay: Option<f64> => [value_name = "X"],
+        /// Adam's β₁, β₂.
+        betas: [f64; 2] = [0.9, 0.999],
+        /// Adam's ε.
+        eps: f64 = 1e-8,
+        /// SGD momentum.
+        momentum: f64 = 0.0 => [value_name = "X"],
+        /// LoRA+: the adapters' B matrices (and DoRA magnitudes) learn at R times the learning
+        /// rate, as PEFT's create_loraplus_optimizer (1 is plain LoRA).
+        lora_plus_ratio: f64 = 1.0 => [value_name = "R", allow_negative_numbers = true],
+        /// Seed of the adapter init, the batch order and dropout.
+        seed: u64 = 0 => [value_name = "N"],
+        /// Blocks to adapt, counted back from the last; -1 for all.
+        num_layers: i64 = 16 => [value_name = "N", allow_negative_numbers = true],
+        /// Sequences per batch.
+        batch_size: usize = 4 => [value_name = "N"],
+        /// Training iterations [default: 1000, unless --epochs is given].
+        iters: Option<usize> => [value_name = "N"],
+        /// Train for this many passes over the data instead of --iters.
+        epochs: Option<usize> => [value_name = "N"],
+        /// Validation batches per evaluation; -1 for all.
+        val_batches: i64 = 25 => [value_name = "N", allow_negative_numbers = true],
+        /// Peak learning rate.
+        learning_rate: f64 = 1e-5 => [value_name = "LR"],
+        /// Iterations between report lines.
+        steps_per_report: usize = 10 => [value_name = "N"],
+        /// Iterations between validations.
+        steps_per_eval: usize = 200 => [value_name = "N"],
+        /// Start from this adapter: PEFT or mlx-lm, a weights file beside its
+        /// adapter_config.json, or a directory.
+        resume_adapter_file: Option<PathBuf> => [value_name = "PATH"],
+        /// Where the adapter, checkpoints, metrics and plots go.
+        adapter_path: PathBuf = PathBuf::from("adapters") => [value_name = "DIR"],
+        /// peft or mlx.
+        adapter_format: AdapterFormat = AdapterFormat::Peft => [value_name = "FORMAT", value_parser = from_str::<AdapterFormat>],
+        /// Iterations between checkpoints.
+        save_every: usize = 100 => [value_name = "N"],
+        /// Keep the adapter of the lowest validation loss so far in best/ inside the adapter
+        /// path, with its step and loss in best/best.json.
+        keep_best: bool = false => switch,
+        /// Stop after N evaluations in a row without improvement; the run stays resumable
+        /// [default: never].
+        early_stop_patience: Option<usize> => [value_name = "N"],
+        /// A validation loss must be lower than the best by more than X to count as an
+        /// improvement.
+        early_stop_min_delta: f64 = 0.0 => [value_name = "X", allow_negative_numbers = true],
+        /// Test batches; -1 for all.
+        test_batches: i64 = 500 => [value_name = "N", allow_negative_numbers = true],
+        /// Longer sequences are truncated to this many tokens.
+        max_seq_length: usize = 2048 => [value_name = "N"],
+        /// Recompute activations in backward instead of keeping them, to save memory.
+        grad_checkpoint: bool = false => switch,
+        /// Batches per optimizer step.
+        grad_accumulation_steps: usize = 1 => [value_name = "N"],
+        /// Clip the gradients' global norm to this [default: no clipping, as mlx-lm].
+        max_grad_norm: Option<f64> => [value_name = "X"],
+        /// Train only on completions and assistant turns.
+        mask_prompt: bool = false => switch,
+        /// Pack several rows into each sequence of --max-seq-length tokens (best-fit decreasing),
+        /// each attending only to itself with its positions from 0: its loss is what it is
+        /// unpacked, without the padding of batches of unequal rows.
+        pack: bool = false => switch,
+        /// Bucket batches by length and shuffle them (true), or keep file order (false).
+        shuffle: bool = true => switch,
+        /// Count and skip bad rows instead of stopping.
+        skip_bad_rows: bool = false => switch,
+        /// Key of text rows.
+        text_feature: String = "text".into() => [value_name = "KEY"],
+        /// Key of prompts.
+        prompt_feature: String = "prompt".into() => [value_name = "KEY"],
+        /// Key of completions.
+        completion_feature: String = "completion".into() => [value_name = "KEY"],
+        /// Key of message lists.
+        chat_feature: String = "messages".into() => [value_name = "KEY"],
+        /// auto, cpu, wgpu or cuda.
+        device: DeviceArg = DeviceArg::Auto => [value_enum, value_name = "D"],
+        /// Compute dtype: f32, f16 or bf16 (the adapter stays f32) [default: f32 on the CPU,
+        /// the checkpoint's half type on a GPU].
+        dtype: Option<DTypeArg> => [value_enum, value_name = "DTYPE"],
+        /// Quantize the frozen base at load: affine or nf4.
+        quantize: Option<QuantMode> => [value_enum, value_name = "MODE"],
+        /// Affine bits.
+        q_bits: usize = 4 => [value_name = "BITS"],
+        /// Affine group size.
+        q_group_size: usize = 64 => [value_name = "N"],
+        /// NF4 double quantization.
+        double_quant: bool = false => switch,
+        /// Quantize embeddings and lm_head too [default: true for affine, false for nf4].
+        q_embeddings: Option<bool> => [value_name = "BOOL"],
+        /// The adapter.
+        lora_parameters: nested LoraParameters(LoraFlags),
+        /// The schedule.
+        lr_schedule: nested LrSchedule(ScheduleFlags),
+    }
 }
 
-impl Default for TrainConfig {
-    /// mlx-lm's defaults.
-    fn default() -> Self {
-        Self {
-            model: None,
-            data: None,
-            train: None,
-            test: false,
-            fine_tune_type: FineTuneType::Lora,
-            optimizer: OptimizerKind::Adam,
-            weight_decay: None,
-            betas: [0.9, 0.999],
-            eps: 1e-8,
-            momentum: 0.0,
-            lora_plus_ratio: 1.0,
-            seed: 0,
-            num_layers: 16,
-            batch_size: 4,
-            iters: None,
-            epochs: None,
-            val_batches: 25,
-            learning_rate: 1e-5,
-            steps_per_report: 10,
-            steps_per_eval: 200,
-            resume_adapter_file: None,
-            adapter_path: PathBuf::from("adapters"),
-            adapter_format: AdapterFormat::Peft,
-            save_every: 100,
-            keep_best: false,
-            early_stop_patience: None,
-            early_stop_min_delta: 0.0,
-            test_batches: 500,
-            max_seq_length: 2048,
-            grad_checkpoint: false,
-            grad_accumulation_steps: 1,
-            max_grad_norm: None,
-            mask_prompt: false,
-            pack: false,
-            shuffle: true,
-            skip_bad_rows: false,
-            text_feature: "text".into(),
-            prompt_feature: "prompt".into(),
-            completion_feature: "completion".into(),
-            chat_feature: "messages".into(),
-            device: DeviceArg::Auto,
-            dtype: None,
-            quantize: None,
-            q_bits: 4,
-            q_group_size: 64,
-            double_quant: false,
-            q_embeddings: None,
-            lora_parameters: LoraParameters::default(),
-            lr_schedule: LrSchedule::default(),
+/// Parses a flag's value as its TOML string would be read: `--optimizer adamw` as
+/// `optimizer = "adamw"`, with serde's error naming the accepted values.
+fn from_str<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    T::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(s)).map_err(|e| e.to_string())
+}
+
+/// `lora train --help` made from the declarations: each flag that has a default shows it as
+/// `[default: X]` after its first paragraph (the help says it itself where the default depends
+/// on other settings), and each switch says how it is given.
+pub fn with_defaults(command: clap::Command) -> clap::Command {
+    fn flatten(table: &toml::Table, out: &mut std::collections::HashMap<String, String>) {
+        for (k, v) in table {
+            match v {
+                toml::Value::Table(t) => flatten(t, out),
+                toml::Value::String(s) => drop(out.insert(k.clone(), s.clone())),
+                v => drop(out.insert(k.clone(), v.to_string())),
+            }
         }
     }
-}
-
-/// The flags of `lora train`. Each one left out keeps the config file's value, or the default.
-#[derive(Debug, Clone, Default, Args, Serialize)]
-pub struct TrainFlags {
-    /// A TOML experiment file; flags override its keys.
-    #[arg(long, short = 'c', value_name = "FILE")]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
-    /// Continue the interrupted run whose adapter directory is DIR, exactly where its last
-    /// checkpoint left it. Its saved config is the starting point; flags override it.
-    #[arg(long, value_name = "DIR")]
-    #[serde(skip)]
-    pub resume: Option<PathBuf>,
-    /// The base model directory.
-    #[arg(long, value_name = "DIR")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub model: Option<PathBuf>,
-    /// The dataset directory (train.jsonl, valid.jsonl, test.jsonl).
-    #[arg(long, value_name = "DIR")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub data: Option<PathBuf>,
-    /// Train [default: true unless only --test is given].
-    ///
-    /// Given bare it means true; `--train false` turns off what a config file turned on.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub train: Option<bool>,
-    /// Report test loss and perplexity.
-    ///
-    /// Given bare it means true; `--test false` turns off what a config file turned on.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub test: Option<bool>,
-    /// lora or dora.
-    #[arg(long, value_name = "TYPE")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fine_tune_type: Option<String>,
-    /// adam, adamw or sgd [default: adam].
-    #[arg(long, value_name = "NAME")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub optimizer: Option<String>,
-    /// Weight decay [default: 0.01 for adamw, else 0].
-    #[arg(long, value_name = "X")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub weight_decay: Option<f64>,
-    /// SGD momentum [default: 0].
-    #[arg(long, value_name = "X")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub momentum: Option<f64>,
-    /// LoRA+: the adapters' B matrices (and DoRA magnitudes) learn at R times the learning
-    /// rate, as PEFT's create_loraplus_optimizer [default: 1, plain LoRA].
-    #[arg(long, value_name = "R", allow_negative_numbers = true)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lora_plus_ratio: Option<f64>,
-    /// Seed [default: 0].
-    #[arg(long, value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub seed: Option<u64>,
-    /// Blocks to adapt, counted back from the last; -1 for all [default: 16].
-    #[arg(long, value_name = "N", allow_negative_numbers = true)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub num_layers: Option<i64>,
-    /// Sequences per batch [default: 4].
-    #[arg(long, value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub batch_size: Option<usize>,
-    /// Training iterations [default: 1000].
-    #[arg(long, value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub iters: Option<usize>,
-    /// Train for this many passes over the data instead of --iters.
-    #[arg(long, value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub epochs: Option<usize>,
-    /// Validation batches; -1 for all [default: 25].
-    #[arg(long, value_name = "N", allow_negative_numbers = true)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub val_batches: Option<i64>,
-    /// Peak learning rate [default: 1e-5].
-    #[arg(long, value_name = "LR")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub learning_rate: Option<f64>,
-    /// Iterations between reports [default: 10].
-    #[arg(long, value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub steps_per_report: Option<usize>,
-    /// Iterations between validations [default: 200].
-    #[arg(long, value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub steps_per_eval: Option<usize>,
-    /// Start from this adapter: PEFT or mlx-lm, a weights file or a directory.
-    #[arg(long, value_name = "PATH")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub resume_adapter_file: Option<PathBuf>,
-    /// Output directory [default: adapters].
-    #[arg(long, value_name = "DIR")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub adapter_path: Option<PathBuf>,
-    /// peft or mlx [default: peft].
-    #[arg(long, value_name = "FORMAT")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub adapter_format: Option<String>,
-    /// Iterations between checkpoints [default: 100].
-    #[arg(long, value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub save_every: Option<usize>,
-    /// Keep the adapter of the lowest validation loss so far in best/ inside the adapter path,
-    /// with its step and loss in best/best.json. Given bare it means true.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub keep_best: Option<bool>,
-    /// Stop after N evaluations in a row without improvement; the run stays resumable
-    /// [default: never].
-    #[arg(long, value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub early_stop_patience: Option<usize>,
-    /// A validation loss must be lower than the best by more than X to count as an
-    /// improvement [default: 0].
-    #[arg(long, value_name = "X", allow_negative_numbers = true)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub early_stop_min_delta: Option<f64>,
-    /// Test batches; -1 for all [default: 500].
-    #[arg(long, value_name = "N", allow_negative_numbers = true)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub test_batches: Option<i64>,
-    /// Truncate longer sequences [default: 2048].
-    #[arg(long, value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_seq_length: Option<usize>,
-    /// Recompute activations in backward to save memory.
-    ///
-    /// Given bare it means true; `--grad-checkpoint false` turns off what a config file turned on.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub grad_checkpoint: Option<bool>,
-    /// Batches per optimizer step [default: 1].
-    #[arg(long, value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub grad_accumulation_steps: Option<usize>,
-    /// Clip the gradients' global norm [default: none].
-    #[arg(long, value_name = "X")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_grad_norm: Option<f64>,
-    /// Train only on completions and assistant turns.
-    ///
-    /// Given bare it means true; `--mask-prompt false` turns off what a config file turned on.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mask_prompt: Option<bool>,
-    /// Pack several rows into each sequence of --max-seq-length tokens (best-fit decreasing),
-    /// each attending only to itself with its positions from 0: its loss is what it is
-    /// unpacked, without the padding of batches of unequal rows [default: false].
-    ///
-    /// Given bare it means true.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pack: Option<bool>,
-    /// Bucket batches by length and shuffle them [default: true].
-    ///
-    /// Given bare it means true; `--shuffle false` turns off what a config file turned on.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub shuffle: Option<bool>,
-    /// Count and skip bad rows instead of stopping.
-    ///
-    /// Given bare it means true; `--skip-bad-rows false` turns off what a config file turned on.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub skip_bad_rows: Option<bool>,
-    /// Key of text rows [default: text].
-    #[arg(long, value_name = "KEY")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub text_feature: Option<String>,
-    /// Key of prompts [default: prompt].
-    #[arg(long, value_name = "KEY")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prompt_feature: Option<String>,
-    /// Key of completions [default: completion].
-    #[arg(long, value_name = "KEY")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub completion_feature: Option<String>,
-    /// Key of message lists [default: messages].
-    #[arg(long, value_name = "KEY")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub chat_feature: Option<String>,
-    /// auto, cpu, wgpu or cuda [default: auto].
-    #[arg(long, value_enum, value_name = "D")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub device: Option<DeviceArg>,
-    /// Compute dtype: f32, f16 or bf16.
-    #[arg(long, value_enum, value_name = "DTYPE")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub dtype: Option<DTypeArg>,
-    /// Quantize the base at load: affine or nf4.
-    #[arg(long, value_enum, value_name = "MODE")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub quantize: Option<QuantMode>,
-    /// Affine bits [default: 4].
-    #[arg(long, value_name = "BITS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub q_bits: Option<usize>,
-    /// Affine group size [default: 64].
-    #[arg(long, value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub q_group_size: Option<usize>,
-    /// NF4 double quantization.
-    ///
-    /// Given bare it means true; `--double-quant false` turns off what a config file turned on.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub double_quant: Option<bool>,
-    /// Quantize embeddings and lm_head [default: true for affine, false for nf4].
-    #[arg(long, value_name = "BOOL")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub q_embeddings: Option<bool>,
-    /// LoRA rank [lora_parameters.rank; default: 8].
-    #[arg(long, value_name = "R")]
-    #[serde(skip)]
-    pub rank: Option<usize>,
-    /// mlx-lm's scale on B·A [lora_parameters.scale; default: 20].
-    #[arg(long, value_name = "S")]
-    #[serde(skip)]
-    pub scale: Option<f64>,
-    /// PEFT's lora_alpha; the scale becomes alpha/r [lora_parameters.alpha].
-    #[arg(long, value_name = "A")]
-    #[serde(skip)]
-    pub alpha: Option<f64>,
-    /// Adapter dropout [lora_parameters.dropout; default: 0].
-    #[arg(long, value_name = "P")]
-    #[serde(skip)]
-    pub dropout: Option<f64>,
-    /// Projections to adapt, comma-separated [lora_parameters.keys; default: all].
-    #[arg(long, value_name = "K,..", value_delimiter = ',')]
-    #[serde(skip)]
-    pub keys: Option<Vec<String>>,
-    /// Schedule: constant, cosine or linear [lr_schedule.name; default: constant].
-    #[arg(long, value_enum, value_name = "NAME")]
-    #[serde(skip)]
-    pub lr_schedule: Option<ScheduleName>,
-    /// Warmup optimizer steps [lr_schedule.warmup; default: 0].
-    #[arg(long, value_name = "N")]
-    #[serde(skip)]
-    pub warmup: Option<usize>,
-    /// Where the schedule decays to [lr_schedule.min_lr; default: 0].
-    #[arg(long, value_name = "LR")]
-    #[serde(skip)]
-    pub min_lr: Option<f64>,
-    /// Write into an --adapter-path that already holds files (they may be replaced); inputs
-    /// (the model, the data, --resume-adapter-file) are still never written over.
-    #[arg(long)]
-    #[serde(skip)]
-    pub force: bool,
-}
-
-impl TrainFlags {
-    /// The flags given, as a TOML table shaped like the config file.
-    fn table(&self) -> Result<toml::Table> {
-        let mut table = toml::Table::try_from(self).context("flags")?;
-        let mut nested = |name: &str, entries: Vec<(&str, Option<toml::Value>)>| {
-            let sub: toml::Table = entries.into_iter().filter_map(|(k, v)| v.map(|v| (k.to_string(), v))).collect();
-            if !sub.is_empty() {
-                table.insert(name.into(), toml::Value::Table(sub));
-            }
-        };
-        let f = |x: Option<f64>| x.map(toml::Value::Float);
-        let i = |x: Option<usize>| x.map(|v| toml::Value::Integer(v as i64));
-        nested(
-            "lora_parameters",
-            vec![
-                ("rank", i(self.rank)),
-                ("scale", f(self.scale)),
-                ("alpha", f(self.alpha)),
-                ("dropout", f(self.dropout)),
-                ("keys", self.keys.clone().map(|k| toml::Value::Array(k.into_iter().map(toml::Value::String).collect()))),
-            ],
-        );
-        nested(
-            "lr_schedule",
-            vec![
-                ("name", self.lr_schedule.map(|n| toml::Value::String(format!("{n:?}").to_lowercase()))),
-                ("warmup", i(self.warmup)),
-                ("min_lr", f(self.min_lr)),
-            ],
-        );
-        Ok(table)
-    }
+    let mut defaults = std::collections::HashMap::new();
+    flatten(&toml::Table::try_from(TrainFlags::defaults()).expect("the defaults serialize"), &mut defaults);
+    command.mut_args(|arg| {
+        let default = defaults.get(arg.get_id().as_str()).map(|v| format!(" [default: {v}]")).unwrap_or_default();
+        let switch = arg.get_num_args().is_some_and(|n| n.min_values() == 0);
+        if default.is_empty() && !switch {
+            return arg;
+        }
+        let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+        let long = arg.get_long_help().map_or_else(|| help.clone(), |h| h.to_string());
+        let (first, rest) = long.split_once("\n\n").map_or((long.as_str(), None), |(f, r)| (f, Some(r)));
+        let mut long = format!("{first}{default}");
+        if let Some(rest) = rest {
+            long = format!("{long}\n\n{rest}");
+        }
+        if switch {
+            let flag = arg.get_long().unwrap_or_default();
+            long = format!("{long}\n\nGiven bare it means true; `--{flag} false` turns off what a config file turned on.");
+        }
+        arg.help(format!("{help}{default}")).long_help(long)
+    })
 }
 
 /// Merges `over` into `base`, table by table.
@@ -550,31 +235,31 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
     }
 }
 
-/// Reads a config file, checking every key and value (errors name the key and line).
+/// Reads a config file as a layer, checking every key and value (errors name the key and
+/// line).
 fn read_file(path: &Path) -> Result<toml::Table> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    toml::from_str::<TrainConfig>(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    toml::from_str::<TrainFlags>(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(toml::from_str(&text).expect("parsed above"))
 }
 
-/// The config file (or a resumed run's saved config), then the flags over it.
-pub fn resolve(flags: &TrainFlags) -> Result<TrainConfig> {
-    let mut table = match (&flags.resume, &flags.config) {
-        (Some(dir), _) => {
-            let saved = dir.join(SAVED_CONFIG);
-            if !saved.is_file() {
-                bail!("--resume {}: no {SAVED_CONFIG} there; is it the adapter path of a lora train run?", dir.display());
-            }
-            let mut t = read_file(&saved)?;
-            if let Some(file) = &flags.config {
-                merge(&mut t, read_file(file)?);
-            }
-            t.insert("adapter_path".into(), toml::Value::String(dir.to_string_lossy().into_owned()));
-            t
+/// The defaults, then the config file (`file`) or a resumed run's saved config (`resume`,
+/// with `file` over it), then the flags.
+pub fn resolve(file: Option<&Path>, resume: Option<&Path>, flags: &TrainFlags) -> Result<TrainConfig> {
+    let mut table = toml::Table::try_from(TrainFlags::defaults()).context("defaults")?;
+    if let Some(dir) = resume {
+        let saved = dir.join(SAVED_CONFIG);
+        if !saved.is_file() {
+            bail!("--resume {}: no {SAVED_CONFIG} there; is it the adapter path of a lora train run?", dir.display());
         }
-        (None, Some(file)) => read_file(file)?,
-        (None, None) => toml::Table::new(),
-    };
+        merge(&mut table, read_file(&saved)?);
+    }
+    if let Some(file) = file {
+        merge(&mut table, read_file(file)?);
+    }
+    if let Some(dir) = resume {
+        table.insert("adapter_path".into(), toml::Value::String(dir.to_string_lossy().into_owned()));
+    }
     // A length given on the command line replaces the file's, in either unit.
     if flags.epochs.is_some() && flags.iters.is_none() {
         table.remove("iters");
@@ -582,8 +267,14 @@ pub fn resolve(flags: &TrainFlags) -> Result<TrainConfig> {
     if flags.iters.is_some() && flags.epochs.is_none() {
         table.remove("epochs");
     }
-    merge(&mut table, flags.table()?);
-    let config: TrainConfig = table.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("flags: {}", e.message()))?;
+    merge(&mut table, toml::Table::try_from(flags).context("flags")?);
+    let config: TrainConfig = table.try_into().map_err(|e: toml::de::Error| {
+        let message = e.message();
+        match message.strip_prefix("missing field `").and_then(|m| m.strip_suffix('`')) {
+            Some(key) => anyhow::anyhow!("{key}: is required (--{} or `{key} = ...` in the config file)", key.replace('_', "-")),
+            None => anyhow::anyhow!("flags: {message}"),
+        }
+    })?;
     config.check()?;
     Ok(config)
 }
@@ -595,12 +286,6 @@ impl TrainConfig {
     /// Ranges, naming the key.
     fn check(&self) -> Result<()> {
         let bad = |key: &str, msg: String| Err(anyhow::anyhow!("{key}: {msg}"));
-        if self.model.is_none() {
-            return bad("model", "is required (--model DIR or `model = \"DIR\"` in the config)".into());
-        }
-        if self.data.is_none() && (self.training() || self.test) {
-            return bad("data", "is required (--data DIR holding train.jsonl, valid.jsonl, test.jsonl)".into());
-        }
         if self.batch_size == 0 {
             return bad("batch_size", "must be at least 1".into());
         }
@@ -692,6 +377,64 @@ impl TrainConfig {
         }
     }
 
+    /// How the data's rows are read.
+    pub fn read_options(&self) -> ReadOptions {
+        ReadOptions {
+            keys: DataKeys {
+                text: self.text_feature.clone(),
+                prompt: self.prompt_feature.clone(),
+                completion: self.completion_feature.clone(),
+                messages: self.chat_feature.clone(),
+                ..Default::default()
+            },
+            mask_prompt: self.mask_prompt,
+            skip_bad_rows: self.skip_bad_rows,
+            // Generous for the sequences kept: 64 bytes per token, and at least the default.
+            max_row_bytes: self.max_seq_length.saturating_mul(64).max(lora_data::DEFAULT_MAX_ROW_BYTES),
+        }
+    }
+
+    /// The training batches of `train`'s rows.
+    pub fn batcher(&self, train: &[Example]) -> Result<Batcher> {
+        let lengths: Vec<usize> = train.iter().map(|e| e.tokens.len()).collect();
+        Batcher::new(&lengths, self.batch_size, self.shuffle, self.seed).with_context(|| format!("{}", self.data.join("train.jsonl").display()))
+    }
+
+    /// The run's length in iterations: `epochs` passes of `batcher`, or `iters`.
+    pub fn iterations(&self, batcher: &Batcher) -> usize {
+        match self.epochs {
+            Some(e) => e * batcher.batches_per_epoch(),
+            None => self.iters.unwrap_or(DEFAULT_ITERS),
+        }
+    }
+
+    /// The trainer's settings for a run of `iters` iterations.
+    pub fn settings(&self, iters: usize) -> Settings {
+        Settings {
+            iters,
+            batch_size: self.batch_size,
+            grad_accumulation_steps: self.grad_accumulation_steps,
+            max_seq_length: self.max_seq_length,
+            steps_per_report: self.steps_per_report,
+            steps_per_eval: self.steps_per_eval,
+            val_batches: usize::try_from(self.val_batches).ok(),
+            save_every: self.save_every,
+            seed: self.seed,
+            max_grad_norm: self.max_grad_norm,
+            recompute: self.grad_checkpoint,
+            keep_best: self.keep_best,
+            early_stop: self.early_stop_patience.map(|patience| EarlyStop { patience, min_delta: self.early_stop_min_delta }),
+            pack: self.pack,
+            schedule: Schedule {
+                kind: self.schedule_kind(),
+                lr: self.learning_rate,
+                warmup: self.lr_schedule.warmup,
+                total: iters / self.grad_accumulation_steps,
+                min_lr: self.lr_schedule.min_lr,
+            },
+        }
+    }
+
     /// The quantization flags for the loader.
     pub fn quant_args(&self) -> QuantArgs {
         QuantArgs {
@@ -742,7 +485,7 @@ mod tests {
                 let dir = tempfile::tempdir().unwrap();
                 let path = dir.path().join("x.toml");
                 std::fs::write(&path, &bytes).unwrap();
-                if let Ok(c) = resolve(&TrainFlags { config: Some(path), ..Default::default() }) {
+                if let Ok(c) = resolve(Some(&path), None, &TrainFlags::default()) {
                     let _ = (c.adapter_spec().validate(), c.optimizer_config(), c.to_toml());
                 }
             }
@@ -752,8 +495,9 @@ mod tests {
     #[test]
     fn flags_override_the_file_and_defaults_are_mlx_lms() {
         let (_d, path) = write("model = \"m\"\ndata = \"d\"\nbatch_size = 2\nlearning_rate = 1e-4\n[lora_parameters]\nrank = 4\ndropout = 0.1\n");
-        let flags = TrainFlags { config: Some(path), learning_rate: Some(3e-4), rank: Some(16), ..Default::default() };
-        let c = resolve(&flags).unwrap();
+        let lora = LoraFlags { rank: Some(16), ..Default::default() };
+        let flags = TrainFlags { learning_rate: Some(3e-4), lora_parameters: lora, ..Default::default() };
+        let c = resolve(Some(&path), None, &flags).unwrap();
         assert_eq!(c.batch_size, 2);
         assert_eq!(c.learning_rate, 3e-4);
         assert_eq!(c.lora_parameters.rank, 16);
@@ -765,19 +509,19 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_values_name_the_key() {
         let (_d, path) = write("model = \"m\"\nlerning_rate = 1e-4\n");
-        let err = format!("{:#}", resolve(&TrainFlags { config: Some(path), ..Default::default() }).unwrap_err());
+        let err = format!("{:#}", resolve(Some(&path), None, &TrainFlags::default()).unwrap_err());
         assert!(err.contains("lerning_rate") && err.contains("x.toml"), "{err}");
         let (_d, path) = write("model = \"m\"\n[lora_parameters]\nrnak = 4\n");
-        let err = format!("{:#}", resolve(&TrainFlags { config: Some(path), ..Default::default() }).unwrap_err());
+        let err = format!("{:#}", resolve(Some(&path), None, &TrainFlags::default()).unwrap_err());
         assert!(err.contains("rnak"), "{err}");
         let (_d, path) = write("model = \"m\"\nbatch_size = \"four\"\n");
-        let err = format!("{:#}", resolve(&TrainFlags { config: Some(path), ..Default::default() }).unwrap_err());
+        let err = format!("{:#}", resolve(Some(&path), None, &TrainFlags::default()).unwrap_err());
         assert!(err.contains("batch_size"), "{err}");
         let (_d, path) = write("model = \"m\"\ndata = \"d\"\n[lora_parameters]\nrank = 0\n");
-        let err = format!("{:#}", resolve(&TrainFlags { config: Some(path), ..Default::default() }).unwrap_err());
+        let err = format!("{:#}", resolve(Some(&path), None, &TrainFlags::default()).unwrap_err());
         assert!(err.contains("lora_parameters.rank"), "{err}");
         let flags = TrainFlags { model: Some("m".into()), data: Some("d".into()), iters: Some(5), epochs: Some(1), ..Default::default() };
-        assert!(resolve(&flags).unwrap_err().to_string().contains("epochs"));
+        assert!(resolve(None, None, &flags).unwrap_err().to_string().contains("epochs"));
     }
 
     #[test]
@@ -786,7 +530,7 @@ mod tests {
         let mut n = 0;
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
-            let c = resolve(&TrainFlags { config: Some(path.clone()), ..Default::default() }).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            let c = resolve(Some(&path), None, &TrainFlags::default()).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
             assert!(c.training(), "{}", path.display());
             n += 1;
         }
@@ -795,9 +539,14 @@ mod tests {
 
     #[test]
     fn the_saved_config_reads_back_the_same() {
-        let flags =
-            TrainFlags { model: Some("m".into()), data: Some("d".into()), alpha: Some(16.0), lr_schedule: Some(ScheduleName::Cosine), ..Default::default() };
-        let c = resolve(&flags).unwrap();
+        let flags = TrainFlags {
+            model: Some("m".into()),
+            data: Some("d".into()),
+            lora_parameters: LoraFlags { alpha: Some(16.0), ..Default::default() },
+            lr_schedule: ScheduleFlags { name: Some(ScheduleName::Cosine), ..Default::default() },
+            ..Default::default()
+        };
+        let c = resolve(None, None, &flags).unwrap();
         let back: TrainConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);
         assert_eq!(c.adapter_spec().scale, Scale::Alpha { alpha: 16.0, rslora: false });

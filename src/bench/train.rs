@@ -125,8 +125,6 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         val_batches: None,
         save_every: 0,
         seed: 0,
-        // Rows of one length (the default) in file order; rows of varied lengths bucketed.
-        shuffle: args.row_lengths.is_some(),
         max_grad_norm: None,
         recompute: args.grad_checkpoint,
         schedule: Schedule { kind: ScheduleKind::Constant, lr: 1e-4, warmup: 0, total: iters, min_lr: 0.0 },
@@ -134,10 +132,13 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         early_stop: None,
         pack: args.pack,
     };
+    // Rows of one length (the default) in file order; rows of varied lengths bucketed.
+    let lengths: Vec<usize> = examples.iter().map(|e| e.tokens.len()).collect();
+    let batcher = lora_data::Batcher::new(&lengths, args.batch_size, args.row_lengths.is_some(), 0)?;
     let optimizer = OptimizerConfig { kind: OptimizerKind::Adamw, weight_decay: 0.01, ..Default::default() };
     let mut state = State::new(Optimizer::new(optimizer));
     let mut timer = StepTimer::new(device, iters);
-    lora_trainer::train(&mut model, &examples, None, &settings, &mut state, &mut timer)?;
+    lora_trainer::train(&mut model, &examples, &batcher, None, &settings, &mut state, &mut timer)?;
     timer.bar.finish_and_clear();
 
     let skip = args.warmup.min(timer.steps.len());

@@ -43,8 +43,6 @@ pub struct Settings {
     pub save_every: usize,
     /// The seed of the batch order and of dropout.
     pub seed: u64,
-    /// Shuffle length-bucketed batches (true) or keep file order (false).
-    pub shuffle: bool,
     /// Clip the gradients' global L2 norm to this.
     pub max_grad_norm: Option<f64>,
     /// The learning rate of each optimizer step.
@@ -202,19 +200,19 @@ pub enum Outcome {
     },
 }
 
-/// Trains `model`'s adapters on `train` for `settings.iters` iterations from where `state`
-/// stands, evaluating on `valid`.
+/// Trains `model`'s adapters on `train`, in the batches `batcher` cuts from it (made from
+/// `train`'s lengths and `settings.batch_size`), for `settings.iters` iterations from where
+/// `state` stands, evaluating on `valid`.
 pub fn train(
     model: &mut CausalLm,
     train: &[Example],
+    batcher: &Batcher,
     valid: Option<&[Example]>,
     settings: &Settings,
     state: &mut State,
     observer: &mut dyn Observer,
 ) -> Result<Outcome, TrainError> {
     let s = settings;
-    let lengths: Vec<usize> = train.iter().map(|e| e.tokens.len()).collect();
-    let batcher = Batcher::new(&lengths, s.batch_size, s.shuffle, s.seed)?;
     let device = model.device();
     let accumulation = s.grad_accumulation_steps.max(1);
     model.set_training(true);
