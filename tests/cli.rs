@@ -532,6 +532,21 @@ fn max_tokens_zero_prints_no_absurd_rate() {
     assert!(prompt.ends_with("- tokens-per-sec"), "{prompt}");
 }
 
+/// Issue 14, defect 10: `--temp inf` (or NaN, or below 0) was taken silently; it is an error
+/// naming the flag and the value, before any model is loaded, and nothing is generated.
+#[test]
+fn temp_that_is_not_finite_or_is_negative_is_refused() {
+    for (temp, shown) in [("inf", "got inf"), ("nan", "got NaN"), ("-1", "got -1")] {
+        // `--temp=-1`: a value starting with `-` is otherwise read as a flag.
+        let flag = format!("--temp={temp}");
+        let out = lora(&["generate", "--model", "tests/fixtures/llama", "--prompt", "Hello", "--device", "cpu", &flag]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{temp}: {stderr}");
+        assert!(stderr.contains("--temp must be a finite number >= 0") && stderr.contains(shown), "{temp}: {stderr}");
+        assert!(out.stdout.is_empty(), "{temp}: generated {:?}", String::from_utf8_lossy(&out.stdout));
+    }
+}
+
 /// `lora bench generate` (README, "GPU backends and speed") runs the real decoding loop on a
 /// random model: its report has positive rates, and the tokens it decodes do not depend on how
 /// many runs are timed (same random weights, greedy, no early stop).

@@ -276,3 +276,19 @@ fn fuse_copies_only_the_known_files_and_never_through_a_link_out() {
         assert!(out.join(f).is_file() && !out.join(f).is_symlink(), "{f}");
     }
 }
+
+/// Issue 14, defect 12: the fused `model.safetensors` was private (0600, as the safetensors
+/// crate writes its files) while the `config.json` beside it was 0644. Under a umask of 022
+/// both are 0644. (The files copied from the model keep the model's own modes.)
+#[cfg(unix)]
+#[test]
+fn fused_weights_have_the_file_mode_of_their_siblings() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("fused");
+    let args = ["fuse", "--model", "tests/fixtures/llama", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&out)];
+    ok(&common::lora_with_umask("022", &args));
+    let mode = |f: &str| std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("config.json"), 0o644, "config.json is written as the umask says");
+    assert_eq!(mode("model.safetensors"), 0o644, "model.safetensors is {:o}", mode("model.safetensors"));
+}

@@ -43,6 +43,14 @@ pub fn lora_limited(kib: u64, args: &[&str]) -> Output {
     in_test_env(c).output().expect("run lora under ulimit")
 }
 
+/// `lora <args>` as [`lora`] runs it, under the file-creation mask `umask` (octal, as the
+/// shell's `umask` takes it), so that the modes of the files it makes are known.
+pub fn lora_with_umask(umask: &str, args: &[&str]) -> Output {
+    let mut c = Command::new("bash");
+    c.arg("-c").arg(format!("umask {umask} && exec \"$@\"")).arg("bash").arg(env!("CARGO_BIN_EXE_lora")).args(args);
+    in_test_env(c).output().expect("run lora under umask")
+}
+
 /// `c` run from the repository root with the tests' autotune level.
 fn in_test_env(mut c: Command) -> Command {
     c.current_dir(root());

@@ -89,6 +89,23 @@ fn checksum<'a>(metadata: &HashMap<String, String>, tensors: impl Iterator<Item 
     format!("{:08x}", hasher.finalize())
 }
 
+/// `bytes`, a safetensors file, with its checksum set to what the file now holds, as
+/// [`to_bytes`] sets it. For the resume-file fuzz target (`tests/fuzz.rs`) only: it changes
+/// the metadata and the tensors of a resume file, then seals the result, so that the checks of
+/// [`restore`] after the checksum are reached. A run never calls it: a damaged file must stay
+/// refused.
+#[doc(hidden)]
+pub fn seal(bytes: &[u8]) -> Result<Vec<u8>, TrainError> {
+    let error = |e: safetensors::SafeTensorError| TrainError::State(e.to_string());
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(error)?;
+    let st = SafeTensors::deserialize(bytes).map_err(error)?;
+    let mut metadata = header.metadata().clone().unwrap_or_default();
+    let views = st.tensors();
+    let sum = checksum(&metadata, views.iter().map(|(n, v)| (n.as_str(), v.data())));
+    metadata.insert(CHECKSUM.to_string(), sum);
+    safetensors::serialize(views, Some(metadata)).map_err(error)
+}
+
 /// Reads the resume file at `path`: puts its trainable tensors on `model` (whose adapters
 /// must have the shapes of the run that saved it) and returns the state to continue from.
 pub fn restore(model: &mut CausalLm, path: &Path) -> Result<State, TrainError> {
@@ -150,6 +167,44 @@ pub fn restore(model: &mut CausalLm, path: &Path) -> Result<State, TrainError> {
     if let Some(extra) = names.into_iter().find(|n| n.starts_with("param.") && !expected.contains(*n)) {
         return Err(invalid(format!("holds {extra}, which the model has no trainable tensor for: the adapters differ from the run that saved this file")));
     }
+    // One optimizer step at most per iteration; a count beyond would overflow in the steps to come.
+    if steps > progress.iteration {
+        return Err(invalid(format!("optimizer_steps {steps} is more than the {} iterations done: the file is damaged", progress.iteration)));
+    }
+
+    // The optimizer's moments and any half-accumulated gradients, each of its tensor's size,
+    // read before any tensor is replaced: a size that differs, or gradients for only some
+    // tensors, would otherwise fail the first optimizer step (issue 14: the resume-file fuzz
+    // target reaches here with files sealed again, or without a checksum, after mutation).
+    let sized = |name: String, len: usize| -> Result<Option<Vec<f32>>, TrainError> {
+        match read(&name)? {
+            Some(v) if v.len() != len => Err(invalid(format!("{name} has {} values, its tensor {len}: the file is damaged", v.len()))),
+            v => Ok(v),
+        }
+    };
+    let inner = |v: Vec<f32>| tensor(v).inner();
+    let mut slots = Vec::new();
+    for (key, t) in keys.iter().zip(&current) {
+        let len = t.dims()[0];
+        let first = sized(format!("optimizer.{key}.first"), len)?.map(inner);
+        let second = sized(format!("optimizer.{key}.second"), len)?.map(inner);
+        slots.push(Slot { first, second });
+    }
+    if slots.iter().all(|s| s.first.is_none() && s.second.is_none()) {
+        slots.clear();
+    }
+    let accumulated: Vec<Tensor<1>> = keys
+        .iter()
+        .zip(&current)
+        .map_while(|(key, t)| sized(format!("accumulated.{key}"), t.dims()[0]).transpose())
+        .map(|r| r.map(inner))
+        .collect::<Result<_, _>>()?;
+    // Saved for every tensor or for none: a step adds one gradient to each.
+    if !accumulated.is_empty() && accumulated.len() != keys.len() {
+        return Err(invalid(format!("holds accumulated gradients for {} of its {} tensors: the file is damaged", accumulated.len(), keys.len())));
+    }
+    let accumulated = (!accumulated.is_empty()).then_some(accumulated);
+
     let mut params = params.into_iter();
     for_each_trainable(model, |t| {
         let v = params.next().expect("checked above");
@@ -162,20 +217,6 @@ pub fn restore(model: &mut CausalLm, path: &Path) -> Result<State, TrainError> {
             Trainable::Magnitude(p) => *p = Param::initialized(p.id, tensor(v).require_grad()),
         }
     });
-
-    let inner = |v: Vec<f32>| tensor(v).inner();
-    let mut slots = Vec::new();
-    for key in &keys {
-        let first = read(&format!("optimizer.{key}.first"))?.map(inner);
-        let second = read(&format!("optimizer.{key}.second"))?.map(inner);
-        slots.push(Slot { first, second });
-    }
-    if slots.iter().all(|s| s.first.is_none() && s.second.is_none()) {
-        slots.clear();
-    }
-    let accumulated: Vec<Tensor<1>> =
-        keys.iter().map_while(|key| read(&format!("accumulated.{key}")).transpose()).map(|r| r.map(inner)).collect::<Result<_, _>>()?;
-    let accumulated = (!accumulated.is_empty()).then_some(accumulated);
     Ok(State { optimizer: Optimizer { config, steps, slots }, accumulated, progress })
 }
 
@@ -213,6 +254,7 @@ mod tests {
             .map(|(i, t)| Slot { first: Some((t.clone() + i as f64).inner()), second: Some((t.clone() * 2.0).inner()) })
             .collect();
         state.optimizer.steps = 7;
+        state.progress.iteration = 7;
         state
     }
 
@@ -275,5 +317,63 @@ mod tests {
         let mut fewer = model(&["q_proj"], 2);
         let e = restore(&mut fewer, &path).unwrap_err().to_string();
         assert!(e.contains("holds param.model.layers.0.self_attn.v_proj"), "{e}");
+    }
+
+    /// A resume file's tensors (name and bytes, all F32, in name order) and its metadata.
+    type Parts = (Vec<(String, Vec<u8>)>, HashMap<String, String>);
+
+    fn parts(bytes: &[u8]) -> Parts {
+        let st = SafeTensors::deserialize(bytes).unwrap();
+        let mut tensors: Vec<(String, Vec<u8>)> = st.names().iter().map(|&n| (n.to_string(), st.tensor(n).unwrap().data().to_vec())).collect();
+        tensors.sort();
+        let (_, meta) = SafeTensors::read_metadata(bytes).unwrap();
+        (tensors, meta.metadata().clone().unwrap())
+    }
+
+    /// The file of `parts`, its checksum set to what it holds.
+    fn sealed(parts: Parts) -> Vec<u8> {
+        let (tensors, meta) = parts;
+        let views = tensors.iter().map(|(n, b)| (n.clone(), TensorView::new(Dtype::F32, vec![b.len() / 4], b).unwrap()));
+        seal(&safetensors::serialize(views, Some(meta)).unwrap()).unwrap()
+    }
+
+    /// Issue 14: a resume file whose checksum is right but whose optimizer moment or
+    /// accumulated gradients do not fit their tensors, or that counts more optimizer steps than
+    /// iterations, is refused before anything changes, where the first optimizer step failed
+    /// on the moment's shape, ran out of gradients, or overflowed the count.
+    #[test]
+    fn moments_gradients_and_steps_that_do_not_fit_the_run_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let saved = model(&["q_proj"], 1);
+        let mut s = state(&saved);
+        s.accumulated = Some(trainable_tensors(&saved).iter().map(|t| t.clone().inner()).collect());
+        let bytes = to_bytes(&saved, &s).unwrap();
+        let names = trainable_names(&saved);
+        let moment = format!("optimizer.{}.first", names[1]);
+        let gradient = format!("accumulated.{}", names[names.len() - 1]);
+
+        let (mut short, meta) = parts(&bytes);
+        short.iter_mut().filter(|(n, _)| *n == moment).for_each(|(_, b)| b.truncate(4));
+        let (mut partial, meta_partial) = parts(&bytes);
+        partial.retain(|(n, _)| *n != gradient);
+        let (tensors, mut counted) = parts(&bytes);
+        counted.insert("optimizer_steps".into(), "8".into());
+        let cases = [
+            (sealed((short, meta)), format!("{moment} has 1 values")),
+            (sealed((partial, meta_partial)), format!("accumulated gradients for {} of its {} tensors", names.len() - 1, names.len())),
+            (sealed((tensors, counted)), "optimizer_steps 8 is more than the 7 iterations".to_string()),
+        ];
+        for (file, needle) in cases {
+            let mut fresh = model(&["q_proj"], 2);
+            let before = values(&fresh);
+            let e = restore(&mut fresh, &write(dir.path(), &file)).unwrap_err().to_string();
+            assert!(e.contains(&needle), "{e}");
+            assert_eq!(values(&fresh), before, "nothing changes");
+        }
+        // Taken apart and sealed again as it was, the file resumes, gradients and all.
+        let mut fresh = model(&["q_proj"], 2);
+        let restored = restore(&mut fresh, &write(dir.path(), &sealed(parts(&bytes)))).unwrap();
+        assert_eq!(restored.accumulated.as_ref().map(Vec::len), Some(names.len()));
+        assert_eq!(values(&fresh), values(&saved));
     }
 }
