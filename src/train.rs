@@ -59,6 +59,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let training = config.training();
     if training {
         check_adapter_path(&config, resuming, args.force)?;
+        // Before the lock, which creates its file there: a refused directory is left as it is.
+        if resuming {
+            check_resumable(&out)?;
+        }
     }
 
     let model_config = ModelConfig::from_dir(&model_dir)?;
@@ -100,27 +104,32 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let batcher = config.batcher(train)?;
     let iters = config.iterations(&batcher);
-    let padding = padding_fraction(train, &batcher, config.max_seq_length);
-    eprintln!(
-        "Training on {} examples: {} batches of {} per epoch, {:.1}% padding; {iters} iterations ({:.2} epochs)",
-        train.len(),
-        batcher.batches_per_epoch(),
-        config.batch_size,
-        100.0 * padding,
-        iters as f64 / batcher.batches_per_epoch() as f64
-    );
+    let epochs = iters as f64 / batcher.batches_per_epoch() as f64;
+    if config.objective().is_preference() {
+        eprintln!(
+            "Training {} on {} pairs: {} batches of {} pairs per epoch; {iters} iterations ({epochs:.2} epochs)",
+            format!("{:?}", config.objective).to_lowercase(),
+            train.len() / 2,
+            batcher.batches_per_epoch(),
+            config.batch_size
+        );
+    } else {
+        let padding = padding_fraction(train, &batcher, config.max_seq_length);
+        eprintln!(
+            "Training on {} examples: {} batches of {} per epoch, {:.1}% padding; {iters} iterations ({epochs:.2} epochs)",
+            train.len(),
+            batcher.batches_per_epoch(),
+            config.batch_size,
+            100.0 * padding
+        );
+    }
     let settings = config.settings(iters);
 
     let _lock = lock_adapter_path(&out)?;
     // Again under the lock: a run that started and finished meanwhile is not written over.
     check_adapter_path(&config, resuming, args.force)?;
     let mut state = if resuming {
-        if !out.join(STATE_FILE).is_file() {
-            bail!(
-                "--resume {}: no checkpoint there yet ({STATE_FILE} is missing): the run stopped before its first save (--save-every); start it again without --resume, with --force to write over what it left",
-                out.display()
-            );
-        }
+        check_resumable(&out)?;
         let state = checkpoint::restore(&mut model, &out.join(STATE_FILE))?;
         if state.optimizer.config != config.optimizer_config() {
             eprintln!("Note: the optimizer settings differ from the resumed run's; continuing with the new ones.");
@@ -234,6 +243,30 @@ fn check_adapter_path(config: &TrainConfig, resuming: bool, force: bool) -> Resu
     Ok(())
 }
 
+/// The error of a run refused because another holds the lock on `out`.
+fn another_run(out: &Path) -> anyhow::Error {
+    anyhow::anyhow!("--adapter-path {}: another lora train run is writing there (it holds {LOCK_FILE}); wait for it or choose another", out.display())
+}
+
+/// Refuses `--resume` of a directory without a checkpoint: the run stopped before its first
+/// save. Writes nothing.
+fn check_resumable(out: &Path) -> Result<()> {
+    if !out.join(STATE_FILE).is_file() {
+        // A run that is still writing there has not saved yet: that is what to say. The lock
+        // file is only opened, never made, so a refused directory stays as it was.
+        if let Ok(lock) = File::options().write(true).open(out.join(LOCK_FILE))
+            && matches!(lock.try_lock(), Err(std::fs::TryLockError::WouldBlock))
+        {
+            return Err(another_run(out));
+        }
+        bail!(
+            "--resume {}: no checkpoint there yet ({STATE_FILE} is missing): the run stopped before its first save (--save-every); start it again without --resume, with --force to write over what it left",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 /// Creates the adapter directory and takes an exclusive advisory lock on its [`LOCK_FILE`],
 /// held until the returned file is dropped or the process dies: a second run on the same
 /// directory is refused meanwhile.
@@ -246,9 +279,7 @@ fn lock_adapter_path(out: &Path) -> Result<File> {
             remove_stale_temporaries(out);
             Ok(lock)
         }
-        Err(std::fs::TryLockError::WouldBlock) => {
-            bail!("--adapter-path {}: another lora train run is writing there (it holds {LOCK_FILE}); wait for it or choose another", out.display())
-        }
+        Err(std::fs::TryLockError::WouldBlock) => Err(another_run(out)),
         Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
     }
 }
@@ -292,14 +323,41 @@ fn load_data(config: &TrainConfig, tokenizer: &Tokenizer) -> Result<Splits> {
                 if config.mask_prompt { " or leave out --mask-prompt" } else { "" }
             );
         }
-        if empty > 0 {
+        if empty > 0 && !config.objective().is_preference() {
             eprintln!("[WARNING] {empty} row(s) of {name}.jsonl have no target left within --max-seq-length {}; they add nothing.", config.max_seq_length);
         }
+    }
+    if config.objective().is_preference() {
+        drop_cut_pairs(config, &mut splits)?;
     }
     if config.pack {
         pack_train(config, &mut splits);
     }
     Ok(splits)
+}
+
+/// Preference rows one of whose completions `max_seq_length` cuts off entirely are left out,
+/// with a warning: a completion without tokens has no log-probability to compare.
+fn drop_cut_pairs(config: &TrainConfig, splits: &mut Splits) -> Result<()> {
+    for (name, split) in [("train", &mut splits.train), ("valid", &mut splits.valid), ("test", &mut splits.test)] {
+        let Some(split) = split else { continue };
+        let before = split.examples.len() / 2;
+        let kept: Vec<lora_data::Example> =
+            split.examples.chunks(2).filter(|pair| pair.iter().all(|e| e.targets_within(config.max_seq_length) > 0)).flatten().cloned().collect();
+        let dropped = before - kept.len() / 2;
+        if kept.is_empty() {
+            bail!(
+                "{}: every pair has a completion cut off by --max-seq-length {}; nothing would be trained or evaluated. Raise --max-seq-length",
+                config.data.join(format!("{name}.jsonl")).display(),
+                config.max_seq_length
+            );
+        }
+        if dropped > 0 {
+            eprintln!("[WARNING] {dropped} pair(s) of {name}.jsonl have a completion cut off by --max-seq-length {} and are left out.", config.max_seq_length);
+        }
+        split.examples = kept;
+    }
+    Ok(())
 }
 
 /// `--pack`: the training rows packed into sequences of `max_seq_length` tokens, with a line
@@ -375,10 +433,16 @@ fn test_only(config: &TrainConfig, model: &mut CausalLm, data: &Splits) -> Resul
 fn report_test(config: &TrainConfig, model: &CausalLm, data: &Splits) -> Result<()> {
     let test = data.test.as_ref().with_context(|| format!("--test: no test.jsonl in {}", config.data.display()))?;
     let batches = usize::try_from(config.test_batches).ok();
-    let how = lora_trainer::Evaluation { batch_size: config.batch_size, batches, max_seq_length: config.max_seq_length, pack: config.pack };
-    let (loss, tokens) = lora_trainer::evaluate(model, &test.examples, &how, &mut Quiet)?;
-    println!("Test loss {loss:.3}, Test ppl {:.3}.", loss.exp());
-    eprintln!("({tokens} target tokens)");
+    let objective = config.objective();
+    let how = lora_trainer::Evaluation { batch_size: config.batch_size, batches, max_seq_length: config.max_seq_length, pack: config.pack, objective };
+    let (loss, count) = lora_trainer::evaluate(model, &test.examples, &how, &mut Quiet)?;
+    if objective.is_preference() {
+        println!("Test loss {loss:.3} ({}).", format!("{:?}", config.objective).to_lowercase());
+        eprintln!("({count} pairs)");
+    } else {
+        println!("Test loss {loss:.3}, Test ppl {:.3}.", loss.exp());
+        eprintln!("({count} target tokens)");
+    }
     Ok(())
 }
 
@@ -484,17 +548,23 @@ impl Observer for Files {
 
     fn report(&mut self, r: &Report) {
         let peak = self.peak_gb();
+        // The preference objectives' rewards, as TRL names them.
+        let rewards: String = r.metrics.iter().filter(|(n, _)| n.starts_with("rewards/")).map(|(n, v)| format!(", {n} {v:.3}")).collect();
         say(
             &self.bar,
             format!(
-                "Iter {}: Train loss {:.3}, Learning Rate {:.3e}, It/sec {:.3}, Tokens/sec {:.3}, Trained Tokens {}, Peak mem {:.3} GB",
+                "Iter {}: Train loss {:.3}{rewards}, Learning Rate {:.3e}, It/sec {:.3}, Tokens/sec {:.3}, Trained Tokens {}, Peak mem {:.3} GB",
                 r.iteration, r.train_loss, r.lr, r.iterations_per_s, r.tokens_per_s, r.trained_tokens, peak
             ),
         );
-        self.log(json!({
+        let mut entry = json!({
             "step": r.iteration, "train_loss": r.train_loss, "lr": r.lr, "it_per_s": r.iterations_per_s,
             "tokens_per_s": r.tokens_per_s, "trained_tokens": r.trained_tokens, "peak_mem_gb": peak,
-        }));
+        });
+        for (name, value) in &r.metrics {
+            entry[name.as_str()] = json!(value);
+        }
+        self.log(entry);
         self.train_curve.push((r.iteration as f64, r.train_loss));
     }
 

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use lora_adapters::{AdapterFormat, AdapterSpec, FineTuneType, Init, Scale};
 use lora_data::{Batcher, DataKeys, Example, ReadOptions};
-use lora_trainer::{EarlyStop, OptimizerConfig, OptimizerKind, Schedule, ScheduleKind, Settings};
+use lora_trainer::{DpoLoss, EarlyStop, Objective, OptimizerConfig, OptimizerKind, Schedule, ScheduleKind, Settings};
 use serde::{Deserialize, Serialize};
 
 use crate::device::{DTypeArg, DeviceArg};
@@ -66,6 +66,28 @@ pub enum ScheduleName {
     Linear,
 }
 
+/// `objective`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ObjectiveName {
+    /// Supervised fine-tuning.
+    Sft,
+    /// Direct preference optimization.
+    Dpo,
+    /// Odds-ratio preference optimization.
+    Orpo,
+}
+
+/// `loss_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DpoLossName {
+    /// `−log σ(β·margin)`.
+    Sigmoid,
+    /// Identity preference optimization.
+    Ipo,
+}
+
 /// Training iterations when neither `iters` nor `epochs` is given (mlx-lm's).
 pub const DEFAULT_ITERS: usize = 1000;
 
@@ -80,6 +102,15 @@ settings! {
         train: Option<bool> => switch,
         /// Report the test loss and perplexity after training (or of the adapter alone).
         test: bool = false => switch,
+        /// What to optimize: sft (the completions' likelihood), or on rows of a prompt with a
+        /// chosen and a rejected completion, dpo (against the base with the adapter switched
+        /// off) or orpo (no reference).
+        objective: ObjectiveName = ObjectiveName::Sft => [value_enum, value_name = "NAME"],
+        /// DPO's β (how far from the base the policy may move) or ORPO's λ (the weight of its
+        /// odds-ratio term), as TRL's `beta`.
+        beta: f64 = 0.1 => [value_name = "X"],
+        /// DPO's loss: sigmoid (the original) or ipo.
+        loss_type: DpoLossName = DpoLossName::Sigmoid => [value_enum, value_name = "NAME"],
         /// lora or dora.
         fine_tune_type: FineTuneType = FineTuneType::Lora => [value_name = "TYPE", value_parser = from_str::<FineTuneType>],
         /// adam, adamw or sgd.
@@ -326,6 +357,12 @@ impl TrainConfig {
         if !(self.lora_plus_ratio.is_finite() && self.lora_plus_ratio > 0.0) {
             return bad("lora_plus_ratio", format!("must be > 0 (1 is plain LoRA; LoRA+ uses 2 to 16), got {}", self.lora_plus_ratio));
         }
+        if !(self.beta.is_finite() && self.beta > 0.0) {
+            return bad("beta", format!("must be > 0, got {}", self.beta));
+        }
+        if self.objective().is_preference() && self.pack {
+            return bad("pack", "packs single rows, not pairs: leave it out with --objective dpo or orpo".into());
+        }
         if self.steps_per_report == 0 || self.steps_per_eval == 0 {
             return bad(if self.steps_per_report == 0 { "steps_per_report" } else { "steps_per_eval" }, "must be at least 1".into());
         }
@@ -391,12 +428,29 @@ impl TrainConfig {
             skip_bad_rows: self.skip_bad_rows,
             // Generous for the sequences kept: 64 bytes per token, and at least the default.
             max_row_bytes: self.max_seq_length.saturating_mul(64).max(lora_data::DEFAULT_MAX_ROW_BYTES),
+            preference: self.objective().is_preference(),
         }
     }
 
-    /// The training batches of `train`'s rows.
+    /// The objective with its parameters.
+    pub fn objective(&self) -> Objective {
+        match self.objective {
+            ObjectiveName::Sft => Objective::Sft,
+            ObjectiveName::Dpo => Objective::Dpo {
+                beta: self.beta,
+                loss: match self.loss_type {
+                    DpoLossName::Sigmoid => DpoLoss::Sigmoid,
+                    DpoLossName::Ipo => DpoLoss::Ipo,
+                },
+            },
+            ObjectiveName::Orpo => Objective::Orpo { beta: self.beta },
+        }
+    }
+
+    /// The training batches of `train`'s rows, or of its pairs for a preference objective.
     pub fn batcher(&self, train: &[Example]) -> Result<Batcher> {
-        let lengths: Vec<usize> = train.iter().map(|e| e.tokens.len()).collect();
+        let lengths: Vec<usize> =
+            if self.objective().is_preference() { lora_data::pair_lengths(train) } else { train.iter().map(|e| e.tokens.len()).collect() };
         Batcher::new(&lengths, self.batch_size, self.shuffle, self.seed).with_context(|| format!("{}", self.data.join("train.jsonl").display()))
     }
 
@@ -425,6 +479,7 @@ impl TrainConfig {
             keep_best: self.keep_best,
             early_stop: self.early_stop_patience.map(|patience| EarlyStop { patience, min_delta: self.early_stop_min_delta }),
             pack: self.pack,
+            objective: self.objective(),
             schedule: Schedule {
                 kind: self.schedule_kind(),
                 lr: self.learning_rate,

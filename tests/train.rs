@@ -767,6 +767,148 @@ fn a_damaged_resume_file_is_refused() {
     assert!(stderr(&o).contains("trainer_state.safetensors") && stderr(&o).contains("damaged"), "{}", stderr(&o));
 }
 
+/// A finished quickstart run of `iters` iterations, checkpointed at each, in `out`.
+fn finished_run(out: &Path, iters: &str) {
+    let o = lora(&[
+        "train",
+        "--config",
+        "configs/quickstart.toml",
+        "--iters",
+        iters,
+        "--save-every",
+        "1",
+        "--steps-per-eval",
+        "100",
+        "--steps-per-report",
+        "1",
+        "--adapter-path",
+        s(out),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// Issue 14, defect 10: `--resume DIR --iters N` with N at or below the iteration the run has
+/// finished exited 0 having trained nothing; it is refused naming both, and the run's files
+/// are left as they were. One iteration more resumes.
+#[test]
+fn resume_with_iters_at_or_below_the_finished_iteration_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    finished_run(&out, "2");
+    let before = snapshot(&out);
+    for iters in ["2", "1"] {
+        let o = lora(&["train", "--resume", s(&out), "--iters", iters]);
+        assert_eq!(o.status.code(), Some(2), "--iters {iters}: {}", stderr(&o));
+        let wanted = format!("the run is at iteration 2, so --iters {iters} leaves nothing to do");
+        assert!(stderr(&o).contains(&wanted), "{}", stderr(&o));
+        assert_eq!(snapshot(&out), before, "--iters {iters}: the run's files changed");
+    }
+    let o = lora(&["train", "--resume", s(&out), "--iters", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("Resuming") && stderr(&o).contains("iteration 2"), "{}", stderr(&o));
+    assert_eq!(curve(&out, "train_loss").iter().map(|(step, _)| *step).collect::<Vec<_>>(), [1, 2, 3]);
+}
+
+/// Issue 14, defect 12: a run killed in the middle of an atomic write leaves its
+/// `.NAME.tmp-PID` file behind; the next run on the directory removes such files when it
+/// starts, and nothing else (a user's files of like names, a directory).
+#[test]
+fn stale_temporaries_are_removed_when_a_run_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    finished_run(&out, "2");
+    let stale = [".adapter_model.safetensors.tmp-999999", ".trainer_state.safetensors.tmp-31337", ".loss.png.tmp-4242.png"];
+    let kept = ["notes.tmp-1", ".draft.tmp-v2", ".half.tmp-"];
+    for name in stale.iter().chain(&kept) {
+        std::fs::write(out.join(name), b"half").unwrap();
+    }
+    std::fs::create_dir(out.join(".dir.tmp-7")).unwrap();
+    let o = lora(&["train", "--resume", s(&out), "--iters", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for name in stale {
+        assert!(!out.join(name).exists(), "{name} is left");
+    }
+    for name in kept {
+        assert_eq!(std::fs::read(out.join(name)).unwrap(), b"half", "{name} is removed");
+    }
+    assert!(out.join(".dir.tmp-7").is_dir(), "a directory is not a temporary file");
+}
+
+/// README ("refused and left as it is"): `--resume` of a directory holding a run's settings
+/// but no checkpoint yet (it stopped before its first save) took the directory's lock, creating
+/// `.lora-train.lock` and removing stale temporaries, before refusing. It is refused first.
+#[test]
+fn a_resume_without_a_checkpoint_leaves_the_directory_as_it_was() {
+    let tmp = tempfile::tempdir().unwrap();
+    let done = tmp.path().join("done");
+    finished_run(&done, "1");
+    let early = tmp.path().join("early");
+    std::fs::create_dir(&early).unwrap();
+    std::fs::copy(done.join("train_config.toml"), early.join("train_config.toml")).unwrap();
+    std::fs::write(early.join(".adapter_model.safetensors.tmp-999999"), b"half").unwrap();
+    let before = snapshot(&early);
+    let o = lora(&["train", "--resume", s(&early)]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no checkpoint there yet") && stderr(&o).contains("without --resume"), "{}", stderr(&o));
+    assert_eq!(snapshot(&early), before, "the refused directory changed");
+    assert!(!early.join(".lora-train.lock").exists());
+}
+
+/// Issue 14, defect 11: a FIFO or a device as `train.jsonl` was reported as "no train.jsonl";
+/// `train` names it as no regular file and never opens it (a FIFO without a writer is waited
+/// on for ever, /dev/zero has no end), and writes nothing.
+#[cfg(unix)]
+#[test]
+fn a_fifo_or_a_device_as_train_jsonl_is_named_as_no_regular_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (fifo, device) = (tmp.path().join("fifo"), tmp.path().join("device"));
+    for data in [&fifo, &device] {
+        std::fs::create_dir(data).unwrap();
+        std::fs::copy(fixture("quickstart").join("valid.jsonl"), data.join("valid.jsonl")).unwrap();
+    }
+    assert!(Command::new("mkfifo").arg(fifo.join("train.jsonl")).status().unwrap().success());
+    std::os::unix::fs::symlink("/dev/zero", device.join("train.jsonl")).unwrap();
+    for data in [&fifo, &device] {
+        let out = tmp.path().join("run");
+        let mut child = command()
+            .args(["train", "--config", "configs/quickstart.toml", "--data", s(data), "--iters", "1", "--adapter-path", s(&out)])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed().as_secs() > 120 {
+                let _ = child.kill();
+                panic!("{}: the run is still reading train.jsonl", data.display());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{}: {}", data.display(), stderr(&o));
+        assert!(stderr(&o).contains("train.jsonl") && stderr(&o).contains("not a regular file"), "{}", stderr(&o));
+        assert!(!out.exists(), "nothing is written");
+    }
+}
+
+/// Issue 14, defect 10: `--num-layers` beyond the model's blocks was taken silently; it warns,
+/// and every block (the fixture has 2) is adapted and saved.
+#[test]
+fn num_layers_beyond_the_model_warns_and_adapts_every_block() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = lora(&["train", "--config", "configs/quickstart.toml", "--iters", "1", "--steps-per-eval", "100", "--num-layers", "99", "--adapter-path", s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("[WARNING] --num-layers 99 is more than the model's 2 blocks; all 2 are adapted."), "{}", stderr(&o));
+    let file = lora_adapters::format::load(&out).unwrap();
+    let mut blocks: Vec<&str> = file.weights.iter().filter_map(|w| w.module.strip_prefix("model.layers.")?.split('.').next()).collect();
+    blocks.sort_unstable();
+    blocks.dedup();
+    assert_eq!(blocks, ["0", "1"], "{:?}", file.weights.iter().map(|w| &w.module).collect::<Vec<_>>());
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["layers_to_transform"], serde_json::json!([0, 1]));
+}
+
 /// Issue 16, packing: `--pack` trains (the report says how the rows were packed), and the test
 /// loss of a trained adapter is the same packed as unpacked (batches of 3 over 8 test rows: the
 /// same 6 rows either way).
@@ -789,4 +931,104 @@ fn packed_rows_train_and_test_as_unpacked_ones() {
         stdout.lines().find_map(|l| l.strip_prefix("Test loss ")?.split(',').next().map(str::to_string)).expect("a test loss")
     };
     assert_eq!(test("true"), test("false"));
+}
+
+/// The flags that reproduce run `name` of `tests/fixtures/preference_reference` (see its
+/// script) for `iters` iterations from its initial adapter, into `out`.
+fn preference_flags(out: &Path, name: &str, iters: usize) -> Vec<String> {
+    let r = fixture("preference_reference");
+    let (objective, loss, data) = match name {
+        "dpo_ipo" => ("dpo", "ipo", "data"),
+        "dpo_sigmoid_chat" => ("dpo", "sigmoid", "data_chat"),
+        "orpo" => ("orpo", "sigmoid", "data"),
+        _ => ("dpo", "sigmoid", "data"),
+    };
+    let (model, data, initial) = (fixture("llama"), r.join(data), r.join("initial"));
+    #[rustfmt::skip]
+    let args = [
+        "train", "--model", s(&model), "--data", s(&data), "--adapter-path", s(out),
+        "--resume-adapter-file", s(&initial), "--device", "cpu", "--objective", objective, "--loss-type", loss,
+        "--beta", "0.1", "--batch-size", "2", "--shuffle", "false", "--optimizer", "adamw", "--weight-decay", "0",
+        "--learning-rate", "1e-3", "--max-grad-norm", "1", "--steps-per-report", "1", "--save-every", "5",
+    ];
+    let mut args: Vec<String> = args.iter().map(|x| x.to_string()).collect();
+    args.extend(["--iters".to_string(), iters.to_string()]);
+    args
+}
+
+/// Each step's loss and rewards in `metrics.jsonl`, and the final adapter, against TRL's run
+/// `name`.
+fn assert_matches_trl(out: &Path, name: &str) {
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(fixture("preference_reference").join("expected.json")).unwrap()).unwrap();
+    let steps = expected["runs"][name]["steps"].as_array().unwrap();
+    let reports: Vec<Value> = metrics(out).into_iter().filter(|m| m.get("train_loss").is_some()).collect();
+    assert_eq!(reports.len(), steps.len(), "one report per step");
+    for (got, want) in reports.iter().zip(steps) {
+        for (ours, theirs) in
+            [("train_loss", "loss"), ("rewards/chosen", "rewards/chosen"), ("rewards/margins", "rewards/margins"), ("rewards/accuracies", "rewards/accuracies")]
+        {
+            let (a, b) = (got[ours].as_f64().unwrap(), want[theirs].as_f64().unwrap());
+            assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "{name} step {}: {ours} {a} against TRL's {b}", got["step"]);
+        }
+    }
+    let ours = tensors(&out.join("adapter_model.safetensors"));
+    let theirs = tensors(&fixture("preference_reference").join("final").join(name).join("adapter_model.safetensors"));
+    assert_eq!(ours.iter().map(|t| &t.0).collect::<Vec<_>>(), theirs.iter().map(|t| &t.0).collect::<Vec<_>>());
+    let max = ours.iter().zip(&theirs).flat_map(|(a, b)| a.1.iter().zip(&b.1).map(|(x, y)| (x - y).abs())).fold(0f32, f32::max);
+    assert!(max < 1e-4, "{name}: the final adapter differs from TRL's by {max}");
+}
+
+/// `--objective dpo` and `orpo` from the command line reproduce TRL's DPOTrainer and
+/// ORPOTrainer with PEFT step for step (loss and rewards in metrics.jsonl, the final adapter),
+/// and a DPO run stopped half-way and resumed ends where the whole run does.
+#[test]
+fn dpo_and_orpo_from_the_cli_match_trl_and_resume_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["dpo_sigmoid", "dpo_ipo", "orpo"] {
+        let out = tmp.path().join(name);
+        let o = run_args(&preference_flags(&out, name, 20));
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        assert!(stderr(&o).contains("rewards/margins"), "{}", stderr(&o));
+        assert_matches_trl(&out, name);
+    }
+    let out = tmp.path().join("resumed");
+    let o = run_args(&preference_flags(&out, "dpo_sigmoid", 10));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = lora(&["train", "--resume", s(&out), "--iters", "20"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_matches_trl(&out, "dpo_sigmoid");
+}
+
+/// ORPO over a 4-bit base with gradient accumulation trains and reports its rewards; the
+/// objectives refuse rows of the other kind, and packing, naming the file and line or the key.
+#[test]
+fn preference_runs_over_a_four_bit_base_and_refuse_what_does_not_fit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("orpo4");
+    let data = fixture("preference_reference").join("data");
+    let model = fixture("llama");
+    let base = ["train", "--model", s(&model), "--device", "cpu", "--batch-size", "2"];
+    let o = lora(
+        &[
+            &base[..],
+            &["--data", s(&data), "--adapter-path", s(&out), "--objective", "orpo", "--quantize", "nf4"],
+            &["--grad-accumulation-steps", "2", "--iters", "4", "--steps-per-report", "2"],
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let reports = curve(&out, "rewards/accuracies");
+    assert_eq!(reports.len(), 2, "{}", stderr(&o));
+    assert!(curve(&out, "log_odds_ratio").iter().all(|(_, v)| v.is_finite() && *v < 0.0));
+
+    let o = lora(&[&base[..], &["--data", s(&fixture("quickstart")), "--adapter-path", s(&tmp.path().join("a")), "--objective", "dpo"]].concat());
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("train.jsonl:1") && stderr(&o).contains("\"chosen\" and \"rejected\""), "{}", stderr(&o));
+    let o = lora(&[&base[..], &["--data", s(&data), "--adapter-path", s(&tmp.path().join("b"))]].concat());
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--objective dpo or orpo"), "{}", stderr(&o));
+    let o = lora(&[&base[..], &["--data", s(&data), "--adapter-path", s(&tmp.path().join("c")), "--objective", "dpo", "--pack"]].concat());
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("pack"), "{}", stderr(&o));
+    assert!(!tmp.path().join("a").exists() && !tmp.path().join("b").exists() && !tmp.path().join("c").exists(), "refused runs write nothing");
 }

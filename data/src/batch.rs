@@ -141,6 +141,18 @@ pub fn collate(examples: &[Example], indices: &[usize], max_seq_length: usize) -
     Batch { tokens, rows, len, targets, starts, lengths, padding }
 }
 
+/// The lengths of the pairs of preference examples (chosen, rejected, chosen, ...): each
+/// pair's longer one. Batches of pairs are cut by these.
+pub fn pair_lengths(examples: &[Example]) -> Vec<usize> {
+    examples.chunks(2).map(|pair| pair.iter().map(|e| e.tokens.len()).max().unwrap_or(0)).collect()
+}
+
+/// The rows of the pairs `pairs` (indices of pairs), the chosen ones first, then the rejected
+/// ones in the same order: the order a preference batch is collated in.
+pub fn pair_rows(pairs: &[usize]) -> Vec<usize> {
+    pairs.iter().map(|&p| 2 * p).chain(pairs.iter().map(|&p| 2 * p + 1)).collect()
+}
+
 /// Examples longer than `max_seq_length` tokens, which [`collate`] truncates.
 pub fn count_too_long(examples: &[Example], max_seq_length: usize) -> usize {
     examples.iter().filter(|e| e.tokens.len() > max_seq_length).count()

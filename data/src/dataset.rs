@@ -66,6 +66,11 @@ pub struct ReadOptions {
     /// takes about 200 bytes of memory per byte of text, so one runaway row could take all of
     /// it. A longer row is a bad row, named by its line.
     pub max_row_bytes: usize,
+    /// Read preference rows (TRL's `{"prompt", "chosen", "rejected"}`, as strings or as
+    /// message lists, or `{"chosen", "rejected"}` conversations sharing their first messages)
+    /// into pairs of examples, chosen then rejected ([`Example`] pairs: see [`load_jsonl`]),
+    /// and nothing else. Default false, where such rows are refused.
+    pub preference: bool,
 }
 
 /// The default [`ReadOptions::max_row_bytes`]: 4 MiB, about a million tokens of text.
@@ -73,7 +78,7 @@ pub const DEFAULT_MAX_ROW_BYTES: usize = 4 << 20;
 
 impl Default for ReadOptions {
     fn default() -> Self {
-        Self { keys: DataKeys::default(), mask_prompt: false, skip_bad_rows: false, max_row_bytes: DEFAULT_MAX_ROW_BYTES }
+        Self { keys: DataKeys::default(), mask_prompt: false, skip_bad_rows: false, max_row_bytes: DEFAULT_MAX_ROW_BYTES, preference: false }
     }
 }
 
@@ -176,7 +181,9 @@ pub fn load_dir(dir: &Path, tokenizer: &Tokenizer, options: &ReadOptions) -> Res
     Ok(splits)
 }
 
-/// Reads and tokenizes a JSONL file, one example per non-blank line.
+/// Reads and tokenizes a JSONL file, one example per non-blank line; with
+/// [`ReadOptions::preference`] two, the chosen completion's then the rejected one's, each
+/// trained on its completion only, tokenized as TRL's DPO tokenizes them.
 ///
 /// A bad row (invalid JSON, a missing key, a field of the wrong type, an empty completion,
 /// a conversation the template refuses) fails with its file and line, or with
@@ -185,7 +192,14 @@ pub fn load_dir(dir: &Path, tokenizer: &Tokenizer, options: &ReadOptions) -> Res
 /// tokenizer without a chat template always fail. A file without examples is an error.
 pub fn load_jsonl(path: &Path, tokenizer: &Tokenizer, options: &ReadOptions) -> Result<Loaded, DataError> {
     let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
-    let mut reader = RowReader { tokenizer, keys: &options.keys, mask_prompt: options.mask_prompt, max_row_bytes: options.max_row_bytes, format: None };
+    let mut reader = RowReader {
+        tokenizer,
+        keys: &options.keys,
+        mask_prompt: options.mask_prompt,
+        max_row_bytes: options.max_row_bytes,
+        preference: options.preference,
+        format: None,
+    };
     let mut examples = Vec::new();
     let mut skipped = 0;
     for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
@@ -193,8 +207,7 @@ pub fn load_jsonl(path: &Path, tokenizer: &Tokenizer, options: &ReadOptions) -> 
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
         let raw = if line == 1 { raw.strip_prefix("\u{feff}".as_bytes()).unwrap_or(raw) } else { raw };
         match reader.row(raw, line) {
-            Ok(Some(example)) => examples.push(example),
-            Ok(None) => {}
+            Ok(row) => examples.extend(row),
             Err(RowError::Bad(_)) if options.skip_bad_rows => skipped += 1,
             Err(RowError::Bad(message) | RowError::Fatal(message)) => {
                 return Err(DataError::Row { path: path.to_path_buf(), line, message });
@@ -218,6 +231,7 @@ enum Format {
     Text,
     Completions,
     Chat,
+    Preference,
 }
 
 impl Format {
@@ -227,6 +241,7 @@ impl Format {
             Format::Text => format!("{:?}", keys.text),
             Format::Completions => format!("{:?}/{:?}", keys.prompt, keys.completion),
             Format::Chat => format!("{:?}", keys.messages),
+            Format::Preference => "\"chosen\"/\"rejected\"".to_string(),
         }
     }
 }
@@ -234,8 +249,22 @@ impl Format {
 /// A row's fields, of the right types.
 enum Row<'a> {
     Text(&'a str),
-    Completion { prompt: &'a str, completion: &'a str, tools: Option<&'a Json> },
-    Chat { messages: &'a Json, tools: Option<&'a Json> },
+    Completion {
+        prompt: &'a str,
+        completion: &'a str,
+        tools: Option<&'a Json>,
+    },
+    Chat {
+        messages: &'a Json,
+        tools: Option<&'a Json>,
+    },
+    /// Strings, or message lists; `prompt` absent where the two conversations begin alike.
+    Preference {
+        prompt: Option<&'a Json>,
+        chosen: &'a Json,
+        rejected: &'a Json,
+        tools: Option<&'a Json>,
+    },
 }
 
 struct RowReader<'a> {
@@ -243,13 +272,14 @@ struct RowReader<'a> {
     keys: &'a DataKeys,
     mask_prompt: bool,
     max_row_bytes: usize,
+    preference: bool,
     /// The file's format and the line it was taken from.
     format: Option<(Format, usize)>,
 }
 
 impl RowReader<'_> {
-    /// The example of one line; `None` for a blank line.
-    fn row(&mut self, raw: &[u8], line: usize) -> Result<Option<Example>, RowError> {
+    /// The examples of one line: none for a blank line, two for a preference row.
+    fn row(&mut self, raw: &[u8], line: usize) -> Result<Vec<Example>, RowError> {
         if raw.len() > self.max_row_bytes {
             return Err(RowError::Bad(format!(
                 "the row is {} bytes, more than the {} accepted; split it, or raise --max-seq-length if such long sequences are meant",
@@ -259,7 +289,7 @@ impl RowReader<'_> {
         }
         let text = std::str::from_utf8(raw).map_err(|_| RowError::Bad("not valid UTF-8".to_string()))?;
         if text.trim().is_empty() {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         let value: Json = serde_json::from_str(text).map_err(|e| RowError::Bad(json_problem(&e)))?;
         let Json::Object(object) = &value else {
@@ -267,17 +297,30 @@ impl RowReader<'_> {
         };
         let format = self.detect(object).ok_or_else(|| {
             let k = self.keys;
-            RowError::Bad(format!("missing key: expected one of {:?}, {:?}/{:?}, {:?}", k.text, k.prompt, k.completion, k.messages))
+            if self.preference {
+                RowError::Bad("missing key: expected \"chosen\" and \"rejected\"".to_string())
+            } else {
+                RowError::Bad(format!("missing key: expected one of {:?}, {:?}/{:?}, {:?}", k.text, k.prompt, k.completion, k.messages))
+            }
         })?;
         self.check_format(format, line)?;
-        let row = self.fields(object, format).map_err(RowError::Bad)?;
-        self.tokenize(row).map(Some)
+        match self.fields(object, format).map_err(RowError::Bad)? {
+            Row::Preference { prompt, chosen, rejected, tools } => {
+                let (chosen, rejected) = preference_pair(self.tokenizer, prompt, chosen, rejected, tools)?;
+                Ok(vec![chosen, rejected])
+            }
+            row => self.tokenize(row).map(|e| vec![e]),
+        }
     }
 
     /// mlx-lm's order: prompt and completion, then messages, then text.
     fn detect(&self, object: &Map<String, Json>) -> Option<Format> {
         let k = self.keys;
-        if object.contains_key(&k.prompt) && object.contains_key(&k.completion) {
+        if object.contains_key("chosen") && object.contains_key("rejected") {
+            Some(Format::Preference)
+        } else if self.preference {
+            None
+        } else if object.contains_key(&k.prompt) && object.contains_key(&k.completion) {
             Some(Format::Completions)
         } else if object.contains_key(&k.messages) {
             Some(Format::Chat)
@@ -299,6 +342,9 @@ impl RowReader<'_> {
                 )));
             }
             return Ok(());
+        }
+        if format == Format::Preference && !self.preference {
+            return Err(RowError::Fatal("a preference row (\"chosen\"/\"rejected\"): train on preferences with --objective dpo or orpo".to_string()));
         }
         if format == Format::Text && self.mask_prompt {
             return Err(RowError::Fatal(format!(
@@ -329,6 +375,29 @@ impl RowReader<'_> {
                 let prompt = object[&k.prompt].as_str().ok_or_else(|| format!("{:?} is not a string", k.prompt))?;
                 let completion = non_empty_string(object, &k.completion)?;
                 Ok(Row::Completion { prompt, completion, tools })
+            }
+            Format::Preference => {
+                let (chosen, rejected) = (&object["chosen"], &object["rejected"]);
+                let prompt = object.get(&k.prompt);
+                let conversation = match (prompt, chosen, rejected) {
+                    (Some(Json::String(_)) | None, Json::String(_), Json::String(_)) => false,
+                    (Some(Json::Array(_)) | None, Json::Array(_), Json::Array(_)) => true,
+                    _ => return Err(format!("{:?}, \"chosen\" and \"rejected\" must be all strings or all message lists", k.prompt)),
+                };
+                if !conversation && prompt.is_none() {
+                    return Err(format!("missing key {:?}: string completions need their prompt", k.prompt));
+                }
+                for (key, value) in [(k.prompt.as_str(), prompt), ("chosen", Some(chosen)), ("rejected", Some(rejected))] {
+                    match value {
+                        Some(Json::String(text)) if key != k.prompt && text.trim().is_empty() => return Err(format!("{key:?} is empty")),
+                        Some(messages @ Json::Array(_)) => check_messages(messages, key, false)?,
+                        _ => {}
+                    }
+                }
+                if conversation && self.tokenizer.chat_template().is_none() {
+                    return Err(format!("message lists need a chat template and {} has none", self.tokenizer.dir().display()));
+                }
+                Ok(Row::Preference { prompt, chosen, rejected, tools })
             }
             Format::Chat => {
                 let messages = &object[&k.messages];
@@ -366,6 +435,7 @@ impl RowReader<'_> {
             }
             Row::Chat { messages, tools } if self.mask_prompt => self.assistant_turns(messages, tools)?,
             Row::Chat { messages, tools } => Example::new(tok.encode_chat(messages, tools, false).map_err(bad)?),
+            Row::Preference { .. } => unreachable!("read by preference_pair"),
         };
         if example.targets_within(usize::MAX) == 0 {
             return Err(RowError::Bad(format!("the prompt takes all {} tokens; nothing is left to train on", example.tokens.len())));
@@ -398,6 +468,62 @@ impl RowReader<'_> {
         }
         Ok(Example { tokens, targets, starts: Vec::new() })
     }
+}
+
+/// A preference row's two examples, chosen then rejected, each the prompt followed by its
+/// completion and trained on the completion only, as TRL's DPO tokenizes them:
+///
+/// - strings: the prompt and `prompt + completion` are tokenized with the tokenizer's special
+///   tokens (its BOS), and the EOS id is appended to the completion (unless it ends in one);
+/// - message lists: the prompt rendered through the chat template with the generation prompt,
+///   and the prompt followed by the completion's messages rendered without it; where there is
+///   no prompt the messages the two conversations begin with are the prompt.
+///
+/// The prompt's tokens are those of the tokenized prompt that both sequences begin with: where
+/// the tokenizer merges the prompt's last characters into the completion's first token, that
+/// token counts as the completion's.
+fn preference_pair(tok: &Tokenizer, prompt: Option<&Json>, chosen: &Json, rejected: &Json, tools: Option<&Json>) -> Result<(Example, Example), RowError> {
+    let bad = |e: DataError| RowError::Bad(e.to_string());
+    let (prompt_ids, chosen_ids, rejected_ids) = match (prompt, chosen, rejected) {
+        (Some(Json::String(p)), Json::String(c), Json::String(r)) => {
+            let eos = tok.eos_ids().first().copied().ok_or_else(|| RowError::Fatal(format!("{} declares no end-of-sequence token", tok.dir().display())))?;
+            let side = |completion: &str| -> Result<Vec<u32>, RowError> {
+                let mut ids = tok.encode(&format!("{p}{completion}"), true).map_err(bad)?;
+                if ids.last().is_none_or(|t| !tok.eos_ids().contains(t)) {
+                    ids.push(eos);
+                }
+                Ok(ids)
+            };
+            (tok.encode(p, true).map_err(bad)?, side(c)?, side(r)?)
+        }
+        (prompt, Json::Array(c), Json::Array(r)) => {
+            let (prompt, c, r) = match prompt {
+                Some(Json::Array(p)) => (p.clone(), c.as_slice(), r.as_slice()),
+                _ => {
+                    let shared = c.iter().zip(r).take_while(|(a, b)| a == b).count();
+                    if shared == 0 || shared == c.len() || shared == r.len() {
+                        return Err(RowError::Bad(
+                            "without a prompt, \"chosen\" and \"rejected\" must begin with the same messages and differ after them".into(),
+                        ));
+                    }
+                    (c[..shared].to_vec(), &c[shared..], &r[shared..])
+                }
+            };
+            let side = |completion: &[Json]| {
+                let all: Vec<Json> = prompt.iter().chain(completion).cloned().collect();
+                tok.encode_chat(&Json::Array(all), tools, false).map_err(bad)
+            };
+            (tok.encode_chat(&Json::Array(prompt.clone()), tools, true).map_err(bad)?, side(c)?, side(r)?)
+        }
+        _ => return Err(RowError::Bad("\"prompt\", \"chosen\" and \"rejected\" must be all strings or all message lists".into())),
+    };
+    let shared = |ids: &[u32]| prompt_ids.iter().zip(ids).take_while(|(a, b)| a == b).count();
+    let split = shared(&chosen_ids).min(shared(&rejected_ids));
+    let (chosen, rejected) = (Example::from_offset(chosen_ids, split), Example::from_offset(rejected_ids, split));
+    if chosen.targets_within(usize::MAX) == 0 || rejected.targets_within(usize::MAX) == 0 {
+        return Err(RowError::Bad("a completion has no tokens of its own after the prompt".into()));
+    }
+    Ok((chosen, rejected))
 }
 
 /// The tokens (by their byte ranges `offsets`) that overlap `span`, as one range; `None` when

@@ -16,7 +16,7 @@ pub mod error;
 pub mod pack;
 pub mod tokenizer;
 
-pub use batch::{Batch, Batcher, collate, count_too_long, count_without_targets, padding_fraction};
+pub use batch::{Batch, Batcher, collate, count_too_long, count_without_targets, padding_fraction, pair_lengths, pair_rows};
 pub use chat::{AssistantSpans, ChatTemplate};
 pub use dataset::{DEFAULT_MAX_ROW_BYTES, DataKeys, Example, Loaded, ReadOptions, Splits, load_dir, load_jsonl};
 pub use error::DataError;

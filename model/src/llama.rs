@@ -592,6 +592,18 @@ impl CausalLm {
         })
     }
 
+    /// The base model: a copy sharing every weight, without a graph, with each adapter
+    /// switched off (PEFT's `disable_adapter`). DPO's reference.
+    pub fn without_adapters(&self) -> CausalLm {
+        let mut base = self.clone().no_grad();
+        for layer in &mut base.model.layers {
+            for (_, linear) in layer.projections_mut() {
+                linear.adapter = None;
+            }
+        }
+        base
+    }
+
     /// Switches adapter dropout on (training) or off (evaluation, generation).
     pub fn set_training(&mut self, training: bool) {
         for (_, adapter) in self.adapters_mut() {

@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lora_adapters::{AdapterSpec, FineTuneType, Init, Scale, add_adapters, trainable_count};
 use lora_data::Example;
 use lora_model::CausalLm;
-use lora_trainer::{Observer, Optimizer, OptimizerConfig, OptimizerKind, Schedule, ScheduleKind, Settings, State, TrainError};
+use lora_trainer::{Objective, Observer, Optimizer, OptimizerConfig, OptimizerKind, Schedule, ScheduleKind, Settings, State, TrainError};
 use serde_json::json;
 
 use super::{RandomModelArgs, median, random_tokens, report_tuned, write_json};
@@ -131,6 +131,7 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         keep_best: false,
         early_stop: None,
         pack: args.pack,
+        objective: Objective::Sft,
     };
     // Rows of one length (the default) in file order; rows of varied lengths bucketed.
     let lengths: Vec<usize> = examples.iter().map(|e| e.tokens.len()).collect();

@@ -26,7 +26,7 @@ pub struct Prepared {
 impl Prepared {
     /// The model's embedding of the inputs and what its blocks share ([`CausalLm::embed`], or
     /// [`CausalLm::embed_packed`] for packed rows).
-    fn embed(&self, model: &CausalLm) -> (Tensor<3>, lora_model::BlockInputs) {
+    pub(crate) fn embed(&self, model: &CausalLm) -> (Tensor<3>, lora_model::BlockInputs) {
         match &self.segments {
             Some(segments) => model.embed_packed(self.inputs.clone(), segments),
             None => model.embed(self.inputs.clone(), None),
@@ -35,7 +35,7 @@ impl Prepared {
 
     /// The last block's output `[rows, len - 1, hidden]` ([`CausalLm::hidden`], or
     /// [`CausalLm::hidden_packed`] for packed rows).
-    fn hidden(&self, model: &CausalLm) -> Tensor<3> {
+    pub(crate) fn hidden(&self, model: &CausalLm) -> Tensor<3> {
         match &self.segments {
             Some(segments) => model.hidden_packed(self.inputs.clone(), segments),
             None => model.hidden(self.inputs.clone(), None),
@@ -114,6 +114,33 @@ fn nll_sum(logits: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>) -> Tenso
     -(picked * mask).sum()
 }
 
+/// Every position's target NLL `[rows, n]` (f32, without a graph) from the last block's
+/// output `hidden` `[rows, n, hidden]` and `targets` `[rows, n]`, the head's logits a chunk of
+/// positions at a time as in [`head_loss`].
+pub(crate) fn position_nll(model: &CausalLm, hidden: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
+    let [rows, n, width] = hidden.dims();
+    let hidden = hidden.detach();
+    let Some(w) = model.dense_head() else {
+        let logp = log_softmax(model.logits(hidden).cast(FloatDType::F32), 2);
+        return -logp.gather(2, targets.reshape([rows, n, 1])).reshape([rows, n]).detach();
+    };
+    let positions = rows * n;
+    let h = model.model.norm.forward(hidden).reshape([positions, width]).detach();
+    let targets = targets.reshape([positions, 1]);
+    // Weight 1 everywhere: a row of weight 0 may give 0 as its NLL.
+    let ones = Tensor::<2>::ones([positions, 1], (&h.device(), DType::F32));
+    let chunk = head_chunk(w.dims()[0], &h.device());
+    let parts: Vec<Tensor<2>> = (0..positions)
+        .step_by(chunk)
+        .map(|start| {
+            let c = chunk.min(positions - start);
+            let logits = lora_kernels::frozen_linear(h.clone().narrow(0, start, c), w.clone()).cast(FloatDType::F32);
+            cross_entropy(logits, targets.clone().narrow(0, start, c), ones.clone().narrow(0, start, c)).0
+        })
+        .collect();
+    Tensor::cat(parts, 0).reshape([rows, n])
+}
+
 /// The summed target NLL of the head over `hidden` `[rows, n, hidden]` (the last block's
 /// output), as a `[1]` f32 tensor without a graph, and with `grad_scale` a surrogate: a scalar
 /// whose gradient in `hidden` is `grad_scale` times that of the sum divided by `total` (the loss
@@ -176,13 +203,32 @@ fn head_loss(
 pub fn loss_and_gradients(model: &mut CausalLm, batch: &Batch, recompute: bool, scale: f64) -> (f64, usize, Vec<Tensor<1>>) {
     let p = prepare(batch, &model.device());
     let total = p.tokens.max(1) as f64;
+    let mask = p.mask.clone();
+    let (sum, flat) = weighted_gradients(model, &p, recompute, scale, |_, _| (mask, total));
+    (sum / total, p.tokens, flat)
+}
+
+/// The gradients of `Σ weight·nll / total` over the positions of `p` (times `scale`), where
+/// `weigh` gives the weights `[rows, width]` and `total` from the model and the last block's
+/// output (without a graph), once the forward pass has reached it; and `Σ weight·nll`. The
+/// token-averaged loss weighs the target mask by the number of targets; the preference
+/// objectives weigh each position by the derivative of their loss in its log-probability.
+/// See [`loss_and_gradients`] for `recompute`.
+pub(crate) fn weighted_gradients(
+    model: &mut CausalLm,
+    p: &Prepared,
+    recompute: bool,
+    scale: f64,
+    weigh: impl FnOnce(&CausalLm, Tensor<3>) -> (Tensor<2>, f64),
+) -> (f64, Vec<Tensor<1>>) {
     if !recompute {
         let hidden = p.hidden(model);
-        let (sum, surrogate) = head_loss(model, hidden, p.targets, p.mask, total, Some(scale));
-        let value = sum.into_scalar::<f64>() / total;
+        let (weights, total) = weigh(model, hidden.clone().detach());
+        let (sum, surrogate) = head_loss(model, hidden, p.targets.clone(), weights, total, Some(scale));
+        let value = sum.into_scalar::<f64>();
         let grads = surrogate.expect("asked for").backward();
         let flat = model.model.layers.iter().flat_map(|l| crate::params::layer_gradients(l, &grads)).collect();
-        return (value, p.tokens, flat);
+        return (value, flat);
     }
     // 1. Forward without autodiff, keeping each block's input.
     let frozen = model.clone().no_grad();
@@ -198,9 +244,10 @@ pub fn loss_and_gradients(model: &mut CausalLm, batch: &Batch, recompute: bool, 
     }
     drop(frozen);
     // 2. The head: the loss and its gradient at the last hidden state.
+    let (weights, total) = weigh(model, x.clone());
     let h = x.require_grad();
-    let (sum, surrogate) = head_loss(model, h.clone(), p.targets, p.mask, total, Some(scale));
-    let value = sum.into_scalar::<f64>() / total;
+    let (sum, surrogate) = head_loss(model, h.clone(), p.targets.clone(), weights, total, Some(scale));
+    let value = sum.into_scalar::<f64>();
     let grads = surrogate.expect("asked for").backward();
     let mut upstream = Some(h.grad(&grads).expect("the head depends on its input")); // [rows, width, hidden], inner backend
     // 3. The adapted blocks, last to first.
@@ -217,7 +264,7 @@ pub fn loss_and_gradients(model: &mut CausalLm, batch: &Batch, recompute: bool, 
         }
     }
     let flat = per_block.into_iter().rev().flatten().collect();
-    (value, p.tokens, flat)
+    (value, flat)
 }
 
 /// `loss · scale`, or `loss` itself when the scale is 1.

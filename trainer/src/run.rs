@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::tensor::{DType, Tensor};
-use lora_data::{Batch, Batcher, Example, collate};
+use lora_data::{Batch, Batcher, Example, collate, pair_lengths, pair_rows};
 use lora_model::CausalLm;
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +19,7 @@ use crate::TrainError;
 use crate::loss::{batch_loss, loss_and_gradients};
 use crate::optim::{Optimizer, clip_global_norm};
 use crate::params::{Trainable, for_each_trainable};
+use crate::preference::{self, Objective};
 use crate::scale::{LossScale, Verdict, all_finite, unscale};
 use crate::schedule::Schedule;
 
@@ -57,6 +58,9 @@ pub struct Settings {
     /// The training rows are packed (`lora_data::pack`); validation packs the rows of its
     /// batches too ([`Evaluation::pack`]).
     pub pack: bool,
+    /// What is optimized; for a preference objective the rows are pairs, chosen then
+    /// rejected, and the batcher cuts batches of pairs ([`lora_data::pair_lengths`]).
+    pub objective: Objective,
 }
 
 /// When to stop early, as transformers' `EarlyStoppingCallback` decides: an evaluation whose
@@ -90,6 +94,9 @@ pub struct Window {
     pub tokens: usize,
     /// Seconds spent in training steps.
     pub seconds: f64,
+    /// Sums of the preference objectives' metrics ([`Scored::metrics`]), by name.
+    #[serde(default)]
+    pub metrics: Vec<(String, f64)>,
 }
 
 /// Where a run stands, besides the weights and the optimizer.
@@ -154,6 +161,9 @@ pub struct Report {
     pub tokens_per_s: f64,
     /// Target tokens trained so far.
     pub trained_tokens: usize,
+    /// The preference objectives' metrics ([`Scored::metrics`]), averaged over the iterations
+    /// since the last report; empty for SFT.
+    pub metrics: Vec<(String, f64)>,
 }
 
 /// What the binary does with the loop's events: progress, reports, checkpoints, Ctrl-C.
@@ -226,7 +236,7 @@ pub fn train(
         {
             let start = Instant::now();
             model.set_training(false);
-            let how = Evaluation { batch_size: s.batch_size, batches: s.val_batches, max_seq_length: s.max_seq_length, pack: s.pack };
+            let how = Evaluation { batch_size: s.batch_size, batches: s.val_batches, max_seq_length: s.max_seq_length, pack: s.pack, objective: s.objective };
             let (val_loss, _) = evaluate(model, valid, &how, observer)?;
             model.set_training(true);
             observer.eval(it - 1, val_loss, start.elapsed().as_secs_f64());
@@ -243,10 +253,17 @@ pub fn train(
         let start = Instant::now();
         // Dropout masks depend on the seed and the iteration only.
         device.seed(s.seed ^ (it as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let batch = collate(train, batcher.indices(it - 1), s.max_seq_length);
         trace(&device, "before the step");
         let scale = state.progress.loss_scale.map_or(1.0, |l| l.scale);
-        let (value, tokens, mut flat) = loss_and_gradients(model, &batch, s.recompute, scale);
+        let indices = batcher.indices(it - 1);
+        let (value, tokens, mut flat, metrics) = if s.objective.is_preference() {
+            let batch = collate(train, &pair_rows(indices), s.max_seq_length);
+            let (scored, flat) = preference::loss_and_gradients(model, &batch, s.objective, s.recompute, scale);
+            (scored.loss, scored.tokens, flat, scored.metrics)
+        } else {
+            let (value, tokens, flat) = loss_and_gradients(model, &collate(train, indices, s.max_seq_length), s.recompute, scale);
+            (value, tokens, flat, Vec::new())
+        };
         trace(&device, "after backward");
         if !value.is_finite() {
             return Err(if half { TrainError::Overflow { iteration: it, loss: value } } else { TrainError::NonFinite { iteration: it, loss: value } });
@@ -286,6 +303,12 @@ pub fn train(
         p.window.iterations += 1;
         p.window.tokens += tokens;
         p.window.seconds += start.elapsed().as_secs_f64();
+        for (name, value) in metrics {
+            match p.window.metrics.iter_mut().find(|(n, _)| n == name) {
+                Some((_, sum)) => *sum += value,
+                None => p.window.metrics.push((name.to_string(), value)),
+            }
+        }
         observer.iteration(it, value, tokens, p.lr);
 
         if it % s.steps_per_report.max(1) == 0 || it == s.iters {
@@ -299,6 +322,7 @@ pub fn train(
                 iterations_per_s: w.iterations as f64 / secs,
                 tokens_per_s: w.tokens as f64 / secs,
                 trained_tokens: p.trained_tokens,
+                metrics: w.metrics.iter().map(|(n, v)| (n.clone(), v / w.iterations.max(1) as f64)).collect(),
             });
         }
         if it == s.iters || (s.save_every > 0 && it % s.save_every == 0) {
@@ -363,7 +387,7 @@ pub fn apply_step(model: &mut CausalLm, optimizer: &mut Optimizer, grads: Vec<Te
 }
 
 /// How [`evaluate`] batches a split.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Evaluation {
     /// Rows per batch.
     pub batch_size: usize,
@@ -374,12 +398,18 @@ pub struct Evaluation {
     /// Pack the rows those batches hold into sequences of `max_seq_length` tokens, evaluated
     /// `batch_size` sequences at a time: the same rows, so the same loss.
     pub pack: bool,
+    /// What the loss is; for a preference objective the examples are pairs, evaluated
+    /// `batch_size` pairs at a time.
+    pub objective: Objective,
 }
 
 /// The token-averaged loss over the first `batches` batches of `examples`, sorted by length as
 /// mlx-lm's evaluation does (the remainder that does not fill a batch left out):
 /// `Σ NLL / Σ target tokens`, and the token count.
 pub fn evaluate(model: &CausalLm, examples: &[Example], how: &Evaluation, observer: &mut dyn Observer) -> Result<(f64, usize), TrainError> {
+    if how.objective.is_preference() {
+        return evaluate_pairs(model, examples, how, observer);
+    }
     let lengths: Vec<usize> = examples.iter().map(|e| e.tokens.len()).collect();
     let batcher = Batcher::by_length(&lengths, how.batch_size)?;
     let n = how.batches.map_or(batcher.batches_per_epoch(), |b| b.min(batcher.batches_per_epoch()));
@@ -402,6 +432,23 @@ pub fn evaluate(model: &CausalLm, examples: &[Example], how: &Evaluation, observ
         observer.eval_batch();
     }
     Ok((sum / tokens.max(1) as f64, tokens))
+}
+
+/// [`evaluate`] for a preference objective: the mean over the first `batches` batches of pairs
+/// (sorted by length) of each batch's loss, as TRL averages its evaluation batches, and the
+/// number of pairs.
+fn evaluate_pairs(model: &CausalLm, examples: &[Example], how: &Evaluation, observer: &mut dyn Observer) -> Result<(f64, usize), TrainError> {
+    let batcher = Batcher::by_length(&pair_lengths(examples), how.batch_size)?;
+    let n = how.batches.map_or(batcher.batches_per_epoch(), |b| b.min(batcher.batches_per_epoch()));
+    observer.eval_start(n);
+    let model = &model.clone().no_grad();
+    let mut sum = 0.0;
+    for b in 0..n {
+        let batch = collate(examples, &pair_rows(batcher.indices(b)), how.max_seq_length);
+        sum += preference::batch_scores(model, &batch, how.objective).loss;
+        observer.eval_batch();
+    }
+    Ok((sum / n.max(1) as f64, n * how.batch_size))
 }
 
 /// An observer that shows nothing and saves nothing (evaluation, tests).

@@ -12,7 +12,7 @@ use lora_model::{AttentionPath, CausalLm, Checkpoint, ModelConfig};
 use lora_testkit::fixture;
 use lora_trainer::loss::loss_and_gradients;
 use lora_trainer::run::Quiet;
-use lora_trainer::{Evaluation, evaluate};
+use lora_trainer::{Evaluation, Objective, evaluate};
 
 fn model_and_rows(device: &Device) -> (CausalLm, Vec<Example>) {
     let base = fixture("llama");
@@ -54,7 +54,7 @@ fn check(device: Device) {
     model.set_training(false);
     model.attention = AttentionPath::Auto;
     for (batch_size, batches) in [(1, None), (3, None), (2, Some(2))] {
-        let how = |pack| Evaluation { batch_size, batches, max_seq_length: 4096, pack };
+        let how = |pack| Evaluation { batch_size, batches, max_seq_length: 4096, pack, objective: Objective::Sft };
         let (alone, tokens) = evaluate(&model, &rows, &how(false), &mut Quiet).unwrap();
         let (together, tokens_p) = evaluate(&model, &rows, &how(true), &mut Quiet).unwrap();
         assert_eq!(tokens, tokens_p, "batch {batch_size}, batches {batches:?}");
