@@ -108,7 +108,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if config.objective().is_preference() {
         eprintln!(
             "Training {} on {} pairs: {} batches of {} pairs per epoch; {iters} iterations ({epochs:.2} epochs)",
-            format!("{:?}", config.objective).to_lowercase(),
+            config.objective.name(),
             train.len() / 2,
             batcher.batches_per_epoch(),
             config.batch_size
@@ -437,7 +437,7 @@ fn report_test(config: &TrainConfig, model: &CausalLm, data: &Splits) -> Result<
     let how = lora_trainer::Evaluation { batch_size: config.batch_size, batches, max_seq_length: config.max_seq_length, pack: config.pack, objective };
     let (loss, count) = lora_trainer::evaluate(model, &test.examples, &how, &mut Quiet)?;
     if objective.is_preference() {
-        println!("Test loss {loss:.3} ({}).", format!("{:?}", config.objective).to_lowercase());
+        println!("Test loss {loss:.3} ({}).", config.objective.name());
         eprintln!("({count} pairs)");
     } else {
         println!("Test loss {loss:.3}, Test ppl {:.3}.", loss.exp());

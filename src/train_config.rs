@@ -78,6 +78,17 @@ pub enum ObjectiveName {
     Orpo,
 }
 
+impl ObjectiveName {
+    /// The name, as flags and TOML files spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ObjectiveName::Sft => "sft",
+            ObjectiveName::Dpo => "dpo",
+            ObjectiveName::Orpo => "orpo",
+        }
+    }
+}
+
 /// `loss_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -100,7 +111,7 @@ settings! {
         data: PathBuf => [value_name = "DIR"],
         /// Train [default: true unless only --test is given].
         train: Option<bool> => switch,
-        /// Report the test loss and perplexity after training (or of the adapter alone).
+        /// Report the test loss (and for sft perplexity) after training (or of the adapter alone).
         test: bool = false => switch,
         /// What to optimize: sft (the completions' likelihood), or on rows of a prompt with a
         /// chosen and a rejected completion, dpo (against the base with the adapter switched

@@ -316,10 +316,9 @@ impl RowReader<'_> {
     /// mlx-lm's order: prompt and completion, then messages, then text.
     fn detect(&self, object: &Map<String, Json>) -> Option<Format> {
         let k = self.keys;
-        if object.contains_key("chosen") && object.contains_key("rejected") {
-            Some(Format::Preference)
-        } else if self.preference {
-            None
+        let pair = object.contains_key("chosen") && object.contains_key("rejected");
+        if self.preference {
+            pair.then_some(Format::Preference)
         } else if object.contains_key(&k.prompt) && object.contains_key(&k.completion) {
             Some(Format::Completions)
         } else if object.contains_key(&k.messages) {
@@ -327,7 +326,8 @@ impl RowReader<'_> {
         } else if object.contains_key(&k.text) {
             Some(Format::Text)
         } else {
-            None
+            // Refused by `check_format`, with the flag that reads it.
+            pair.then_some(Format::Preference)
         }
     }
 
@@ -410,15 +410,9 @@ impl RowReader<'_> {
     fn tokenize(&self, row: Row<'_>) -> Result<Example, RowError> {
         let tok = self.tokenizer;
         let bad = |e: DataError| RowError::Bad(e.to_string());
-        let eos = || tok.eos_ids().first().copied().ok_or_else(|| RowError::Fatal(format!("{} declares no end-of-sequence token", tok.dir().display())));
+        let eos = || tok.eos_ids().first().copied().ok_or_else(|| no_eos(tok));
         let example = match row {
-            Row::Text(text) => {
-                let mut tokens = tok.encode(text, true).map_err(bad)?;
-                if tokens.last().is_none_or(|t| !tok.eos_ids().contains(t)) {
-                    tokens.push(eos()?);
-                }
-                Example::new(tokens)
-            }
+            Row::Text(text) => Example::new(with_eos(tok.encode(text, true).map_err(bad)?, tok, eos()?)),
             Row::Completion { prompt, completion, tools } if tok.chat_template().is_some() => {
                 let user = serde_json::json!({"role": "user", "content": prompt});
                 let assistant = serde_json::json!({"role": "assistant", "content": completion});
@@ -470,6 +464,19 @@ impl RowReader<'_> {
     }
 }
 
+/// The error of a tokenizer without an end-of-sequence token.
+fn no_eos(tok: &Tokenizer) -> RowError {
+    RowError::Fatal(format!("{} declares no end-of-sequence token", tok.dir().display()))
+}
+
+/// `ids` ending in an end-of-sequence token: `eos` appended unless one is there.
+fn with_eos(mut ids: Vec<u32>, tok: &Tokenizer, eos: u32) -> Vec<u32> {
+    if ids.last().is_none_or(|t| !tok.eos_ids().contains(t) && *t != eos) {
+        ids.push(eos);
+    }
+    ids
+}
+
 /// A preference row's two examples, chosen then rejected, each the prompt followed by its
 /// completion and trained on the completion only, as TRL's DPO tokenizes them:
 ///
@@ -486,14 +493,8 @@ fn preference_pair(tok: &Tokenizer, prompt: Option<&Json>, chosen: &Json, reject
     let bad = |e: DataError| RowError::Bad(e.to_string());
     let (prompt_ids, chosen_ids, rejected_ids) = match (prompt, chosen, rejected) {
         (Some(Json::String(p)), Json::String(c), Json::String(r)) => {
-            let eos = tok.eos_ids().first().copied().ok_or_else(|| RowError::Fatal(format!("{} declares no end-of-sequence token", tok.dir().display())))?;
-            let side = |completion: &str| -> Result<Vec<u32>, RowError> {
-                let mut ids = tok.encode(&format!("{p}{completion}"), true).map_err(bad)?;
-                if ids.last().is_none_or(|t| !tok.eos_ids().contains(t)) {
-                    ids.push(eos);
-                }
-                Ok(ids)
-            };
+            let eos = tok.eos_token_id().ok_or_else(|| no_eos(tok))?;
+            let side = |completion: &str| tok.encode(&format!("{p}{completion}"), true).map(|ids| with_eos(ids, tok, eos)).map_err(bad);
             (tok.encode(p, true).map_err(bad)?, side(c)?, side(r)?)
         }
         (prompt, Json::Array(c), Json::Array(r)) => {
@@ -515,7 +516,7 @@ fn preference_pair(tok: &Tokenizer, prompt: Option<&Json>, chosen: &Json, reject
             };
             (tok.encode_chat(&Json::Array(prompt.clone()), tools, true).map_err(bad)?, side(c)?, side(r)?)
         }
-        _ => return Err(RowError::Bad("\"prompt\", \"chosen\" and \"rejected\" must be all strings or all message lists".into())),
+        _ => unreachable!("the types are checked by RowReader::fields"),
     };
     let shared = |ids: &[u32]| prompt_ids.iter().zip(ids).take_while(|(a, b)| a == b).count();
     let split = shared(&chosen_ids).min(shared(&rejected_ids));
@@ -643,6 +644,73 @@ mod tests {
         assert_eq!(*want.last().unwrap(), 7);
         assert_eq!(data.examples[1], Example::new(want));
         assert_eq!(data.skipped, 0);
+    }
+
+    fn load_pairs(path: &Path, tok: &Tokenizer) -> Result<Loaded, DataError> {
+        load_jsonl(path, tok, &ReadOptions { preference: true, ..ReadOptions::default() })
+    }
+
+    /// Conversations without a prompt: their shared first messages are the prompt, rendered
+    /// with the generation prompt; each completion is the rest of its conversation.
+    #[test]
+    fn preference_conversations_without_a_prompt_share_their_first_messages() {
+        let tok = tokenizer("qwen2");
+        let user = json!({"role": "user", "content": "Capital of France?"});
+        let (good, bad) = (json!({"role": "assistant", "content": "Paris."}), json!({"role": "assistant", "content": "Rome."}));
+        let row = json!({"chosen": [user, good], "rejected": [user, bad]}).to_string();
+        let (_d, path) = jsonl("train.jsonl", &[&row]);
+        let pairs = load_pairs(&path, &tok).unwrap().examples;
+        let prompt = tok.encode_chat(&json!([user]), None, true).unwrap();
+        assert_eq!(pairs.len(), 2);
+        assert_eq!(pairs[0].tokens, tok.encode_chat(&json!([user, good]), None, false).unwrap());
+        assert_eq!(pairs[1].tokens, tok.encode_chat(&json!([user, bad]), None, false).unwrap());
+        for e in &pairs {
+            assert_eq!(e.offset(), prompt.len());
+            assert_eq!(e.tokens[..e.offset()], prompt[..]);
+        }
+    }
+
+    /// String rows: the prompt with the tokenizer's BOS, each completion after it ending in
+    /// the tokenizer's own EOS token.
+    #[test]
+    fn preference_strings_end_in_the_eos_token() {
+        let tok = tokenizer("llama");
+        let (_d, path) = jsonl("train.jsonl", &[r#"{"prompt": "Say hi.", "chosen": " Hello!", "rejected": " No."}"#]);
+        let pairs = load_pairs(&path, &tok).unwrap().examples;
+        let prompt = tok.encode("Say hi.", true).unwrap();
+        let eos = tok.eos_token_id().unwrap();
+        for (e, text) in pairs.iter().zip(["Say hi. Hello!", "Say hi. No."]) {
+            let mut want = tok.encode(text, true).unwrap();
+            want.push(eos);
+            assert_eq!(e.tokens, want);
+            assert_eq!(e.offset(), prompt.len());
+        }
+    }
+
+    /// Bad preference rows name their problem and line; a row with "chosen" and "rejected"
+    /// among SFT keys trains as SFT, and preference rows without --objective are refused.
+    #[test]
+    fn bad_preference_rows_are_named_and_sft_keys_win() {
+        let tok = tokenizer("qwen2");
+        let cases = [
+            (r#"{"prompt": "p", "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}"#, "all strings or all message lists"),
+            (r#"{"prompt": "p", "chosen": [], "rejected": []}"#, "all strings or all message lists"),
+            (r#"{"prompt": [{"role": "user", "content": "p"}], "chosen": [], "rejected": [{"role": "assistant", "content": "b"}]}"#, "\"chosen\" is empty"),
+            (r#"{"prompt": [{"role": "user", "content": "p"}], "chosen": [3], "rejected": [{"role": "assistant", "content": "b"}]}"#, "is not an object"),
+            (r#"{"chosen": "a", "rejected": "b"}"#, "need their prompt"),
+            (r#"{"prompt": "p", "chosen": " ", "rejected": "b"}"#, "\"chosen\" is empty"),
+            (r#"{"chosen": [{"role": "user", "content": "p"}], "rejected": [{"role": "user", "content": "p"}]}"#, "differ after them"),
+            (r#"{"text": "just text"}"#, "expected \"chosen\" and \"rejected\""),
+        ];
+        for (row, want) in cases {
+            let (_d, path) = jsonl("train.jsonl", &[row]);
+            let e = load_pairs(&path, &tok).unwrap_err().to_string();
+            assert!(e.contains("train.jsonl:1") && e.contains(want), "{row}: {e}");
+        }
+        let (_d, path) = jsonl("train.jsonl", &[r#"{"text": "t", "chosen": "a", "rejected": "b"}"#]);
+        assert_eq!(load(&path, &tok, false).unwrap().examples.len(), 1);
+        let (_d, path) = jsonl("train.jsonl", &[r#"{"prompt": "p", "chosen": "a", "rejected": "b"}"#]);
+        assert!(load(&path, &tok, false).unwrap_err().to_string().contains("--objective dpo or orpo"));
     }
 
     #[test]

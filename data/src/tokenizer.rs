@@ -147,6 +147,12 @@ impl Tokenizer {
         self.eos_token.as_deref()
     }
 
+    /// The id of the tokenizer's own `eos_token` (the end of an assistant turn for chat
+    /// models, which TRL appends to completions), else the first of [`Self::eos_ids`].
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.eos_token.as_deref().and_then(|t| self.inner.token_to_id(t)).or_else(|| self.eos_ids.first().copied())
+    }
+
     /// The chat template, if the tokenizer has one.
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.chat_template.as_ref()

@@ -168,7 +168,9 @@ fn score(objective: Objective, batch: &Batch, width: usize, policy: &[f32], refe
                 let (c, r) = (i, pairs + i);
                 weigh(c, 1.0 / n_all.max(1) as f64, true);
                 let (nc, nr) = (pi[c].n.max(1) as f64, pi[r].n.max(1) as f64);
-                let (ac, ar) = (pi[c].logp / nc, pi[r].logp / nr);
+                // Average log-probabilities, kept below 0 so that log(1 − e^a) and the
+                // gradient stay finite where every token is certain (or a completion empty).
+                let (ac, ar) = ((pi[c].logp / nc).min(-1e-12), (pi[r].logp / nr).min(-1e-12));
                 // log(1 − e^a) for a < 0.
                 let log1m = |a: f64| (-a.exp_m1()).ln();
                 let log_odds = (ac - ar) - (log1m(ac) - log1m(ar));
@@ -244,6 +246,19 @@ pub fn batch_scores(model: &CausalLm, batch: &Batch, objective: Objective) -> Sc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// ORPO where the policy is certain of every chosen token (an average log-probability of
+    /// 0, where log(1 − e^a) is −∞): a finite loss and finite weights.
+    #[test]
+    fn orpo_stays_finite_when_a_completion_is_certain() {
+        let b = batch();
+        let mut policy = vec![0.7f32; 12];
+        policy[1] = 0.0;
+        policy[2] = 0.0;
+        let s = score(Objective::Orpo { beta: 0.1 }, &b, 3, &policy, None);
+        assert!(s.loss.is_finite() && s.weights.iter().all(|w| w.is_finite()), "{} {:?}", s.loss, s.weights);
+        assert!(s.metrics.iter().all(|(_, v)| v.is_finite()), "{:?}", s.metrics);
+    }
 
     /// Two pairs of rows of 4 tokens, completions from token 2; per-position NLL given.
     fn batch() -> Batch {

@@ -94,7 +94,7 @@ pub struct Window {
     pub tokens: usize,
     /// Seconds spent in training steps.
     pub seconds: f64,
-    /// Sums of the preference objectives' metrics ([`Scored::metrics`]), by name.
+    /// Sums of the preference objectives' metrics ([`crate::Scored::metrics`]), by name.
     #[serde(default)]
     pub metrics: Vec<(String, f64)>,
 }
@@ -161,7 +161,7 @@ pub struct Report {
     pub tokens_per_s: f64,
     /// Target tokens trained so far.
     pub trained_tokens: usize,
-    /// The preference objectives' metrics ([`Scored::metrics`]), averaged over the iterations
+    /// The preference objectives' metrics ([`crate::Scored::metrics`]), averaged over the iterations
     /// since the last report; empty for SFT.
     pub metrics: Vec<(String, f64)>,
 }
@@ -303,7 +303,9 @@ pub fn train(
         p.window.iterations += 1;
         p.window.tokens += tokens;
         p.window.seconds += start.elapsed().as_secs_f64();
-        for (name, value) in metrics {
+        // A non-finite metric (a reward of an infinite log-ratio) is left out: the window goes
+        // into the resume file as JSON, which has no infinities.
+        for (name, value) in metrics.into_iter().filter(|(_, v)| v.is_finite()) {
             match p.window.metrics.iter_mut().find(|(n, _)| n == name) {
                 Some((_, sum)) => *sum += value,
                 None => p.window.metrics.push((name.to_string(), value)),
