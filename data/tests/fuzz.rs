@@ -17,6 +17,9 @@ const ROWS: &[&str] = &[
     r#"{"prompt": "What is the capital of France?", "completion": "Paris."}"#,
     r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#,
     r#"{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], "tools": [{"type": "function", "function": {"name": "add"}}]}"#,
+    r#"{"prompt": "Capital of France?", "chosen": " Paris.", "rejected": " Rome."}"#,
+    r#"{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello."}], "rejected": [{"role": "assistant", "content": "Go."}]}"#,
+    r#"{"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go."}]}"#,
 ];
 
 fn edits() -> impl Strategy<Value = Vec<(usize, u8)>> {
@@ -44,6 +47,7 @@ proptest! {
         cut in prop::option::of(any::<usize>()),
         mask_prompt in any::<bool>(),
         skip in any::<bool>(),
+        preference in any::<bool>(),
     ) {
         let tokenizer = Tokenizer::from_dir(&fixture("llama")).unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -52,7 +56,7 @@ proptest! {
         bytes.push(b'\n');
         bytes.extend_from_slice(ROWS[(row + 1) % ROWS.len()].as_bytes());
         std::fs::write(&path, &bytes).unwrap();
-        let _ = load_jsonl(&path, &tokenizer, &ReadOptions { mask_prompt, skip_bad_rows: skip, ..Default::default() });
+        let _ = load_jsonl(&path, &tokenizer, &ReadOptions { mask_prompt, skip_bad_rows: skip, preference, ..Default::default() });
     }
 
     /// A mutated chat template, rendered on a conversation.
@@ -72,17 +76,22 @@ proptest! {
         }
     }
 
-    /// Mutated tokenizer files (tokenizer.json or tokenizer_config.json), then encoding and
-    /// decoding with what loaded.
+    /// Mutated tokenizer files (tokenizer.json, tokenizer_config.json or the
+    /// generation_config.json its end-of-sequence ids come from), then encoding and decoding
+    /// with what loaded.
     #[test]
-    fn mutated_tokenizer_files_are_errors_not_panics(config in any::<bool>(), edits in edits(), insert in insert(), cut in prop::option::of(any::<usize>())) {
+    fn mutated_tokenizer_files_are_errors_not_panics(which in 0..3usize, edits in edits(), insert in insert(), cut in prop::option::of(any::<usize>())) {
         let dir = tempfile::tempdir().unwrap();
-        for f in ["tokenizer.json", "tokenizer_config.json", "config.json", "chat_template.jinja"] {
+        for f in ["tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json", "chat_template.jinja"] {
             if fixture("llama").join(f).exists() {
                 std::fs::copy(fixture("llama").join(f), dir.path().join(f)).unwrap();
             }
         }
-        let name = if config { "tokenizer_config.json" } else { "tokenizer.json" };
+        let name = match which {
+            0 => "tokenizer_config.json",
+            1 => "generation_config.json",
+            _ => "tokenizer.json",
+        };
         let original = std::fs::read(fixture("llama").join(name)).unwrap();
         std::fs::write(dir.path().join(name), mutate(&original, &edits, &insert, cut)).unwrap();
         if let Ok(tokenizer) = Tokenizer::from_dir(dir.path())

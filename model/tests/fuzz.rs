@@ -1,5 +1,5 @@
 //! Hostile checkpoints (issue 14, "Fuzzing and hostile files"): the llama fixture's
-//! `model.safetensors` and `config.json` with random bytes overwritten, inserted or cut off,
+//! `model.safetensors` and `config.json`, and the sharded fixture's index, with random bytes overwritten, inserted or cut off,
 //! read as `generate` and `train` read them. Every case must end in `Ok` or an error, never a
 //! panic; safetensors sizes are checked against the file, so no case allocates more than the
 //! file holds. The case count is fixed (`CASES` per target) so CI's time stays bounded.
@@ -70,6 +70,25 @@ proptest! {
         let parsed = serde_json::from_str(value).unwrap_or(serde_json::Value::Null);
         json.insert(key.to_string(), parsed);
         let dir = directory_with("config.json", serde_json::to_string(&json).unwrap().as_bytes());
+        read_all(dir.path());
+    }
+}
+
+proptest! {
+    #![proptest_config(budget(100))]
+
+    /// A sharded checkpoint's `model.safetensors.index.json` with bytes overwritten or cut
+    /// short (shard names, the weight map's structure), read as the loader reads it.
+    #[test]
+    fn a_mutated_shard_index_is_an_error_not_a_panic(edits in edits(1..8), cut in prop::option::of(any::<usize>())) {
+        let src = fixture("llama_sharded");
+        let dir = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+        let index = std::fs::read(src.join("model.safetensors.index.json")).unwrap();
+        std::fs::write(dir.path().join("model.safetensors.index.json"), mutate(&index, &edits, index.len(), None, cut)).unwrap();
         read_all(dir.path());
     }
 }

@@ -26,12 +26,13 @@
 #![warn(missing_docs)]
 
 pub mod affine;
-pub mod autodiff;
-pub mod device;
 pub mod error;
+pub mod host;
 pub mod kernels;
 pub mod nf4;
+pub mod ops;
 pub mod pack;
+pub mod weight;
 
-pub use device::QuantWeight;
 pub use error::QuantError;
+pub use weight::QuantWeight;

@@ -5,7 +5,7 @@
 
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use lora_quant::affine::{self, AffineSpec};
-use lora_quant::autodiff::MATVEC_ROWS;
+use lora_quant::ops::MATVEC_ROWS;
 use lora_quant::{QuantWeight, nf4};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};

@@ -1,12 +1,15 @@
-//! `x·dequant(W)ᵀ` as one differentiable operation whose backward keeps only the packed
-//! weight.
+//! The operations on a packed weight, for every backend in one place: `x·dequant(W)ᵀ` as one
+//! differentiable operation whose backward keeps only the packed weight, and the
+//! dequantizations.
 //!
 //! Under burn's autodiff, a plain `x.matmul(w.transpose())` saves the dense `w` for the
 //! backward pass: one dense weight per layer alive until backward. This operation saves the
 //! packed words, scales and biases instead (the weight is frozen, so it gets no gradient)
 //! and dequantizes again in backward to compute `dx = dy·W`. It is a burn backend
-//! extension with a hand-written implementation for `Autodiff<B, C>`; the CPU (flex) and
-//! CubeCL (wgpu, cuda) backends run it through its default body.
+//! extension with a hand-written implementation for `Autodiff<B, C>`. Each backend chooses
+//! its way here: the CPU (flex) multiplies from the packed words on the host
+//! ([`crate::host`]), CubeCL (wgpu, cuda) runs the fused kernels of [`crate::kernels`], and
+//! the default bodies compose burn operations.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -66,7 +69,23 @@ pub trait PackedOps: Backend {
     }
 }
 
-impl PackedOps for Flex {}
+/// The CPU: from the packed words on the host ([`crate::host`]).
+impl PackedOps for Flex {
+    fn packed_matmul_t(
+        x: FloatTensor<Self>,
+        packed: IntTensor<Self>,
+        scales: FloatTensor<Self>,
+        biases: FloatTensor<Self>,
+        bits: usize,
+        group_size: usize,
+    ) -> FloatTensor<Self> {
+        crate::host::affine_matmul_t(x, packed, scales, biases, bits, group_size)
+    }
+
+    fn nf4_matmul_t(x: FloatTensor<Self>, packed: IntTensor<Self>, absmax: FloatTensor<Self>, _levels: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::host::nf4_matmul_t(x, packed, absmax)
+    }
+}
 
 /// Rows of `x` up to which the CubeCL backend multiplies straight from the packed words.
 pub const MATVEC_ROWS: usize = 8;

@@ -3,20 +3,18 @@
 //! The packed codes live in u32 words (`bits/8` bytes per weight) beside their scales.
 //! [`QuantWeight::dequantize`] rebuilds one layer's dense weight when it is used, so the
 //! model is never whole in float, and [`QuantWeight::rows`] dequantizes only the rows an
-//! embedding lookup needs. Everything is plain burn tensor operations, so it runs on every
-//! backend (flex, wgpu, cuda) and keeps the packed data on each.
+//! embedding lookup needs. The products and dequantizations are the operations of
+//! [`PackedOps`], which each backend (flex, wgpu, cuda) implements in its own way, keeping
+//! the packed data on its device.
 
 use burn::backend::Dispatch;
 use burn::module::Module;
 use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
 
-use crate::affine::{self, AffineQuantized, AffineSpec};
-use crate::autodiff::PackedOps;
-
-/// Rows of `x` up to which the CPU backend multiplies straight from packed words.
-const HOST_ROWS: usize = 16;
+use crate::affine::{AffineQuantized, AffineSpec};
 use crate::error::QuantError;
 use crate::nf4::{self, DQ_BLOCK, Nf4Quantized};
+use crate::ops::PackedOps;
 use lora_kernels::tensor::float_dtype;
 
 /// A frozen weight `[rows, cols]` in one of the quantized formats.
@@ -164,121 +162,31 @@ impl QuantWeight {
         }
     }
 
-    /// `x·Wᵀ`: `x` `[m, cols]` -> `[m, rows]`.
-    ///
-    /// On the CPU backend, for a few rows of `x` (decoding) outside autodiff, the weight
-    /// is multiplied straight from its packed words ([`affine::matmul_t`],
-    /// [`nf4::matmul_t`]): read at bits/8 bytes per element, never dequantized whole.
-    /// Elsewhere the layer is dequantized and multiplied in one differentiable operation
-    /// ([`crate::autodiff::PackedOps`]) whose backward keeps only the packed weight and
-    /// computes only the input's gradient.
+    /// `x·Wᵀ`: `x` `[m, cols]` -> `[m, rows]`, as one operation of [`PackedOps`], whose
+    /// backward keeps only the packed weight and computes only the input's gradient. Each
+    /// backend picks its way there: CubeCL's kernels read the packed words for a few rows and
+    /// dequantize once for more; the CPU multiplies from the packed words on the host
+    /// ([`crate::host`]).
     pub fn matmul_t(&self, x: Tensor<2>) -> Tensor<2> {
-        let [m, _] = x.dims();
-        if x.is_require_grad() || x.device() != Device::flex() {
-            return match self {
-                // One operation whose backward keeps the packed weight, not its dense form.
-                Self::Affine(w) => Tensor::from_dispatch(<Dispatch as PackedOps>::packed_matmul_t(
+        match self {
+            Self::Affine(w) => Tensor::from_dispatch(<Dispatch as PackedOps>::packed_matmul_t(
+                x.into_dispatch(),
+                w.packed.clone().into_dispatch(),
+                w.scales.clone().into_dispatch(),
+                w.biases.clone().into_dispatch(),
+                w.bits,
+                w.group_size,
+            )),
+            Self::Nf4(w) => {
+                let [rows, cols] = self.dims();
+                Tensor::from_dispatch(<Dispatch as PackedOps>::nf4_matmul_t(
                     x.into_dispatch(),
                     w.packed.clone().into_dispatch(),
-                    w.scales.clone().into_dispatch(),
-                    w.biases.clone().into_dispatch(),
-                    w.bits,
-                    w.group_size,
-                )),
-                Self::Nf4(w) => {
-                    let [rows, cols] = self.dims();
-                    Tensor::from_dispatch(<Dispatch as PackedOps>::nf4_matmul_t(
-                        x.into_dispatch(),
-                        w.packed.clone().into_dispatch(),
-                        w.effective_absmax(rows * cols / nf4::BLOCK).into_dispatch(),
-                        w.levels.clone().into_dispatch(),
-                    ))
-                }
-            };
+                    w.effective_absmax(rows * cols / nf4::BLOCK).into_dispatch(),
+                    w.levels.clone().into_dispatch(),
+                ))
+            }
         }
-        let (device, dtype) = (x.device(), x.dtype());
-        if m > HOST_ROWS {
-            // Prefill on the CPU: dequantize on all cores straight into the compute dtype,
-            // then the backend's dense matmul.
-            return x.matmul(self.host_dense(dtype).transpose());
-        }
-        let floats = |t: Tensor<2>| t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data");
-        let words = |t: Tensor<2, Int>| t.into_data().try_into_vec::<u32>().expect("u32 packed words");
-        let [rows, cols] = self.dims();
-        let y = match self {
-            Self::Affine(w) => {
-                let q = AffineQuantized { packed: words(w.packed.clone()), scales: floats(w.scales.clone()), biases: floats(w.biases.clone()) };
-                affine::matmul_t(&floats(x), m, &q, cols, AffineSpec { bits: w.bits, group_size: w.group_size })
-            }
-            Self::Nf4(w) => {
-                let absmax = w.effective_absmax(rows * cols / nf4::BLOCK).into_data().try_into_vec::<f32>().expect("f32 data");
-                nf4::matmul_t(&floats(x), m, &words(w.packed.clone()), &absmax, cols)
-            }
-        };
-        Tensor::<2>::from_data(TensorData::new(y, [m, rows]), (&device, DType::F32)).cast(float_dtype(dtype))
-    }
-
-    /// The dense weight built on the host, in parallel over rows, in `dtype`.
-    fn host_dense(&self, dtype: DType) -> Tensor<2> {
-        let [rows, cols] = self.dims();
-        let device = match self {
-            Self::Affine(w) => w.packed.device(),
-            Self::Nf4(w) => w.packed.device(),
-        };
-        let floats = |t: Tensor<2>| t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data");
-        let words = |t: Tensor<2, Int>| t.into_data().try_into_vec::<u32>().expect("u32 packed words");
-        // One row of weights from its codes: `fill(row, codes, out)`.
-        type Fill = Box<dyn Fn(usize, &[u8], &mut [f32]) + Sync>;
-        let (packed, bits, fill): (Vec<u32>, usize, Fill) = match self {
-            Self::Affine(w) => {
-                let (scales, biases, g) = (floats(w.scales.clone()), floats(w.biases.clone()), w.group_size);
-                let groups = cols / g;
-                let fill = move |r: usize, codes: &[u8], out: &mut [f32]| {
-                    for (k, (o, q)) in out.chunks_exact_mut(g).zip(codes.chunks_exact(g)).enumerate() {
-                        let (s, b) = (scales[r * groups + k], biases[r * groups + k]);
-                        o.iter_mut().zip(q).for_each(|(o, &q)| *o = s * f32::from(q) + b);
-                    }
-                };
-                (words(w.packed.clone()), w.bits, Box::new(fill))
-            }
-            Self::Nf4(w) => {
-                let absmax = w.effective_absmax(rows * cols / nf4::BLOCK).into_data().try_into_vec::<f32>().expect("f32 data");
-                // Rows are whole blocks: `cols` is a multiple of the block size.
-                let fill = move |r: usize, codes: &[u8], out: &mut [f32]| {
-                    let blocks = out.chunks_exact_mut(nf4::BLOCK).zip(codes.chunks_exact(nf4::BLOCK));
-                    for (k, (o, q)) in blocks.enumerate() {
-                        let a = absmax[r * cols / nf4::BLOCK + k];
-                        o.iter_mut().zip(q).for_each(|(o, &q)| *o = nf4::LEVELS[q as usize] * a);
-                    }
-                };
-                (words(w.packed.clone()), 4, Box::new(fill))
-            }
-        };
-        let wpr = crate::pack::words_per_row(cols, bits);
-        let row = |r: usize, codes: &mut Vec<u8>, out: &mut Vec<f32>| {
-            crate::pack::unpack_row(&packed[r * wpr..(r + 1) * wpr], bits, codes);
-            fill(r, codes, out);
-        };
-        // Each row unpacked and converted to the storage type on its own core.
-        type Row<'a> = dyn Fn(usize, &mut Vec<u8>, &mut Vec<f32>) + Sync + 'a;
-        fn build<T: Copy + Default + Send + burn::tensor::Element>(rows: usize, cols: usize, row: &Row<'_>, convert: fn(f32) -> T) -> TensorData {
-            use rayon::prelude::*;
-            let mut v = vec![T::default(); rows * cols];
-            v.par_chunks_mut(cols).enumerate().for_each_init(
-                || (vec![0u8; cols], vec![0f32; cols]),
-                |(codes, tmp), (r, out)| {
-                    row(r, codes, tmp);
-                    out.iter_mut().zip(tmp.iter()).for_each(|(o, &x)| *o = convert(x));
-                },
-            );
-            TensorData::new(v, [rows, cols])
-        }
-        let data = match dtype {
-            DType::F16 => build(rows, cols, &row, half::f16::from_f32),
-            DType::BF16 => build(rows, cols, &row, half::bf16::from_f32),
-            _ => build(rows, cols, &row, |x| x),
-        };
-        Tensor::from_data(data, (&device, dtype))
     }
 
     /// Dense rows `ids` `[n]` -> `[n, cols]`: an embedding lookup that dequantizes only
