@@ -304,8 +304,8 @@ impl Checkpoint {
 }
 
 /// `n` values of about N(0, std²) (a sum of four uniforms), a function of `name` only, drawn
-/// on every core.
-fn random_normal(n: usize, name: &str, std: f32) -> Vec<f32> {
+/// on every core: the weights of [`Checkpoint::random`], and of the benchmarks.
+pub fn random_normal(n: usize, name: &str, std: f32) -> Vec<f32> {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     name.hash(&mut hasher);

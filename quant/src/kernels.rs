@@ -149,29 +149,28 @@ fn empty(like: &CubeTensor, shape: [usize; 2], dtype: DType) -> CubeTensor {
     empty_device_dtype(like.client.clone(), like.device.clone(), Shape::new(shape), dtype)
 }
 
+/// Launches `$kernel` over the cubes `$grid(&$output)` gives, on `$inputs` made
+/// contiguous, then `$output`, then the kernel's comptime arguments, and returns `$output`.
+/// The kernels are unchecked: each caller says why every index they read is in bounds.
+macro_rules! launch {
+    ($kernel:ident, $grid:ident, [$($input:ident),+], $output:expr, $($comptime:expr),+) => {{
+        let output: CubeTensor = $output;
+        let (count, dim) = $grid(&output);
+        $(let $input = into_contiguous($input).into_tensor_arg();)+
+        // SAFETY: the caller's, above the call.
+        unsafe { $kernel::launch_unchecked(&output.client, count, dim, $($input,)+ output.clone().into_tensor_arg(), $($comptime),+) }
+        output
+    }};
+}
+
 /// The dense affine weight `[n, k]` from words `[n, k·bits/32]`, in the scales' dtype.
 pub fn affine_dequantize(packed: CubeTensor, scales: CubeTensor, biases: CubeTensor, bits: usize, group_size: usize) -> CubeTensor {
     let [rows, words] = packed.shape().dims();
     let output = empty(&packed, [rows, words * 32 / bits], scales.dtype);
-    let (count, dim) = launch_elementwise(&output);
     let dtype = dtype_to_storage_type(output.dtype);
-    // SAFETY: every index is within the shapes checked when the weight was built: the words
-    // hold exactly k·bits bits per row and scales/biases one value per group.
-    unsafe {
-        affine_dequantize_kernel::launch_unchecked(
-            &output.client,
-            count,
-            dim,
-            into_contiguous(packed).into_tensor_arg(),
-            into_contiguous(scales).into_tensor_arg(),
-            into_contiguous(biases).into_tensor_arg(),
-            output.clone().into_tensor_arg(),
-            bits as u32,
-            group_size,
-            dtype,
-        )
-    }
-    output
+    // In bounds: the words hold exactly k·bits bits per row (checked when the weight was
+    // built) and scales/biases one value per group.
+    launch!(affine_dequantize_kernel, launch_elementwise, [packed, scales, biases], output, bits as u32, group_size, dtype)
 }
 
 /// The dense NF4 weight `[n, k]` in `dtype` from words `[n, k/8]` and f32 absmax values
@@ -179,68 +178,23 @@ pub fn affine_dequantize(packed: CubeTensor, scales: CubeTensor, biases: CubeTen
 pub fn nf4_dequantize(packed: CubeTensor, absmax: CubeTensor, levels: CubeTensor, dtype: DType) -> CubeTensor {
     let [rows, words] = packed.shape().dims();
     let output = empty(&packed, [rows, words * 8], dtype);
-    let (count, dim) = launch_elementwise(&output);
-    // SAFETY: `absmax` holds one value per 64 weights and `levels` 16; codes are 4 bits.
-    unsafe {
-        nf4_dequantize_kernel::launch_unchecked(
-            &output.client,
-            count,
-            dim,
-            into_contiguous(packed).into_tensor_arg(),
-            into_contiguous(absmax).into_tensor_arg(),
-            into_contiguous(levels).into_tensor_arg(),
-            output.clone().into_tensor_arg(),
-            dtype_to_storage_type(dtype),
-        )
-    }
-    output
+    // In bounds: `absmax` holds one value per 64 weights and `levels` 16; codes are 4 bits.
+    launch!(nf4_dequantize_kernel, launch_elementwise, [packed, absmax, levels], output, dtype_to_storage_type(dtype))
 }
 
 /// `x` `[m, k]` · `Wᵀ` -> `[m, n]` straight from the affine words; `bits` divides 32.
 pub fn affine_matvec(x: CubeTensor, packed: CubeTensor, scales: CubeTensor, biases: CubeTensor, bits: usize, group_size: usize) -> CubeTensor {
     assert!(matvec_supports(bits), "affine_matvec: {bits}-bit codes cross words");
-    let [m, _] = x.shape().dims();
-    let output = empty(&x, [m, packed.shape()[0]], x.dtype);
-    let (count, dim) = launch_matvec(&output);
+    let output = empty(&x, [x.shape()[0], packed.shape()[0]], x.dtype);
     let dtype = dtype_to_storage_type(x.dtype);
-    // SAFETY: as for `affine_dequantize`; `x` has k columns, k = words·32/bits.
-    unsafe {
-        affine_matvec_kernel::launch_unchecked(
-            &output.client,
-            count,
-            dim,
-            into_contiguous(x).into_tensor_arg(),
-            into_contiguous(packed).into_tensor_arg(),
-            into_contiguous(scales).into_tensor_arg(),
-            into_contiguous(biases).into_tensor_arg(),
-            output.clone().into_tensor_arg(),
-            bits as u32,
-            group_size,
-            dtype,
-        )
-    }
-    output
+    // In bounds: as for `affine_dequantize`; `x` has k columns, k = words·32/bits.
+    launch!(affine_matvec_kernel, launch_matvec, [x, packed, scales, biases], output, bits as u32, group_size, dtype)
 }
 
 /// `x` `[m, k]` · `Wᵀ` -> `[m, n]` straight from the NF4 words.
 pub fn nf4_matvec(x: CubeTensor, packed: CubeTensor, absmax: CubeTensor, levels: CubeTensor) -> CubeTensor {
-    let [m, _] = x.shape().dims();
-    let output = empty(&x, [m, packed.shape()[0]], x.dtype);
-    let (count, dim) = launch_matvec(&output);
+    let output = empty(&x, [x.shape()[0], packed.shape()[0]], x.dtype);
     let dtype = dtype_to_storage_type(x.dtype);
-    // SAFETY: as for `nf4_dequantize`; `x` has k = words·8 columns.
-    unsafe {
-        nf4_matvec_kernel::launch_unchecked(
-            &output.client,
-            count,
-            dim,
-            into_contiguous(x).into_tensor_arg(),
-            into_contiguous(packed).into_tensor_arg(),
-            into_contiguous(absmax).into_tensor_arg(),
-            into_contiguous(levels).into_tensor_arg(),
-            output.clone().into_tensor_arg(),
-            dtype,
-        )
-    }
-    output
+    // In bounds: as for `nf4_dequantize`; `x` has k = words·8 columns.
+    launch!(nf4_matvec_kernel, launch_matvec, [x, packed, absmax, levels], output, dtype)
 }

@@ -17,6 +17,7 @@ use lora_quant::affine::{self, AffineSpec};
 use super::time;
 use crate::device::{DeviceArg, select};
 use lora_kernels::tensor::float_dtype;
+use lora_model::checkpoint::random_normal;
 
 /// Flags of `lora bench quant`.
 #[derive(Debug, Args)]
@@ -65,7 +66,7 @@ pub fn run(args: BenchQuantArgs) -> Result<()> {
     let mut packed = Vec::new();
     for _ in 0..args.layers {
         for [o, n] in shapes {
-            let w = random_host(o * n, packed.len() as u64);
+            let w = random_normal(o * n, &format!("weight {}", packed.len()), 0.02);
             let q = affine::quantize(&w, n, spec)?;
             packed.push(QuantWeight::from_affine(&q, o, n, spec, &device, dtype));
             bar.inc(1);
@@ -112,7 +113,7 @@ pub fn run(args: BenchQuantArgs) -> Result<()> {
 
     // Throughput on the largest projection, [intermediate, hidden] (gate/up).
     let [o, n] = [i, h];
-    let w = random_host(o * n, 7);
+    let w = random_normal(o * n, "gate", 0.02);
     let q = QuantWeight::from_affine(&affine::quantize(&w, n, spec)?, o, n, spec, &device, dtype);
     let nf4 = QuantWeight::from_nf4(&lora_quant::nf4::quantize(&w, n, false)?, o, n, &device, dtype);
     let wd = Tensor::<2>::from_data(burn::tensor::TensorData::new(w, [o, n]), (&device, DType::F32)).cast(float_dtype(dtype));
@@ -167,21 +168,4 @@ fn memory(device: &Device) -> Result<u64> {
         return Ok(kb * 1024);
     }
     Ok(device.memory_pool_usage().map_or(0, |u| u.bytes_in_use))
-}
-
-/// Gaussian-like weights (std ~0.02), cheap and deterministic.
-fn random_host(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            let mut sum = 0.0f32;
-            for _ in 0..4 {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                sum += (s >> 40) as f32 / (1u64 << 24) as f32;
-            }
-            (sum - 2.0) * 0.035
-        })
-        .collect()
 }

@@ -5,20 +5,19 @@
 //! clipping at 1. The token ids must equal TRL's; each step's loss and the metrics TRL logs,
 //! and the final adapter, must match within 1e-4 in f32 on the CPU.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 
 use burn::module::Module;
 use burn::tensor::{DType, Device};
+use common::{fixtures, largest_adapter_difference};
 use lora_adapters::{format, set_adapters};
 use lora_data::{Batcher, ReadOptions, Tokenizer, collate, load_jsonl, pair_lengths, pair_rows};
 use lora_model::{CausalLm, Checkpoint, ModelConfig};
 use lora_trainer::preference::loss_and_gradients;
 use lora_trainer::{DpoLoss, Objective, Optimizer, OptimizerConfig, OptimizerKind, apply_step, clip_global_norm};
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
 
 fn reference() -> (PathBuf, Value) {
     let dir = fixtures().join("preference_reference");
@@ -108,15 +107,7 @@ fn run(name: &str, objective: Objective, recompute: bool) {
     }
     eprintln!("{name}: worst relative difference of the loss and metrics over {} steps: {worst:.2e}", steps.len());
 
-    let last = format::load(&dir.join("final").join(name)).unwrap();
-    let ours = lora_adapters::adapter_weights(&model);
-    let mut max = 0f32;
-    for (a, b) in ours.iter().zip(&last.weights) {
-        assert_eq!(a.module, b.module);
-        for (x, y) in a.a.iter().chain(&a.b).zip(b.a.iter().chain(&b.b)) {
-            max = max.max((x - y).abs());
-        }
-    }
+    let max = largest_adapter_difference(&model, &dir.join("final").join(name));
     eprintln!("{name}: largest adapter weight difference against TRL + PEFT: {max:.2e}");
     assert!(max < 1e-4, "{name}: final adapter differs by {max}");
 }

@@ -3,19 +3,16 @@
 //! AdamW, global-norm clipping and a cosine schedule with warmup. Per-step losses must match
 //! within 1e-3 in f32 on the CPU backend, and the final adapter PEFT saved.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use burn::module::Module;
 use burn::tensor::{DType, Device, Tensor};
+use common::{fixtures, largest_adapter_difference};
 use lora_adapters::{format, set_adapters};
 use lora_data::{Batcher, ReadOptions, Tokenizer, collate, load_jsonl};
 use lora_model::{AttentionPath, CausalLm, Checkpoint, ModelConfig};
 use lora_trainer::loss::loss_and_gradients;
 use lora_trainer::{Optimizer, OptimizerConfig, OptimizerKind, Schedule, ScheduleKind, apply_step, clip_global_norm};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
 
 #[test]
 fn thirty_steps_match_torch_and_peft_on_the_cpu() {
@@ -86,15 +83,7 @@ fn run(device: Device, attention: AttentionPath) -> (f64, f32) {
     eprintln!("{device:?}: worst per-step loss difference against torch: {worst:.2e}");
     assert!(want[steps - 1] < want[0] - 1.0, "the reference run must actually learn");
 
-    let last = format::load(&reference.join("final")).unwrap();
-    let ours = lora_adapters::adapter_weights(&model);
-    let mut max = 0f32;
-    for (a, b) in ours.iter().zip(&last.weights) {
-        assert_eq!(a.module, b.module);
-        for (x, y) in a.a.iter().chain(&a.b).zip(b.a.iter().chain(&b.b)) {
-            max = max.max((x - y).abs());
-        }
-    }
+    let max = largest_adapter_difference(&model, &reference.join("final"));
     eprintln!("{device:?}: largest adapter weight difference against PEFT after {steps} steps: {max:.2e}");
     (worst, max)
 }
