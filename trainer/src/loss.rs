@@ -105,6 +105,18 @@ fn head_chunk(vocab: usize, device: &burn::tensor::Device) -> usize {
     (GPU_HEAD_ELEMENTS / vocab.max(1)).max(HEAD_CHUNK) / GPU_POSITION_MULTIPLE * GPU_POSITION_MULTIPLE
 }
 
+/// Calls `each(start, c, logits)` for every chunk of [`head_chunk`] positions of `h`
+/// `[positions, width]`: the f32 logits `[c, vocab]` of the frozen head `w` `[vocab, width]`
+/// at positions `start..start + c`. Only one chunk's logits exist at a time.
+fn for_each_head_chunk(h: &Tensor<2>, w: &Tensor<2>, mut each: impl FnMut(usize, usize, Tensor<2>)) {
+    let positions = h.dims()[0];
+    let chunk = head_chunk(w.dims()[0], &h.device());
+    for start in (0..positions).step_by(chunk) {
+        let c = chunk.min(positions - start);
+        each(start, c, lora_kernels::frozen_linear(h.clone().narrow(0, start, c), w.clone()).cast(FloatDType::F32));
+    }
+}
+
 /// Sum of `-log p(target)` over the trained positions: `logits` `[rows, n, vocab]`,
 /// `targets` and `mask` `[rows, n]`. A `[1]` f32 tensor.
 fn nll_sum(logits: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>) -> Tensor<1> {
@@ -129,15 +141,10 @@ pub(crate) fn position_nll(model: &CausalLm, hidden: Tensor<3>, targets: Tensor<
     let targets = targets.reshape([positions, 1]);
     // Weight 1 everywhere: a row of weight 0 may give 0 as its NLL.
     let ones = Tensor::<2>::ones([positions, 1], (&h.device(), DType::F32));
-    let chunk = head_chunk(w.dims()[0], &h.device());
-    let parts: Vec<Tensor<2>> = (0..positions)
-        .step_by(chunk)
-        .map(|start| {
-            let c = chunk.min(positions - start);
-            let logits = lora_kernels::frozen_linear(h.clone().narrow(0, start, c), w.clone()).cast(FloatDType::F32);
-            cross_entropy(logits, targets.clone().narrow(0, start, c), ones.clone().narrow(0, start, c)).0
-        })
-        .collect();
+    let mut parts = Vec::new();
+    for_each_head_chunk(&h, &w, |start, c, logits| {
+        parts.push(cross_entropy(logits, targets.clone().narrow(0, start, c), ones.clone().narrow(0, start, c)).0);
+    });
     Tensor::cat(parts, 0).reshape([rows, n])
 }
 
@@ -172,17 +179,14 @@ fn head_loss(
     let (targets, mask) = (targets.reshape([positions, 1]), mask.reshape([positions, 1]));
     let mut sum = Tensor::<1>::zeros([1], (&values.device(), DType::F32));
     let mut parts = Vec::new();
-    let chunk = head_chunk(w.dims()[0], &values.device());
-    for start in (0..positions).step_by(chunk) {
-        let c = chunk.min(positions - start);
-        let logits = lora_kernels::frozen_linear(values.clone().narrow(0, start, c), w.clone()).cast(FloatDType::F32); // [c, vocab]
+    for_each_head_chunk(&values, &w, |start, c, logits| {
         let m = mask.clone().narrow(0, start, c);
         let (nll, d) = cross_entropy(logits, targets.clone().narrow(0, start, c), m.clone() * (grad_scale.unwrap_or(1.0) / total));
-        sum = sum + (nll * m).sum();
+        sum = sum.clone() + (nll * m).sum();
         if grad_scale.is_some() {
             parts.push(lora_kernels::matmul_frozen(d.cast(dtype), w.clone())); // [c, width]
         }
-    }
+    });
     let surrogate = grad_scale.map(|_| (h * Tensor::cat(parts, 0).detach()).cast(FloatDType::F32).sum());
     (sum, surrogate)
 }
