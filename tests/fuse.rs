@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::Output;
 
-use common::{all_logits, copy_files, fixture, load_model, lora, max_diff, s, tensors};
+use common::{all_logits, copy_files, fixture, fuse_reference, load_model, lora, max_diff, s, tensors};
 use lora_model::CausalLm;
 use serde_json::Value;
 
@@ -102,31 +102,20 @@ fn fuse_refuses_to_overwrite_and_names_a_misfit_tensor() {
     let out = tmp.path().join("out");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "mine").unwrap();
-    let o = lora(&["fuse", "--model", "tests/fixtures/llama", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&out)]);
+    let o = fuse_reference("tests/fixtures/llama", s(&out), &[]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
     assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "mine");
-    let o = lora(&["fuse", "--model", "tests/fixtures/llama", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", "tests/fixtures/llama"]);
+    let o = fuse_reference("tests/fixtures/llama", "tests/fixtures/llama", &[]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("inputs"), "{}", String::from_utf8_lossy(&o.stderr));
     // With --force the old contents are replaced, atomically.
-    ok(&lora(&[
-        "fuse",
-        "--model",
-        "tests/fixtures/llama",
-        "--adapter-path",
-        "tests/fixtures/fuse_reference/lora",
-        "--save-path",
-        s(&out),
-        "--force",
-        "--dtype",
-        "f16",
-    ]));
+    ok(&fuse_reference("tests/fixtures/llama", s(&out), &["--force", "--dtype", "f16"]));
     assert!(!out.join("keep.txt").exists() && out.join("model.safetensors").is_file());
     let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["dtype"], "float16");
     // An adapter for another model: the first tensor that does not fit, with both shapes.
-    let o = lora(&["fuse", "--model", "tests/fixtures/qwen3", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&tmp.path().join("x"))]);
+    let o = fuse_reference("tests/fixtures/qwen3", s(&tmp.path().join("x")), &[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("model.layers.0.self_attn.q_proj.lora_B") && err.contains("[96, 4]") && err.contains("[64, 4]"), "{err}");
@@ -134,7 +123,7 @@ fn fuse_refuses_to_overwrite_and_names_a_misfit_tensor() {
     // The same failure with --force over an existing output: the old output stays whole and
     // nothing is left beside it (no temporary or set-aside directory).
     let before = std::fs::read(out.join("model.safetensors")).unwrap();
-    let o = lora(&["fuse", "--model", "tests/fixtures/qwen3", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&out), "--force"]);
+    let o = fuse_reference("tests/fixtures/qwen3", s(&out), &["--force"]);
     assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), before);
     let left: Vec<String> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
@@ -247,7 +236,7 @@ fn fuse_copies_only_the_known_files_and_never_through_a_link_out() {
     std::fs::remove_file(model.join("generation_config.json")).unwrap();
     symlink(&secret, model.join("generation_config.json")).unwrap();
     let out = tmp.path().join("fused");
-    let o = lora(&["fuse", "--model", s(&model), "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&out)]);
+    let o = fuse_reference(s(&model), s(&out), &[]);
     ok(&o);
     assert!(String::from_utf8_lossy(&o.stderr).contains("outside the model directory"));
     assert!(!out.join("notes.txt").exists() && !out.join("generation_config.json").exists());
@@ -271,7 +260,7 @@ fn fuse_copies_only_the_known_files_and_never_through_a_link_out() {
         symlink(Path::new("../../blobs").join(blob.file_name().unwrap()), snapshot.join(entry.file_name())).unwrap();
     }
     let out = tmp.path().join("fused-cache");
-    ok(&lora(&["fuse", "--model", s(&snapshot), "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", s(&out)]));
+    ok(&fuse_reference(s(&snapshot), s(&out), &[]));
     for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"] {
         assert!(out.join(f).is_file() && !out.join(f).is_symlink(), "{f}");
     }

@@ -7,8 +7,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::Path;
+use std::process::Output;
 
-use common::{all_logits, fixture, load_model, lora, max_diff, s, stderr};
+use common::{all_logits, fixture, fuse_reference, load_model, lora, max_diff, s, stderr};
 use gguf_rs_lib::format::metadata::MetadataValue;
 use gguf_rs_lib::reader::GGUFFileReader;
 use gguf_rs_lib::tensor::TensorType;
@@ -28,6 +29,13 @@ struct Gguf {
     metadata: BTreeMap<String, MetadataValue>,
     /// name -> (type, ne, values as f32)
     tensors: BTreeMap<String, (TensorType, Vec<u64>, Vec<f32>)>,
+}
+
+/// `lora convert-adapter --adapter-path <adapter> --to gguf --model <model> --save-path <save>
+/// <extra>`.
+fn to_gguf(adapter: &str, model: &str, save: &str, extra: &[&str]) -> Output {
+    let args = ["convert-adapter", "--adapter-path", adapter, "--to", "gguf", "--model", model, "--save-path", save];
+    lora(&[&args[..], extra].concat())
 }
 
 fn read(path: &Path) -> Gguf {
@@ -197,7 +205,7 @@ fn gguf_lora_adapters_match_llama_cpp_s_converter_and_its_logits() {
         ("gguf_reference/mistral_spm", "gguf_reference/mistral_spm_lora", "mistral_spm_lora.gguf"),
     ] {
         let out = tmp.path().join(reference);
-        ok(&lora(&["convert-adapter", "--adapter-path", s(&fixture(adapter)), "--to", "gguf", "--model", s(&fixture(model)), "--save-path", s(&out)]));
+        ok(&to_gguf(s(&fixture(adapter)), s(&fixture(model)), s(&out), &[]));
         assert_matches(&out, &fixture("gguf_reference").join(reference));
     }
     // llama.cpp with the base GGUF and `--lora lora.gguf` gives the logits of our base with
@@ -225,7 +233,7 @@ fn alpha_is_what_makes_llama_cpp_apply_each_adapter_s_own_scale() {
     std::fs::write(rs.join("adapter_config.json"), config.to_string()).unwrap();
     for (adapter, model, alpha) in [(rs.as_path(), "llama", 8.0 * 2.0), (&fixture("fuse_reference/mlx"), "llama_mlx_q4", 2.0 * 4.0)] {
         let out = tmp.path().join("out.gguf");
-        ok(&lora(&["convert-adapter", "--adapter-path", s(adapter), "--to", "gguf", "--model", s(&fixture(model)), "--save-path", s(&out), "--force"]));
+        ok(&to_gguf(s(adapter), s(&fixture(model)), s(&out), &["--force"]));
         let g = read(&out);
         assert_eq!(g.metadata["adapter.lora.alpha"], MetadataValue::F32(alpha), "{}", adapter.display());
         // B as trained (v_proj is not reordered).
@@ -273,33 +281,13 @@ fn what_gguf_cannot_hold_is_refused_before_anything_is_written() {
     let tmp = tempfile::tempdir().unwrap();
     // DoRA: llama.cpp's --lora has no magnitude.
     let out = tmp.path().join("dora.gguf");
-    let o = lora(&[
-        "convert-adapter",
-        "--adapter-path",
-        "tests/fixtures/fuse_reference/dora",
-        "--to",
-        "gguf",
-        "--model",
-        "tests/fixtures/llama",
-        "--save-path",
-        s(&out),
-    ]);
+    let o = to_gguf("tests/fixtures/fuse_reference/dora", "tests/fixtures/llama", s(&out), &[]);
     assert!(!o.status.success() && stderr(&o).contains("DoRA"), "{}", stderr(&o));
     // No base model.
     let o = lora(&["convert-adapter", "--adapter-path", "tests/fixtures/fuse_reference/lora", "--to", "gguf", "--save-path", s(&out)]);
     assert!(!o.status.success() && stderr(&o).contains("--model"), "{}", stderr(&o));
     // An adapter for another model names the tensor and both shapes.
-    let o = lora(&[
-        "convert-adapter",
-        "--adapter-path",
-        "tests/fixtures/fuse_reference/lora",
-        "--to",
-        "gguf",
-        "--model",
-        "tests/fixtures/mistral",
-        "--save-path",
-        s(&out),
-    ]);
+    let o = to_gguf("tests/fixtures/fuse_reference/lora", "tests/fixtures/mistral", s(&out), &[]);
     assert!(!o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("q_proj.lora_B") && stderr(&o).contains("[64, 4]") && stderr(&o).contains("[128, 4]"), "{}", stderr(&o));
     assert_eq!(entries(tmp.path()), Vec::<String>::new());
@@ -312,17 +300,7 @@ fn what_gguf_cannot_hold_is_refused_before_anything_is_written() {
         edit(&mut tok);
         std::fs::write(model.join("tokenizer.json"), tok.to_string()).unwrap();
         let gguf = tmp.path().join(format!("{name}.gguf"));
-        let o = lora(&[
-            "fuse",
-            "--model",
-            s(&model),
-            "--adapter-path",
-            "tests/fixtures/fuse_reference/lora",
-            "--save-path",
-            s(&tmp.path().join("fused")),
-            "--export-gguf",
-            s(&gguf),
-        ]);
+        let o = fuse_reference(s(&model), s(&tmp.path().join("fused")), &["--export-gguf", s(&gguf)]);
         assert!(!o.status.success(), "{}", stderr(&o));
         stderr(&o)
     };
@@ -346,17 +324,7 @@ fn what_gguf_cannot_hold_is_refused_before_anything_is_written() {
 
     // Sliding-window attention: llama.cpp's llama architecture would attend past the window
     // (on the Mistral fixture, window 8, its logits at position 10 are off by 7.7).
-    let o = lora(&[
-        "fuse",
-        "--model",
-        "tests/fixtures/mistral",
-        "--adapter-path",
-        "tests/fixtures/fuse_reference/lora",
-        "--save-path",
-        s(&tmp.path().join("fused")),
-        "--export-gguf",
-        s(&tmp.path().join("m.gguf")),
-    ]);
+    let o = fuse_reference("tests/fixtures/mistral", s(&tmp.path().join("fused")), &["--export-gguf", s(&tmp.path().join("m.gguf"))]);
     assert!(!o.status.success() && stderr(&o).contains("sliding-window"), "{}", stderr(&o));
     assert_eq!(entries(tmp.path()), ["spm"]);
 
@@ -366,18 +334,7 @@ fn what_gguf_cannot_hold_is_refused_before_anything_is_written() {
     for (save, gguf) in [("fused", "./fused/m.gguf"), ("./fused", "fused/sub/m.gguf"), ("fused2", "tests/fixtures/llama/m.gguf")] {
         let save = tmp.path().join(save);
         let gguf = if gguf.starts_with("tests/") { common::root().join(gguf) } else { tmp.path().join(gguf) };
-        let o = lora(&[
-            "fuse",
-            "--model",
-            "tests/fixtures/llama",
-            "--adapter-path",
-            "tests/fixtures/fuse_reference/lora",
-            "--save-path",
-            s(&save),
-            "--export-gguf",
-            s(&gguf),
-            "--force",
-        ]);
+        let o = fuse_reference("tests/fixtures/llama", s(&save), &["--export-gguf", s(&gguf), "--force"]);
         assert!(!o.status.success() && stderr(&o).contains("inside"), "{}", stderr(&o));
     }
     assert!(!fixture("llama/m.gguf").exists());
@@ -386,31 +343,10 @@ fn what_gguf_cannot_hold_is_refused_before_anything_is_written() {
     // An existing file is not replaced without --force.
     let taken = tmp.path().join("taken.gguf");
     std::fs::write(&taken, b"mine").unwrap();
-    let o = lora(&[
-        "convert-adapter",
-        "--adapter-path",
-        "tests/fixtures/fuse_reference/lora",
-        "--to",
-        "gguf",
-        "--model",
-        "tests/fixtures/llama",
-        "--save-path",
-        s(&taken),
-    ]);
+    let o = to_gguf("tests/fixtures/fuse_reference/lora", "tests/fixtures/llama", s(&taken), &[]);
     assert!(!o.status.success() && stderr(&o).contains("--force"), "{}", stderr(&o));
     assert_eq!(std::fs::read(&taken).unwrap(), b"mine");
     // With --force it is replaced, and only then.
-    ok(&lora(&[
-        "convert-adapter",
-        "--adapter-path",
-        "tests/fixtures/fuse_reference/lora",
-        "--to",
-        "gguf",
-        "--model",
-        "tests/fixtures/llama",
-        "--save-path",
-        s(&taken),
-        "--force",
-    ]));
+    ok(&to_gguf("tests/fixtures/fuse_reference/lora", "tests/fixtures/llama", s(&taken), &["--force"]));
     assert_matches(&taken, &fixture("gguf_reference/lora.gguf"));
 }

@@ -28,6 +28,13 @@ pub fn lora(args: &[&str]) -> Output {
     command().args(args).output().expect("run lora")
 }
 
+/// `lora fuse --model <model> --adapter-path tests/fixtures/fuse_reference/lora --save-path
+/// <save> <extra>`: the PEFT adapter of the fuse reference fused into `model`.
+pub fn fuse_reference(model: &str, save: &str, extra: &[&str]) -> Output {
+    let args = ["fuse", "--model", model, "--adapter-path", "tests/fixtures/fuse_reference/lora", "--save-path", save];
+    lora(&[&args[..], extra].concat())
+}
+
 /// The `lora` binary, run from the repository root, with cubecl's autotuning at its minimal
 /// level unless `CUBECL_AUTOTUNE_LEVEL` says otherwise: tuning one new matmul shape on
 /// lavapipe takes up to minutes (the shipped binary tunes fully).
