@@ -81,6 +81,7 @@ pub fn add_adapters(model: &mut CausalLm, spec: &AdapterSpec, seed: u64) -> Resu
                 scale,
                 dropout: spec.dropout,
                 training: false,
+                dropout_seed: 0,
             });
             count += 1;
         }
@@ -112,6 +113,7 @@ pub fn set_adapters(model: &mut CausalLm, weights: &[AdapterWeights], dropout: f
             scale: w.scale,
             dropout,
             training,
+            dropout_seed: 0,
         });
     }
     Ok(())

@@ -611,6 +611,16 @@ impl CausalLm {
         }
     }
 
+    /// Seeds every adapter's dropout for one training step: adapter `i`'s mask is a function
+    /// of `seed`, `i` and its input's shape alone, so that a block run twice (gradient
+    /// checkpointing) drops the same inputs both times, as PyTorch's checkpoint does by
+    /// restoring the random state.
+    pub fn seed_dropout(&mut self, seed: u64) {
+        for (i, (_, adapter)) in self.adapters_mut().enumerate() {
+            adapter.dropout_seed = seed ^ (i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        }
+    }
+
     /// Rows × columns of every weight, whether dense or packed: the parameter count.
     pub fn num_weights(&self) -> usize {
         let linear = |l: &Linear| {

@@ -29,6 +29,8 @@ pub struct LoraAdapter {
     pub dropout: f64,
     /// Whether dropout is active (training) or not (evaluation, inference).
     pub training: bool,
+    /// The seed of this adapter's dropout mask ([`crate::CausalLm::seed_dropout`]).
+    pub dropout_seed: u64,
 }
 
 impl LoraAdapter {
@@ -49,6 +51,9 @@ impl LoraAdapter {
         let dropped = self.training && self.dropout > 0.0;
         let x = if dropped {
             let keep = 1.0 - self.dropout;
+            // Seeded here, not drawn from the stream: a block run again (gradient
+            // checkpointing's recomputation) drops the same inputs as its first run.
+            x.device().seed(self.dropout_seed);
             x.clone() * x.random_like(Distribution::Bernoulli(keep)) * (1.0 / keep)
         } else {
             x

@@ -251,8 +251,10 @@ pub fn train(
         }
 
         let start = Instant::now();
-        // Dropout masks depend on the seed and the iteration only.
-        device.seed(s.seed ^ (it as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        // Dropout masks depend on the seed, the iteration and the adapter only.
+        let step_seed = s.seed ^ (it as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        device.seed(step_seed);
+        model.seed_dropout(step_seed);
         trace(&device, "before the step");
         let scale = state.progress.loss_scale.map_or(1.0, |l| l.scale);
         let indices = batcher.indices(it - 1);

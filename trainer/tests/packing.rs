@@ -4,34 +4,18 @@
 //! padded, with and without block recomputation, and so is the evaluation loss, on the CPU and
 //! on wgpu (lavapipe in CI).
 
-use burn::module::Module;
-use burn::tensor::{DType, Device, Tensor};
-use lora_adapters::{format, set_adapters};
-use lora_data::{Batcher, Example, ReadOptions, Tokenizer, collate, load_jsonl, pack};
-use lora_model::{AttentionPath, CausalLm, Checkpoint, ModelConfig};
-use lora_testkit::fixture;
+mod common;
+
+use burn::tensor::Device;
+use common::{max_diff, model_and_rows};
+use lora_data::{Batcher, collate, pack};
+use lora_model::AttentionPath;
 use lora_trainer::loss::loss_and_gradients;
 use lora_trainer::run::Quiet;
 use lora_trainer::{Evaluation, Objective, evaluate};
 
-fn model_and_rows(device: &Device) -> (CausalLm, Vec<Example>) {
-    let base = fixture("llama");
-    let reference = fixture("train_reference");
-    let config = ModelConfig::from_dir(&base).unwrap();
-    let mut model = CausalLm::load(&config, &Checkpoint::open(&base).unwrap(), device, DType::F32, |_| {}).unwrap().no_grad();
-    let initial = format::load(&reference.join("initial")).unwrap();
-    set_adapters(&mut model, &initial.weights, 0.0, &initial.path).unwrap();
-    let tokenizer = Tokenizer::from_dir(&base).unwrap();
-    let rows = load_jsonl(&reference.join("data/train.jsonl"), &tokenizer, &ReadOptions::default()).unwrap().examples;
-    (model, rows)
-}
-
-fn max_diff(a: &[Tensor<1>], b: &[Tensor<1>]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x.clone() - y.clone()).abs().max().into_scalar::<f32>()).fold(0.0, f32::max)
-}
-
 fn check(device: Device) {
-    let (mut model, rows) = model_and_rows(&device.clone().autodiff());
+    let (mut model, rows) = model_and_rows(&device.clone().autodiff(), 0.0);
     let longest = rows.iter().map(|e| e.tokens.len()).max().unwrap();
     let packed = pack(&rows, 2 * longest + 3);
     assert!(packed.len() < rows.len() && packed.iter().any(|e| e.starts.len() > 1), "the rows were packed");
