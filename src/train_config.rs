@@ -296,6 +296,7 @@ pub fn resolve(file: Option<&Path>, resume: Option<&Path>, flags: &TrainFlags) -
         }
         merge(&mut table, read_file(&saved)?);
     }
+    let resumed_objective = table.get("objective").cloned();
     if let Some(file) = file {
         merge(&mut table, read_file(file)?);
     }
@@ -318,6 +319,19 @@ pub fn resolve(file: Option<&Path>, resume: Option<&Path>, flags: &TrainFlags) -
         }
     })?;
     config.check()?;
+    // The resume file holds the state of one objective's run (its metrics, its batches of
+    // rows or of pairs): another objective starts a new run from the adapter instead.
+    if let (Some(dir), Some(saved)) = (resume, resumed_objective.as_ref().and_then(|v| v.as_str()))
+        && saved != config.objective.name()
+    {
+        bail!(
+            "--objective {}: the run in {} trained with objective {saved}, and a resumed run keeps it; to go on with {} from its adapter, start a new run with --resume-adapter-file {}",
+            config.objective.name(),
+            dir.display(),
+            config.objective.name(),
+            dir.display()
+        );
+    }
     Ok(config)
 }
 
@@ -616,5 +630,19 @@ mod tests {
         let back: TrainConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);
         assert_eq!(c.adapter_spec().scale, Scale::Alpha { alpha: 16.0, rslora: false });
+    }
+
+    #[test]
+    fn a_resumed_run_keeps_its_objective() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(SAVED_CONFIG), "model = \"m\"\ndata = \"d\"\nobjective = \"dpo\"\n").unwrap();
+        let flags = |objective| TrainFlags { objective, ..Default::default() };
+        assert_eq!(resolve(None, Some(dir.path()), &flags(None)).unwrap().objective, ObjectiveName::Dpo);
+        assert_eq!(resolve(None, Some(dir.path()), &flags(Some(ObjectiveName::Dpo))).unwrap().objective, ObjectiveName::Dpo);
+        let err = resolve(None, Some(dir.path()), &flags(Some(ObjectiveName::Orpo))).unwrap_err().to_string();
+        assert!(err.starts_with("--objective orpo: ") && err.contains("objective dpo") && err.contains("--resume-adapter-file"), "{err}");
+        // A run saved before the key existed trained SFT.
+        std::fs::write(dir.path().join(SAVED_CONFIG), "model = \"m\"\ndata = \"d\"\n").unwrap();
+        assert!(resolve(None, Some(dir.path()), &flags(Some(ObjectiveName::Dpo))).unwrap_err().to_string().contains("objective sft"));
     }
 }

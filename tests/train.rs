@@ -997,6 +997,11 @@ fn dpo_and_orpo_from_the_cli_match_trl_and_resume_exactly() {
     let o = lora(&["train", "--resume", s(&out), "--iters", "20"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_matches_trl(&out, "dpo_sigmoid");
+    // The resumed run keeps its objective; another one is refused and changes nothing.
+    let o = lora(&["train", "--resume", s(&out), "--iters", "30", "--objective", "orpo"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("objective dpo") && stderr(&o).contains("--resume-adapter-file"), "{}", stderr(&o));
+    assert_matches_trl(&out, "dpo_sigmoid");
 }
 
 /// ORPO over a 4-bit base with gradient accumulation trains and reports its rewards; the
