@@ -4,6 +4,8 @@
 //! so loading walks the same names the checkpoint uses. Architecture quirks are fields of
 //! [`ModelConfig`], never a second copy of the model.
 
+use std::cell::RefCell;
+
 use burn::module::{Module, Param};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData};
@@ -358,12 +360,35 @@ pub const PROJECTIONS: [&str; 7] =
 
 /// What the blocks of one forward pass share: the rotary tables `[seq, head_dim]` (or
 /// `[batch·seq, head_dim]` for packed rows) and the key flags `[batch, seq]` of the attention
-/// (1 real, 0 padding; in packed rows each sequence's number).
+/// (1 real, 0 padding; in packed rows each sequence's number), on the device and on the host.
 #[derive(Debug, Clone)]
 pub struct BlockInputs {
     cos: Tensor<2>,
     sin: Tensor<2>,
     keys: Tensor<2>,
+    flags: Vec<f32>,
+    /// The dense attention masks built so far, by sliding window: one per pass, not one per
+    /// block (nor one per block and recomputation).
+    masks: RefCell<Vec<(Option<usize>, Tensor<5, Bool>)>>,
+}
+
+impl BlockInputs {
+    fn new(cos: Tensor<2>, sin: Tensor<2>, flags: Vec<f32>, [batch, seq]: [usize; 2], device: &Device) -> Self {
+        let keys = Tensor::from_data(TensorData::new(flags.clone(), [batch, seq]), (device, DType::F32));
+        Self { cos, sin, keys, flags, masks: RefCell::new(Vec::new()) }
+    }
+
+    /// The dense mask of these keys for `window` ([`build_mask`]), built on its first use.
+    fn dense_mask(&self, window: Option<usize>) -> Tensor<5, Bool> {
+        let mut masks = self.masks.borrow_mut();
+        if let Some((_, mask)) = masks.iter().find(|(w, _)| *w == window) {
+            return mask.clone();
+        }
+        let [b, s] = self.keys.dims();
+        let mask = build_mask(b, s, 0, s, window, Some(&self.flags), &self.keys.device());
+        masks.push((window, mask.clone()));
+        mask
+    }
 }
 
 impl DecoderLayer {
@@ -683,7 +708,7 @@ impl CausalLm {
         let device = tokens.device();
         let x = self.model.embed_tokens.forward(tokens);
         let (cos, sin) = self.rope.tables(0, s, &device, x.dtype());
-        (x, BlockInputs { cos, sin, keys: key_flags(b, s, attention_mask, &device) })
+        (x, BlockInputs::new(cos, sin, key_flags(b, s, attention_mask), [b, s], &device))
     }
 
     /// [`Self::embed`] for rows packed with several sequences each: `segments` `[batch * seq]`
@@ -701,7 +726,7 @@ impl CausalLm {
         let x = self.model.embed_tokens.forward(tokens);
         let (cos, sin) = self.rope.tables_at(segment_positions(segments, s).into_iter(), &device, x.dtype()); // [b·s, d]
         let flags: Vec<f32> = segments.iter().map(|&g| g as f32).collect();
-        (x, BlockInputs { cos, sin, keys: Tensor::from_data(TensorData::new(flags, [b, s]), (&device, DType::F32)) })
+        (x, BlockInputs::new(cos, sin, flags, [b, s], &device))
     }
 
     /// [`Self::hidden`] for packed rows ([`Self::embed_packed`]).
@@ -718,7 +743,7 @@ impl CausalLm {
         let layer = &self.model.layers[index];
         let [b, s, _] = x.dims();
         if !self.attention.chunked(b, layer.self_attn.num_heads, s, &x.device()) {
-            let mask = build_mask(b, s, 0, s, layer.window, Some(&key_list(&inputs.keys)), &x.device());
+            let mask = inputs.dense_mask(layer.window);
             return layer.forward(x, &inputs.cos, &inputs.sin, AttentionMask::Dense(&mask), None);
         }
         layer.forward(x, &inputs.cos, &inputs.sin, AttentionMask::Chunked { keys: &inputs.keys, window: layer.window }, None)
@@ -793,7 +818,7 @@ impl CausalLm {
                 x = layer.forward(x, &cos, &sin, AttentionMask::Decode(bias), step(&mut cache, i));
             }
         } else if past == 0 && self.attention.chunked(b, heads, s, &device) {
-            let keys = key_flags(b, s, attention_mask, &device);
+            let keys = Tensor::from_data(TensorData::new(key_flags(b, s, attention_mask), [b, s]), (&device, DType::F32));
             for (i, layer) in self.model.layers.iter().enumerate() {
                 let mask = AttentionMask::Chunked { keys: &keys, window: layer.window };
                 x = layer.forward(x, &cos, &sin, mask, step(&mut cache, i));
@@ -838,17 +863,8 @@ fn segment_positions(segments: &[u32], seq: usize) -> Vec<usize> {
 }
 
 /// Key flags `[batch, seq]` in f32: 1 for a real token, 0 for padding (all 1 without a mask).
-fn key_flags(batch: usize, seq: usize, attention_mask: Option<&[bool]>, device: &Device) -> Tensor<2> {
-    let flags: Vec<f32> = match attention_mask {
-        Some(m) => m.iter().map(|&real| if real { 1.0 } else { 0.0 }).collect(),
-        None => vec![1.0; batch * seq],
-    };
-    Tensor::from_data(TensorData::new(flags, [batch, seq]), (device, DType::F32))
-}
-
-/// [`key_flags`] back on the host, for the reference attention.
-fn key_list(keys: &Tensor<2>) -> Vec<f32> {
-    keys.clone().into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default()
+fn key_flags(batch: usize, seq: usize, attention_mask: Option<&[bool]>) -> Vec<f32> {
+    mask_flags(attention_mask).unwrap_or_else(|| vec![1.0; batch * seq])
 }
 
 /// The additive bias `[batch, total]` (f32) of one query at position `past` over the keys at
