@@ -53,12 +53,16 @@ impl Linear {
     /// `residual + forward(x)`, `[batch, seq, out]`: for a plain frozen weight one operation
     /// (one kernel for a few rows on a GPU).
     pub fn forward_add(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
-        let Some(w) = self.plain_frozen() else {
-            return residual + self.forward(x);
-        };
         let [b, s, i] = x.dims();
-        let out = w.dims()[0];
-        lora_kernels::frozen_linear_add(x.reshape([b * s, i]), w, residual.reshape([b * s, out])).reshape([b, s, out])
+        let out = self.weight.dims()[0];
+        let (x2, residual2) = (x.clone().reshape([b * s, i]), residual.clone().reshape([b * s, out]));
+        if let Some(w) = self.plain_frozen() {
+            return lora_kernels::frozen_linear_add(x2, w, residual2).reshape([b, s, out]);
+        }
+        match &self.weight {
+            Weight::Quant(q) if self.bias.is_none() && self.adapter.is_none() => q.matmul_t_add(x2, residual2).reshape([b, s, out]),
+            _ => residual + self.forward(x),
+        }
     }
 
     /// The weight when this projection is a frozen `x·Wᵀ` and nothing else (no bias, no

@@ -64,15 +64,28 @@ fn nf4_dequantize_kernel<F: Float>(packed: &Tensor<u32>, absmax: &Tensor<f32>, l
     output[pos] = F::cast_from(levels[code as usize] * absmax[pos / 64]);
 }
 
+/// `output[at]` = the product `total` rounded to the dtype, plus `residual[at]` when `add` (after
+/// the rounding, as a separate addition would).
+#[cube]
+fn write_output<F: Float>(output: &mut Tensor<F>, residual: &Tensor<F>, at: usize, total: f32, #[comptime] add: bool) {
+    let mut value = F::cast_from(total);
+    if comptime!(add) {
+        value += residual[at];
+    }
+    output[at] = value;
+}
+
 #[cube(launch_unchecked)]
 fn affine_matvec_kernel<F: Float>(
     x: &Tensor<F>,
     packed: &Tensor<u32>,
     scales: &Tensor<F>,
     biases: &Tensor<F>,
+    residual: &Tensor<F>,
     output: &mut Tensor<F>,
     #[comptime] bits: u32,
     #[comptime] group_size: usize,
+    #[comptime] add: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let per_word = comptime!((32 / bits) as usize);
@@ -101,7 +114,7 @@ fn affine_matvec_kernel<F: Float>(
     }
     let total = lane_total(acc);
     if lane == 0 && n < rows {
-        output[i * rows + n] = F::cast_from(total);
+        write_output(output, residual, i * rows + n, total, add);
     }
 }
 
@@ -111,7 +124,9 @@ fn nf4_matvec_kernel<F: Float>(
     packed: &Tensor<u32>,
     absmax: &Tensor<f32>,
     levels: &Tensor<f32>,
+    residual: &Tensor<F>,
     output: &mut Tensor<F>,
+    #[comptime] add: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let lane = UNIT_POS_X as usize;
@@ -135,7 +150,7 @@ fn nf4_matvec_kernel<F: Float>(
     }
     let total = lane_total(acc);
     if lane == 0 && n < rows {
-        output[i * rows + n] = F::cast_from(total);
+        write_output(output, residual, i * rows + n, total, add);
     }
 }
 
@@ -182,19 +197,43 @@ pub fn nf4_dequantize(packed: CubeTensor, absmax: CubeTensor, levels: CubeTensor
     launch!(nf4_dequantize_kernel, launch_elementwise, [packed, absmax, levels], output, dtype_to_storage_type(dtype))
 }
 
-/// `x` `[m, k]` · `Wᵀ` -> `[m, n]` straight from the affine words; `bits` divides 32.
-pub fn affine_matvec(x: CubeTensor, packed: CubeTensor, scales: CubeTensor, biases: CubeTensor, bits: usize, group_size: usize) -> CubeTensor {
+/// `x` `[m, k]` · `Wᵀ` -> `[m, n]` straight from the affine words, plus `residual` `[m, n]`
+/// when given; `bits` divides 32.
+pub fn affine_matvec(
+    x: CubeTensor,
+    packed: CubeTensor,
+    scales: CubeTensor,
+    biases: CubeTensor,
+    bits: usize,
+    group_size: usize,
+    residual: Option<CubeTensor>,
+) -> CubeTensor {
     assert!(matvec_supports(bits), "affine_matvec: {bits}-bit codes cross words");
     let output = empty(&x, [x.shape()[0], packed.shape()[0]], x.dtype);
     let dtype = dtype_to_storage_type(x.dtype);
-    // In bounds: as for `affine_dequantize`; `x` has k columns, k = words·32/bits.
-    launch!(affine_matvec_kernel, launch_matvec, [x, packed, scales, biases], output, bits as u32, group_size, dtype)
+    let (add, residual) = residual_arg(residual, &x);
+    // In bounds: as for `affine_dequantize`; `x` has k columns, k = words·32/bits, and the
+    // residual is read only when given, at the output's indices.
+    launch!(affine_matvec_kernel, launch_matvec, [x, packed, scales, biases, residual], output, bits as u32, group_size, add, dtype)
 }
 
-/// `x` `[m, k]` · `Wᵀ` -> `[m, n]` straight from the NF4 words.
-pub fn nf4_matvec(x: CubeTensor, packed: CubeTensor, absmax: CubeTensor, levels: CubeTensor) -> CubeTensor {
+/// `x` `[m, k]` · `Wᵀ` -> `[m, n]` straight from the NF4 words, plus `residual` `[m, n]` when
+/// given.
+pub fn nf4_matvec(x: CubeTensor, packed: CubeTensor, absmax: CubeTensor, levels: CubeTensor, residual: Option<CubeTensor>) -> CubeTensor {
     let output = empty(&x, [x.shape()[0], packed.shape()[0]], x.dtype);
     let dtype = dtype_to_storage_type(x.dtype);
-    // In bounds: as for `nf4_dequantize`; `x` has k = words·8 columns.
-    launch!(nf4_matvec_kernel, launch_matvec, [x, packed, absmax, levels], output, dtype)
+    let (add, residual) = residual_arg(residual, &x);
+    // In bounds: as for `nf4_dequantize`; `x` has k = words·8 columns, and the residual is
+    // read only when given, at the output's indices.
+    launch!(nf4_matvec_kernel, launch_matvec, [x, packed, absmax, levels, residual], output, add, dtype)
+}
+
+/// Whether a residual is added, and the tensor bound in its place: without one the kernel never
+/// reads it and `x` stands in (never the output, which a dispatch may not bind for reading and
+/// writing at once).
+fn residual_arg(residual: Option<CubeTensor>, x: &CubeTensor) -> (bool, CubeTensor) {
+    match residual {
+        Some(r) => (true, r),
+        None => (false, x.clone()),
+    }
 }

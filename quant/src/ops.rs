@@ -67,6 +67,34 @@ pub trait PackedOps: Backend {
         let w = dequantize_nf4::<Self>(packed, absmax, levels, dtype); // [n, k]
         Self::float_matmul(x, Self::float_transpose(w))
     }
+
+    /// `residual + x·Wᵀ` `[m, n]` for an affine weight (the output and down projections add
+    /// the residual stream). Under autodiff the tracked product plus the sum.
+    #[fusion(dtype = x, shape = Shape::new([x[0], packed[0]]))]
+    #[allow(clippy::too_many_arguments)]
+    fn packed_matmul_t_add(
+        x: FloatTensor<Self>,
+        packed: IntTensor<Self>,
+        scales: FloatTensor<Self>,
+        biases: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        bits: usize,
+        group_size: usize,
+    ) -> FloatTensor<Self> {
+        Self::float_add(residual, Self::packed_matmul_t(x, packed, scales, biases, bits, group_size))
+    }
+
+    /// `residual + x·Wᵀ` `[m, n]` for an NF4 weight.
+    #[fusion(dtype = x, shape = Shape::new([x[0], packed[0]]))]
+    fn nf4_matmul_t_add(
+        x: FloatTensor<Self>,
+        packed: IntTensor<Self>,
+        absmax: FloatTensor<Self>,
+        levels: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::float_add(residual, Self::nf4_matmul_t(x, packed, absmax, levels))
+    }
 }
 
 /// The CPU: from the packed words on the host ([`crate::host`]).
@@ -109,7 +137,7 @@ impl PackedOps for burn_cubecl::CubeBackend {
         group_size: usize,
     ) -> FloatTensor<Self> {
         if x.shape()[0] <= MATVEC_ROWS && kernels::matvec_supports(bits) {
-            return kernels::affine_matvec(x, packed, scales, biases, bits, group_size);
+            return kernels::affine_matvec(x, packed, scales, biases, bits, group_size, None);
         }
         let w = kernels::affine_dequantize(packed, scales, biases, bits, group_size);
         <Self as LinearOps>::frozen_linear_t(x, w)
@@ -117,10 +145,41 @@ impl PackedOps for burn_cubecl::CubeBackend {
 
     fn nf4_matmul_t(x: FloatTensor<Self>, packed: IntTensor<Self>, absmax: FloatTensor<Self>, levels: FloatTensor<Self>) -> FloatTensor<Self> {
         if x.shape()[0] <= MATVEC_ROWS {
-            return kernels::nf4_matvec(x, packed, absmax, levels);
+            return kernels::nf4_matvec(x, packed, absmax, levels, None);
         }
         let w = kernels::nf4_dequantize(packed, absmax, levels, x.dtype);
         <Self as LinearOps>::frozen_linear_t(x, w)
+    }
+
+    fn packed_matmul_t_add(
+        x: FloatTensor<Self>,
+        packed: IntTensor<Self>,
+        scales: FloatTensor<Self>,
+        biases: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        bits: usize,
+        group_size: usize,
+    ) -> FloatTensor<Self> {
+        // A few rows (decoding): the residual added by the product's own kernel.
+        if x.shape()[0] <= MATVEC_ROWS && kernels::matvec_supports(bits) && residual.dtype == x.dtype {
+            return kernels::affine_matvec(x, packed, scales, biases, bits, group_size, Some(residual));
+        }
+        let w = kernels::affine_dequantize(packed, scales, biases, bits, group_size);
+        <Self as LinearOps>::frozen_linear_add_t(x, w, residual)
+    }
+
+    fn nf4_matmul_t_add(
+        x: FloatTensor<Self>,
+        packed: IntTensor<Self>,
+        absmax: FloatTensor<Self>,
+        levels: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if x.shape()[0] <= MATVEC_ROWS && residual.dtype == x.dtype {
+            return kernels::nf4_matvec(x, packed, absmax, levels, Some(residual));
+        }
+        let w = kernels::nf4_dequantize(packed, absmax, levels, x.dtype);
+        <Self as LinearOps>::frozen_linear_add_t(x, w, residual)
     }
 }
 

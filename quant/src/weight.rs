@@ -189,6 +189,32 @@ impl QuantWeight {
         }
     }
 
+    /// `residual + x·Wᵀ`: `x` `[m, cols]`, `residual` `[m, rows]` -> `[m, rows]`, one kernel for
+    /// a few rows on a GPU.
+    pub fn matmul_t_add(&self, x: Tensor<2>, residual: Tensor<2>) -> Tensor<2> {
+        match self {
+            Self::Affine(w) => Tensor::from_dispatch(<Dispatch as PackedOps>::packed_matmul_t_add(
+                x.into_dispatch(),
+                w.packed.clone().into_dispatch(),
+                w.scales.clone().into_dispatch(),
+                w.biases.clone().into_dispatch(),
+                residual.into_dispatch(),
+                w.bits,
+                w.group_size,
+            )),
+            Self::Nf4(w) => {
+                let [rows, cols] = self.dims();
+                Tensor::from_dispatch(<Dispatch as PackedOps>::nf4_matmul_t_add(
+                    x.into_dispatch(),
+                    w.packed.clone().into_dispatch(),
+                    w.effective_absmax(rows * cols / nf4::BLOCK).into_dispatch(),
+                    w.levels.clone().into_dispatch(),
+                    residual.into_dispatch(),
+                ))
+            }
+        }
+    }
+
     /// Dense rows `ids` `[n]` -> `[n, cols]`: an embedding lookup that dequantizes only
     /// the rows it reads.
     pub fn rows(&self, ids: Tensor<1, Int>) -> Tensor<2> {

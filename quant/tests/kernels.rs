@@ -1,7 +1,7 @@
 //! The packed kernels (CubeCL on wgpu, the default bodies on flex) against plain
 //! dequantize-then-matmul on the host, on random inputs: every width, every group size,
 //! f32 and f16, a row count that is not a multiple of a cube's outputs, and row counts of
-//! `x` on both sides of the matrix-vector threshold.
+//! `x` on both sides of the matrix-vector threshold, with and without a residual added.
 
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use lora_quant::affine::{self, AffineSpec};
@@ -67,9 +67,11 @@ fn affine_kernels_match_dequantize_then_matmul() {
                     for m in [1, 3, MATVEC_ROWS, MATVEC_ROWS + 1, 40] {
                         let x = round_to(&random(&mut rng, m * COLS, 1.0), dtype);
                         let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, COLS]), (&device, DType::F32)).cast(dtype_of(dtype));
-                        let got = to_vec(weight.matmul_t(xt));
-                        let d = rel_diff(&got, &reference(&x, &host, m));
+                        let want = reference(&x, &host, m);
+                        let d = rel_diff(&to_vec(weight.matmul_t(xt.clone())), &want);
                         assert!(d < tol, "{device:?} {dtype:?} bits {bits} group {group_size} m {m}: matmul differs by {d}");
+                        let d = residual_diff(&mut rng, &device, dtype, m, &want, |r| weight.matmul_t_add(xt, r));
+                        assert!(d < tol, "{device:?} {dtype:?} bits {bits} group {group_size} m {m}: matmul with residual differs by {d}");
                     }
                 }
             }
@@ -93,12 +95,24 @@ fn nf4_kernels_match_dequantize_then_matmul() {
                 for m in [1, 2, MATVEC_ROWS, MATVEC_ROWS + 1, 33] {
                     let x = round_to(&random(&mut rng, m * COLS, 1.0), dtype);
                     let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, COLS]), (&device, DType::F32)).cast(dtype_of(dtype));
-                    let d = rel_diff(&to_vec(weight.matmul_t(xt)), &reference(&x, &host, m));
+                    let want = reference(&x, &host, m);
+                    let d = rel_diff(&to_vec(weight.matmul_t(xt.clone())), &want);
                     assert!(d < tol, "{device:?} {dtype:?} double quant {double_quant} m {m}: matmul differs by {d}");
+                    let d = residual_diff(&mut rng, &device, dtype, m, &want, |r| weight.matmul_t_add(xt, r));
+                    assert!(d < tol, "{device:?} {dtype:?} double quant {double_quant} m {m}: matmul with residual differs by {d}");
                 }
             }
         }
     }
+}
+
+/// `product(residual)` (`residual + x·Wᵀ`) against `want` (`x·Wᵀ`) plus a random residual
+/// `[m, ROWS]` in `dtype`: the largest difference relative to the largest output.
+fn residual_diff(rng: &mut StdRng, device: &Device, dtype: DType, m: usize, want: &[f32], product: impl FnOnce(Tensor<2>) -> Tensor<2>) -> f32 {
+    let r = round_to(&random(rng, m * ROWS, 2.0), dtype);
+    let rt = Tensor::<2>::from_data(TensorData::new(r.clone(), [m, ROWS]), (device, DType::F32)).cast(dtype_of(dtype));
+    let want: Vec<f32> = want.iter().zip(&r).map(|(w, r)| w + r).collect();
+    rel_diff(&to_vec(product(rt)), &want)
 }
 
 fn dtype_of(dtype: DType) -> FloatDType {

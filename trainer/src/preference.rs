@@ -226,8 +226,8 @@ pub fn loss_and_gradients(model: &mut CausalLm, batch: &Batch, objective: Object
     let mut scored = None;
     let (_, flat) = weighted_gradients(model, &p, recompute, scale, |model, hidden| {
         let policy = host(position_nll(model, hidden, p.targets.clone()));
-        let s = score(objective, batch, width, &policy, reference.as_deref());
-        let weights = Tensor::from_data(TensorData::new(s.weights.clone(), [batch.rows, width]), (&model.device(), DType::F32));
+        let mut s = score(objective, batch, width, &policy, reference.as_deref());
+        let weights = Tensor::from_data(TensorData::new(std::mem::take(&mut s.weights), [batch.rows, width]), (&model.device(), DType::F32));
         scored = Some(s);
         (weights, 1.0)
     });
