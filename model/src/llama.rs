@@ -59,9 +59,18 @@ impl Linear {
         if let Some(w) = self.plain_frozen() {
             return lora_kernels::frozen_linear_add(x2, w, residual2).reshape([b, s, out]);
         }
+        match self.plain_quant() {
+            Some(q) => q.matmul_t_add(x2, residual2).reshape([b, s, out]),
+            None => residual + self.forward(x),
+        }
+    }
+
+    /// The packed weight when this projection is a frozen 4-bit `x·Wᵀ` and nothing else (no
+    /// bias, no adapter).
+    pub fn plain_quant(&self) -> Option<&lora_quant::QuantWeight> {
         match &self.weight {
-            Weight::Quant(q) if self.bias.is_none() && self.adapter.is_none() => q.matmul_t_add(x2, residual2).reshape([b, s, out]),
-            _ => residual + self.forward(x),
+            Weight::Quant(q) if self.bias.is_none() && self.adapter.is_none() => Some(q),
+            _ => None,
         }
     }
 
@@ -334,6 +343,18 @@ impl Mlp {
             let n = gate.dims()[0];
             let h = lora_kernels::frozen_swiglu(x.reshape([b * s, i]), gate, up).reshape([b, s, n]);
             return self.down_proj.forward_add(h, residual);
+        }
+        // Plain frozen 4-bit weights outside training: one operation (on a GPU, one pass over
+        // both packed weights for a few rows). Under autodiff the products keep their own
+        // backward, and the activation its own below.
+        if let (Some(gate), Some(up)) = (self.gate_proj.plain_quant(), self.up_proj.plain_quant())
+            && !x.is_require_grad()
+        {
+            let [b, s, i] = x.dims();
+            let n = gate.dims()[0];
+            if let Some(h) = lora_quant::QuantWeight::swiglu_t(x.clone().reshape([b * s, i]), gate, up) {
+                return self.down_proj.forward_add(h.reshape([b, s, n]), residual);
+            }
         }
         // Both products first, then the activation as one operation (one fused kernel on a GPU,
         // one pass on every core of a CPU).

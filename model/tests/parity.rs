@@ -320,4 +320,7 @@ fn wgpu_mlx_checkpoints_match_mlx_lm() {
     }
     let exp = Expected::load("qwen3_mlx_q5_g32");
     check_greedy_of(&load("qwen3_mlx_q5_g32", &device, DType::F32), "qwen3_mlx_q5_g32", &exp, 1);
+    // 4-bit words hold whole codes: decoding takes the packed kernels with the residual and
+    // SwiGLU fused in.
+    check_greedy("llama_mlx_q4", &device, 1);
 }

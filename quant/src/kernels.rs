@@ -75,6 +75,63 @@ fn write_output<F: Float>(output: &mut Tensor<F>, residual: &Tensor<F>, at: usiz
     output[at] = value;
 }
 
+/// This lane's part of row `i` of `x` times row `n` of the affine weight: consecutive lanes
+/// read consecutive words.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn affine_lane_dot<F: Float>(
+    x: &Tensor<F>,
+    packed: &Tensor<u32>,
+    scales: &Tensor<F>,
+    biases: &Tensor<F>,
+    n: usize,
+    i: usize,
+    lane: usize,
+    #[comptime] bits: u32,
+    #[comptime] group_size: usize,
+) -> f32 {
+    let per_word = comptime!((32 / bits) as usize);
+    let mask = comptime!((1u32 << bits) - 1);
+    let (words, k, groups) = (packed.shape(1), x.shape(1), scales.shape(1));
+    let mut acc = 0f32;
+    for w in range_stepped(lane, words, comptime!(LANES as usize)) {
+        let word = packed[n * words + w];
+        let k0 = w * per_word;
+        let base = i * k + k0;
+        let mut dot = 0f32;
+        let mut sum = 0f32;
+        #[unroll]
+        for j in 0..per_word {
+            let xv = f32::cast_from(x[base + j]);
+            dot += xv * f32::cast_from((word >> comptime!(j as u32 * bits)) & mask);
+            sum += xv;
+        }
+        let group = n * groups + k0 / group_size;
+        acc += f32::cast_from(scales[group]) * dot + f32::cast_from(biases[group]) * sum;
+    }
+    acc
+}
+
+/// This lane's part of row `i` of `x` times row `n` of the NF4 weight.
+#[cube]
+fn nf4_lane_dot<F: Float>(x: &Tensor<F>, packed: &Tensor<u32>, absmax: &Tensor<f32>, levels: &Tensor<f32>, n: usize, i: usize, lane: usize) -> f32 {
+    let (words, k) = (packed.shape(1), x.shape(1));
+    let mut acc = 0f32;
+    for w in range_stepped(lane, words, comptime!(LANES as usize)) {
+        let word = packed[n * words + w];
+        let k0 = w * 8;
+        let base = i * k + k0;
+        let mut dot = 0f32;
+        #[unroll]
+        for j in 0..8u32 {
+            let code = (word >> comptime!(j * 4)) & 15;
+            dot += f32::cast_from(x[base + j as usize]) * levels[code as usize];
+        }
+        acc += absmax[(n * k + k0) / 64] * dot;
+    }
+    acc
+}
+
 #[cube(launch_unchecked)]
 fn affine_matvec_kernel<F: Float>(
     x: &Tensor<F>,
@@ -88,29 +145,13 @@ fn affine_matvec_kernel<F: Float>(
     #[comptime] add: bool,
     #[define(F)] _dtype: ElemType,
 ) {
-    let per_word = comptime!((32 / bits) as usize);
-    let mask = comptime!((1u32 << bits) - 1);
     let lane = UNIT_POS_X as usize;
     let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
     let i = CUBE_POS_Y as usize;
-    let (rows, words, k, groups) = (packed.shape(0), packed.shape(1), x.shape(1), scales.shape(1));
+    let rows = packed.shape(0);
     let mut acc = 0f32;
     if n < rows {
-        for w in range_stepped(lane, words, comptime!(LANES as usize)) {
-            let word = packed[n * words + w];
-            let k0 = w * per_word;
-            let base = i * k + k0;
-            let mut dot = 0f32;
-            let mut sum = 0f32;
-            #[unroll]
-            for j in 0..per_word {
-                let xv = f32::cast_from(x[base + j]);
-                dot += xv * f32::cast_from((word >> comptime!(j as u32 * bits)) & mask);
-                sum += xv;
-            }
-            let group = n * groups + k0 / group_size;
-            acc += f32::cast_from(scales[group]) * dot + f32::cast_from(biases[group]) * sum;
-        }
+        acc = affine_lane_dot(x, packed, scales, biases, n, i, lane, bits, group_size);
     }
     let total = lane_total(acc);
     if lane == 0 && n < rows {
@@ -132,25 +173,81 @@ fn nf4_matvec_kernel<F: Float>(
     let lane = UNIT_POS_X as usize;
     let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
     let i = CUBE_POS_Y as usize;
-    let (rows, words, k) = (packed.shape(0), packed.shape(1), x.shape(1));
+    let rows = packed.shape(0);
     let mut acc = 0f32;
     if n < rows {
-        for w in range_stepped(lane, words, comptime!(LANES as usize)) {
-            let word = packed[n * words + w];
-            let k0 = w * 8;
-            let base = i * k + k0;
-            let mut dot = 0f32;
-            #[unroll]
-            for j in 0..8u32 {
-                let code = (word >> comptime!(j * 4)) & 15;
-                dot += f32::cast_from(x[base + j as usize]) * levels[code as usize];
-            }
-            acc += absmax[(n * k + k0) / 64] * dot;
-        }
+        acc = nf4_lane_dot(x, packed, absmax, levels, n, i, lane);
     }
     let total = lane_total(acc);
     if lane == 0 && n < rows {
         write_output(output, residual, i * rows + n, total, add);
+    }
+}
+
+/// `output[at]` = `silu(g)·u` of the two products' totals, in f32, rounded once.
+#[cube]
+fn write_swiglu<F: Float>(output: &mut Tensor<F>, at: usize, g: f32, u: f32) {
+    output[at] = F::cast_from(g / (1.0f32 + (-g).exp()) * u);
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn affine_swiglu_kernel<F: Float>(
+    x: &Tensor<F>,
+    gate: &Tensor<u32>,
+    gate_scales: &Tensor<F>,
+    gate_biases: &Tensor<F>,
+    up: &Tensor<u32>,
+    up_scales: &Tensor<F>,
+    up_biases: &Tensor<F>,
+    output: &mut Tensor<F>,
+    #[comptime] bits: u32,
+    #[comptime] group_size: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let lane = UNIT_POS_X as usize;
+    let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
+    let i = CUBE_POS_Y as usize;
+    let rows = gate.shape(0);
+    let mut g = 0f32;
+    let mut u = 0f32;
+    if n < rows {
+        g = affine_lane_dot(x, gate, gate_scales, gate_biases, n, i, lane, bits, group_size);
+        u = affine_lane_dot(x, up, up_scales, up_biases, n, i, lane, bits, group_size);
+    }
+    let g = lane_total(g);
+    let u = lane_total(u);
+    if lane == 0 && n < rows {
+        write_swiglu(output, i * rows + n, g, u);
+    }
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn nf4_swiglu_kernel<F: Float>(
+    x: &Tensor<F>,
+    gate: &Tensor<u32>,
+    gate_absmax: &Tensor<f32>,
+    up: &Tensor<u32>,
+    up_absmax: &Tensor<f32>,
+    levels: &Tensor<f32>,
+    output: &mut Tensor<F>,
+    #[define(F)] _dtype: ElemType,
+) {
+    let lane = UNIT_POS_X as usize;
+    let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
+    let i = CUBE_POS_Y as usize;
+    let rows = gate.shape(0);
+    let mut g = 0f32;
+    let mut u = 0f32;
+    if n < rows {
+        g = nf4_lane_dot(x, gate, gate_absmax, levels, n, i, lane);
+        u = nf4_lane_dot(x, up, up_absmax, levels, n, i, lane);
+    }
+    let g = lane_total(g);
+    let u = lane_total(u);
+    if lane == 0 && n < rows {
+        write_swiglu(output, i * rows + n, g, u);
     }
 }
 
@@ -236,4 +333,34 @@ fn residual_arg(residual: Option<CubeTensor>, x: &CubeTensor) -> (bool, CubeTens
         Some(r) => (true, r),
         None => (false, x.clone()),
     }
+}
+
+/// `silu(x·gateᵀ)·(x·upᵀ)` `[m, n]` for `x` `[m, k]` straight from two affine weights of one
+/// shape and format (the SwiGLU block's products and activation in one launch, summed and
+/// activated in f32); `bits` divides 32.
+#[allow(clippy::too_many_arguments)]
+pub fn affine_swiglu(
+    x: CubeTensor,
+    gate: CubeTensor,
+    gate_scales: CubeTensor,
+    gate_biases: CubeTensor,
+    up: CubeTensor,
+    up_scales: CubeTensor,
+    up_biases: CubeTensor,
+    bits: usize,
+    group_size: usize,
+) -> CubeTensor {
+    assert!(matvec_supports(bits), "affine_swiglu: {bits}-bit codes cross words");
+    let output = empty(&x, [x.shape()[0], gate.shape()[0]], x.dtype);
+    let dtype = dtype_to_storage_type(x.dtype);
+    // In bounds: as for `affine_matvec`, for each of the two weights (of one shape).
+    launch!(affine_swiglu_kernel, launch_matvec, [x, gate, gate_scales, gate_biases, up, up_scales, up_biases], output, bits as u32, group_size, dtype)
+}
+
+/// [`affine_swiglu`] for two NF4 weights of one shape.
+pub fn nf4_swiglu(x: CubeTensor, gate: CubeTensor, gate_absmax: CubeTensor, up: CubeTensor, up_absmax: CubeTensor, levels: CubeTensor) -> CubeTensor {
+    let output = empty(&x, [x.shape()[0], gate.shape()[0]], x.dtype);
+    let dtype = dtype_to_storage_type(x.dtype);
+    // In bounds: as for `nf4_matvec`, for each of the two weights (of one shape).
+    launch!(nf4_swiglu_kernel, launch_matvec, [x, gate, gate_absmax, up, up_absmax, levels], output, dtype)
 }

@@ -84,6 +84,41 @@ pub trait PackedOps: Backend {
         Self::float_add(residual, Self::packed_matmul_t(x, packed, scales, biases, bits, group_size))
     }
 
+    /// The SwiGLU block's `silu(x·gateᵀ)·(x·upᵀ)` `[m, n]` for two affine weights of one shape
+    /// and format. Under autodiff the tracked composition.
+    #[fusion(dtype = x, shape = Shape::new([x[0], gate[0]]))]
+    #[allow(clippy::too_many_arguments)]
+    fn packed_swiglu_t(
+        x: FloatTensor<Self>,
+        gate: IntTensor<Self>,
+        gate_scales: FloatTensor<Self>,
+        gate_biases: FloatTensor<Self>,
+        up: IntTensor<Self>,
+        up_scales: FloatTensor<Self>,
+        up_biases: FloatTensor<Self>,
+        bits: usize,
+        group_size: usize,
+    ) -> FloatTensor<Self> {
+        let g = Self::packed_matmul_t(x.clone(), gate, gate_scales, gate_biases, bits, group_size);
+        let u = Self::packed_matmul_t(x, up, up_scales, up_biases, bits, group_size);
+        silu_times::<Self>(g, u)
+    }
+
+    /// [`PackedOps::packed_swiglu_t`] for two NF4 weights of one shape (one set of levels).
+    #[fusion(dtype = x, shape = Shape::new([x[0], gate[0]]))]
+    fn nf4_swiglu_t(
+        x: FloatTensor<Self>,
+        gate: IntTensor<Self>,
+        gate_absmax: FloatTensor<Self>,
+        up: IntTensor<Self>,
+        up_absmax: FloatTensor<Self>,
+        levels: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let g = Self::nf4_matmul_t(x.clone(), gate, gate_absmax, levels.clone());
+        let u = Self::nf4_matmul_t(x, up, up_absmax, levels);
+        silu_times::<Self>(g, u)
+    }
+
     /// `residual + x·Wᵀ` `[m, n]` for an NF4 weight.
     #[fusion(dtype = x, shape = Shape::new([x[0], packed[0]]))]
     fn nf4_matmul_t_add(
@@ -95,6 +130,11 @@ pub trait PackedOps: Backend {
     ) -> FloatTensor<Self> {
         Self::float_add(residual, Self::nf4_matmul_t(x, packed, absmax, levels))
     }
+}
+
+/// `silu(g)·u`, SwiGLU's activation, as tensor operations.
+fn silu_times<B: Backend>(g: FloatTensor<B>, u: FloatTensor<B>) -> FloatTensor<B> {
+    B::float_mul(B::float_mul(g.clone(), B::sigmoid(g)), u)
 }
 
 /// The CPU: from the packed words on the host ([`crate::host`]).
@@ -166,6 +206,42 @@ impl PackedOps for burn_cubecl::CubeBackend {
         }
         let w = kernels::affine_dequantize(packed, scales, biases, bits, group_size);
         <Self as LinearOps>::frozen_linear_add_t(x, w, residual)
+    }
+
+    fn packed_swiglu_t(
+        x: FloatTensor<Self>,
+        gate: IntTensor<Self>,
+        gate_scales: FloatTensor<Self>,
+        gate_biases: FloatTensor<Self>,
+        up: IntTensor<Self>,
+        up_scales: FloatTensor<Self>,
+        up_biases: FloatTensor<Self>,
+        bits: usize,
+        group_size: usize,
+    ) -> FloatTensor<Self> {
+        // A few rows (decoding): both products and the activation in one launch.
+        if x.shape()[0] <= MATVEC_ROWS && kernels::matvec_supports(bits) {
+            return kernels::affine_swiglu(x, gate, gate_scales, gate_biases, up, up_scales, up_biases, bits, group_size);
+        }
+        let g = kernels::affine_dequantize(gate, gate_scales, gate_biases, bits, group_size);
+        let u = kernels::affine_dequantize(up, up_scales, up_biases, bits, group_size);
+        <Self as LinearOps>::frozen_swiglu_t(x, g, u)
+    }
+
+    fn nf4_swiglu_t(
+        x: FloatTensor<Self>,
+        gate: IntTensor<Self>,
+        gate_absmax: FloatTensor<Self>,
+        up: IntTensor<Self>,
+        up_absmax: FloatTensor<Self>,
+        levels: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if x.shape()[0] <= MATVEC_ROWS {
+            return kernels::nf4_swiglu(x, gate, gate_absmax, up, up_absmax, levels);
+        }
+        let g = kernels::nf4_dequantize(gate, gate_absmax, levels.clone(), x.dtype);
+        let u = kernels::nf4_dequantize(up, up_absmax, levels, x.dtype);
+        <Self as LinearOps>::frozen_swiglu_t(x, g, u)
     }
 
     fn nf4_matmul_t_add(

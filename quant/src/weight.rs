@@ -189,6 +189,43 @@ impl QuantWeight {
         }
     }
 
+    /// The SwiGLU block's `silu(x·gateᵀ)·(x·upᵀ)` `[m, rows]` for `x` `[m, cols]`, one kernel
+    /// for a few rows on a GPU; `None` unless `gate` and `up` have one shape and one format
+    /// (bits and group size, or NF4).
+    pub fn swiglu_t(x: Tensor<2>, gate: &QuantWeight, up: &QuantWeight) -> Option<Tensor<2>> {
+        if gate.dims() != up.dims() {
+            return None;
+        }
+        match (gate, up) {
+            (Self::Affine(g), Self::Affine(u)) if (g.bits, g.group_size) == (u.bits, u.group_size) => {
+                Some(Tensor::from_dispatch(<Dispatch as PackedOps>::packed_swiglu_t(
+                    x.into_dispatch(),
+                    g.packed.clone().into_dispatch(),
+                    g.scales.clone().into_dispatch(),
+                    g.biases.clone().into_dispatch(),
+                    u.packed.clone().into_dispatch(),
+                    u.scales.clone().into_dispatch(),
+                    u.biases.clone().into_dispatch(),
+                    g.bits,
+                    g.group_size,
+                )))
+            }
+            (Self::Nf4(g), Self::Nf4(u)) => {
+                let [rows, cols] = gate.dims();
+                let blocks = rows * cols / nf4::BLOCK;
+                Some(Tensor::from_dispatch(<Dispatch as PackedOps>::nf4_swiglu_t(
+                    x.into_dispatch(),
+                    g.packed.clone().into_dispatch(),
+                    g.effective_absmax(blocks).into_dispatch(),
+                    u.packed.clone().into_dispatch(),
+                    u.effective_absmax(blocks).into_dispatch(),
+                    g.levels.clone().into_dispatch(),
+                )))
+            }
+            _ => None,
+        }
+    }
+
     /// `residual + x·Wᵀ`: `x` `[m, cols]`, `residual` `[m, rows]` -> `[m, rows]`, one kernel for
     /// a few rows on a GPU.
     pub fn matmul_t_add(&self, x: Tensor<2>, residual: Tensor<2>) -> Tensor<2> {

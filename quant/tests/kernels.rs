@@ -106,6 +106,46 @@ fn nf4_kernels_match_dequantize_then_matmul() {
     }
 }
 
+/// SwiGLU's two products and activation from two packed weights of one format (one kernel
+/// for a few rows on wgpu, the composition otherwise) against `silu(x·Gᵀ)·(x·Uᵀ)` on the
+/// host's dequantized weights; weights of two formats are not fused.
+#[test]
+fn swiglu_from_two_packed_weights_matches_the_host() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let (wg, wu) = (random(&mut rng, ROWS * COLS, 0.2), random(&mut rng, ROWS * COLS, 0.2));
+    let spec = AffineSpec::new(4, 64).unwrap();
+    for device in devices() {
+        for dtype in [DType::F32, DType::F16] {
+            let tol = if dtype == DType::F32 { 1e-5 } else { 4e-3 };
+            let affine = |w: &[f32]| {
+                let q = affine::quantize(w, COLS, spec).unwrap();
+                let host = affine::dequantize(&q.packed, &round_to(&q.scales, dtype), &round_to(&q.biases, dtype), COLS, spec);
+                (QuantWeight::from_affine(&q, ROWS, COLS, spec, &device, dtype), host)
+            };
+            let nf4 = |w: &[f32]| {
+                let q = nf4::quantize(w, COLS, true).unwrap();
+                let host = nf4::dequantize(&q, COLS);
+                (QuantWeight::from_nf4(&q, ROWS, COLS, &device, dtype), host)
+            };
+            for (name, (gate, host_g), (up, host_u)) in [("affine", affine(&wg), affine(&wu)), ("nf4", nf4(&wg), nf4(&wu))] {
+                for m in [1, 3, MATVEC_ROWS, MATVEC_ROWS + 1, 21] {
+                    let x = round_to(&random(&mut rng, m * COLS, 1.0), dtype);
+                    let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, COLS]), (&device, DType::F32)).cast(dtype_of(dtype));
+                    let (g, u) = (reference(&x, &host_g, m), reference(&x, &host_u, m));
+                    let want: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+                    let got = QuantWeight::swiglu_t(xt, &gate, &up).expect("one format");
+                    let d = rel_diff(&to_vec(got), &want);
+                    assert!(d < tol, "{device:?} {dtype:?} {name} m {m}: swiglu differs by {d}");
+                }
+            }
+            let (a, _) = affine(&wg);
+            let (n, _) = nf4(&wu);
+            let x = Tensor::<2>::zeros([1, COLS], (&device, DType::F32)).cast(dtype_of(dtype));
+            assert!(QuantWeight::swiglu_t(x, &a, &n).is_none(), "two formats are not fused");
+        }
+    }
+}
+
 /// `product(residual)` (`residual + x·Wᵀ`) against `want` (`x·Wᵀ`) plus a random residual
 /// `[m, ROWS]` in `dtype`: the largest difference relative to the largest output.
 fn residual_diff(rng: &mut StdRng, device: &Device, dtype: DType, m: usize, want: &[f32], product: impl FnOnce(Tensor<2>) -> Tensor<2>) -> f32 {
