@@ -238,15 +238,19 @@ fn write_cache(buffer: Option<Tensor<4>>, fresh: Tensor<4>, past: usize, capacit
 
 impl Attention {
     /// `[x·Wqᵀ, x·Wkᵀ, x·Wvᵀ]` `[batch·seq, (heads + 2·kv_heads)·head_dim]` as one product, where
-    /// that pays: a few rows (decoding) on a GPU, all three projections plain frozen weights,
-    /// no per-head norms. `None` elsewhere.
+    /// that pays: a few rows (decoding) on a GPU, all three projections plain frozen weights
+    /// (dense, or 4-bit of one format), no per-head norms. `None` elsewhere.
     fn fused_qkv(&self, x: Tensor<3>) -> Option<Tensor<2>> {
         let [b, s, i] = x.dims();
         if b * s > lora_kernels::matvec::MATVEC_ROWS || x.device() == Device::flex() || self.q_norm.is_some() || self.k_norm.is_some() {
             return None;
         }
+        let x = x.reshape([b * s, i]);
+        if let (Some(q), Some(k), Some(v)) = (self.q_proj.plain_quant(), self.k_proj.plain_quant(), self.v_proj.plain_quant()) {
+            return lora_quant::QuantWeight::linear3_t(x, q, k, v);
+        }
         let (wq, wk, wv) = (self.q_proj.plain_frozen()?, self.k_proj.plain_frozen()?, self.v_proj.plain_frozen()?);
-        Some(lora_kernels::frozen_linear3(x.reshape([b * s, i]), wq, wk, wv))
+        Some(lora_kernels::frozen_linear3(x, wq, wk, wv))
     }
 
     /// `x` `[batch, seq, hidden]` -> `[batch, seq, hidden]`.

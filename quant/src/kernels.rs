@@ -251,6 +251,78 @@ fn nf4_swiglu_kernel<F: Float>(
     }
 }
 
+/// Attention's three input projections from packed words in one launch: output columns `0..nq`
+/// from `q`, then `k`'s, then `v`'s.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn affine_matvec3_kernel<F: Float>(
+    x: &Tensor<F>,
+    q: &Tensor<u32>,
+    q_scales: &Tensor<F>,
+    q_biases: &Tensor<F>,
+    k: &Tensor<u32>,
+    k_scales: &Tensor<F>,
+    k_biases: &Tensor<F>,
+    v: &Tensor<u32>,
+    v_scales: &Tensor<F>,
+    v_biases: &Tensor<F>,
+    output: &mut Tensor<F>,
+    #[comptime] bits: u32,
+    #[comptime] group_size: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let lane = UNIT_POS_X as usize;
+    let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
+    let i = CUBE_POS_Y as usize;
+    let (nq, nk, nv) = (q.shape(0), k.shape(0), v.shape(0));
+    let rows = nq + nk + nv;
+    let mut acc = 0f32;
+    if n < nq {
+        acc = affine_lane_dot(x, q, q_scales, q_biases, n, i, lane, bits, group_size);
+    } else if n < nq + nk {
+        acc = affine_lane_dot(x, k, k_scales, k_biases, n - nq, i, lane, bits, group_size);
+    } else if n < rows {
+        acc = affine_lane_dot(x, v, v_scales, v_biases, n - nq - nk, i, lane, bits, group_size);
+    }
+    let total = lane_total(acc);
+    if lane == 0 && n < rows {
+        output[i * rows + n] = F::cast_from(total);
+    }
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn nf4_matvec3_kernel<F: Float>(
+    x: &Tensor<F>,
+    q: &Tensor<u32>,
+    q_absmax: &Tensor<f32>,
+    k: &Tensor<u32>,
+    k_absmax: &Tensor<f32>,
+    v: &Tensor<u32>,
+    v_absmax: &Tensor<f32>,
+    levels: &Tensor<f32>,
+    output: &mut Tensor<F>,
+    #[define(F)] _dtype: ElemType,
+) {
+    let lane = UNIT_POS_X as usize;
+    let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
+    let i = CUBE_POS_Y as usize;
+    let (nq, nk, nv) = (q.shape(0), k.shape(0), v.shape(0));
+    let rows = nq + nk + nv;
+    let mut acc = 0f32;
+    if n < nq {
+        acc = nf4_lane_dot(x, q, q_absmax, levels, n, i, lane);
+    } else if n < nq + nk {
+        acc = nf4_lane_dot(x, k, k_absmax, levels, n - nq, i, lane);
+    } else if n < rows {
+        acc = nf4_lane_dot(x, v, v_absmax, levels, n - nq - nk, i, lane);
+    }
+    let total = lane_total(acc);
+    if lane == 0 && n < rows {
+        output[i * rows + n] = F::cast_from(total);
+    }
+}
+
 fn launch_elementwise(output: &CubeTensor) -> (CubeCount, CubeDim) {
     let n = output.shape().num_elements();
     let cube_dim = CubeDim::new(&output.client, n);
@@ -363,4 +435,35 @@ pub fn nf4_swiglu(x: CubeTensor, gate: CubeTensor, gate_absmax: CubeTensor, up: 
     let dtype = dtype_to_storage_type(x.dtype);
     // In bounds: as for `nf4_matvec`, for each of the two weights (of one shape).
     launch!(nf4_swiglu_kernel, launch_matvec, [x, gate, gate_absmax, up, up_absmax, levels], output, dtype)
+}
+
+/// `[x·Qᵀ, x·Kᵀ, x·Vᵀ]` `[m, nq + nk + nv]` for `x` `[m, k]` straight from three affine weights
+/// of one format and width, in one launch; `bits` divides 32.
+#[allow(clippy::too_many_arguments)]
+pub fn affine_matvec3(x: CubeTensor, q: [CubeTensor; 3], k: [CubeTensor; 3], v: [CubeTensor; 3], bits: usize, group_size: usize) -> CubeTensor {
+    assert!(matvec_supports(bits), "affine_matvec3: {bits}-bit codes cross words");
+    let rows = q[0].shape()[0] + k[0].shape()[0] + v[0].shape()[0];
+    let output = empty(&x, [x.shape()[0], rows], x.dtype);
+    let dtype = dtype_to_storage_type(x.dtype);
+    let ([q, q_scales, q_biases], [k, k_scales, k_biases], [v, v_scales, v_biases]) = (q, k, v);
+    // In bounds: as for `affine_matvec`, for each weight's own rows.
+    launch!(
+        affine_matvec3_kernel,
+        launch_matvec,
+        [x, q, q_scales, q_biases, k, k_scales, k_biases, v, v_scales, v_biases],
+        output,
+        bits as u32,
+        group_size,
+        dtype
+    )
+}
+
+/// [`affine_matvec3`] for three NF4 weights (words and absmax each, one set of levels).
+pub fn nf4_matvec3(x: CubeTensor, q: [CubeTensor; 2], k: [CubeTensor; 2], v: [CubeTensor; 2], levels: CubeTensor) -> CubeTensor {
+    let rows = q[0].shape()[0] + k[0].shape()[0] + v[0].shape()[0];
+    let output = empty(&x, [x.shape()[0], rows], x.dtype);
+    let dtype = dtype_to_storage_type(x.dtype);
+    let ([q, q_absmax], [k, k_absmax], [v, v_absmax]) = (q, k, v);
+    // In bounds: as for `nf4_matvec`, for each weight's own rows.
+    launch!(nf4_matvec3_kernel, launch_matvec, [x, q, q_absmax, k, k_absmax, v, v_absmax, levels], output, dtype)
 }

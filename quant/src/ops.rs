@@ -119,6 +119,43 @@ pub trait PackedOps: Backend {
         silu_times::<Self>(g, u)
     }
 
+    /// Attention's three input projections `[x·Qᵀ, x·Kᵀ, x·Vᵀ]` `[m, nq + nk + nv]` for three
+    /// affine weights of one format and width.
+    #[fusion(dtype = x, shape = Shape::new([x[0], q[0] + k[0] + v[0]]))]
+    #[allow(clippy::too_many_arguments)]
+    fn packed_matmul3_t(
+        x: FloatTensor<Self>,
+        q: IntTensor<Self>,
+        q_scales: FloatTensor<Self>,
+        q_biases: FloatTensor<Self>,
+        k: IntTensor<Self>,
+        k_scales: FloatTensor<Self>,
+        k_biases: FloatTensor<Self>,
+        v: IntTensor<Self>,
+        v_scales: FloatTensor<Self>,
+        v_biases: FloatTensor<Self>,
+        bits: usize,
+        group_size: usize,
+    ) -> FloatTensor<Self> {
+        affine3::<Self>(x, (q, q_scales, q_biases), (k, k_scales, k_biases), (v, v_scales, v_biases), bits, group_size)
+    }
+
+    /// [`PackedOps::packed_matmul3_t`] for three NF4 weights (one set of levels).
+    #[fusion(dtype = x, shape = Shape::new([x[0], q[0] + k[0] + v[0]]))]
+    #[allow(clippy::too_many_arguments)]
+    fn nf4_matmul3_t(
+        x: FloatTensor<Self>,
+        q: IntTensor<Self>,
+        q_absmax: FloatTensor<Self>,
+        k: IntTensor<Self>,
+        k_absmax: FloatTensor<Self>,
+        v: IntTensor<Self>,
+        v_absmax: FloatTensor<Self>,
+        levels: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        nf4_3::<Self>(x, [(q, q_absmax), (k, k_absmax), (v, v_absmax)], levels)
+    }
+
     /// `residual + x·Wᵀ` `[m, n]` for an NF4 weight.
     #[fusion(dtype = x, shape = Shape::new([x[0], packed[0]]))]
     fn nf4_matmul_t_add(
@@ -130,6 +167,26 @@ pub trait PackedOps: Backend {
     ) -> FloatTensor<Self> {
         Self::float_add(residual, Self::nf4_matmul_t(x, packed, absmax, levels))
     }
+}
+
+/// [`PackedOps::packed_matmul3_t`] as three products side by side: each weight's words,
+/// scales and biases.
+fn affine3<B: PackedOps>(
+    x: FloatTensor<B>,
+    q: (IntTensor<B>, FloatTensor<B>, FloatTensor<B>),
+    k: (IntTensor<B>, FloatTensor<B>, FloatTensor<B>),
+    v: (IntTensor<B>, FloatTensor<B>, FloatTensor<B>),
+    bits: usize,
+    group_size: usize,
+) -> FloatTensor<B> {
+    let outputs = [q, k, v].map(|(packed, scales, biases)| B::packed_matmul_t(x.clone(), packed, scales, biases, bits, group_size));
+    B::float_cat(outputs.into(), 1)
+}
+
+/// [`PackedOps::nf4_matmul3_t`] as three products side by side: each weight's words and absmax.
+fn nf4_3<B: PackedOps>(x: FloatTensor<B>, weights: [(IntTensor<B>, FloatTensor<B>); 3], levels: FloatTensor<B>) -> FloatTensor<B> {
+    let outputs = weights.map(|(packed, absmax)| B::nf4_matmul_t(x.clone(), packed, absmax, levels.clone()));
+    B::float_cat(outputs.into(), 1)
 }
 
 /// `silu(g)·u`, SwiGLU's activation, as tensor operations.
@@ -242,6 +299,43 @@ impl PackedOps for burn_cubecl::CubeBackend {
         let g = kernels::nf4_dequantize(gate, gate_absmax, levels.clone(), x.dtype);
         let u = kernels::nf4_dequantize(up, up_absmax, levels, x.dtype);
         <Self as LinearOps>::frozen_swiglu_t(x, g, u)
+    }
+
+    fn packed_matmul3_t(
+        x: FloatTensor<Self>,
+        q: IntTensor<Self>,
+        q_scales: FloatTensor<Self>,
+        q_biases: FloatTensor<Self>,
+        k: IntTensor<Self>,
+        k_scales: FloatTensor<Self>,
+        k_biases: FloatTensor<Self>,
+        v: IntTensor<Self>,
+        v_scales: FloatTensor<Self>,
+        v_biases: FloatTensor<Self>,
+        bits: usize,
+        group_size: usize,
+    ) -> FloatTensor<Self> {
+        // A few rows (decoding): the three products in one launch.
+        if x.shape()[0] <= MATVEC_ROWS && kernels::matvec_supports(bits) {
+            return kernels::affine_matvec3(x, [q, q_scales, q_biases], [k, k_scales, k_biases], [v, v_scales, v_biases], bits, group_size);
+        }
+        affine3::<Self>(x, (q, q_scales, q_biases), (k, k_scales, k_biases), (v, v_scales, v_biases), bits, group_size)
+    }
+
+    fn nf4_matmul3_t(
+        x: FloatTensor<Self>,
+        q: IntTensor<Self>,
+        q_absmax: FloatTensor<Self>,
+        k: IntTensor<Self>,
+        k_absmax: FloatTensor<Self>,
+        v: IntTensor<Self>,
+        v_absmax: FloatTensor<Self>,
+        levels: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if x.shape()[0] <= MATVEC_ROWS {
+            return kernels::nf4_matvec3(x, [q, q_absmax], [k, k_absmax], [v, v_absmax], levels);
+        }
+        nf4_3::<Self>(x, [(q, q_absmax), (k, k_absmax), (v, v_absmax)], levels)
     }
 
     fn nf4_matmul_t_add(

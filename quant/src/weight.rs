@@ -226,6 +226,44 @@ impl QuantWeight {
         }
     }
 
+    /// Attention's `[x·Qᵀ, x·Kᵀ, x·Vᵀ]` `[m, nq + nk + nv]` for `x` `[m, cols]`, one kernel for a
+    /// few rows on a GPU; `None` unless the three have one width and one format.
+    pub fn linear3_t(x: Tensor<2>, q: &QuantWeight, k: &QuantWeight, v: &QuantWeight) -> Option<Tensor<2>> {
+        let cols = q.dims()[1];
+        if k.dims()[1] != cols || v.dims()[1] != cols {
+            return None;
+        }
+        let nf4_absmax = |w: &Nf4Weight, weight: &QuantWeight| {
+            let [rows, cols] = weight.dims();
+            (w.packed.clone().into_dispatch(), w.effective_absmax(rows * cols / nf4::BLOCK).into_dispatch())
+        };
+        match (q, k, v) {
+            (Self::Affine(a), Self::Affine(b), Self::Affine(c))
+                if [(b.bits, b.group_size), (c.bits, c.group_size)].iter().all(|&f| f == (a.bits, a.group_size)) =>
+            {
+                Some(Tensor::from_dispatch(<Dispatch as PackedOps>::packed_matmul3_t(
+                    x.into_dispatch(),
+                    a.packed.clone().into_dispatch(),
+                    a.scales.clone().into_dispatch(),
+                    a.biases.clone().into_dispatch(),
+                    b.packed.clone().into_dispatch(),
+                    b.scales.clone().into_dispatch(),
+                    b.biases.clone().into_dispatch(),
+                    c.packed.clone().into_dispatch(),
+                    c.scales.clone().into_dispatch(),
+                    c.biases.clone().into_dispatch(),
+                    a.bits,
+                    a.group_size,
+                )))
+            }
+            (Self::Nf4(a), Self::Nf4(b), Self::Nf4(c)) => {
+                let ((qp, qa), (kp, ka), (vp, va)) = (nf4_absmax(a, q), nf4_absmax(b, k), nf4_absmax(c, v));
+                Some(Tensor::from_dispatch(<Dispatch as PackedOps>::nf4_matmul3_t(x.into_dispatch(), qp, qa, kp, ka, vp, va, a.levels.clone().into_dispatch())))
+            }
+            _ => None,
+        }
+    }
+
     /// `residual + x·Wᵀ`: `x` `[m, cols]`, `residual` `[m, rows]` -> `[m, rows]`, one kernel for
     /// a few rows on a GPU.
     pub fn matmul_t_add(&self, x: Tensor<2>, residual: Tensor<2>) -> Tensor<2> {

@@ -26,10 +26,7 @@ fn to_vec(t: Tensor<2>) -> Vec<f32> {
 
 /// `x·Wᵀ` in f64 from the host's dense weight.
 fn reference(x: &[f32], w: &[f32], m: usize) -> Vec<f32> {
-    (0..m)
-        .flat_map(|i| (0..ROWS).map(move |j| (i, j)))
-        .map(|(i, j)| (0..COLS).map(|k| f64::from(x[i * COLS + k]) * f64::from(w[j * COLS + k])).sum::<f64>() as f32)
-        .collect()
+    reference_rows(x, w, m, ROWS)
 }
 
 /// Relative to the largest output, so f16 and f32 read on one scale.
@@ -144,6 +141,57 @@ fn swiglu_from_two_packed_weights_matches_the_host() {
             assert!(QuantWeight::swiglu_t(x, &a, &n).is_none(), "two formats are not fused");
         }
     }
+}
+
+/// Attention's three projections from packed weights of one format (one kernel for a few rows
+/// on wgpu) against the three host products side by side; k and v narrower than q, as with
+/// grouped-query attention. Mixed formats or widths are not fused.
+#[test]
+fn three_packed_projections_match_the_host() {
+    let mut rng = StdRng::seed_from_u64(17);
+    let widths = [ROWS, 5, 5];
+    let ws: Vec<Vec<f32>> = widths.iter().map(|&r| random(&mut rng, r * COLS, 0.2)).collect();
+    let spec = AffineSpec::new(4, 32).unwrap();
+    for device in devices() {
+        for dtype in [DType::F32, DType::F16] {
+            let tol = if dtype == DType::F32 { 1e-5 } else { 4e-3 };
+            let affine = |w: &[f32], rows: usize| {
+                let q = affine::quantize(w, COLS, spec).unwrap();
+                let host = affine::dequantize(&q.packed, &round_to(&q.scales, dtype), &round_to(&q.biases, dtype), COLS, spec);
+                (QuantWeight::from_affine(&q, rows, COLS, spec, &device, dtype), host)
+            };
+            let nf4 = |w: &[f32], rows: usize| {
+                let q = nf4::quantize(w, COLS, false).unwrap();
+                let host = nf4::dequantize(&q, COLS);
+                (QuantWeight::from_nf4(&q, rows, COLS, &device, dtype), host)
+            };
+            let sets = [
+                ("affine", ws.iter().zip(widths).map(|(w, r)| affine(w, r)).collect::<Vec<_>>()),
+                ("nf4", ws.iter().zip(widths).map(|(w, r)| nf4(w, r)).collect()),
+            ];
+            for (name, set) in &sets {
+                for m in [1, 2, MATVEC_ROWS, MATVEC_ROWS + 1, 19] {
+                    let x = round_to(&random(&mut rng, m * COLS, 1.0), dtype);
+                    let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, COLS]), (&device, DType::F32)).cast(dtype_of(dtype));
+                    let parts: Vec<Vec<f32>> = set.iter().zip(widths).map(|((_, host), rows)| reference_rows(&x, host, m, rows)).collect();
+                    let want: Vec<f32> = (0..m).flat_map(|i| parts.iter().zip(widths).flat_map(move |(p, r)| p[i * r..(i + 1) * r].to_vec())).collect();
+                    let got = QuantWeight::linear3_t(xt, &set[0].0, &set[1].0, &set[2].0).expect("one format");
+                    let d = rel_diff(&to_vec(got), &want);
+                    assert!(d < tol, "{device:?} {dtype:?} {name} m {m}: q/k/v differ by {d}");
+                }
+            }
+            let x = Tensor::<2>::zeros([1, COLS], (&device, DType::F32)).cast(dtype_of(dtype));
+            assert!(QuantWeight::linear3_t(x, &sets[0].1[0].0, &sets[1].1[1].0, &sets[0].1[2].0).is_none(), "two formats are not fused");
+        }
+    }
+}
+
+/// `x·Wᵀ` in f64 for a weight of `rows` rows.
+fn reference_rows(x: &[f32], w: &[f32], m: usize, rows: usize) -> Vec<f32> {
+    (0..m)
+        .flat_map(|i| (0..rows).map(move |j| (i, j)))
+        .map(|(i, j)| (0..COLS).map(|k| f64::from(x[i * COLS + k]) * f64::from(w[j * COLS + k])).sum::<f64>() as f32)
+        .collect()
 }
 
 /// `product(residual)` (`residual + x·Wᵀ`) against `want` (`x·Wᵀ`) plus a random residual
