@@ -25,7 +25,7 @@ pub const MATVEC_ROWS: usize = 8;
 /// in flight.
 const UNROLL: usize = 8;
 
-pub use reduce::lane_total;
+pub use reduce::{lane_total, matvec_unit};
 
 // In a module of its own: `#[cube]` adds an expansion module beside the function, which
 // `missing_docs` would flag.
@@ -53,6 +53,13 @@ mod reduce {
             sync_cube();
         }
         shared[unit - lane as usize]
+    }
+
+    /// This unit's place in a [`super::launch_matvec`] grid: its lane, the output column `n` it
+    /// helps compute, and the row `i` of the input.
+    #[cube]
+    pub fn matvec_unit() -> (usize, usize, usize) {
+        (UNIT_POS_X as usize, (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize, CUBE_POS_Y as usize)
     }
 }
 
@@ -93,9 +100,7 @@ fn dense_matvec_kernel<F: Float>(
     #[comptime] add: bool,
     #[define(F)] _dtype: ElemType,
 ) {
-    let lane = UNIT_POS_X as usize;
-    let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
-    let i = CUBE_POS_Y as usize;
+    let (lane, n, i) = matvec_unit();
     let (rows, k) = (w.shape(0), w.shape(1));
     let mut acc = 0f32;
     if n < rows {
@@ -115,9 +120,7 @@ fn dense_matvec_kernel<F: Float>(
 /// then `wv`'s (attention's query, key and value projections).
 #[cube(launch_unchecked)]
 fn matvec3_kernel<F: Float>(x: &Tensor<F>, wq: &Tensor<F>, wk: &Tensor<F>, wv: &Tensor<F>, output: &mut Tensor<F>, #[define(F)] _dtype: ElemType) {
-    let lane = UNIT_POS_X as usize;
-    let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
-    let i = CUBE_POS_Y as usize;
+    let (lane, n, i) = matvec_unit();
     let (nq, nk, nv, k) = (wq.shape(0), wk.shape(0), wv.shape(0), x.shape(1));
     let rows = nq + nk + nv;
     let mut acc = 0f32;
@@ -162,9 +165,7 @@ pub fn matvec3_t(x: CubeTensor, wq: CubeTensor, wk: CubeTensor, wv: CubeTensor) 
 
 #[cube(launch_unchecked)]
 fn swiglu_matvec_kernel<F: Float>(x: &Tensor<F>, gate: &Tensor<F>, up: &Tensor<F>, output: &mut Tensor<F>, #[define(F)] _dtype: ElemType) {
-    let lane = UNIT_POS_X as usize;
-    let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
-    let i = CUBE_POS_Y as usize;
+    let (lane, n, i) = matvec_unit();
     let (rows, k) = (gate.shape(0), gate.shape(1));
     let step = comptime!(LANES as usize * UNROLL);
     let mut acc_gate = 0f32;

@@ -18,7 +18,7 @@ use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::*;
-use lora_kernels::matvec::{LANES, OUTPUTS_PER_CUBE, lane_total, launch_matvec};
+use lora_kernels::matvec::{LANES, lane_total, launch_matvec, matvec_unit};
 
 /// Whether [`affine_matvec`] handles `bits`: codes must not cross words.
 pub fn matvec_supports(bits: usize) -> bool {
@@ -145,9 +145,7 @@ fn affine_matvec_kernel<F: Float>(
     #[comptime] add: bool,
     #[define(F)] _dtype: ElemType,
 ) {
-    let lane = UNIT_POS_X as usize;
-    let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
-    let i = CUBE_POS_Y as usize;
+    let (lane, n, i) = matvec_unit();
     let rows = packed.shape(0);
     let mut acc = 0f32;
     if n < rows {
@@ -170,9 +168,7 @@ fn nf4_matvec_kernel<F: Float>(
     #[comptime] add: bool,
     #[define(F)] _dtype: ElemType,
 ) {
-    let lane = UNIT_POS_X as usize;
-    let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
-    let i = CUBE_POS_Y as usize;
+    let (lane, n, i) = matvec_unit();
     let rows = packed.shape(0);
     let mut acc = 0f32;
     if n < rows {
@@ -205,9 +201,7 @@ fn affine_swiglu_kernel<F: Float>(
     #[comptime] group_size: usize,
     #[define(F)] _dtype: ElemType,
 ) {
-    let lane = UNIT_POS_X as usize;
-    let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
-    let i = CUBE_POS_Y as usize;
+    let (lane, n, i) = matvec_unit();
     let rows = gate.shape(0);
     let mut g = 0f32;
     let mut u = 0f32;
@@ -234,9 +228,7 @@ fn nf4_swiglu_kernel<F: Float>(
     output: &mut Tensor<F>,
     #[define(F)] _dtype: ElemType,
 ) {
-    let lane = UNIT_POS_X as usize;
-    let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
-    let i = CUBE_POS_Y as usize;
+    let (lane, n, i) = matvec_unit();
     let rows = gate.shape(0);
     let mut g = 0f32;
     let mut u = 0f32;
@@ -271,9 +263,7 @@ fn affine_matvec3_kernel<F: Float>(
     #[comptime] group_size: usize,
     #[define(F)] _dtype: ElemType,
 ) {
-    let lane = UNIT_POS_X as usize;
-    let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
-    let i = CUBE_POS_Y as usize;
+    let (lane, n, i) = matvec_unit();
     let (nq, nk, nv) = (q.shape(0), k.shape(0), v.shape(0));
     let rows = nq + nk + nv;
     let mut acc = 0f32;
@@ -304,9 +294,7 @@ fn nf4_matvec3_kernel<F: Float>(
     output: &mut Tensor<F>,
     #[define(F)] _dtype: ElemType,
 ) {
-    let lane = UNIT_POS_X as usize;
-    let n = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
-    let i = CUBE_POS_Y as usize;
+    let (lane, n, i) = matvec_unit();
     let (nq, nk, nv) = (q.shape(0), k.shape(0), v.shape(0));
     let rows = nq + nk + nv;
     let mut acc = 0f32;
