@@ -17,7 +17,7 @@
 //!
 //! The 16×64 and 16×d products run on the tensor cores (16×16×16 cooperative matrices, f16
 //! operands, f32 accumulators) where the device has them and the head size is a multiple of
-//! 16 ([`Path::Mma`], with `LORA_FLASH=mma`: see [`Mode`]); [`Path::Scalar`] computes the same products one dot product per
+//! 16 ([`Path::Mma`], the default: see [`Mode`]); [`Path::Scalar`] computes the same products one dot product per
 //! invocation, so that the rest of the kernels (masks, the softmax and its gradient, the
 //! indexing) is checked on a device without tensor cores (lavapipe in CI). Query head `i`
 //! reads key/value head `i / (h / kv)` (grouped-query attention, no copy); masks are causal,
@@ -74,9 +74,10 @@ pub enum Mode {
     Off,
 }
 
-/// The mode when `LORA_FLASH` is unset: the composition, until the tensor-core kernels have
-/// passed their tests on a GPU that has them (`bench/h200.sh kerneltest`).
-pub const DEFAULT_MODE: Mode = Mode::Off;
+/// The mode when `LORA_FLASH` is unset: the tensor-core kernels where the device has them.
+/// They passed their tests on an H100 (`bench/h200.sh kerneltest`, 2026-12-07) and trained the
+/// 1B benchmark 11% faster than the composition in the same call (BENCHMARKS.md).
+pub const DEFAULT_MODE: Mode = Mode::Mma;
 
 static MODE: std::sync::Mutex<Option<Mode>> = std::sync::Mutex::new(None);
 static LAUNCHED: [std::sync::atomic::AtomicUsize; 2] = [const { std::sync::atomic::AtomicUsize::new(0) }; 2];
