@@ -55,14 +55,16 @@ impl Linear {
     pub fn forward_add(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
         let [b, s, i] = x.dims();
         let out = self.weight.dims()[0];
-        let (x2, residual2) = (x.clone().reshape([b * s, i]), residual.clone().reshape([b * s, out]));
+        let flat = |x: Tensor<3>, residual: Tensor<3>| (x.reshape([b * s, i]), residual.reshape([b * s, out]));
         if let Some(w) = self.plain_frozen() {
-            return lora_kernels::frozen_linear_add(x2, w, residual2).reshape([b, s, out]);
+            let (x, residual) = flat(x, residual);
+            return lora_kernels::frozen_linear_add(x, w, residual).reshape([b, s, out]);
         }
-        match self.plain_quant() {
-            Some(q) => q.matmul_t_add(x2, residual2).reshape([b, s, out]),
-            None => residual + self.forward(x),
+        if let Some(q) = self.plain_quant() {
+            let (x, residual) = flat(x, residual);
+            return q.matmul_t_add(x, residual).reshape([b, s, out]);
         }
+        residual + self.forward(x)
     }
 
     /// The packed weight when this projection is a frozen 4-bit `x·Wᵀ` and nothing else (no

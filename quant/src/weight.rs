@@ -177,15 +177,12 @@ impl QuantWeight {
                 w.bits,
                 w.group_size,
             )),
-            Self::Nf4(w) => {
-                let [rows, cols] = self.dims();
-                Tensor::from_dispatch(<Dispatch as PackedOps>::nf4_matmul_t(
-                    x.into_dispatch(),
-                    w.packed.clone().into_dispatch(),
-                    w.effective_absmax(rows * cols / nf4::BLOCK).into_dispatch(),
-                    w.levels.clone().into_dispatch(),
-                ))
-            }
+            Self::Nf4(w) => Tensor::from_dispatch(<Dispatch as PackedOps>::nf4_matmul_t(
+                x.into_dispatch(),
+                w.packed.clone().into_dispatch(),
+                w.effective_absmax().into_dispatch(),
+                w.levels.clone().into_dispatch(),
+            )),
         }
     }
 
@@ -210,18 +207,14 @@ impl QuantWeight {
                     g.group_size,
                 )))
             }
-            (Self::Nf4(g), Self::Nf4(u)) => {
-                let [rows, cols] = gate.dims();
-                let blocks = rows * cols / nf4::BLOCK;
-                Some(Tensor::from_dispatch(<Dispatch as PackedOps>::nf4_swiglu_t(
-                    x.into_dispatch(),
-                    g.packed.clone().into_dispatch(),
-                    g.effective_absmax(blocks).into_dispatch(),
-                    u.packed.clone().into_dispatch(),
-                    u.effective_absmax(blocks).into_dispatch(),
-                    g.levels.clone().into_dispatch(),
-                )))
-            }
+            (Self::Nf4(g), Self::Nf4(u)) => Some(Tensor::from_dispatch(<Dispatch as PackedOps>::nf4_swiglu_t(
+                x.into_dispatch(),
+                g.packed.clone().into_dispatch(),
+                g.effective_absmax().into_dispatch(),
+                u.packed.clone().into_dispatch(),
+                u.effective_absmax().into_dispatch(),
+                g.levels.clone().into_dispatch(),
+            ))),
             _ => None,
         }
     }
@@ -233,10 +226,7 @@ impl QuantWeight {
         if k.dims()[1] != cols || v.dims()[1] != cols {
             return None;
         }
-        let nf4_absmax = |w: &Nf4Weight, weight: &QuantWeight| {
-            let [rows, cols] = weight.dims();
-            (w.packed.clone().into_dispatch(), w.effective_absmax(rows * cols / nf4::BLOCK).into_dispatch())
-        };
+        let nf4_parts = |w: &Nf4Weight| (w.packed.clone().into_dispatch(), w.effective_absmax().into_dispatch());
         match (q, k, v) {
             (Self::Affine(a), Self::Affine(b), Self::Affine(c))
                 if [(b.bits, b.group_size), (c.bits, c.group_size)].iter().all(|&f| f == (a.bits, a.group_size)) =>
@@ -257,7 +247,7 @@ impl QuantWeight {
                 )))
             }
             (Self::Nf4(a), Self::Nf4(b), Self::Nf4(c)) => {
-                let ((qp, qa), (kp, ka), (vp, va)) = (nf4_absmax(a, q), nf4_absmax(b, k), nf4_absmax(c, v));
+                let ((qp, qa), (kp, ka), (vp, va)) = (nf4_parts(a), nf4_parts(b), nf4_parts(c));
                 Some(Tensor::from_dispatch(<Dispatch as PackedOps>::nf4_matmul3_t(x.into_dispatch(), qp, qa, kp, ka, vp, va, a.levels.clone().into_dispatch())))
             }
             _ => None,
@@ -277,16 +267,13 @@ impl QuantWeight {
                 w.bits,
                 w.group_size,
             )),
-            Self::Nf4(w) => {
-                let [rows, cols] = self.dims();
-                Tensor::from_dispatch(<Dispatch as PackedOps>::nf4_matmul_t_add(
-                    x.into_dispatch(),
-                    w.packed.clone().into_dispatch(),
-                    w.effective_absmax(rows * cols / nf4::BLOCK).into_dispatch(),
-                    w.levels.clone().into_dispatch(),
-                    residual.into_dispatch(),
-                ))
-            }
+            Self::Nf4(w) => Tensor::from_dispatch(<Dispatch as PackedOps>::nf4_matmul_t_add(
+                x.into_dispatch(),
+                w.packed.clone().into_dispatch(),
+                w.effective_absmax().into_dispatch(),
+                w.levels.clone().into_dispatch(),
+                residual.into_dispatch(),
+            )),
         }
     }
 
@@ -315,8 +302,10 @@ impl AffineWeight {
 }
 
 impl Nf4Weight {
-    /// The `n` absmax values in f32, decoded from 8 bits under double quantization.
-    fn effective_absmax(&self, n: usize) -> Tensor<1> {
+    /// The absmax values in f32, one per block of the weight, decoded from 8 bits under double
+    /// quantization.
+    fn effective_absmax(&self) -> Tensor<1> {
+        let n = self.packed.dims()[0] * self.cols / nf4::BLOCK;
         match (&self.absmax_f32, &self.dq_scales) {
             (Some(a), _) => a.clone(),
             (None, Some(s)) => {
@@ -331,10 +320,9 @@ impl Nf4Weight {
     }
 
     fn dequantize(&self) -> Tensor<2> {
-        let [rows, _] = self.packed.dims();
         Tensor::from_dispatch(<Dispatch as PackedOps>::nf4_dequantize(
             self.packed.clone().into_dispatch(),
-            self.effective_absmax(rows * self.cols / nf4::BLOCK).into_dispatch(),
+            self.effective_absmax().into_dispatch(),
             self.levels.clone().into_dispatch(),
             float_dtype(self.dtype),
         ))
