@@ -23,6 +23,12 @@
 //! reads key/value head `i / (h / kv)` (grouped-query attention, no copy); masks are causal,
 //! optionally with a sliding window, and key padding; a query that may see no key gets a zero
 //! output (such positions never reach a loss).
+//!
+//! Packed rows (several sequences in one row, each seeing only itself) skip whole blocks: a
+//! small kernel first summarizes each block of 64 positions by the lowest and highest flag of
+//! its visible keys and whether it holds a query that may see every key ([`ranges_kernel`]),
+//! and a query block and a key block whose flags cannot meet are never multiplied. A sequence
+//! of 200 tokens in a row of 2048 then costs its own few blocks, not the row's triangle.
 
 use burn::backend::TensorMetadata;
 use burn::backend::cubecl::dtype_to_storage_type;
@@ -331,6 +337,48 @@ fn acc_store<F: Float>(
     }
 }
 
+/// Flags summarized per block of [`BLOCK`] positions: `ranges[(row·blocks + block)·3 + ..]` is
+/// the lowest and the highest flag of the block's visible keys (flag ≥ 0.5; highest < lowest
+/// when it has none) and 1 where one of its positions has a flag below 0.5 (a query that may
+/// see every key, see `crate::attention::key_visible`), else 0. `keys` `[b, s]` contiguous, `s`
+/// a multiple of [`BLOCK`]; one invocation per block.
+#[cube(launch_unchecked)]
+fn ranges_kernel(keys: &Tensor<f32>, ranges: &mut Tensor<f32>) {
+    let id = ABSOLUTE_POS;
+    let s = keys.shape(1);
+    let blocks = s / BLOCK;
+    if id < keys.shape(0) * blocks {
+        let at = (id / blocks) * s + (id % blocks) * BLOCK;
+        let mut lo = f32::new(3.4028235e38);
+        let mut hi = f32::new(-3.4028235e38);
+        let mut open = 0f32;
+        for c in 0..BLOCK {
+            let flag = keys[at + c];
+            if flag >= 0.5 {
+                lo = min(lo, flag);
+                hi = max(hi, flag);
+            } else {
+                open = 1.0;
+            }
+        }
+        ranges[id * 3] = lo;
+        ranges[id * 3 + 1] = hi;
+        ranges[id * 3 + 2] = open;
+    }
+}
+
+/// Whether some query of block `qb` may see some key of block `kb` by their flags alone (the
+/// causal and window tests are the loops' bounds), from [`ranges_kernel`]'s summary of row
+/// `row`: false when the key block has no visible key, or when every query of the query block
+/// is restricted to its own flag and no key of the key block carries one in their range. The
+/// same for every invocation of a workgroup, so the loops' barriers stay uniform.
+#[cube]
+fn blocks_meet(ranges: &Tensor<f32>, row: usize, blocks: usize, qb: usize, kb: usize) -> bool {
+    let (q, k) = ((row * blocks + qb) * 3, (row * blocks + kb) * 3);
+    let (k_lo, k_hi) = (ranges[k], ranges[k + 1]);
+    k_lo <= k_hi && (ranges[q + 2] > 0.5 || (k_hi >= ranges[q] && k_lo <= ranges[q + 1]))
+}
+
 /// The first key block any query of query block `qb` may see.
 #[cube]
 fn first_key_block(qb: usize, window: usize) -> usize {
@@ -352,6 +400,7 @@ fn forward_kernel<F: Float>(
     k: &Tensor<F>,
     v: &Tensor<F>,
     keys: &Tensor<f32>,
+    ranges: &Tensor<f32>,
     out: &mut Tensor<F>,
     lse: &mut Tensor<f32>,
     scale: f32,
@@ -376,28 +425,31 @@ fn forward_kernel<F: Float>(
     let (r, half) = (lane / 2, lane % 2);
     let i = first_q + r;
     let first_kb = first_key_block(qb, window);
+    let blocks = s / BLOCK;
     let minimum = f32::new(-3.4028235e38); // f32::MIN
 
     // Pass 1: every row's maximum and sum of exponentials, online.
     let mut m = minimum;
     let mut l = 0f32;
     for kb in first_kb..qb + 1 {
-        product_nt::<F>(q, q_at, q_row, k, k_base + kb * BLOCK * k_row, k_row, &mut scores, patch, d, mma);
-        sync_cube();
-        for c in 0..comptime!(BLOCK / 2) {
-            let col = half * comptime!(BLOCK / 2) + c;
-            let j = kb * BLOCK + col;
-            if allowed(i, j, window, keys[row * s + j], keys[row * s + i]) {
-                let x = scores[patch + r * BLOCK + col] * scale;
-                if x > m {
-                    l = l * (m - x).exp() + 1.0;
-                    m = x;
-                } else {
-                    l += (x - m).exp();
+        if blocks_meet(ranges, row, blocks, qb, kb) {
+            product_nt::<F>(q, q_at, q_row, k, k_base + kb * BLOCK * k_row, k_row, &mut scores, patch, d, mma);
+            sync_cube();
+            for c in 0..comptime!(BLOCK / 2) {
+                let col = half * comptime!(BLOCK / 2) + c;
+                let j = kb * BLOCK + col;
+                if allowed(i, j, window, keys[row * s + j], keys[row * s + i]) {
+                    let x = scores[patch + r * BLOCK + col] * scale;
+                    if x > m {
+                        l = l * (m - x).exp() + 1.0;
+                        m = x;
+                    } else {
+                        l += (x - m).exp();
+                    }
                 }
             }
+            sync_cube();
         }
-        sync_cube();
     }
     // The two halves of each row meet through the (now free) scores.
     scores[2 * unit] = m;
@@ -419,21 +471,23 @@ fn forward_kernel<F: Float>(
     // Pass 2: the normalized probabilities times the values.
     let (mats, mut vals) = acc_new(d, mma);
     for kb in first_kb..qb + 1 {
-        product_nt::<F>(q, q_at, q_row, k, k_base + kb * BLOCK * k_row, k_row, &mut scores, patch, d, mma);
-        sync_cube();
-        for c in 0..comptime!(BLOCK / 2) {
-            let col = half * comptime!(BLOCK / 2) + c;
-            let j = kb * BLOCK + col;
-            let at = patch + r * BLOCK + col;
-            let mut p = 0f32;
-            if allowed(i, j, window, keys[row * s + j], keys[row * s + i]) {
-                p = (scores[at] * scale - row_lse).exp();
+        if blocks_meet(ranges, row, blocks, qb, kb) {
+            product_nt::<F>(q, q_at, q_row, k, k_base + kb * BLOCK * k_row, k_row, &mut scores, patch, d, mma);
+            sync_cube();
+            for c in 0..comptime!(BLOCK / 2) {
+                let col = half * comptime!(BLOCK / 2) + c;
+                let j = kb * BLOCK + col;
+                let at = patch + r * BLOCK + col;
+                let mut p = 0f32;
+                if allowed(i, j, window, keys[row * s + j], keys[row * s + i]) {
+                    p = (scores[at] * scale - row_lse).exp();
+                }
+                probs[at] = F::cast_from(p);
             }
-            probs[at] = F::cast_from(p);
+            sync_cube();
+            acc_add::<F>(&mats, &mut vals, &probs, patch, v, v_base + kb * BLOCK * v_row, v_row, d, mma);
+            sync_cube();
         }
-        sync_cube();
-        acc_add::<F>(&mats, &mut vals, &probs, patch, v, v_base + kb * BLOCK * v_row, v_row, d, mma);
-        sync_cube();
     }
     let out_row = out.stride(2);
     let out_at = row * out.stride(0) + head * out.stride(1) + first_q * out_row;
@@ -467,6 +521,7 @@ fn dkv_kernel<F: Float>(
     k: &Tensor<F>,
     v: &Tensor<F>,
     keys: &Tensor<f32>,
+    ranges: &Tensor<f32>,
     dout: &Tensor<F>,
     lse: &Tensor<f32>,
     delta: &Tensor<f32>,
@@ -510,37 +565,39 @@ fn dkv_kernel<F: Float>(
         let do_base = row * dout.stride(0) + head * dout.stride(1);
         let stat = (row * h + head) * s;
         for qb in kb..last_qb + 1 {
-            let q_at = q_base + qb * BLOCK * q_row;
-            let do_at = do_base + qb * BLOCK * do_row;
-            // Sᵀ = K·Qᵀ: the group's 16 keys against the block's 64 queries.
-            product_nt::<F>(k, k_at, k_row, q, q_at, q_row, &mut tile, patch, d, mma);
-            sync_cube();
-            for c in 0..comptime!(BLOCK / 2) {
-                let col = half * comptime!(BLOCK / 2) + c;
-                let i = qb * BLOCK + col;
-                let at = patch + r * BLOCK + col;
-                let mut p = 0f32;
-                if allowed(i, j, window, flag, keys[row * s + i]) {
-                    p = (tile[at] * scale - lse[stat + i]).exp();
+            if blocks_meet(ranges, row, blocks, qb, kb) {
+                let q_at = q_base + qb * BLOCK * q_row;
+                let do_at = do_base + qb * BLOCK * do_row;
+                // Sᵀ = K·Qᵀ: the group's 16 keys against the block's 64 queries.
+                product_nt::<F>(k, k_at, k_row, q, q_at, q_row, &mut tile, patch, d, mma);
+                sync_cube();
+                for c in 0..comptime!(BLOCK / 2) {
+                    let col = half * comptime!(BLOCK / 2) + c;
+                    let i = qb * BLOCK + col;
+                    let at = patch + r * BLOCK + col;
+                    let mut p = 0f32;
+                    if allowed(i, j, window, flag, keys[row * s + i]) {
+                        p = (tile[at] * scale - lse[stat + i]).exp();
+                    }
+                    operand[at] = F::cast_from(p);
                 }
-                operand[at] = F::cast_from(p);
+                sync_cube();
+                // dV += Pᵀ·dO; dPᵀ = V·dOᵀ.
+                acc_add::<F>(&dv_mats, &mut dv_vals, &operand, patch, dout, do_at, do_row, d, mma);
+                product_nt::<F>(v, v_at, v_row, dout, do_at, do_row, &mut tile, patch, d, mma);
+                sync_cube();
+                // dSᵀ = Pᵀ ∘ (dPᵀ − D)/√d, in place of Pᵀ (each invocation rewrites what it reads).
+                for c in 0..comptime!(BLOCK / 2) {
+                    let col = half * comptime!(BLOCK / 2) + c;
+                    let i = qb * BLOCK + col;
+                    let at = patch + r * BLOCK + col;
+                    operand[at] = F::cast_from(f32::cast_from(operand[at]) * (tile[at] - delta[stat + i]) * scale);
+                }
+                sync_cube();
+                // dK += dSᵀ·Q.
+                acc_add::<F>(&dk_mats, &mut dk_vals, &operand, patch, q, q_at, q_row, d, mma);
+                sync_cube();
             }
-            sync_cube();
-            // dV += Pᵀ·dO; dPᵀ = V·dOᵀ.
-            acc_add::<F>(&dv_mats, &mut dv_vals, &operand, patch, dout, do_at, do_row, d, mma);
-            product_nt::<F>(v, v_at, v_row, dout, do_at, do_row, &mut tile, patch, d, mma);
-            sync_cube();
-            // dSᵀ = Pᵀ ∘ (dPᵀ − D)/√d, in place of Pᵀ (each invocation rewrites what it reads).
-            for c in 0..comptime!(BLOCK / 2) {
-                let col = half * comptime!(BLOCK / 2) + c;
-                let i = qb * BLOCK + col;
-                let at = patch + r * BLOCK + col;
-                operand[at] = F::cast_from(f32::cast_from(operand[at]) * (tile[at] - delta[stat + i]) * scale);
-            }
-            sync_cube();
-            // dK += dSᵀ·Q.
-            acc_add::<F>(&dk_mats, &mut dk_vals, &operand, patch, q, q_at, q_row, d, mma);
-            sync_cube();
         }
     }
     let out_at = ((row * kv + kvh) * s + first_k) * d;
@@ -557,6 +614,7 @@ fn dq_kernel<F: Float>(
     k: &Tensor<F>,
     v: &Tensor<F>,
     keys: &Tensor<f32>,
+    ranges: &Tensor<f32>,
     dout: &Tensor<F>,
     lse: &Tensor<f32>,
     delta: &Tensor<f32>,
@@ -586,30 +644,33 @@ fn dq_kernel<F: Float>(
     let (row_lse, row_delta) = (lse[stat], delta[stat]);
     let first_kb = first_key_block(qb, window);
     let (mats, mut vals) = acc_new(d, mma);
+    let blocks = s / BLOCK;
     for kb in first_kb..qb + 1 {
-        product_nt::<F>(q, q_at, q_row, k, k_base + kb * BLOCK * k_row, k_row, &mut tile, patch, d, mma);
-        sync_cube();
-        for c in 0..comptime!(BLOCK / 2) {
-            let col = half * comptime!(BLOCK / 2) + c;
-            let j = kb * BLOCK + col;
-            let at = patch + r * BLOCK + col;
-            let mut p = 0f32;
-            if allowed(i, j, window, keys[row * s + j], keys[row * s + i]) {
-                p = (tile[at] * scale - row_lse).exp();
+        if blocks_meet(ranges, row, blocks, qb, kb) {
+            product_nt::<F>(q, q_at, q_row, k, k_base + kb * BLOCK * k_row, k_row, &mut tile, patch, d, mma);
+            sync_cube();
+            for c in 0..comptime!(BLOCK / 2) {
+                let col = half * comptime!(BLOCK / 2) + c;
+                let j = kb * BLOCK + col;
+                let at = patch + r * BLOCK + col;
+                let mut p = 0f32;
+                if allowed(i, j, window, keys[row * s + j], keys[row * s + i]) {
+                    p = (tile[at] * scale - row_lse).exp();
+                }
+                operand[at] = F::cast_from(p);
             }
-            operand[at] = F::cast_from(p);
+            sync_cube();
+            product_nt::<F>(dout, do_at, do_row, v, v_base + kb * BLOCK * v_row, v_row, &mut tile, patch, d, mma);
+            sync_cube();
+            // dS = P ∘ (dP − D)/√d, in place of P.
+            for c in 0..comptime!(BLOCK / 2) {
+                let at = patch + r * BLOCK + half * comptime!(BLOCK / 2) + c;
+                operand[at] = F::cast_from(f32::cast_from(operand[at]) * (tile[at] - row_delta) * scale);
+            }
+            sync_cube();
+            acc_add::<F>(&mats, &mut vals, &operand, patch, k, k_base + kb * BLOCK * k_row, k_row, d, mma);
+            sync_cube();
         }
-        sync_cube();
-        product_nt::<F>(dout, do_at, do_row, v, v_base + kb * BLOCK * v_row, v_row, &mut tile, patch, d, mma);
-        sync_cube();
-        // dS = P ∘ (dP − D)/√d, in place of P.
-        for c in 0..comptime!(BLOCK / 2) {
-            let at = patch + r * BLOCK + half * comptime!(BLOCK / 2) + c;
-            operand[at] = F::cast_from(f32::cast_from(operand[at]) * (tile[at] - row_delta) * scale);
-        }
-        sync_cube();
-        acc_add::<F>(&mats, &mut vals, &operand, patch, k, k_base + kb * BLOCK * k_row, k_row, d, mma);
-        sync_cube();
     }
     let out_at = ((row * h + head) * s + first_q) * d;
     acc_store::<F>(&mats, &vals, &mut tile, patch, dq, out_at, d, d, mma);
@@ -644,6 +705,26 @@ fn unpad(t: CubeTensor, dim: usize, s: usize) -> CubeTensor {
     into_contiguous(burn_cubecl::CubeBackend::float_slice(t, &slice_dim(rank, dim, 0, s)))
 }
 
+/// [`ranges_kernel`]'s summary `[b, s / BLOCK, 3]` of `keys` `[b, s]` (contiguous f32, `s` a
+/// multiple of [`BLOCK`]).
+fn block_ranges(keys: &CubeTensor) -> CubeTensor {
+    let [b, s] = keys.shape().dims();
+    let blocks = b * (s / BLOCK);
+    let ranges = empty_device_dtype(keys.client.clone(), keys.device.clone(), Shape::new([b, s / BLOCK, 3]), DType::F32);
+    // SAFETY: one invocation per block, guarded by `id < b · s / BLOCK`; it reads its block's
+    // BLOCK flags of the contiguous `keys` and writes its three entries of `ranges`.
+    unsafe {
+        ranges_kernel::launch_unchecked(
+            &keys.client,
+            CubeCount::Static(blocks.div_ceil(256) as u32, 1, 1),
+            CubeDim::new_1d(256),
+            keys.clone().into_tensor_arg(),
+            ranges.clone().into_tensor_arg(),
+        )
+    }
+    ranges
+}
+
 fn launch_dims(blocks: usize, heads: usize, b: usize) -> (CubeCount, CubeDim) {
     (CubeCount::Static(blocks as u32, heads as u32, b as u32), CubeDim::new_1d(UNITS as u32))
 }
@@ -658,6 +739,7 @@ pub fn forward(q: CubeTensor, k: CubeTensor, v: CubeTensor, keys: CubeTensor, wi
     let padded = s.next_multiple_of(BLOCK);
     let [q, k, v] = [q, k, v].map(|t| rows_contiguous(pad(t, 2, padded)));
     let keys = into_contiguous(pad(keys, 1, padded));
+    let ranges = block_ranges(&keys);
     let out = empty_device_dtype(q.client.clone(), q.device.clone(), Shape::new([b, h, padded, d]), q.dtype);
     let lse = empty_device_dtype(q.client.clone(), q.device.clone(), Shape::new([b, kv, h / kv, padded, 1]), DType::F32);
     let (count, dim) = launch_dims(padded / BLOCK, h, b);
@@ -675,6 +757,7 @@ pub fn forward(q: CubeTensor, k: CubeTensor, v: CubeTensor, keys: CubeTensor, wi
             k.into_tensor_arg(),
             v.into_tensor_arg(),
             keys.into_tensor_arg(),
+            ranges.into_tensor_arg(),
             out.clone().into_tensor_arg(),
             lse.clone().into_tensor_arg(),
             1.0 / (d as f32).sqrt(),
@@ -708,6 +791,7 @@ pub fn backward(
     let [q, k, v, out, dout] = [q, k, v, out, dout].map(|t| rows_contiguous(pad(t, 2, padded)));
     let keys = into_contiguous(pad(keys, 1, padded));
     let lse = into_contiguous(pad(lse, 3, padded));
+    let ranges = block_ranges(&keys);
     let (client, device) = (q.client.clone(), q.device.clone());
     let delta = empty_device_dtype(client.clone(), device.clone(), Shape::new([b, h, padded]), DType::F32);
     let dq = empty_device_dtype(client.clone(), device.clone(), Shape::new([b, h, padded, d]), q.dtype);
@@ -739,6 +823,7 @@ pub fn backward(
             k.clone().into_tensor_arg(),
             v.clone().into_tensor_arg(),
             keys.clone().into_tensor_arg(),
+            ranges.clone().into_tensor_arg(),
             dout.clone().into_tensor_arg(),
             lse.clone().into_tensor_arg(),
             delta.clone().into_tensor_arg(),
@@ -759,6 +844,7 @@ pub fn backward(
             k.into_tensor_arg(),
             v.into_tensor_arg(),
             keys.into_tensor_arg(),
+            ranges.into_tensor_arg(),
             dout.into_tensor_arg(),
             lse.into_tensor_arg(),
             delta.into_tensor_arg(),

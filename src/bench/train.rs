@@ -56,7 +56,9 @@ pub struct BenchTrainArgs {
     pub grad_checkpoint: bool,
     /// Rows of random lengths from MIN to MAX tokens (a fixed draw), batched by length as
     /// `lora train` batches them, instead of rows of exactly --seq targets; tokens/s then
-    /// counts trained (not padding) tokens.
+    /// counts trained (not padding) tokens. Unpacked, one untimed step per padded length the
+    /// rows can take comes first (`shape warm-up` in the report), so that the timed steps meet
+    /// no shape for the first time: what a long run sees once every length has been tuned.
     #[arg(long, value_name = "MIN-MAX")]
     pub row_lengths: Option<String>,
     /// Pack the rows into sequences of --seq + 1 tokens (`lora train --pack`).
@@ -137,6 +139,10 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
     let lengths: Vec<usize> = examples.iter().map(|e| e.tokens.len()).collect();
     let batcher = lora_data::Batcher::new(&lengths, args.batch_size, args.row_lengths.is_some(), 0)?;
     let optimizer = OptimizerConfig { kind: OptimizerKind::Adamw, weight_decay: 0.01, ..Default::default() };
+    let shape_warmup = match (&args.row_lengths, args.pack) {
+        (Some(range), false) => Some(warm_every_length(&mut model, range, &args, &settings, optimizer, g.vocab, device)?),
+        _ => None,
+    };
     let mut state = State::new(Optimizer::new(optimizer));
     let mut timer = StepTimer::new(device, iters);
     lora_trainer::train(&mut model, &examples, &batcher, None, &settings, &mut state, &mut timer)?;
@@ -159,6 +165,9 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
     let tflops = g.train_flops_per_token(args.seq) * tokens as f64 / step / 1e12;
     let peak = timer.peak.peak()? as f64 / (1u64 << 30) as f64;
     let first_step = timer.steps.first().copied().unwrap_or(0.0);
+    if let Some((steps, seconds)) = shape_warmup {
+        println!("shape warm-up: {steps} steps, one per padded length of rows {}, {seconds:.1} s", args.row_lengths.as_deref().unwrap_or_default());
+    }
     println!(
         "lora {name} {}x{} {dtype:?}{}{}{}: {tokens_per_s:.0} tokens/s (step {:.1} ms, min {:.1}, max {:.1}), first step {first_step:.2} s after {load_s:.1} s of building, peak {peak:.2} GiB, {tflops:.1} TFLOP/s",
         args.batch_size,
@@ -193,15 +202,54 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
             "step_s_max": max,
             "load_s": load_s,
             "first_step_s": first_step,
+            "shape_warmup_steps": shape_warmup.map(|w| w.0),
+            "shape_warmup_s": shape_warmup.map(|w| w.1),
             "peak_gib": peak,
             "tflops": tflops,
             "losses": timer.losses,
+            "steps_s": timer.steps,
+            "steps_trained_tokens": timer.tokens,
             "device": format!("{device:?}"),
             "tuned": tuned,
         });
         write_json(path, &value)?;
     }
     Ok(())
+}
+
+/// One untimed step on `batch_size` rows of each length `MIN, MIN + m, MIN + 2m, ..., MAX` of
+/// the range (`m` = [`lora_trainer::loss::GPU_POSITION_MULTIPLE`]): every padded length the
+/// range's batches can take, so its kernels are compiled and tuned before the timed steps.
+/// Returns the steps and their seconds.
+fn warm_every_length(
+    model: &mut CausalLm,
+    range: &str,
+    args: &BenchTrainArgs,
+    settings: &Settings,
+    optimizer: OptimizerConfig,
+    vocab: usize,
+    device: &burn::tensor::Device,
+) -> Result<(usize, f64)> {
+    let (lo, hi) = parse_range(range)?;
+    let step = lora_trainer::loss::GPU_POSITION_MULTIPLE;
+    let mut lengths: Vec<usize> = (lo..=hi).step_by(step).collect();
+    if lengths.last() != Some(&hi) {
+        lengths.push(hi);
+    }
+    let mut seed = 0x5851_F42D_4C95_7F2Du64;
+    let rows: Vec<Example> =
+        lengths.iter().flat_map(|&len| (0..args.batch_size).map(move |_| len)).map(|len| Example::new(random_tokens(len, vocab, &mut seed))).collect();
+    // Rows in this order, batch_size at a time: each batch holds one length.
+    let row_lengths: Vec<usize> = rows.iter().map(|e| e.tokens.len()).collect();
+    let batcher = lora_data::Batcher::new(&row_lengths, args.batch_size, false, 0)?;
+    let iters = lengths.len();
+    let warm = Settings { iters, schedule: Schedule { total: iters, ..settings.schedule }, ..settings.clone() };
+    let mut state = State::new(Optimizer::new(optimizer));
+    let mut timer = StepTimer::new(device, iters);
+    timer.bar.set_prefix("shape warm-up");
+    lora_trainer::train(model, &rows, &batcher, None, &warm, &mut state, &mut timer)?;
+    timer.bar.finish_and_clear();
+    Ok((iters, timer.steps.iter().sum()))
 }
 
 /// `n` rows of `len` random token ids below `vocab`, every position a target.
@@ -213,10 +261,7 @@ fn random_rows(n: usize, len: usize, vocab: usize) -> Vec<Example> {
 /// Rows of random token ids below `vocab` and random lengths in `range` ("MIN-MAX"), a fixed
 /// draw, until they hold `total` tokens.
 fn varied_rows(range: &str, total: usize, vocab: usize) -> Result<Vec<Example>> {
-    let parsed = range.split_once('-').and_then(|(a, b)| Some((a.trim().parse::<usize>().ok()?, b.trim().parse::<usize>().ok()?)));
-    let Some((lo, hi)) = parsed.filter(|&(lo, hi)| lo >= 2 && lo <= hi && hi <= 1 << 20) else {
-        bail!("--row-lengths {range:?}: expected MIN-MAX with 2 <= MIN <= MAX <= 1048576, as 50-300");
-    };
+    let (lo, hi) = parse_range(range)?;
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
     let (mut rows, mut held) = (Vec::new(), 0);
     while held < total {
@@ -228,6 +273,15 @@ fn varied_rows(range: &str, total: usize, vocab: usize) -> Result<Vec<Example>> 
         held += len;
     }
     Ok(rows)
+}
+
+/// `--row-lengths`' "MIN-MAX".
+fn parse_range(range: &str) -> Result<(usize, usize)> {
+    let parsed = range.split_once('-').and_then(|(a, b)| Some((a.trim().parse::<usize>().ok()?, b.trim().parse::<usize>().ok()?)));
+    let Some((lo, hi)) = parsed.filter(|&(lo, hi)| lo >= 2 && lo <= hi && hi <= 1 << 20) else {
+        bail!("--row-lengths {range:?}: expected MIN-MAX with 2 <= MIN <= MAX <= 1048576, as 50-300");
+    };
+    Ok((lo, hi))
 }
 
 /// Times each iteration (the device synchronized at its end) and samples the memory.
@@ -244,7 +298,8 @@ struct StepTimer {
 impl StepTimer {
     fn new(device: &burn::tensor::Device, iters: usize) -> Self {
         let bar = ProgressBar::new(iters as u64);
-        bar.set_style(ProgressStyle::with_template("Training {bar:30} {pos}/{len} {msg}").expect("valid template"));
+        bar.set_style(ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {msg}").expect("valid template"));
+        bar.set_prefix("Training");
         Self { device: device.clone(), last: Instant::now(), steps: Vec::new(), tokens: Vec::new(), losses: Vec::new(), peak: PeakMemory::new(device), bar }
     }
 }
