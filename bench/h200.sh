@@ -9,7 +9,8 @@
 # scalar1b with their tensor-core forms off (LORA_NO_LORA_MMA); flash1b and flash8b with the
 # tensor-core attention kernels (LORA_FLASH=mma, the default since 2026-12-07), compose1b and
 # compose8b with the chunked composition (LORA_FLASH=off). short1b and pack1b train on rows of 50 to 300 tokens, batched by
-# length, then packed into sequences of 2048 (`--pack`): trained tokens per second.
+# length (after one untimed step per padded length: the steady state), then packed into
+# sequences of 2048 (`--pack`): trained tokens per second.
 # Expects the stripped, xz-compressed release binary at .bin/lora.xz and the Vulkan loader
 # packages in .gl/ (see the device README's "Headless rendering"); writes every log and JSON
 # into $OUT/results.tar.xz, with summary.txt beside it (OUT is bench/out when unset). A cubecl autotune cache saved by an earlier
