@@ -5,9 +5,14 @@
 //! first half of `sin` negated (`lora_model`'s `Rope::tables`), so the rotation reads
 //! `x·cos + [x₂, x₁]·sin`. The tensor composition (a transposition, a flip of the halves and
 //! the products) takes several launches per rotated tensor; this is one, one invocation per
-//! output element, in f32.
+//! output element, in f32. Its backward is the transposed rotation, `dx = dy·cos +
+//! [dy₂·sin₂, dy₁·sin₁]` (each half takes the other half's sine), one more kernel back into
+//! the `[b, s, heads, d]` layout; the tables are constants and get no gradient.
 
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
@@ -29,6 +34,13 @@ pub trait RopeOps: Backend {
     fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, rotated: usize) -> FloatTensor<Self> {
         composed::<Self>(x, cos, sin, rotated)
     }
+
+    /// The gradient of [`RopeOps::rotary`] with respect to `x` for the output gradient `dy`
+    /// `[b, n, s, d]`: `[b, s, n, d]`.
+    #[fusion(dtype = dy, shape = Shape::new([dy[0], dy[2], dy[1], dy[3]]))]
+    fn rotary_backward(dy: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, rotated: usize) -> FloatTensor<Self> {
+        composed_backward::<Self>(dy, cos, sin, rotated)
+    }
 }
 
 impl RopeOps for Flex {}
@@ -43,10 +55,73 @@ impl RopeOps for burn_cubecl::CubeBackend {
         }
         kernel(x, cos, sin, rotated)
     }
+
+    fn rotary_backward(dy: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, rotated: usize) -> FloatTensor<Self> {
+        let d = dy.shape()[3];
+        let [b, _, s, _] = dy.shape().dims();
+        let rows = cos.shape()[0];
+        if !d.is_multiple_of(2) || dy.dtype != cos.dtype || dy.dtype != sin.dtype || (rows != s && rows != b * s) || sin.shape() != cos.shape() {
+            return composed_backward::<Self>(dy, cos, sin, rotated);
+        }
+        backward_kernel(dy, cos, sin, rotated)
+    }
 }
 
-/// Under autodiff the composition of tracked operations: differentiable (training).
-impl<B: Backend + RopeOps, C: CheckpointStrategy> RopeOps for Autodiff<B, C> {}
+#[derive(Debug)]
+struct RopeBackward;
+
+impl<B: Backend + RopeOps> Backward<B, 1> for RopeBackward {
+    /// The tables `(cos, sin)` and the rotated heads.
+    type State = (FloatTensor<B>, FloatTensor<B>, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [x_node] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let (cos, sin, rotated) = ops.state;
+        if let Some(node) = x_node {
+            grads.register::<B>(node.id, B::rotary_backward(dy, cos, sin, rotated));
+        }
+    }
+}
+
+/// Under autodiff the forward's kernel and a backward of its own; only `x` is a parent (the
+/// tables are constants).
+impl<B: Backend + RopeOps, C: CheckpointStrategy> RopeOps for Autodiff<B, C> {
+    fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, rotated: usize) -> FloatTensor<Self> {
+        let (cos, sin) = (cos.into_primitive(), sin.into_primitive());
+        match RopeBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::rotary(x.into_primitive(), cos.clone(), sin.clone(), rotated);
+                prep.finish((cos, sin, rotated), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::rotary(x.into_primitive(), cos, sin, rotated)),
+        }
+    }
+}
+
+/// `dx` `[b, s, n, d]` from `dy` `[b, n, s, d]`: `dy·cos + swap(dy·sin)` on heads `0..rotated`,
+/// `dy` on the others.
+fn composed_backward<B: Backend>(dy: FloatTensor<B>, cos: FloatTensor<B>, sin: FloatTensor<B>, rotated: usize) -> FloatTensor<B> {
+    let [b, n, s, d] = dy.shape().dims();
+    let (dy, rest) = if rotated < n {
+        let head = |start, end| B::float_slice(dy.clone(), &[Slice::from(0..b), Slice::from(start..end), Slice::from(0..s), Slice::from(0..d)]);
+        (head(0, rotated), Some(head(rotated, n)))
+    } else {
+        (dy, None)
+    };
+    let r = rotated.min(n);
+    let tables = cos.shape()[0] / s.max(1);
+    let cos = B::float_reshape(cos, Shape::new([tables, 1, s, d]));
+    let sin = B::float_reshape(sin, Shape::new([tables, 1, s, d]));
+    let scaled = B::float_reshape(B::float_mul(dy.clone(), sin), Shape::new([b * r * s, 2, d / 2]));
+    let swapped = B::float_reshape(B::float_flip(scaled, &[1]), Shape::new([b, r, s, d]));
+    let dx = B::float_add(B::float_mul(dy, cos), swapped);
+    let dx = match rest {
+        Some(rest) => B::float_cat(vec![dx, rest], 1),
+        None => dx,
+    };
+    B::float_swap_dims(dx, 1, 2)
+}
 
 fn composed<B: Backend>(x: FloatTensor<B>, cos: FloatTensor<B>, sin: FloatTensor<B>, rotated: usize) -> FloatTensor<B> {
     let [b, s, n, d] = x.shape().dims();
@@ -98,6 +173,60 @@ fn rotary_kernel<F: Float>(x: &Tensor<F>, cos: &Tensor<F>, sin: &Tensor<F>, out:
     }
 }
 
+#[cube(launch_unchecked)]
+fn rotary_backward_kernel<F: Float>(dy: &Tensor<F>, cos: &Tensor<F>, sin: &Tensor<F>, dx: &mut Tensor<F>, rotated: usize, #[define(F)] _dtype: ElemType) {
+    let pos = ABSOLUTE_POS;
+    if pos >= dx.len() {
+        terminate!();
+    }
+    // dx [b, s, n, d] from dy [b, n, s, d].
+    let (n, d) = (dx.shape(2), dx.shape(3));
+    let s = dx.shape(1);
+    let j = pos % d;
+    let head = (pos / d) % n;
+    let t = (pos / (d * n)) % s;
+    let row = pos / (d * n * s);
+    let half = d / 2;
+    let partner = if j < half { j + half } else { j - half };
+    let base = ((row * n + head) * s + t) * d;
+    let mut at = t * d;
+    if cos.shape(0) != s {
+        at = (row * s + t) * d;
+    }
+    if head < rotated {
+        let value = f32::cast_from(dy[base + j]) * f32::cast_from(cos[at + j]) + f32::cast_from(dy[base + partner]) * f32::cast_from(sin[at + partner]);
+        dx[pos] = F::cast_from(value);
+    } else {
+        dx[pos] = dy[base + j];
+    }
+}
+
+fn backward_kernel(dy: CubeTensor, cos: CubeTensor, sin: CubeTensor, rotated: usize) -> CubeTensor {
+    let [b, n, s, d] = dy.shape().dims();
+    let dx = empty_device_dtype(dy.client.clone(), dy.device.clone(), Shape::new([b, s, n, d]), dy.dtype);
+    let elements = b * n * s * d;
+    let cube_dim = CubeDim::new(&dx.client, elements);
+    let count = calculate_cube_count_elemwise(&dx.client, elements, cube_dim);
+    let dtype = dtype_to_storage_type(dy.dtype);
+    // SAFETY: the operands are contiguous, `dy` `[b, n, s, d]` and the tables `[s, d]` or
+    // `[b·s, d]` (`rotary_backward` checked); every index is decomposed from an output position
+    // below `dx.len()`.
+    unsafe {
+        rotary_backward_kernel::launch_unchecked(
+            &dx.client,
+            count,
+            cube_dim,
+            into_contiguous(dy).into_tensor_arg(),
+            into_contiguous(cos).into_tensor_arg(),
+            into_contiguous(sin).into_tensor_arg(),
+            dx.clone().into_tensor_arg(),
+            rotated,
+            dtype,
+        )
+    }
+    dx
+}
+
 fn kernel(x: CubeTensor, cos: CubeTensor, sin: CubeTensor, rotated: usize) -> CubeTensor {
     let [b, s, n, d] = x.shape().dims();
     let out = empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([b, n, s, d]), x.dtype);
@@ -126,7 +255,8 @@ fn kernel(x: CubeTensor, cos: CubeTensor, sin: CubeTensor, rotated: usize) -> Cu
 
 /// Rotates `x` `[b, s, heads, d]` by the tables `cos` and signed `sin` `[s, d]`, or `[b·s, d]`
 /// with a table per row (the first half of `sin` negated) -> `[b, heads, s, d]`; only heads `0..rotated` are rotated, the
-/// others are copied (query and key heads ahead of value heads in one tensor).
+/// others are copied (query and key heads ahead of value heads in one tensor). Differentiable
+/// in `x`, with a backward of its own; the tables get no gradient.
 pub fn rotary(x: burn::tensor::Tensor<4>, cos: burn::tensor::Tensor<2>, sin: burn::tensor::Tensor<2>, rotated: usize) -> burn::tensor::Tensor<4> {
     burn::tensor::Tensor::from_dispatch(<Dispatch as RopeOps>::rotary(x.into_dispatch(), cos.into_dispatch(), sin.into_dispatch(), rotated))
 }

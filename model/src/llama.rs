@@ -125,12 +125,12 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// Normalizes over the last dimension; any rank, shape unchanged.
     ///
-    /// Outside autodiff (generation, evaluation) this is one kernel (`lora_kernels::norm`);
-    /// under it, the composition of differentiable operations.
+    /// One operation of `lora_kernels::norm` (a kernel each way on a GPU) where the weight has
+    /// `x`'s dtype; the composition of differentiable operations otherwise.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dtype = x.dtype();
         let weight = self.weight.val();
-        if !x.is_require_grad() && !weight.is_require_grad() && weight.dtype() == dtype {
+        if weight.dtype() == dtype {
             let dims = x.dims();
             let dim = dims[D - 1];
             let rows = x.shape().num_elements() / dim.max(1);
