@@ -379,6 +379,24 @@ fn blocks_meet(ranges: &Tensor<f32>, row: usize, blocks: usize, qb: usize, kb: u
     k_lo <= k_hi && (ranges[q + 2] > 0.5 || (k_hi >= ranges[q] && k_lo <= ranges[q + 1]))
 }
 
+/// Whether every query of block `qb` may see every key of block `kb`: the key block lies wholly
+/// below the diagonal and inside the window of every query, holds no padding and one flag only,
+/// and every restricted query of the query block carries that flag. The masks' per-score tests
+/// are skipped then (most blocks of unpacked rows). Uniform over a workgroup, as
+/// [`blocks_meet`].
+#[cube]
+fn blocks_full(ranges: &Tensor<f32>, row: usize, blocks: usize, qb: usize, kb: usize, window: usize) -> bool {
+    let (q, k) = ((row * blocks + qb) * 3, (row * blocks + kb) * 3);
+    let (k_lo, k_hi, k_open) = (ranges[k], ranges[k + 1], ranges[k + 2]);
+    let (q_lo, q_hi) = (ranges[q], ranges[q + 1]);
+    // The farthest pair: the query block's last query and the key block's first key.
+    let mut inside = kb < qb;
+    if inside && window > 0 {
+        inside = (qb - kb) * BLOCK + BLOCK - 1 < window;
+    }
+    inside && k_open < 0.5 && k_lo == k_hi && (q_lo > q_hi || (q_lo == k_lo && q_hi == k_lo))
+}
+
 /// The first key block any query of query block `qb` may see.
 #[cube]
 fn first_key_block(qb: usize, window: usize) -> usize {
@@ -426,6 +444,7 @@ fn forward_kernel<F: Float>(
     let i = first_q + r;
     let first_kb = first_key_block(qb, window);
     let blocks = s / BLOCK;
+    let query_flag = keys[row * s + i];
     let minimum = f32::new(-3.4028235e38); // f32::MIN
 
     // Pass 1: every row's maximum and sum of exponentials, online.
@@ -433,12 +452,17 @@ fn forward_kernel<F: Float>(
     let mut l = 0f32;
     for kb in first_kb..qb + 1 {
         if blocks_meet(ranges, row, blocks, qb, kb) {
+            let full = blocks_full(ranges, row, blocks, qb, kb, window);
             product_nt::<F>(q, q_at, q_row, k, k_base + kb * BLOCK * k_row, k_row, &mut scores, patch, d, mma);
             sync_cube();
             for c in 0..comptime!(BLOCK / 2) {
                 let col = half * comptime!(BLOCK / 2) + c;
                 let j = kb * BLOCK + col;
-                if allowed(i, j, window, keys[row * s + j], keys[row * s + i]) {
+                let mut ok = full;
+                if !full {
+                    ok = allowed(i, j, window, keys[row * s + j], query_flag);
+                }
+                if ok {
                     let x = scores[patch + r * BLOCK + col] * scale;
                     if x > m {
                         l = l * (m - x).exp() + 1.0;
@@ -472,14 +496,19 @@ fn forward_kernel<F: Float>(
     let (mats, mut vals) = acc_new(d, mma);
     for kb in first_kb..qb + 1 {
         if blocks_meet(ranges, row, blocks, qb, kb) {
+            let full = blocks_full(ranges, row, blocks, qb, kb, window);
             product_nt::<F>(q, q_at, q_row, k, k_base + kb * BLOCK * k_row, k_row, &mut scores, patch, d, mma);
             sync_cube();
             for c in 0..comptime!(BLOCK / 2) {
                 let col = half * comptime!(BLOCK / 2) + c;
                 let j = kb * BLOCK + col;
                 let at = patch + r * BLOCK + col;
+                let mut ok = full;
+                if !full {
+                    ok = allowed(i, j, window, keys[row * s + j], query_flag);
+                }
                 let mut p = 0f32;
-                if allowed(i, j, window, keys[row * s + j], keys[row * s + i]) {
+                if ok {
                     p = (scores[at] * scale - row_lse).exp();
                 }
                 probs[at] = F::cast_from(p);
@@ -566,6 +595,7 @@ fn dkv_kernel<F: Float>(
         let stat = (row * h + head) * s;
         for qb in kb..last_qb + 1 {
             if blocks_meet(ranges, row, blocks, qb, kb) {
+                let full = blocks_full(ranges, row, blocks, qb, kb, window);
                 let q_at = q_base + qb * BLOCK * q_row;
                 let do_at = do_base + qb * BLOCK * do_row;
                 // Sᵀ = K·Qᵀ: the group's 16 keys against the block's 64 queries.
@@ -575,8 +605,12 @@ fn dkv_kernel<F: Float>(
                     let col = half * comptime!(BLOCK / 2) + c;
                     let i = qb * BLOCK + col;
                     let at = patch + r * BLOCK + col;
+                    let mut ok = full;
+                    if !full {
+                        ok = allowed(i, j, window, flag, keys[row * s + i]);
+                    }
                     let mut p = 0f32;
-                    if allowed(i, j, window, flag, keys[row * s + i]) {
+                    if ok {
                         p = (tile[at] * scale - lse[stat + i]).exp();
                     }
                     operand[at] = F::cast_from(p);
@@ -642,19 +676,25 @@ fn dq_kernel<F: Float>(
     let i = first_q + r;
     let stat = (row * h + head) * s + i;
     let (row_lse, row_delta) = (lse[stat], delta[stat]);
+    let query_flag = keys[row * s + i];
     let first_kb = first_key_block(qb, window);
     let (mats, mut vals) = acc_new(d, mma);
     let blocks = s / BLOCK;
     for kb in first_kb..qb + 1 {
         if blocks_meet(ranges, row, blocks, qb, kb) {
+            let full = blocks_full(ranges, row, blocks, qb, kb, window);
             product_nt::<F>(q, q_at, q_row, k, k_base + kb * BLOCK * k_row, k_row, &mut tile, patch, d, mma);
             sync_cube();
             for c in 0..comptime!(BLOCK / 2) {
                 let col = half * comptime!(BLOCK / 2) + c;
                 let j = kb * BLOCK + col;
                 let at = patch + r * BLOCK + col;
+                let mut ok = full;
+                if !full {
+                    ok = allowed(i, j, window, keys[row * s + j], query_flag);
+                }
                 let mut p = 0f32;
-                if allowed(i, j, window, keys[row * s + j], keys[row * s + i]) {
+                if ok {
                     p = (tile[at] * scale - row_lse).exp();
                 }
                 operand[at] = F::cast_from(p);
