@@ -171,6 +171,17 @@ fn allowed(i: usize, j: usize, window: usize, key: f32, query: f32) -> bool {
     ok
 }
 
+/// [`allowed`] for query `i` and key `j` of row `row` (flags in `keys` `[b, s]`), or true without
+/// reading a flag where the pair of blocks is `full` ([`blocks_full`]).
+#[cube]
+fn visible(full: bool, keys: &Tensor<f32>, row: usize, s: usize, i: usize, j: usize, window: usize) -> bool {
+    let mut ok = full;
+    if !full {
+        ok = allowed(i, j, window, keys[row * s + j], keys[row * s + i]);
+    }
+    ok
+}
+
 /// `out[out_at + r·64 + c] = Σ_t a[a_at + r·a_row + t]·x[x_at + c·x_row + t]` for the group's
 /// 16 rows `r` and 64 columns `c` (`t < d`): a 16×d tile times the transpose of a 64×d one.
 #[allow(clippy::needless_borrow)] // cmma's loads and stores take slices by reference
@@ -444,7 +455,6 @@ fn forward_kernel<F: Float>(
     let i = first_q + r;
     let first_kb = first_key_block(qb, window);
     let blocks = s / BLOCK;
-    let query_flag = keys[row * s + i];
     let minimum = f32::new(-3.4028235e38); // f32::MIN
 
     // Pass 1: every row's maximum and sum of exponentials, online.
@@ -458,11 +468,7 @@ fn forward_kernel<F: Float>(
             for c in 0..comptime!(BLOCK / 2) {
                 let col = half * comptime!(BLOCK / 2) + c;
                 let j = kb * BLOCK + col;
-                let mut ok = full;
-                if !full {
-                    ok = allowed(i, j, window, keys[row * s + j], query_flag);
-                }
-                if ok {
+                if visible(full, keys, row, s, i, j, window) {
                     let x = scores[patch + r * BLOCK + col] * scale;
                     if x > m {
                         l = l * (m - x).exp() + 1.0;
@@ -503,12 +509,8 @@ fn forward_kernel<F: Float>(
                 let col = half * comptime!(BLOCK / 2) + c;
                 let j = kb * BLOCK + col;
                 let at = patch + r * BLOCK + col;
-                let mut ok = full;
-                if !full {
-                    ok = allowed(i, j, window, keys[row * s + j], query_flag);
-                }
                 let mut p = 0f32;
-                if ok {
+                if visible(full, keys, row, s, i, j, window) {
                     p = (scores[at] * scale - row_lse).exp();
                 }
                 probs[at] = F::cast_from(p);
@@ -579,7 +581,6 @@ fn dkv_kernel<F: Float>(
     let patch = group * PATCH;
     let (r, half) = (lane / 2, lane % 2);
     let j = first_k + r; // this invocation's key
-    let flag = keys[row * s + j];
     let blocks = s / BLOCK;
     let mut last_qb = blocks - 1;
     if window > 0 {
@@ -605,12 +606,8 @@ fn dkv_kernel<F: Float>(
                     let col = half * comptime!(BLOCK / 2) + c;
                     let i = qb * BLOCK + col;
                     let at = patch + r * BLOCK + col;
-                    let mut ok = full;
-                    if !full {
-                        ok = allowed(i, j, window, flag, keys[row * s + i]);
-                    }
                     let mut p = 0f32;
-                    if ok {
+                    if visible(full, keys, row, s, i, j, window) {
                         p = (tile[at] * scale - lse[stat + i]).exp();
                     }
                     operand[at] = F::cast_from(p);
@@ -676,7 +673,6 @@ fn dq_kernel<F: Float>(
     let i = first_q + r;
     let stat = (row * h + head) * s + i;
     let (row_lse, row_delta) = (lse[stat], delta[stat]);
-    let query_flag = keys[row * s + i];
     let first_kb = first_key_block(qb, window);
     let (mats, mut vals) = acc_new(d, mma);
     let blocks = s / BLOCK;
@@ -689,12 +685,8 @@ fn dq_kernel<F: Float>(
                 let col = half * comptime!(BLOCK / 2) + c;
                 let j = kb * BLOCK + col;
                 let at = patch + r * BLOCK + col;
-                let mut ok = full;
-                if !full {
-                    ok = allowed(i, j, window, keys[row * s + j], query_flag);
-                }
                 let mut p = 0f32;
-                if ok {
+                if visible(full, keys, row, s, i, j, window) {
                     p = (tile[at] * scale - row_lse).exp();
                 }
                 operand[at] = F::cast_from(p);
