@@ -17,7 +17,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, Scalar, TensorMetadata, backend_extension};
-use burn::tensor::{DType, FloatDType, Shape};
+use burn::tensor::{FloatDType, Shape};
 use burn_cubecl::cubecl;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
@@ -25,6 +25,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
 use crate::decode::{UNITS, workgroup_reduce};
+use crate::tensor::float_dtype;
 
 /// Rows one launch covers (the workgroup count's limit in one dimension).
 const MAX_ROWS: usize = 65_535;
@@ -99,15 +100,6 @@ impl<B: Backend + NormOps, C: CheckpointStrategy> NormOps for Autodiff<B, C> {
     }
 }
 
-/// The compute dtype of `x`.
-fn float_dtype_of(dtype: DType) -> FloatDType {
-    match dtype {
-        DType::F16 => FloatDType::F16,
-        DType::BF16 => FloatDType::BF16,
-        _ => FloatDType::F32,
-    }
-}
-
 /// `1 / √(mean(x²) + eps)` `[rows, 1]` in f32 and `x` in f32.
 fn inverse_rms<B: Backend>(x: FloatTensor<B>, eps: f32) -> (FloatTensor<B>, FloatTensor<B>) {
     let x32 = B::float_cast(x, FloatDType::F32);
@@ -115,9 +107,16 @@ fn inverse_rms<B: Backend>(x: FloatTensor<B>, eps: f32) -> (FloatTensor<B>, Floa
     (B::float_recip(B::float_sqrt(B::float_add_scalar(ms, Scalar::from(eps)))), x32)
 }
 
+/// `x / √(mean(x²) + eps)` computed in f32 and cast back to `x`'s dtype, before the weight.
+fn normalized<B: Backend>(x: FloatTensor<B>, eps: f32) -> FloatTensor<B> {
+    let dtype = float_dtype(x.dtype());
+    let (r, x32) = inverse_rms::<B>(x, eps);
+    B::float_cast(B::float_mul(x32, r), dtype)
+}
+
 fn composed_backward<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, dy: FloatTensor<B>, eps: f32) -> FloatTensor<B> {
     let dim = x.shape()[1];
-    let dtype = float_dtype_of(x.dtype());
+    let dtype = float_dtype(x.dtype());
     let (r, x32) = inverse_rms::<B>(x, eps);
     let w32 = B::float_reshape(B::float_cast(weight, FloatDType::F32), Shape::new([1, dim]));
     let g = B::float_mul(B::float_cast(dy, FloatDType::F32), w32); // [rows, dim]
@@ -130,19 +129,14 @@ fn composed_backward<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, dy: 
 /// `Σ_rows dy · x̂` `[dim]` in the weight's dtype, `x̂` the normalized rows cast to `x`'s dtype.
 fn weight_grad<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, dy: FloatTensor<B>, eps: f32) -> FloatTensor<B> {
     let dim = x.shape()[1];
-    let dtype = float_dtype_of(x.dtype());
-    let (r, x32) = inverse_rms::<B>(x, eps);
-    let normed = B::float_cast(B::float_cast(B::float_mul(x32, r), dtype), FloatDType::F32);
+    let normed = B::float_cast(normalized::<B>(x, eps), FloatDType::F32);
     let sum = B::float_sum_dim(B::float_mul(B::float_cast(dy, FloatDType::F32), normed), 0); // [1, dim]
-    B::float_cast(B::float_reshape(sum, Shape::new([dim])), float_dtype_of(weight.dtype()))
+    B::float_cast(B::float_reshape(sum, Shape::new([dim])), float_dtype(weight.dtype()))
 }
 
 fn composed<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, eps: f32) -> FloatTensor<B> {
     let dim = x.shape()[1];
-    let dtype = float_dtype_of(x.dtype());
-    let (r, x32) = inverse_rms::<B>(x, eps);
-    let normed = B::float_cast(B::float_mul(x32, r), dtype);
-    B::float_mul(normed, B::float_reshape(weight, Shape::new([1, dim]))) // [rows, dim]
+    B::float_mul(normalized::<B>(x, eps), B::float_reshape(weight, Shape::new([1, dim]))) // [rows, dim]
 }
 
 #[cube(launch_unchecked)]

@@ -47,24 +47,28 @@ impl RopeOps for Flex {}
 
 impl RopeOps for burn_cubecl::CubeBackend {
     fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, rotated: usize) -> FloatTensor<Self> {
-        let d = x.shape()[3];
-        let [b, s, _, _] = x.shape().dims();
-        let rows = cos.shape()[0];
-        if !d.is_multiple_of(2) || x.dtype != cos.dtype || x.dtype != sin.dtype || (rows != s && rows != b * s) || sin.shape() != cos.shape() {
+        let [b, s, _, d] = x.shape().dims();
+        if !kernel_takes(&x, [b, s, d], &cos, &sin) {
             return composed::<Self>(x, cos, sin, rotated);
         }
         kernel(x, cos, sin, rotated)
     }
 
     fn rotary_backward(dy: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, rotated: usize) -> FloatTensor<Self> {
-        let d = dy.shape()[3];
-        let [b, _, s, _] = dy.shape().dims();
-        let rows = cos.shape()[0];
-        if !d.is_multiple_of(2) || dy.dtype != cos.dtype || dy.dtype != sin.dtype || (rows != s && rows != b * s) || sin.shape() != cos.shape() {
+        let [b, _, s, d] = dy.shape().dims();
+        if !kernel_takes(&dy, [b, s, d], &cos, &sin) {
             return composed_backward::<Self>(dy, cos, sin, rotated);
         }
         backward_kernel(dy, cos, sin, rotated)
     }
+}
+
+/// Whether the kernels take `t` (rows `b`, positions `s`, head size `d`) with the tables `cos`
+/// and `sin`: an even head size, one dtype, and one table for every row (`[s, d]`) or one per
+/// row (`[b·s, d]`).
+fn kernel_takes(t: &CubeTensor, [b, s, d]: [usize; 3], cos: &CubeTensor, sin: &CubeTensor) -> bool {
+    let rows = cos.shape()[0];
+    d.is_multiple_of(2) && t.dtype == cos.dtype && t.dtype == sin.dtype && (rows == s || rows == b * s) && sin.shape() == cos.shape()
 }
 
 #[derive(Debug)]
@@ -100,27 +104,13 @@ impl<B: Backend + RopeOps, C: CheckpointStrategy> RopeOps for Autodiff<B, C> {
 }
 
 /// `dx` `[b, s, n, d]` from `dy` `[b, n, s, d]`: `dy·cos + swap(dy·sin)` on heads `0..rotated`,
-/// `dy` on the others.
+/// `dy` on the others. Since `swap(dy·sin) = swap(dy)·swap(sin)`, that is the forward rotation
+/// of `dy` with the sine's halves exchanged.
 fn composed_backward<B: Backend>(dy: FloatTensor<B>, cos: FloatTensor<B>, sin: FloatTensor<B>, rotated: usize) -> FloatTensor<B> {
-    let [b, n, s, d] = dy.shape().dims();
-    let (dy, rest) = if rotated < n {
-        let head = |start, end| B::float_slice(dy.clone(), &[Slice::from(0..b), Slice::from(start..end), Slice::from(0..s), Slice::from(0..d)]);
-        (head(0, rotated), Some(head(rotated, n)))
-    } else {
-        (dy, None)
-    };
-    let r = rotated.min(n);
-    let tables = cos.shape()[0] / s.max(1);
-    let cos = B::float_reshape(cos, Shape::new([tables, 1, s, d]));
-    let sin = B::float_reshape(sin, Shape::new([tables, 1, s, d]));
-    let scaled = B::float_reshape(B::float_mul(dy.clone(), sin), Shape::new([b * r * s, 2, d / 2]));
-    let swapped = B::float_reshape(B::float_flip(scaled, &[1]), Shape::new([b, r, s, d]));
-    let dx = B::float_add(B::float_mul(dy, cos), swapped);
-    let dx = match rest {
-        Some(rest) => B::float_cat(vec![dx, rest], 1),
-        None => dx,
-    };
-    B::float_swap_dims(dx, 1, 2)
+    let [rows, d] = sin.shape().dims();
+    let halves = B::float_reshape(sin, Shape::new([rows, 2, d / 2]));
+    let sin = B::float_reshape(B::float_flip(halves, &[1]), Shape::new([rows, d]));
+    B::float_swap_dims(composed::<B>(B::float_swap_dims(dy, 1, 2), cos, sin, rotated), 1, 2)
 }
 
 fn composed<B: Backend>(x: FloatTensor<B>, cos: FloatTensor<B>, sin: FloatTensor<B>, rotated: usize) -> FloatTensor<B> {

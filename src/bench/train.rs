@@ -236,11 +236,10 @@ fn warm_every_length(
     if lengths.last() != Some(&hi) {
         lengths.push(hi);
     }
-    let mut seed = 0x5851_F42D_4C95_7F2Du64;
-    let rows: Vec<Example> =
-        lengths.iter().flat_map(|&len| (0..args.batch_size).map(move |_| len)).map(|len| Example::new(random_tokens(len, vocab, &mut seed))).collect();
     // Rows in this order, batch_size at a time: each batch holds one length.
-    let row_lengths: Vec<usize> = rows.iter().map(|e| e.tokens.len()).collect();
+    let row_lengths: Vec<usize> = lengths.iter().flat_map(|&len| std::iter::repeat_n(len, args.batch_size)).collect();
+    let mut seed = 0x5851_F42D_4C95_7F2Du64;
+    let rows: Vec<Example> = row_lengths.iter().map(|&len| Example::new(random_tokens(len, vocab, &mut seed))).collect();
     let batcher = lora_data::Batcher::new(&row_lengths, args.batch_size, false, 0)?;
     let iters = lengths.len();
     let warm = Settings { iters, schedule: Schedule { total: iters, ..settings.schedule }, ..settings.clone() };
