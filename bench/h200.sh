@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One measurement on a lent NVIDIA machine, ours and the peer side by side, in one call:
 #
-#   bash bench/h200.sh STAGE...     (stages: features matmul peer1b ours1b profile1b peer8b ours8b
+#   bash bench/h200.sh STAGE...     (stages: features matmul peerattn attn attnprev peer1b ours1b profile1b peer8b ours8b
 #                                    long8b second1b base1b base8b flash1b flash8b compose1b compose8b scalar1b kerneltest losses peergen gen1b gen1bq gen1bnf4 peerlong
 #                                    genlong gen8bq profilegen serve1b short1b pack1b)
 #
@@ -75,6 +75,14 @@ for stage in "$@"; do
         for t in $(echo "${TILES:-128x256x32,128x256x32+e,128x256x32+e4,128x256x32+p,128x256x64+p,256x128x32+p,128x128x32+p@128}" | tr , ' '); do
             sampled "cm2-$(echo "$t" | tr -c 'a-zA-Z0-9\n' _)" $L bench matmul --dtype f16 --quantized false --iters 10 --tiles "$t"
         done
+        ;;
+    peerattn) sampled peerattn peer attention --geometry llama-1b --batch-size 8 --seq 512,2048 --json "$OUT/peerattn.json" ;;
+    attn) sampled attn $L bench attention --geometry llama-1b --batch-size 8 --seq 512,2048 --dtype f16 --json "$OUT/attn.json" ;;
+    attnprev)
+        # The same with the binary .bin/lora-prev.xz (an earlier commit's, for a kernel change's
+        # before and after in one call).
+        [ -x /tmp/lora-prev ] || { xz -dc .bin/lora-prev.xz > /tmp/lora-prev && chmod +x /tmp/lora-prev; }
+        sampled attnprev /tmp/lora-prev bench attention --geometry llama-1b --batch-size 8 --seq 512,2048 --dtype f16 --json "$OUT/attnprev.json"
         ;;
     peer1b) sampled peer1b peer train --geometry llama-1b --batch-size 8 --seq 512 --steps 8 --json "$OUT/peer1b.json" ;;
     ours1b) sampled ours1b $L bench train --geometry llama-1b --batch-size 8 --seq 512 --steps 8 --dtype f16 --json "$OUT/ours1b.json" ;;

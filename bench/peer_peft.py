@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The PyTorch + PEFT side of `lora bench train`, `lora bench matmul` and `lora bench generate`.
+"""The PyTorch + PEFT side of `lora bench train`, `lora bench matmul`, `lora bench attention` and
+`lora bench generate`.
 
 Builds the same random Llama geometry as `lora bench train --geometry NAME` (in bf16 on the
 GPU, no download), attaches a PEFT LoRA of the same rank, alpha and target modules, and
@@ -12,6 +13,7 @@ TFLOP/s, and writes them as JSON with --json.
     python3 bench/peer_peft.py train --device cpu --geometry smollm-135m --batch-size 4 --seq 256 \
         --rank 8 --alpha 16 --keys q_proj,v_proj
     python3 bench/peer_peft.py matmul --shapes 2048x4096x14336,512x4096x14336
+    python3 bench/peer_peft.py attention --geometry llama-1b --batch-size 8 --seq 512,2048
     python3 bench/peer_peft.py generate --geometry llama-1b --prompt-tokens 16 --max-tokens 128
 
 Needs torch, transformers and peft (the H200 image has them); `train --device cpu` runs in f32
@@ -204,6 +206,59 @@ def matmul(args):
             json.dump({"side": "torch", "dtype": args.dtype, "rows": rows, "gpu": torch.cuda.get_device_name()}, f, indent=1)
 
 
+def attention(args):
+    """Causal attention at a geometry's shape, as `lora bench attention`: torch's
+    scaled_dot_product_attention (flash-attention's kernels on a recent GPU), grouped-query
+    heads through enable_gqa, forward and forward with backward (the gradient of the output's
+    sum), the median of --iters after half a second of warm-up."""
+    import torch.nn.functional as F
+
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
+    hidden, _, _, heads, kv, _, _, _ = GEOMETRIES[args.geometry]
+    d = hidden // heads
+    b = args.batch_size
+    rows = []
+    for s in (int(v) for v in args.seq.split(",")):
+        q = torch.randn(b, heads, s, d, device="cuda", dtype=dtype, requires_grad=True)
+        k = torch.randn(b, kv, s, d, device="cuda", dtype=dtype, requires_grad=True)
+        v = torch.randn(b, kv, s, d, device="cuda", dtype=dtype, requires_grad=True)
+
+        def forward():
+            with torch.no_grad():
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        def both():
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            out.sum().backward()
+            return q.grad
+
+        def timed(f):
+            f()
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            while time.perf_counter() - started < 0.5:
+                f()
+                torch.cuda.synchronize()
+            times = []
+            for _ in range(args.iters):
+                started = time.perf_counter()
+                f()
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - started)
+            return statistics.median(times)
+
+        tf, tb = timed(forward), timed(both)
+        flops = 4 * b * heads * s * s * d / 2
+        row = {"batch": b, "heads": heads, "kv_heads": kv, "seq": s, "head_dim": d, "forward_s": tf, "forward_tflops": flops / tf / 1e12,
+               "forward_backward_s": tb, "forward_backward_tflops": 2.5 * flops / tb / 1e12}
+        rows.append(row)
+        print(f"torch sdpa {b}x{heads}/{kv}x{s}x{d} {args.dtype}: forward {tf * 1e3:.3f} ms ({row['forward_tflops']:.1f} TFLOP/s), "
+              f"forward and backward {tb * 1e3:.3f} ms ({row['forward_backward_tflops']:.1f} TFLOP/s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"side": "torch", "dtype": args.dtype, "rows": rows, "torch": torch.__version__, "gpu": torch.cuda.get_device_name()}, f, indent=1)
+
+
 def generate(args):
     """Batch-1 greedy decoding with transformers' generate, as `lora bench generate`: a random
     prompt, exactly max-tokens new tokens (no end-of-sequence stop), each cache kind timed
@@ -291,6 +346,13 @@ def main():
     m.add_argument("--dtype", default="bf16", choices=["bf16", "f16"])
     m.add_argument("--iters", type=int, default=20)
     m.add_argument("--json")
+    a = sub.add_parser("attention")
+    a.add_argument("--geometry", default="llama-1b", choices=sorted(GEOMETRIES))
+    a.add_argument("--batch-size", type=int, default=8)
+    a.add_argument("--seq", default="512", help="positions per row, comma-separated for several")
+    a.add_argument("--dtype", default="bf16", choices=["bf16", "f16"])
+    a.add_argument("--iters", type=int, default=20)
+    a.add_argument("--json")
     g = sub.add_parser("generate")
     g.add_argument("--geometry", default="llama-1b", choices=sorted(GEOMETRIES))
     g.add_argument("--prompt-tokens", type=int, default=16)
@@ -305,7 +367,7 @@ def main():
         args.dtype = "f32" if args.device == "cpu" else "bf16"
     if getattr(args, "device", "cuda") == "cuda" and not torch.cuda.is_available():
         sys.exit("peer_peft.py needs a CUDA GPU (train takes --device cpu)")
-    {"train": train, "matmul": matmul, "generate": generate}[args.what](args)
+    {"train": train, "matmul": matmul, "attention": attention, "generate": generate}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,8 @@ enum BenchCommand {
     Matmul(bench::matmul::BenchMatmulArgs),
     /// Batch-1 generation on a random model of a named shape: prompt and decode tokens/s, memory.
     Generate(Box<bench::generate::BenchGenerateArgs>),
+    /// Causal attention at a named shape, forward and backward: time and TFLOP/s.
+    Attention(bench::attention::BenchAttentionArgs),
 }
 
 fn main() -> ExitCode {
@@ -91,6 +93,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Train(args)) => bench::train::run(*args),
         Command::Bench(BenchCommand::Matmul(args)) => bench::matmul::run(args),
         Command::Bench(BenchCommand::Generate(args)) => bench::generate::run(*args),
+        Command::Bench(BenchCommand::Attention(args)) => bench::attention::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! `lora bench`: speed and memory, measured on one device in one run, to be set beside a peer
 //! run on the same machine (`bench/peer_peft.py`).
 
+pub mod attention;
 pub mod generate;
 pub mod matmul;
 pub mod quant;
