@@ -5,11 +5,14 @@
 //! covers [`BLOCK`] query (or key) positions of one head, each group 16 of them, and steps
 //! through the other side [`BLOCK`] positions at a time. A group's 16×64 tiles of scores,
 //! probabilities and their gradients live in its own patch of workgroup memory, where its 32
-//! invocations apply the mask and the exponentials, two invocations per row.
+//! invocations apply the mask and the exponentials, two invocations per row (every other
+//! column each); the patches' rows are padded so that those accesses do not meet in one
+//! memory bank, and a group synchronizes only itself where it is a plane.
 //!
-//! - Forward ([`forward`]): per query block, a first pass over the key blocks finds every
-//!   row's log-sum-exp (online, one exponential per score); a second computes the normalized
-//!   probabilities and adds `P·V` into accumulators that are never rescaled.
+//! - Forward ([`forward`]): per query block, one pass over the key blocks (the online softmax):
+//!   each row adds `exp(x − m)·V` into accumulators against a reference point `m` that moves
+//!   (rescaling them) only when a score passes it by more than 8, and divides by the sum of the
+//!   exponentials at the end; the log-sum-exp is kept for the backward.
 //! - Backward ([`backward`]): `D = rowsum(dO ∘ O)` in a small kernel; per key block (and
 //!   every query head of its key/value head), `dV += Pᵀ·dO` and `dK += dSᵀ·Q`; per query
 //!   block, `dQ += dS·K`, with `dS = P ∘ (dO·Vᵀ − D)/√d` recomputed from the forward's
@@ -38,6 +41,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::{empty_device_dtype, zeros_client};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::cmma;
+use cubecl::ir::features::Plane;
 use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::*;
 
@@ -53,10 +57,42 @@ pub const MAX_HEAD: usize = 128;
 const ROWS: usize = 16;
 /// Invocations per group.
 const LANES: usize = 32;
-/// One group's patch of workgroup memory: a 16×64 tile.
-const PATCH: usize = ROWS * BLOCK;
+/// Entries of a group's 16×64 tile.
+const TILE: usize = ROWS * BLOCK;
 /// Side of the 16×16×16 cooperative matrices.
 const MMA: usize = 16;
+
+/// Row stride of a group's f32 tile in workgroup memory. Padded, four words past the row: the
+/// 16 rows' entries of one column then lie in different banks (at a stride of 64 they all fell
+/// in one, so that every scalar access of the softmax was a 16-way bank conflict), and every
+/// row still starts on 16 bytes, as the cooperative matrices' loads and stores want.
+const fn tile_stride(padded: bool) -> usize {
+    if padded { BLOCK + 4 } else { BLOCK }
+}
+
+/// Row stride of a group's tile in the operands' dtype: 144-byte rows when padded (f16).
+const fn op_stride(padded: bool) -> usize {
+    if padded { BLOCK + 8 } else { BLOCK }
+}
+
+/// Whether the kernels pad their tiles' rows for operands of `dtype`: for half-precision ones
+/// (the tensor-core path's). Padded f32 tiles would pass 32 KiB of workgroup memory, the most
+/// Metal and some drivers give a workgroup.
+fn padded(dtype: DType) -> bool {
+    dtype.size() == 2
+}
+
+/// A barrier for one group's invocations and its patch of workgroup memory: the group's plane
+/// on the tensor-core path (groups are planes of 32 there), the whole workgroup elsewhere (a
+/// device's planes may be narrower than a group).
+#[cube]
+fn sync_group(#[comptime] mma: bool) {
+    if comptime!(mma) {
+        sync_plane();
+    } else {
+        sync_cube();
+    }
+}
 
 /// How the kernels compute their tile products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,11 +150,14 @@ fn mode() -> Mode {
 }
 
 /// Whether the device runs 16×16×16 f16 cooperative matrices with f32 accumulators on planes
-/// of exactly 32 invocations (the groups of the kernels are planes then).
+/// of exactly 32 invocations (the groups of the kernels are planes then), with the planes'
+/// votes and barriers.
 fn has_mma(t: &CubeTensor) -> bool {
     let props = t.client.properties();
     let (f16, f32) = (ElemType::Float(FloatKind::F16), ElemType::Float(FloatKind::F32));
-    props.hardware.plane_size_min == LANES as u32
+    props.features.plane.contains(Plane::Ops)
+        && props.features.plane.contains(Plane::Sync)
+        && props.hardware.plane_size_min == LANES as u32
         && props.hardware.plane_size_max == LANES as u32
         && props
             .features
@@ -182,8 +221,9 @@ fn visible(full: bool, keys: &Tensor<f32>, row: usize, s: usize, i: usize, j: us
     ok
 }
 
-/// `out[out_at + r·64 + c] = Σ_t a[a_at + r·a_row + t]·x[x_at + c·x_row + t]` for the group's
-/// 16 rows `r` and 64 columns `c` (`t < d`): a 16×d tile times the transpose of a 64×d one.
+/// `out[out_at + r·stride + c] = Σ_t a[a_at + r·a_row + t]·x[x_at + c·x_row + t]` for the
+/// group's 16 rows `r` and 64 columns `c` (`t < d`, `stride` [`tile_stride`]): a 16×d tile
+/// times the transpose of a 64×d one.
 #[allow(clippy::needless_borrow)] // cmma's loads and stores take slices by reference
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -198,7 +238,9 @@ fn product_nt<F: Float>(
     out_at: usize,
     #[comptime] d: usize,
     #[comptime] mma: bool,
+    #[comptime] padded: bool,
 ) {
+    let stride = comptime!(tile_stride(padded));
     if comptime!(mma) {
         let mut fa = unsafe { cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::A, MMA, MMA, MMA, cmma::MatrixLayout::RowMajor) };
         let mut fb = unsafe { cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, MMA, MMA, MMA, cmma::MatrixLayout::ColMajor) };
@@ -219,28 +261,29 @@ fn product_nt<F: Float>(
                 cmma::execute(&fa, &fb, acc, acc);
             }
         }
-        let end = out_at + comptime!(PATCH);
+        let end = out_at + comptime!(ROWS * stride);
         #[unroll]
         for n in 0..comptime!(BLOCK / MMA) {
             let mut dst = out.slice_mut(out_at + comptime!(n * MMA), end);
-            cmma::store(&mut dst, accs.index(n), comptime!(BLOCK as u32), cmma::MatrixLayout::RowMajor);
+            cmma::store(&mut dst, accs.index(n), comptime!(stride as u32), cmma::MatrixLayout::RowMajor);
         }
     } else {
         let lane = UNIT_POS as usize % LANES;
-        for e in range_stepped(lane, comptime!(PATCH), LANES) {
+        for e in range_stepped(lane, comptime!(TILE), LANES) {
             let (r, c) = (e / BLOCK, e % BLOCK);
             let (ar, xr) = (a_at + r * a_row, x_at + c * x_row);
             let mut dot = 0f32;
             for t in 0..d {
                 dot += f32::cast_from(a[ar + t]) * f32::cast_from(x[xr + t]);
             }
-            out[out_at + e] = dot;
+            out[out_at + r * stride + c] = dot;
         }
     }
 }
 
 /// New zeroed accumulators for a 16×d tile: `d / 16` cooperative matrices, or `d / 2` values
-/// per invocation (element `lane + 32·i` of the row-major tile).
+/// per invocation (entry `i` is the tile's row `lane / 2`, column `2·i + lane % 2`: an
+/// invocation holds half of the row its softmax work is on).
 #[cube]
 fn acc_new(#[comptime] d: usize, #[comptime] mma: bool) -> (Sequence<cmma::Matrix<f32>>, Array<f32>) {
     let mut mats = Sequence::<cmma::Matrix<f32>>::new();
@@ -254,8 +297,8 @@ fn acc_new(#[comptime] d: usize, #[comptime] mma: bool) -> (Sequence<cmma::Matri
     (mats, vals)
 }
 
-/// Adds `p[p_at..]` (16×64, row-major in workgroup memory) times `y[y_at..]` (64×d, row stride
-/// `y_row`) to the accumulators.
+/// Adds `p[p_at..]` (16×64, row-major in workgroup memory, rows [`op_stride`] apart) times
+/// `y[y_at..]` (64×d, row stride `y_row`) to the accumulators.
 #[allow(clippy::needless_borrow)] // cmma's loads and stores take slices by reference
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -269,14 +312,16 @@ fn acc_add<F: Float>(
     y_row: usize,
     #[comptime] d: usize,
     #[comptime] mma: bool,
+    #[comptime] padded: bool,
 ) {
+    let stride = comptime!(op_stride(padded));
     if comptime!(mma) {
         let mut fa = unsafe { cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::A, MMA, MMA, MMA, cmma::MatrixLayout::RowMajor) };
         let mut fb = unsafe { cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, MMA, MMA, MMA, cmma::MatrixLayout::RowMajor) };
-        let (p_end, y_len) = (p_at + comptime!(PATCH), y.len());
+        let (p_end, y_len) = (p_at + comptime!(ROWS * stride), y.len());
         #[unroll]
         for t in 0..comptime!(BLOCK / MMA) {
-            cmma::load(&mut fa, &p.slice(p_at + comptime!(t * MMA), p_end), comptime!(BLOCK as u32));
+            cmma::load(&mut fa, &p.slice(p_at + comptime!(t * MMA), p_end), comptime!(stride as u32));
             #[unroll]
             for n in 0..comptime!(d / MMA) {
                 cmma::load(&mut fb, &y.slice(y_at + comptime!(t * MMA) * y_row + comptime!(n * MMA), y_len), y_row as u32);
@@ -286,22 +331,22 @@ fn acc_add<F: Float>(
         }
     } else {
         let lane = UNIT_POS as usize % LANES;
+        let (r, half) = (lane / 2, lane % 2);
         #[unroll]
         for i in 0..comptime!(d / 2) {
-            let e = lane + comptime!(i * LANES);
-            let (r, n) = (e / d, e % d);
+            let n = comptime!(2 * i) + half;
             let mut sum = 0f32;
             for c in 0..comptime!(BLOCK) {
-                sum += f32::cast_from(p[p_at + r * BLOCK + c]) * f32::cast_from(y[y_at + c * y_row + n]);
+                sum += f32::cast_from(p[p_at + r * stride + c]) * f32::cast_from(y[y_at + c * y_row + n]);
             }
             vals[i] += sum;
         }
     }
 }
 
-/// Writes the accumulated 16×d tile to `out[out_at + r·out_row + n]`, through the group's
-/// patch `stage[stage_at..]` on the tensor-core path. Every invocation of the workgroup calls
-/// it (it synchronizes the workgroup).
+/// Writes the accumulated 16×d tile, each row times its invocations' `row_scale`, to
+/// `out[out_at + r·out_row + n]`, through the group's patch `stage[stage_at..]` on the
+/// tensor-core path. Every invocation of the group calls it (it synchronizes the group).
 #[allow(clippy::needless_borrow)] // cmma's loads and stores take slices by reference
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -313,37 +358,108 @@ fn acc_store<F: Float>(
     out: &mut Tensor<F>,
     out_at: usize,
     out_row: usize,
+    row_scale: f32,
     #[comptime] d: usize,
     #[comptime] mma: bool,
+    #[comptime] padded: bool,
 ) {
     let lane = UNIT_POS as usize % LANES;
+    let (r, half) = (lane / 2, lane % 2);
     if comptime!(mma) {
-        let end = stage_at + comptime!(PATCH);
+        let stride = comptime!(tile_stride(padded));
         // Four 16×16 tiles (64 columns) through the patch at a time.
+        #[unroll]
+        for round in 0..comptime!(d.div_ceil(BLOCK)) {
+            stage_round(mats, stage, stage_at, round, d, padded);
+            sync_group(mma);
+            for c in 0..comptime!(BLOCK / 2) {
+                let col = 2 * c + half;
+                if comptime!(round * BLOCK) + col < d {
+                    out[out_at + r * out_row + comptime!(round * BLOCK) + col] = F::cast_from(stage[stage_at + r * stride + col] * row_scale);
+                }
+            }
+            sync_group(mma);
+        }
+    } else {
+        #[unroll]
+        for i in 0..comptime!(d / 2) {
+            out[out_at + r * out_row + comptime!(2 * i) + half] = F::cast_from(vals[i] * row_scale);
+        }
+    }
+}
+
+/// Stores the accumulators of columns `64·round ..` (up to four 16×16 matrices) to the
+/// group's patch `stage[stage_at..]`, rows [`tile_stride`] apart.
+#[allow(clippy::needless_borrow)] // cmma's loads and stores take slices by reference
+#[cube]
+fn stage_round(
+    mats: &Sequence<cmma::Matrix<f32>>,
+    stage: &mut Shared<[f32]>,
+    stage_at: usize,
+    #[comptime] round: usize,
+    #[comptime] d: usize,
+    #[comptime] padded: bool,
+) {
+    let stride = comptime!(tile_stride(padded));
+    let end = stage_at + comptime!(ROWS * stride);
+    #[unroll]
+    for n in 0..comptime!(BLOCK / MMA) {
+        if comptime!(round * (BLOCK / MMA) + n < d / MMA) {
+            let mut dst = stage.slice_mut(stage_at + comptime!(n * MMA), end);
+            cmma::store(&mut dst, mats.index(comptime!(round * (BLOCK / MMA) + n)), comptime!(stride as u32), cmma::MatrixLayout::RowMajor);
+        }
+    }
+}
+
+/// Multiplies each row of the accumulated 16×d tile by its invocations' `factor`: on the
+/// tensor cores a round trip through the group's patch `stage[stage_at..]` (an accumulator's
+/// entries have no row an invocation could name); every invocation of the group calls it then.
+#[allow(clippy::needless_borrow)] // cmma's loads and stores take slices by reference
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn acc_scale(
+    mats: &mut Sequence<cmma::Matrix<f32>>,
+    vals: &mut Array<f32>,
+    stage: &mut Shared<[f32]>,
+    stage_at: usize,
+    factor: f32,
+    #[comptime] d: usize,
+    #[comptime] mma: bool,
+    #[comptime] padded: bool,
+) {
+    if comptime!(mma) {
+        let lane = UNIT_POS as usize % LANES;
+        let (r, half) = (lane / 2, lane % 2);
+        let stride = comptime!(tile_stride(padded));
+        let end = stage_at + comptime!(ROWS * stride);
         #[unroll]
         for round in 0..comptime!(d.div_ceil(BLOCK)) {
             #[unroll]
             for n in 0..comptime!(BLOCK / MMA) {
                 if comptime!(round * (BLOCK / MMA) + n < d / MMA) {
                     let mut dst = stage.slice_mut(stage_at + comptime!(n * MMA), end);
-                    cmma::store(&mut dst, mats.index(comptime!(round * (BLOCK / MMA) + n)), comptime!(BLOCK as u32), cmma::MatrixLayout::RowMajor);
+                    cmma::store(&mut dst, mats.index(comptime!(round * (BLOCK / MMA) + n)), comptime!(stride as u32), cmma::MatrixLayout::RowMajor);
                 }
             }
-            sync_cube();
-            for e in range_stepped(lane, comptime!(PATCH), LANES) {
-                let (r, c) = (e / BLOCK, e % BLOCK);
-                let col = comptime!(round * BLOCK) + c;
-                if col < d {
-                    out[out_at + r * out_row + col] = F::cast_from(stage[stage_at + e]);
+            sync_group(mma);
+            for c in 0..comptime!(BLOCK / 2) {
+                let at = stage_at + r * stride + 2 * c + half;
+                stage[at] *= factor;
+            }
+            sync_group(mma);
+            #[unroll]
+            for n in 0..comptime!(BLOCK / MMA) {
+                if comptime!(round * (BLOCK / MMA) + n < d / MMA) {
+                    let acc = mats.index_mut(comptime!(round * (BLOCK / MMA) + n));
+                    cmma::load_with_layout(acc, &stage.slice(stage_at + comptime!(n * MMA), end), comptime!(stride as u32), cmma::MatrixLayout::RowMajor);
                 }
             }
-            sync_cube();
+            sync_group(mma);
         }
     } else {
         #[unroll]
         for i in 0..comptime!(d / 2) {
-            let e = lane + comptime!(i * LANES);
-            out[out_at + (e / d) * out_row + e % d] = F::cast_from(vals[i]);
+            vals[i] *= factor;
         }
     }
 }
@@ -422,6 +538,12 @@ fn first_key_block(qb: usize, window: usize) -> usize {
 /// `out` `[b, h, s, d]` and `lse` `[b, h, s]` (f32) for `q` `[b, h, s, d]`, `k`, `v` `[b, kv,
 /// s, d]` (any strides with the last dimension contiguous), `keys` `[b, s]` contiguous; `s` a
 /// multiple of [`BLOCK`]. Workgroup `(query block, head, row)`.
+///
+/// One pass over the key blocks (online softmax): each row keeps a reference point `m` and the
+/// sum of `exp(x − m)` over its scores so far, and adds `exp(x − m)·V` into accumulators that are
+/// divided by the sum at the end. `m` moves only when a block's largest score passes it by more
+/// than 8, so that the probabilities stay within `e⁸` (inside f16's range) and the accumulators
+/// are rescaled rarely (on the tensor cores a round trip through workgroup memory).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn forward_kernel<F: Float>(
@@ -436,6 +558,7 @@ fn forward_kernel<F: Float>(
     window: usize,
     #[comptime] d: usize,
     #[comptime] mma: bool,
+    #[comptime] padded: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let unit = UNIT_POS as usize;
@@ -447,82 +570,83 @@ fn forward_kernel<F: Float>(
     let q_at = row * q.stride(0) + head * q.stride(1) + first_q * q.stride(2);
     let (k_base, v_base) = (row * k.stride(0) + kvh * k.stride(1), row * v.stride(0) + kvh * v.stride(1));
     let (q_row, k_row, v_row) = (q.stride(2), k.stride(2), v.stride(2));
-    let mut scores = Shared::<[f32]>::new_slice(comptime!(4 * PATCH));
-    let mut probs = Shared::<[F]>::new_slice(comptime!(4 * PATCH));
-    let patch = group * PATCH;
-    // Two invocations per row, each over half of the block's columns.
+    let (stride, op) = (comptime!(tile_stride(padded)), comptime!(op_stride(padded)));
+    let mut scores = Shared::<[f32]>::new_slice(comptime!(4 * ROWS * tile_stride(padded)));
+    let mut probs = Shared::<[F]>::new_slice(comptime!(4 * ROWS * op_stride(padded)));
+    let (patch, op_patch) = (group * ROWS * stride, group * ROWS * op);
+    // Two invocations per row, each over every other column of the block.
     let (r, half) = (lane / 2, lane % 2);
     let i = first_q + r;
     let first_kb = first_key_block(qb, window);
     let blocks = s / BLOCK;
     let minimum = f32::new(-3.4028235e38); // f32::MIN
 
-    // Pass 1: every row's maximum and sum of exponentials, online.
+    // The row's reference point (the same in both of its invocations) and this invocation's
+    // sum of exp(x − m) over its columns.
     let mut m = minimum;
     let mut l = 0f32;
+    let (mut mats, mut vals) = acc_new(d, mma);
     for kb in first_kb..qb + 1 {
         if blocks_meet(ranges, row, blocks, qb, kb) {
             let full = blocks_full(ranges, row, blocks, qb, kb, window);
-            product_nt::<F>(q, q_at, q_row, k, k_base + kb * BLOCK * k_row, k_row, &mut scores, patch, d, mma);
-            sync_cube();
-            for c in 0..comptime!(BLOCK / 2) {
-                let col = half * comptime!(BLOCK / 2) + c;
-                let j = kb * BLOCK + col;
-                if visible(full, keys, row, s, i, j, window) {
-                    let x = scores[patch + r * BLOCK + col] * scale;
-                    if x > m {
-                        l = l * (m - x).exp() + 1.0;
-                        m = x;
-                    } else {
-                        l += (x - m).exp();
-                    }
+            product_nt::<F>(q, q_at, q_row, k, k_base + kb * BLOCK * k_row, k_row, &mut scores, patch, d, mma, padded);
+            sync_group(mma);
+            // The row's largest visible score in the block: both invocations read the whole row.
+            let mut top = minimum;
+            for c in 0..comptime!(BLOCK) {
+                if visible(full, keys, row, s, i, kb * BLOCK + c, window) {
+                    top = max(top, scores[patch + r * stride + c] * scale);
                 }
             }
-            sync_cube();
+            let mut factor = 1f32;
+            if top > m + 8.0 {
+                factor = (m - top).exp(); // 0 while m is still f32::MIN
+                m = top;
+            }
+            // The row holds accumulated values that the move rescales.
+            let rescale = factor < 1.0 && l > 0.0;
+            l *= factor;
+            for c in 0..comptime!(BLOCK / 2) {
+                let col = 2 * c + half;
+                let mut p = 0f32;
+                if visible(full, keys, row, s, i, kb * BLOCK + col, window) {
+                    p = (scores[patch + r * stride + col] * scale - m).exp();
+                }
+                l += p;
+                probs[op_patch + r * op + col] = F::cast_from(p);
+            }
+            sync_group(mma);
+            if comptime!(mma) {
+                // The round trip is the whole group's (a plane here): it runs where any of its
+                // rows moved.
+                if plane_any(rescale) {
+                    acc_scale(&mut mats, &mut vals, &mut scores, patch, factor, d, mma, padded);
+                }
+            } else {
+                acc_scale(&mut mats, &mut vals, &mut scores, patch, factor, d, mma, padded);
+            }
+            acc_add::<F>(&mats, &mut vals, &probs, op_patch, v, v_base + kb * BLOCK * v_row, v_row, d, mma, padded);
+            sync_group(mma);
         }
     }
-    // The two halves of each row meet through the (now free) scores.
-    scores[2 * unit] = m;
-    scores[2 * unit + 1] = l;
-    sync_cube();
-    let (m2, l2) = (scores[2 * (unit ^ 1)], scores[2 * (unit ^ 1) + 1]);
-    sync_cube();
-    let top = max(m, m2);
-    let total = l * (m - top).exp() + l2 * (m2 - top).exp();
+    // The two halves' sums meet through the (now free) scores.
+    scores[patch + lane] = l;
+    sync_group(mma);
+    let total = l + scores[patch + (lane ^ 1)];
+    sync_group(mma);
     // A row that may see no key keeps P = 0 (every entry masked) whatever its log-sum-exp.
     let mut row_lse = 0f32;
+    let mut inverse = 0f32;
     if total > 0.0 {
-        row_lse = top + total.ln();
+        row_lse = m + total.ln();
+        inverse = 1.0 / total;
     }
     if half == 0 {
         lse[(row * h + head) * s + i] = row_lse;
     }
-
-    // Pass 2: the normalized probabilities times the values.
-    let (mats, mut vals) = acc_new(d, mma);
-    for kb in first_kb..qb + 1 {
-        if blocks_meet(ranges, row, blocks, qb, kb) {
-            let full = blocks_full(ranges, row, blocks, qb, kb, window);
-            product_nt::<F>(q, q_at, q_row, k, k_base + kb * BLOCK * k_row, k_row, &mut scores, patch, d, mma);
-            sync_cube();
-            for c in 0..comptime!(BLOCK / 2) {
-                let col = half * comptime!(BLOCK / 2) + c;
-                let j = kb * BLOCK + col;
-                let at = patch + r * BLOCK + col;
-                let mut p = 0f32;
-                if visible(full, keys, row, s, i, j, window) {
-                    p = (scores[at] * scale - row_lse).exp();
-                }
-                probs[at] = F::cast_from(p);
-            }
-            sync_cube();
-            acc_add::<F>(&mats, &mut vals, &probs, patch, v, v_base + kb * BLOCK * v_row, v_row, d, mma);
-            sync_cube();
-        }
-    }
     let out_row = out.stride(2);
     let out_at = row * out.stride(0) + head * out.stride(1) + first_q * out_row;
-    acc_store::<F>(&mats, &vals, &mut scores, patch, out, out_at, out_row, d, mma);
+    acc_store::<F>(&mats, &vals, &mut scores, patch, out, out_at, out_row, inverse, d, mma, padded);
 }
 
 /// `delta[(b·h + head)·s + i] = Σ_c dout[b, head, i, c]·out[b, head, i, c]` in f32, one row per
@@ -562,6 +686,7 @@ fn dkv_kernel<F: Float>(
     window: usize,
     #[comptime] d: usize,
     #[comptime] mma: bool,
+    #[comptime] padded: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let unit = UNIT_POS as usize;
@@ -575,10 +700,11 @@ fn dkv_kernel<F: Float>(
     let (q_row, k_row, v_row, do_row) = (q.stride(2), k.stride(2), v.stride(2), dout.stride(2));
     // A group's f32 tile (scores, then the probabilities' gradient) and its tile in the
     // operands' dtype (the probabilities, then the scores' gradient): 32 KiB for f32, within
-    // every Vulkan device's limit.
-    let mut tile = Shared::<[f32]>::new_slice(comptime!(4 * PATCH));
-    let mut operand = Shared::<[F]>::new_slice(comptime!(4 * PATCH));
-    let patch = group * PATCH;
+    // every Vulkan device's limit (27 KiB padded for f16).
+    let (stride, op) = (comptime!(tile_stride(padded)), comptime!(op_stride(padded)));
+    let mut tile = Shared::<[f32]>::new_slice(comptime!(4 * ROWS * tile_stride(padded)));
+    let mut operand = Shared::<[F]>::new_slice(comptime!(4 * ROWS * op_stride(padded)));
+    let (patch, op_patch) = (group * ROWS * stride, group * ROWS * op);
     let (r, half) = (lane / 2, lane % 2);
     let j = first_k + r; // this invocation's key
     let blocks = s / BLOCK;
@@ -600,40 +726,38 @@ fn dkv_kernel<F: Float>(
                 let q_at = q_base + qb * BLOCK * q_row;
                 let do_at = do_base + qb * BLOCK * do_row;
                 // Sᵀ = K·Qᵀ: the group's 16 keys against the block's 64 queries.
-                product_nt::<F>(k, k_at, k_row, q, q_at, q_row, &mut tile, patch, d, mma);
-                sync_cube();
+                product_nt::<F>(k, k_at, k_row, q, q_at, q_row, &mut tile, patch, d, mma, padded);
+                sync_group(mma);
                 for c in 0..comptime!(BLOCK / 2) {
-                    let col = half * comptime!(BLOCK / 2) + c;
+                    let col = 2 * c + half;
                     let i = qb * BLOCK + col;
-                    let at = patch + r * BLOCK + col;
                     let mut p = 0f32;
                     if visible(full, keys, row, s, i, j, window) {
-                        p = (tile[at] * scale - lse[stat + i]).exp();
+                        p = (tile[patch + r * stride + col] * scale - lse[stat + i]).exp();
                     }
-                    operand[at] = F::cast_from(p);
+                    operand[op_patch + r * op + col] = F::cast_from(p);
                 }
-                sync_cube();
+                sync_group(mma);
                 // dV += Pᵀ·dO; dPᵀ = V·dOᵀ.
-                acc_add::<F>(&dv_mats, &mut dv_vals, &operand, patch, dout, do_at, do_row, d, mma);
-                product_nt::<F>(v, v_at, v_row, dout, do_at, do_row, &mut tile, patch, d, mma);
-                sync_cube();
+                acc_add::<F>(&dv_mats, &mut dv_vals, &operand, op_patch, dout, do_at, do_row, d, mma, padded);
+                product_nt::<F>(v, v_at, v_row, dout, do_at, do_row, &mut tile, patch, d, mma, padded);
+                sync_group(mma);
                 // dSᵀ = Pᵀ ∘ (dPᵀ − D)/√d, in place of Pᵀ (each invocation rewrites what it reads).
                 for c in 0..comptime!(BLOCK / 2) {
-                    let col = half * comptime!(BLOCK / 2) + c;
-                    let i = qb * BLOCK + col;
-                    let at = patch + r * BLOCK + col;
-                    operand[at] = F::cast_from(f32::cast_from(operand[at]) * (tile[at] - delta[stat + i]) * scale);
+                    let col = 2 * c + half;
+                    let at = op_patch + r * op + col;
+                    operand[at] = F::cast_from(f32::cast_from(operand[at]) * (tile[patch + r * stride + col] - delta[stat + qb * BLOCK + col]) * scale);
                 }
-                sync_cube();
+                sync_group(mma);
                 // dK += dSᵀ·Q.
-                acc_add::<F>(&dk_mats, &mut dk_vals, &operand, patch, q, q_at, q_row, d, mma);
-                sync_cube();
+                acc_add::<F>(&dk_mats, &mut dk_vals, &operand, op_patch, q, q_at, q_row, d, mma, padded);
+                sync_group(mma);
             }
         }
     }
     let out_at = ((row * kv + kvh) * s + first_k) * d;
-    acc_store::<F>(&dk_mats, &dk_vals, &mut tile, patch, dk, out_at, d, d, mma);
-    acc_store::<F>(&dv_mats, &dv_vals, &mut tile, patch, dv, out_at, d, d, mma);
+    acc_store::<F>(&dk_mats, &dk_vals, &mut tile, patch, dk, out_at, d, 1.0, d, mma, padded);
+    acc_store::<F>(&dv_mats, &dv_vals, &mut tile, patch, dv, out_at, d, 1.0, d, mma, padded);
 }
 
 /// `dq` `[b, h, s, d]` (contiguous) for one query block of one head. Workgroup `(query block,
@@ -654,6 +778,7 @@ fn dq_kernel<F: Float>(
     window: usize,
     #[comptime] d: usize,
     #[comptime] mma: bool,
+    #[comptime] padded: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let unit = UNIT_POS as usize;
@@ -666,9 +791,10 @@ fn dq_kernel<F: Float>(
     let do_at = row * dout.stride(0) + head * dout.stride(1) + first_q * dout.stride(2);
     let (k_base, v_base) = (row * k.stride(0) + kvh * k.stride(1), row * v.stride(0) + kvh * v.stride(1));
     let (q_row, k_row, v_row, do_row) = (q.stride(2), k.stride(2), v.stride(2), dout.stride(2));
-    let mut tile = Shared::<[f32]>::new_slice(comptime!(4 * PATCH));
-    let mut operand = Shared::<[F]>::new_slice(comptime!(4 * PATCH));
-    let patch = group * PATCH;
+    let (stride, op) = (comptime!(tile_stride(padded)), comptime!(op_stride(padded)));
+    let mut tile = Shared::<[f32]>::new_slice(comptime!(4 * ROWS * tile_stride(padded)));
+    let mut operand = Shared::<[F]>::new_slice(comptime!(4 * ROWS * op_stride(padded)));
+    let (patch, op_patch) = (group * ROWS * stride, group * ROWS * op);
     let (r, half) = (lane / 2, lane % 2);
     let i = first_q + r;
     let stat = (row * h + head) * s + i;
@@ -679,33 +805,32 @@ fn dq_kernel<F: Float>(
     for kb in first_kb..qb + 1 {
         if blocks_meet(ranges, row, blocks, qb, kb) {
             let full = blocks_full(ranges, row, blocks, qb, kb, window);
-            product_nt::<F>(q, q_at, q_row, k, k_base + kb * BLOCK * k_row, k_row, &mut tile, patch, d, mma);
-            sync_cube();
+            product_nt::<F>(q, q_at, q_row, k, k_base + kb * BLOCK * k_row, k_row, &mut tile, patch, d, mma, padded);
+            sync_group(mma);
             for c in 0..comptime!(BLOCK / 2) {
-                let col = half * comptime!(BLOCK / 2) + c;
-                let j = kb * BLOCK + col;
-                let at = patch + r * BLOCK + col;
+                let col = 2 * c + half;
                 let mut p = 0f32;
-                if visible(full, keys, row, s, i, j, window) {
-                    p = (tile[at] * scale - row_lse).exp();
+                if visible(full, keys, row, s, i, kb * BLOCK + col, window) {
+                    p = (tile[patch + r * stride + col] * scale - row_lse).exp();
                 }
-                operand[at] = F::cast_from(p);
+                operand[op_patch + r * op + col] = F::cast_from(p);
             }
-            sync_cube();
-            product_nt::<F>(dout, do_at, do_row, v, v_base + kb * BLOCK * v_row, v_row, &mut tile, patch, d, mma);
-            sync_cube();
+            sync_group(mma);
+            product_nt::<F>(dout, do_at, do_row, v, v_base + kb * BLOCK * v_row, v_row, &mut tile, patch, d, mma, padded);
+            sync_group(mma);
             // dS = P ∘ (dP − D)/√d, in place of P.
             for c in 0..comptime!(BLOCK / 2) {
-                let at = patch + r * BLOCK + half * comptime!(BLOCK / 2) + c;
-                operand[at] = F::cast_from(f32::cast_from(operand[at]) * (tile[at] - row_delta) * scale);
+                let col = 2 * c + half;
+                let at = op_patch + r * op + col;
+                operand[at] = F::cast_from(f32::cast_from(operand[at]) * (tile[patch + r * stride + col] - row_delta) * scale);
             }
-            sync_cube();
-            acc_add::<F>(&mats, &mut vals, &operand, patch, k, k_base + kb * BLOCK * k_row, k_row, d, mma);
-            sync_cube();
+            sync_group(mma);
+            acc_add::<F>(&mats, &mut vals, &operand, op_patch, k, k_base + kb * BLOCK * k_row, k_row, d, mma, padded);
+            sync_group(mma);
         }
     }
     let out_at = ((row * h + head) * s + first_q) * d;
-    acc_store::<F>(&mats, &vals, &mut tile, patch, dq, out_at, d, d, mma);
+    acc_store::<F>(&mats, &vals, &mut tile, patch, dq, out_at, d, 1.0, d, mma, padded);
 }
 
 /// `t` with its last dimension contiguous (a view's other strides are kept).
@@ -768,13 +893,13 @@ pub fn forward(q: CubeTensor, k: CubeTensor, v: CubeTensor, keys: CubeTensor, wi
     count(path);
     let [b, h, s, d] = q.shape().dims();
     let kv = k.shape()[1];
-    let padded = s.next_multiple_of(BLOCK);
-    let [q, k, v] = [q, k, v].map(|t| rows_contiguous(pad(t, 2, padded)));
-    let keys = into_contiguous(pad(keys, 1, padded));
+    let positions = s.next_multiple_of(BLOCK);
+    let [q, k, v] = [q, k, v].map(|t| rows_contiguous(pad(t, 2, positions)));
+    let keys = into_contiguous(pad(keys, 1, positions));
     let ranges = block_ranges(&keys);
-    let out = empty_device_dtype(q.client.clone(), q.device.clone(), Shape::new([b, h, padded, d]), q.dtype);
-    let lse = empty_device_dtype(q.client.clone(), q.device.clone(), Shape::new([b, kv, h / kv, padded, 1]), DType::F32);
-    let (count, dim) = launch_dims(padded / BLOCK, h, b);
+    let out = empty_device_dtype(q.client.clone(), q.device.clone(), Shape::new([b, h, positions, d]), q.dtype);
+    let lse = empty_device_dtype(q.client.clone(), q.device.clone(), Shape::new([b, kv, h / kv, positions, 1]), DType::F32);
+    let (count, dim) = launch_dims(positions / BLOCK, h, b);
     let dtype = dtype_to_storage_type(q.dtype);
     // SAFETY: `path` checked the shapes ([b, h, s, d] queries, [b, kv, s, d] keys and values
     // with kv dividing h, [b, s] key flags) and d ≤ MAX_HEAD; every tensor is padded to a
@@ -796,6 +921,7 @@ pub fn forward(q: CubeTensor, k: CubeTensor, v: CubeTensor, keys: CubeTensor, wi
             window,
             d,
             path == Path::Mma,
+            padded(q.dtype),
             dtype,
         )
     }
@@ -819,20 +945,20 @@ pub fn backward(
     count(path);
     let [b, h, s, d] = q.shape().dims();
     let kv = k.shape()[1];
-    let padded = s.next_multiple_of(BLOCK);
-    let [q, k, v, out, dout] = [q, k, v, out, dout].map(|t| rows_contiguous(pad(t, 2, padded)));
-    let keys = into_contiguous(pad(keys, 1, padded));
-    let lse = into_contiguous(pad(lse, 3, padded));
+    let positions = s.next_multiple_of(BLOCK);
+    let [q, k, v, out, dout] = [q, k, v, out, dout].map(|t| rows_contiguous(pad(t, 2, positions)));
+    let keys = into_contiguous(pad(keys, 1, positions));
+    let lse = into_contiguous(pad(lse, 3, positions));
     let ranges = block_ranges(&keys);
     let (client, device) = (q.client.clone(), q.device.clone());
-    let delta = empty_device_dtype(client.clone(), device.clone(), Shape::new([b, h, padded]), DType::F32);
-    let dq = empty_device_dtype(client.clone(), device.clone(), Shape::new([b, h, padded, d]), q.dtype);
-    let dk = empty_device_dtype(client.clone(), device.clone(), Shape::new([b, kv, padded, d]), q.dtype);
-    let dv = empty_device_dtype(client.clone(), device.clone(), Shape::new([b, kv, padded, d]), q.dtype);
+    let delta = empty_device_dtype(client.clone(), device.clone(), Shape::new([b, h, positions]), DType::F32);
+    let dq = empty_device_dtype(client.clone(), device.clone(), Shape::new([b, h, positions, d]), q.dtype);
+    let dk = empty_device_dtype(client.clone(), device.clone(), Shape::new([b, kv, positions, d]), q.dtype);
+    let dv = empty_device_dtype(client.clone(), device.clone(), Shape::new([b, kv, positions, d]), q.dtype);
     let dtype = dtype_to_storage_type(q.dtype);
     let scale = 1.0 / (d as f32).sqrt();
-    let mma = path == Path::Mma;
-    let rows = b * h * padded;
+    let (mma, tiles_padded) = (path == Path::Mma, padded(q.dtype));
+    let rows = b * h * positions;
     // SAFETY: as in `forward`; `delta` and `lse` hold one f32 per (row, head, padded query);
     // dq, dk and dv are contiguous with the padded shapes, each workgroup writing its own block.
     unsafe {
@@ -846,7 +972,7 @@ pub fn backward(
             d,
             dtype,
         );
-        let (count, dim) = launch_dims(padded / BLOCK, kv, b);
+        let (count, dim) = launch_dims(positions / BLOCK, kv, b);
         dkv_kernel::launch_unchecked(
             &client,
             count,
@@ -865,9 +991,10 @@ pub fn backward(
             window,
             d,
             mma,
+            tiles_padded,
             dtype,
         );
-        let (count, dim) = launch_dims(padded / BLOCK, h, b);
+        let (count, dim) = launch_dims(positions / BLOCK, h, b);
         dq_kernel::launch_unchecked(
             &client,
             count,
@@ -885,6 +1012,7 @@ pub fn backward(
             window,
             d,
             mma,
+            tiles_padded,
             dtype,
         );
     }

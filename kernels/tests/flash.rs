@@ -19,12 +19,14 @@ use lora_kernels::flash::{self, Mode, Path};
 /// relative to the reference's largest magnitude: `[out, dq, dk, dv]`, for the key flags of
 /// `test_flags` (row 0: three packed sequences; row 1: 3 left pads).
 fn relative_errors(device: &Device, dtype: DType, dims: (usize, usize, usize, usize), s: usize, window: Option<usize>) -> [f32; 4] {
-    relative_errors_with(device, dtype, dims, s, window, test_flags(dims.0, s))
+    relative_errors_with(device, dtype, dims, s, window, test_flags(dims.0, s), 0.0)
 }
 
-/// [`relative_errors`] for the key flags `keys` `[b, s]`. The kernels' keys and values are NaN
-/// wherever a whole block of 64 positions holds no visible key: the kernels must skip such
-/// blocks (the reference, on the clean values, does not read them either).
+/// [`relative_errors`] for the key flags `keys` `[b, s]`, with key `j` multiplied by `1 + growth
+/// · j / 64`. The kernels' keys and values are NaN wherever a whole block of 64 positions holds
+/// no visible key: the kernels must skip such blocks (the reference, on the clean values, does
+/// not read them either). Growing keys make a row's largest score grow from block to block, so
+/// that the forward's online softmax moves its reference point and rescales what it summed.
 fn relative_errors_with(
     device: &Device,
     dtype: DType,
@@ -32,6 +34,7 @@ fn relative_errors_with(
     s: usize,
     window: Option<usize>,
     keys: Vec<f32>,
+    growth: f32,
 ) -> [f32; 4] {
     let flag_values: Vec<f32> = keys.iter().map(|&k| k.min(1.0)).collect();
     let flags = Tensor::<2>::from_data(TensorData::new(keys.clone(), [b, s]), (device, DType::F32));
@@ -39,7 +42,10 @@ fn relative_errors_with(
     // composition and as 0 by the kernels; their outputs never reach a loss, so they are left out.
     let seen = Tensor::<4>::from_data(TensorData::new(flag_values, [b, 1, s, 1]), (device, DType::F32));
     let random = |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), (device, DType::F32)).cast(dtype);
-    let (q0, k0, v0) = (random([b, h, s, d]), random([b, kv, s, d]), random([b, kv, s, d]));
+    let ramp: Vec<f32> = (0..s).map(|j| 1.0 + growth * j as f32 / flash::BLOCK as f32).collect();
+    let ramp = Tensor::<4>::from_data(TensorData::new(ramp, [1, 1, s, 1]), (device, DType::F32));
+    let k0 = (random([b, kv, s, d]).cast(DType::F32) * ramp).cast(dtype);
+    let (q0, v0) = (random([b, h, s, d]), random([b, kv, s, d]));
     let hidden_block: Vec<bool> =
         (0..b * s).map(|i| keys[i / s * s..][..s].chunks(flash::BLOCK).nth(i % s / flash::BLOCK).is_some_and(|c| c.iter().all(|&f| f < 0.5))).collect();
     let poison = Tensor::<4, burn::tensor::Bool>::from_data(TensorData::new(hidden_block, [b, 1, s, 1]), device).expand([b, kv, s, d]);
@@ -71,15 +77,16 @@ fn relative_errors_with(
 }
 
 fn check(device: &Device, path: Path, dtype: DType, dims: (usize, usize, usize, usize), s: usize, window: Option<usize>) {
-    check_with(device, path, dtype, dims, s, window, test_flags(dims.0, s));
+    check_with(device, path, dtype, dims, s, window, test_flags(dims.0, s), 0.0);
 }
 
 /// The kernels ran on `path` and agree with the reference within 1e-5 (f32) or 2e-2 (f16) of
 /// its largest magnitude.
-fn check_with(device: &Device, path: Path, dtype: DType, dims: (usize, usize, usize, usize), s: usize, window: Option<usize>, keys: Vec<f32>) {
+#[allow(clippy::too_many_arguments)]
+fn check_with(device: &Device, path: Path, dtype: DType, dims: (usize, usize, usize, usize), s: usize, window: Option<usize>, keys: Vec<f32>, growth: f32) {
     let tolerance = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
     let before = flash::launched(path);
-    let errors = relative_errors_with(device, dtype, dims, s, window, keys);
+    let errors = relative_errors_with(device, dtype, dims, s, window, keys, growth);
     assert_eq!(flash::launched(path), before + 2, "{path:?}: the kernels did not run (forward and backward) for {dims:?}, s {s}");
     assert!(errors.iter().all(|e| *e < tolerance), "{path:?} {dtype:?} {dims:?} s {s} window {window:?}: out, dq, dk, dv differ by {errors:?} (relative)");
 }
@@ -95,8 +102,13 @@ fn flash_attention_matches_the_composition_on_wgpu() {
     // tokens (then 20 pads), so its third and fourth query blocks skip the first key block;
     // row 1 starts with 130 pads, two whole blocks without a visible key (NaN in the kernels'
     // keys and values, see `relative_errors_with`).
-    check_with(&device, Path::Scalar, DType::F32, (2, 4, 2, 8), 320, None, skipping_flags(320));
-    check_with(&device, Path::Scalar, DType::F32, (2, 4, 2, 8), 320, Some(100), skipping_flags(320));
+    check_with(&device, Path::Scalar, DType::F32, (2, 4, 2, 8), 320, None, skipping_flags(320), 0.0);
+    check_with(&device, Path::Scalar, DType::F32, (2, 4, 2, 8), 320, Some(100), skipping_flags(320), 0.0);
+    // Keys that grow along the row (scores up to about 40 at the end): the forward rescales.
+    check_with(&device, Path::Scalar, DType::F32, (2, 4, 2, 8), 320, None, test_flags(2, 320), 4.0);
+    // Half precision pads the kernels' tiles in workgroup memory.
+    check(&device, Path::Scalar, DType::F16, (2, 4, 2, 8), 150, Some(70));
+    check_with(&device, Path::Scalar, DType::F16, (2, 4, 2, 8), 320, None, skipping_flags(320), 4.0);
 
     flash::set_mode(Mode::Mma);
     let before = flash::launched(Path::Mma);
@@ -109,7 +121,9 @@ fn flash_attention_matches_the_composition_on_wgpu() {
     assert!(errors.iter().all(|e| *e < 2e-2), "Mma f16 d 64 s 200: out, dq, dk, dv differ by {errors:?} (relative)");
     check(&device, Path::Mma, DType::F16, (2, 8, 2, 128), 192, Some(100));
     check(&device, Path::Mma, DType::F16, (1, 4, 4, 64), 512, None);
-    check_with(&device, Path::Mma, DType::F16, (2, 4, 2, 64), 320, None, skipping_flags(320));
+    check_with(&device, Path::Mma, DType::F16, (2, 4, 2, 64), 320, None, skipping_flags(320), 0.0);
+    check_with(&device, Path::Mma, DType::F16, (2, 4, 2, 64), 320, None, skipping_flags(320), 4.0);
+    check_with(&device, Path::Mma, DType::F16, (1, 4, 2, 128), 256, None, test_flags(1, 256), 4.0);
 }
 
 /// Two rows of `s` flags: packed sequences of 70, 130, 40 and 60 tokens then pads, and 130
