@@ -589,6 +589,49 @@ fn bench_generate_reports_rates_and_decodes_deterministically() {
     assert_eq!(one["output_head"], two["output_head"]);
 }
 
+/// `lora bench attention` times the model's attention forward and forward with backward (the
+/// gradients through autodiff) at every length it is given, and refuses an empty length.
+#[test]
+fn bench_attention_reports_every_length_and_refuses_an_empty_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("attention.json");
+    let bench = |seq: &str| {
+        lora(&[
+            "bench",
+            "attention",
+            "--geometry",
+            "tiny",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--seq",
+            seq,
+            "--iters",
+            "2",
+            "--json",
+            json.to_str().unwrap(),
+        ])
+    };
+    let out = bench("64,100");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.iter().map(|r| r["seq"].as_u64().unwrap()).collect::<Vec<_>>(), [64, 100]);
+    for row in rows {
+        for key in ["forward_s", "forward_backward_s", "forward_tflops", "forward_backward_tflops"] {
+            let v = row[key].as_f64().unwrap();
+            assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+        }
+        // tiny: 4 query heads of size 16 over 2 key/value heads.
+        assert_eq!((row["heads"].as_u64(), row["kv_heads"].as_u64(), row["head_dim"].as_u64()), (Some(4), Some(2), Some(16)));
+    }
+    let out = bench("0");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--seq"), "{stderr}");
+}
+
 /// Issue 14, "Fuzzing and hostile files": hostile inputs run under a 1 GiB address-space limit
 /// (`ulimit -v`) end in a clear error naming what is wrong and exit code 2, never an abort, a
 /// panic or an out-of-memory kill: a 50 MB JSONL row, a 100,000-character prompt, a
