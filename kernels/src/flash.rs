@@ -6,8 +6,8 @@
 //! through the other side [`BLOCK`] positions at a time. A group's 16×64 tiles of scores,
 //! probabilities and their gradients live in its own patch of workgroup memory, where its 32
 //! invocations apply the mask and the exponentials, two invocations per row (every other
-//! column each); the patches' rows are padded so that those accesses do not meet in one
-//! memory bank, and a group synchronizes only itself where it is a plane.
+//! column each); in half precision the patches' rows are padded so that those accesses do not
+//! meet in one memory bank, and a group synchronizes only itself where it is a plane.
 //!
 //! - Forward ([`forward`]): per query block, one pass over the key blocks (the online softmax):
 //!   each row adds `exp(x − m)·V` into accumulators against a reference point `m` that moves
