@@ -50,11 +50,11 @@ pub fn run(args: BenchAttentionArgs) -> Result<()> {
     let fd = lora_kernels::tensor::float_dtype(dtype);
     let (b, h, kv, d) = (args.batch_size, g.heads, g.kv_heads, g.hidden / g.heads);
     let masking = Masking { window: None, chunk: 0 };
+    anyhow::ensure!(b > 0 && args.seq.iter().all(|&s| s > 0), "--batch-size and --seq must be positive");
+    let random = |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), (&device, DType::F32)).cast(fd);
     let mut rows = Vec::new();
     for &s in &args.seq {
-        anyhow::ensure!(b > 0 && s > 0, "--batch-size and --seq must be positive");
-        let random = |shape: [usize; 4], on: &burn::tensor::Device| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), (on, DType::F32)).cast(fd);
-        let (q, k, v) = (random([b, h, s, d], &device), random([b, kv, s, d], &device), random([b, kv, s, d], &device));
+        let (q, k, v) = (random([b, h, s, d]), random([b, kv, s, d]), random([b, kv, s, d]));
         let keys = Tensor::<2>::ones([b, s], (&device, DType::F32));
         let forward = time(&device, args.iters, || attention(q.clone(), k.clone(), v.clone(), keys.clone(), masking))?;
         let tracked = |t: &Tensor<4>| t.clone().autodiff().require_grad();
