@@ -13,16 +13,22 @@
 //!   each row adds `exp(x − m)·V` into accumulators against a reference point `m` that moves
 //!   (rescaling them) only when a score passes it by more than 8, and divides by the sum of the
 //!   exponentials at the end; the log-sum-exp is kept for the backward.
-//! - Backward ([`backward`]): `D = rowsum(dO ∘ O)` in a small kernel; per key block (and
-//!   every query head of its key/value head), `dV += Pᵀ·dO` and `dK += dSᵀ·Q`; per query
-//!   block, `dQ += dS·K`, with `dS = P ∘ (dO·Vᵀ − D)/√d` recomputed from the forward's
-//!   log-sum-exp in both.
+//! - Backward ([`backward`]): `D = rowsum(dO ∘ O)` in a small kernel; per key block and query
+//!   head, `dV += Pᵀ·dO` and `dK += dSᵀ·Q` (a key/value head's query heads summed after);
+//!   per query block, `dQ += dS·K`, with `dS = P ∘ (dO·Vᵀ − D)/√d` recomputed from the
+//!   forward's log-sum-exp in both.
 //!
 //! The 16×64 and 16×d products run on the tensor cores (16×16×16 cooperative matrices, f16
 //! operands, f32 accumulators) where the device has them and the head size is a multiple of
-//! 16 ([`Path::Mma`], the default: see [`Mode`]); [`Path::Scalar`] computes the same products one dot product per
-//! invocation, so that the rest of the kernels (masks, the softmax and its gradient, the
-//! indexing) is checked on a device without tensor cores (lavapipe in CI). Query head `i`
+//! 16 ([`Path::Mma`], the default: see [`Mode`]). There the block of 64 rows that all four
+//! groups multiply by (keys and values in the forward and for dQ, queries and output gradients
+//! for dK and dV) is copied into workgroup memory once, by the whole workgroup in coalesced
+//! reads, two blocks at a time where they fit; the queries a group multiplies stay in registers
+//! across the steps of the forward and of dQ (the backward's other operands are loaded from
+//! global memory at each step, for the registers' sake). [`Path::Scalar`] computes the same products
+//! one dot product per invocation from global memory, so that the rest of the kernels (masks,
+//! the softmax and its gradient, the indexing) is checked on a device without tensor cores
+//! (lavapipe in CI). Query head `i`
 //! reads key/value head `i / (h / kv)` (grouped-query attention, no copy); masks are causal,
 //! optionally with a sliding window, and key padding; a query that may see no key gets a zero
 //! output (such positions never reach a loss).
@@ -73,6 +79,36 @@ const fn tile_stride(padded: bool) -> usize {
 /// Row stride of a group's tile in the operands' dtype: 144-byte rows when padded (f16).
 const fn op_stride(padded: bool) -> usize {
     if padded { BLOCK + 8 } else { BLOCK }
+}
+
+/// Row stride of a block of 64 rows (keys, values, queries or output gradients) staged in
+/// workgroup memory on the tensor-core path: 16 bytes past the row, so that the rows' starts
+/// fall in different banks.
+const fn block_stride(d: usize) -> usize {
+    d + 8
+}
+
+/// How many blocks of 64 rows the tensor-core kernels stage in workgroup memory at once for head
+/// size `d`: both of a step's operands (keys and values, or queries and output gradients) where
+/// `max_shared` bytes hold them, else one at a time. Zero on the scalar path, which reads them
+/// from global memory.
+fn staged_blocks(path: Path, d: usize, max_shared: usize) -> usize {
+    match path {
+        Path::Scalar => 0,
+        Path::Mma if shared_bytes(Path::Mma, 2, d, 2) <= max_shared => 2,
+        Path::Mma => 1,
+    }
+}
+
+/// Workgroup memory of a kernel with operands of `size` bytes, head size `d` and `blocks`
+/// staged blocks: four groups' f32 tile and operand tile, and the blocks.
+const fn shared_bytes(path: Path, size: usize, d: usize, blocks: usize) -> usize {
+    let padded = size == 2;
+    let tiles = 4 * ROWS * (tile_stride(padded) * 4 + op_stride(padded) * size);
+    match path {
+        Path::Mma => tiles + blocks * BLOCK * block_stride(d) * size,
+        Path::Scalar => tiles,
+    }
 }
 
 /// Whether the kernels pad their tiles' rows for operands of `dtype`: for half-precision ones
@@ -192,10 +228,15 @@ pub fn path(q: &CubeTensor, k: &CubeTensor, v: &CubeTensor, keys: &CubeTensor, m
     if !shapes || !dtypes || d == 0 || d > MAX_HEAD {
         return None;
     }
-    if mode == Mode::Mma && q.dtype == DType::F16 && d.is_multiple_of(MMA) && has_mma(q) {
-        return Some(Path::Mma);
-    }
-    (mode == Mode::Scalar && d.is_multiple_of(2)).then_some(Path::Scalar)
+    let chosen = if mode == Mode::Mma && q.dtype == DType::F16 && d.is_multiple_of(MMA) && has_mma(q) {
+        Path::Mma
+    } else if mode == Mode::Scalar && d.is_multiple_of(2) {
+        Path::Scalar
+    } else {
+        return None;
+    };
+    let max_shared = q.client.properties().hardware.max_shared_memory_size;
+    (shared_bytes(chosen, q.dtype.size(), d, staged_blocks(chosen, d, max_shared)) <= max_shared).then_some(chosen)
 }
 
 /// Whether query `i` (flag `query`) may see key `j` (flag `key`): causal, inside the window, and
@@ -221,19 +262,57 @@ fn visible(full: bool, keys: &Tensor<f32>, row: usize, s: usize, i: usize, j: us
     ok
 }
 
-/// `out[out_at + r·stride + c] = Σ_t a[a_at + r·a_row + t]·x[x_at + c·x_row + t]` for the
-/// group's 16 rows `r` and 64 columns `c` (`t < d`, `stride` [`tile_stride`]): a 16×d tile
-/// times the transpose of a 64×d one.
+/// The group's 16 rows `a[at + r·row ..]` (`d` entries each) as `d / 16` tensor-core A operands;
+/// none on the scalar path.
+#[allow(clippy::needless_borrow)] // cmma's loads take slices by reference
+#[cube]
+fn a_frags<F: Float>(a: &Tensor<F>, at: usize, row: usize, #[comptime] d: usize, #[comptime] mma: bool) -> Sequence<cmma::Matrix<F>> {
+    let mut frags = Sequence::<cmma::Matrix<F>>::new();
+    if comptime!(mma) {
+        let len = a.len();
+        #[unroll]
+        for t in 0..comptime!(d / MMA) {
+            let mut fa = unsafe { cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::A, MMA, MMA, MMA, cmma::MatrixLayout::RowMajor) };
+            cmma::load(&mut fa, &a.slice(at + comptime!(t * MMA), len), row as u32);
+            frags.push(fa);
+        }
+    }
+    frags
+}
+
+/// Copies the 64 rows `src[at + r·row ..]` (`d` entries each) into `blocks[block_at..]`, rows
+/// [`block_stride`] apart: every invocation of the workgroup copies its share, consecutive
+/// invocations consecutive entries (coalesced reads). The barriers around it are the caller's.
+#[cube]
+fn stage_block<F: Float>(src: &Tensor<F>, at: usize, row: usize, blocks: &mut Shared<[F]>, block_at: usize, #[comptime] d: usize) {
+    let unit = UNIT_POS as usize;
+    let stride = comptime!(block_stride(d));
+    #[unroll]
+    for step in 0..comptime!(BLOCK * d / UNITS) {
+        let e = comptime!(step * UNITS) + unit;
+        let (r, c) = (e / d, e % d);
+        blocks[block_at + r * stride + c] = src[at + r * row + c];
+    }
+}
+
+/// `out[out_at + r·stride + c] = Σ_t a[r, t]·x[c, t]` for the group's 16 rows `r` and 64
+/// columns `c` (`t < d`, `stride` [`tile_stride`]): a 16×d tile times the transpose of a 64×d
+/// one. On the tensor cores `a` is `a_frags` ([`a_frags`]) and `x` the block staged at
+/// `blocks[block_at..]`; on the scalar path both are read from global memory, `a[a_at + r·a_row +
+/// t]` and `x[x_at + c·x_row + t]`.
 #[allow(clippy::needless_borrow)] // cmma's loads and stores take slices by reference
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn product_nt<F: Float>(
+    a_frags: &Sequence<cmma::Matrix<F>>,
     a: &Tensor<F>,
     a_at: usize,
     a_row: usize,
     x: &Tensor<F>,
     x_at: usize,
     x_row: usize,
+    blocks: &Shared<[F]>,
+    block_at: usize,
     out: &mut Shared<[f32]>,
     out_at: usize,
     #[comptime] d: usize,
@@ -242,23 +321,22 @@ fn product_nt<F: Float>(
 ) {
     let stride = comptime!(tile_stride(padded));
     if comptime!(mma) {
-        let mut fa = unsafe { cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::A, MMA, MMA, MMA, cmma::MatrixLayout::RowMajor) };
+        let ks = comptime!(block_stride(d));
         let mut fb = unsafe { cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, MMA, MMA, MMA, cmma::MatrixLayout::ColMajor) };
         let mut accs = Sequence::<cmma::Matrix<f32>>::new();
         #[unroll]
         for _ in 0..comptime!(BLOCK / MMA) {
             accs.push(cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, MMA, MMA, MMA, cmma::MatrixLayout::Undefined, 0.0));
         }
-        let (a_len, x_len) = (a.len(), x.len());
+        let block_end = block_at + comptime!(BLOCK * ks);
         #[unroll]
         for t in 0..comptime!(d / MMA) {
-            cmma::load(&mut fa, &a.slice(a_at + comptime!(t * MMA), a_len), a_row as u32);
             #[unroll]
             for n in 0..comptime!(BLOCK / MMA) {
-                // B(t, c) = x[c, t]: column-major with the row stride of x.
-                cmma::load(&mut fb, &x.slice(x_at + comptime!(n * MMA) * x_row + comptime!(t * MMA), x_len), x_row as u32);
+                // B(t, c) = x[c, t]: column-major with the staged rows' stride.
+                cmma::load(&mut fb, &blocks.slice(block_at + comptime!(n * MMA * ks + t * MMA), block_end), comptime!(ks as u32));
                 let acc = accs.index(n);
-                cmma::execute(&fa, &fb, acc, acc);
+                cmma::execute(a_frags.index(t), &fb, acc, acc);
             }
         }
         let end = out_at + comptime!(ROWS * stride);
@@ -297,8 +375,9 @@ fn acc_new(#[comptime] d: usize, #[comptime] mma: bool) -> (Sequence<cmma::Matri
     (mats, vals)
 }
 
-/// Adds `p[p_at..]` (16×64, row-major in workgroup memory, rows [`op_stride`] apart) times
-/// `y[y_at..]` (64×d, row stride `y_row`) to the accumulators.
+/// Adds `p[p_at..]` (16×64, row-major in workgroup memory, rows [`op_stride`] apart) times a
+/// 64×d block `y` to the accumulators: on the tensor cores the block staged at
+/// `blocks[block_at..]`, on the scalar path `y[y_at + c·y_row + n]` in global memory.
 #[allow(clippy::needless_borrow)] // cmma's loads and stores take slices by reference
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -310,21 +389,24 @@ fn acc_add<F: Float>(
     y: &Tensor<F>,
     y_at: usize,
     y_row: usize,
+    blocks: &Shared<[F]>,
+    block_at: usize,
     #[comptime] d: usize,
     #[comptime] mma: bool,
     #[comptime] padded: bool,
 ) {
     let stride = comptime!(op_stride(padded));
     if comptime!(mma) {
+        let ks = comptime!(block_stride(d));
         let mut fa = unsafe { cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::A, MMA, MMA, MMA, cmma::MatrixLayout::RowMajor) };
         let mut fb = unsafe { cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, MMA, MMA, MMA, cmma::MatrixLayout::RowMajor) };
-        let (p_end, y_len) = (p_at + comptime!(ROWS * stride), y.len());
+        let (p_end, block_end) = (p_at + comptime!(ROWS * stride), block_at + comptime!(BLOCK * ks));
         #[unroll]
         for t in 0..comptime!(BLOCK / MMA) {
             cmma::load(&mut fa, &p.slice(p_at + comptime!(t * MMA), p_end), comptime!(stride as u32));
             #[unroll]
             for n in 0..comptime!(d / MMA) {
-                cmma::load(&mut fb, &y.slice(y_at + comptime!(t * MMA) * y_row + comptime!(n * MMA), y_len), y_row as u32);
+                cmma::load(&mut fb, &blocks.slice(block_at + comptime!(t * MMA * ks + n * MMA), block_end), comptime!(ks as u32));
                 let acc = mats.index(n);
                 cmma::execute(&fa, &fb, acc, acc);
             }
@@ -347,11 +429,10 @@ fn acc_add<F: Float>(
 /// Writes the accumulated 16×d tile, each row times its invocations' `row_scale`, to
 /// `out[out_at + r·out_row + n]`, through the group's patch `stage[stage_at..]` on the
 /// tensor-core path. Every invocation of the group calls it (it synchronizes the group).
-#[allow(clippy::needless_borrow)] // cmma's loads and stores take slices by reference
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn acc_store<F: Float>(
-    mats: &Sequence<cmma::Matrix<f32>>,
+    mats: &mut Sequence<cmma::Matrix<f32>>,
     vals: &Array<f32>,
     stage: &mut Shared<[f32]>,
     stage_at: usize,
@@ -372,8 +453,9 @@ fn acc_store<F: Float>(
         for round in 0..comptime!(d.div_ceil(BLOCK)) {
             stage_round(mats, stage, stage_at, round, d, padded);
             sync_group(mma);
+            #[unroll]
             for c in 0..comptime!(BLOCK / 2) {
-                let col = 2 * c + half;
+                let col = comptime!(2 * c) + half;
                 if comptime!(round * BLOCK) + col < d {
                     out[out_at + r * out_row + comptime!(round * BLOCK) + col] = F::cast_from(stage[stage_at + r * stride + col] * row_scale);
                 }
@@ -393,7 +475,7 @@ fn acc_store<F: Float>(
 #[allow(clippy::needless_borrow)] // cmma's loads and stores take slices by reference
 #[cube]
 fn stage_round(
-    mats: &Sequence<cmma::Matrix<f32>>,
+    mats: &mut Sequence<cmma::Matrix<f32>>,
     stage: &mut Shared<[f32]>,
     stage_at: usize,
     #[comptime] round: usize,
@@ -434,16 +516,11 @@ fn acc_scale(
         let end = stage_at + comptime!(ROWS * stride);
         #[unroll]
         for round in 0..comptime!(d.div_ceil(BLOCK)) {
-            #[unroll]
-            for n in 0..comptime!(BLOCK / MMA) {
-                if comptime!(round * (BLOCK / MMA) + n < d / MMA) {
-                    let mut dst = stage.slice_mut(stage_at + comptime!(n * MMA), end);
-                    cmma::store(&mut dst, mats.index(comptime!(round * (BLOCK / MMA) + n)), comptime!(stride as u32), cmma::MatrixLayout::RowMajor);
-                }
-            }
+            stage_round(mats, stage, stage_at, round, d, padded);
             sync_group(mma);
+            #[unroll]
             for c in 0..comptime!(BLOCK / 2) {
-                let at = stage_at + r * stride + 2 * c + half;
+                let at = stage_at + r * stride + comptime!(2 * c) + half;
                 stage[at] *= factor;
             }
             sync_group(mma);
@@ -544,6 +621,9 @@ fn first_key_block(qb: usize, window: usize) -> usize {
 /// divided by the sum at the end. `m` moves only when a block's largest score passes it by more
 /// than 8, so that the probabilities stay within `e⁸` (inside f16's range) and the accumulators
 /// are rescaled rarely (on the tensor cores a round trip through workgroup memory).
+///
+/// On the tensor cores the queries stay in registers and each key and value block is staged in
+/// workgroup memory once for the four groups ([`staged_blocks`] of them at a time).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn forward_kernel<F: Float>(
@@ -559,6 +639,7 @@ fn forward_kernel<F: Float>(
     #[comptime] d: usize,
     #[comptime] mma: bool,
     #[comptime] padded: bool,
+    #[comptime] staged: usize,
     #[define(F)] _dtype: ElemType,
 ) {
     let unit = UNIT_POS as usize;
@@ -572,7 +653,12 @@ fn forward_kernel<F: Float>(
     let (q_row, k_row, v_row) = (q.stride(2), k.stride(2), v.stride(2));
     let (stride, op) = (comptime!(tile_stride(padded)), comptime!(op_stride(padded)));
     let mut scores = Shared::<[f32]>::new_slice(comptime!(4 * ROWS * tile_stride(padded)));
-    let mut probs = Shared::<[F]>::new_slice(comptime!(4 * ROWS * op_stride(padded)));
+    // The operand tiles, then (tensor cores) the staged blocks: one array, as the scalar path has
+    // no room for another on some devices.
+    let mut probs = Shared::<[F]>::new_slice(comptime!(4 * ROWS * op_stride(padded) + staged * BLOCK * block_stride(d)));
+    let staging_at = comptime!(4 * ROWS * op_stride(padded));
+    // The staged keys, and the values after them where both fit (in their place otherwise).
+    let v_block = comptime!(if staged == 2 { BLOCK * block_stride(d) } else { 0 });
     let (patch, op_patch) = (group * ROWS * stride, group * ROWS * op);
     // Two invocations per row, each over every other column of the block.
     let (r, half) = (lane / 2, lane % 2);
@@ -580,6 +666,7 @@ fn forward_kernel<F: Float>(
     let first_kb = first_key_block(qb, window);
     let blocks = s / BLOCK;
     let minimum = f32::new(-3.4028235e38); // f32::MIN
+    let q_frags = a_frags::<F>(q, q_at, q_row, d, mma);
 
     // The row's reference point (the same in both of its invocations) and this invocation's
     // sum of exp(x − m) over its columns.
@@ -589,13 +676,43 @@ fn forward_kernel<F: Float>(
     for kb in first_kb..qb + 1 {
         if blocks_meet(ranges, row, blocks, qb, kb) {
             let full = blocks_full(ranges, row, blocks, qb, kb, window);
-            product_nt::<F>(q, q_at, q_row, k, k_base + kb * BLOCK * k_row, k_row, &mut scores, patch, d, mma, padded);
-            sync_group(mma);
-            // The row's largest visible score in the block: both invocations read the whole row.
+            let (k_at, v_at) = (k_base + kb * BLOCK * k_row, v_base + kb * BLOCK * v_row);
+            if comptime!(mma) {
+                // Every group is done with the previous block's values.
+                sync_cube();
+                stage_block::<F>(k, k_at, k_row, &mut probs, staging_at, d);
+                if comptime!(staged == 2) {
+                    stage_block::<F>(v, v_at, v_row, &mut probs, staging_at + v_block, d);
+                }
+                sync_cube();
+            }
+            product_nt::<F>(&q_frags, q, q_at, q_row, k, k_at, k_row, &probs, staging_at, &mut scores, patch, d, mma, padded);
+            if comptime!(mma && staged == 1) {
+                // Every group is done with the keys: the values take their place.
+                sync_cube();
+                stage_block::<F>(v, v_at, v_row, &mut probs, staging_at, d);
+            } else {
+                sync_group(mma);
+            }
+            // The row's largest visible score in the block: on the tensor cores each invocation
+            // reads its half and the two meet through a shuffle (a group is a plane there);
+            // elsewhere both read the whole row.
             let mut top = minimum;
-            for c in 0..comptime!(BLOCK) {
-                if visible(full, keys, row, s, i, kb * BLOCK + c, window) {
-                    top = max(top, scores[patch + r * stride + c] * scale);
+            if comptime!(mma) {
+                #[unroll]
+                for c in 0..comptime!(BLOCK / 2) {
+                    let col = comptime!(2 * c) + half;
+                    if visible(full, keys, row, s, i, kb * BLOCK + col, window) {
+                        top = max(top, scores[patch + r * stride + col] * scale);
+                    }
+                }
+                top = max(top, plane_shuffle_xor(top, 1));
+            } else {
+                #[unroll]
+                for c in 0..comptime!(BLOCK) {
+                    if visible(full, keys, row, s, i, kb * BLOCK + c, window) {
+                        top = max(top, scores[patch + r * stride + c] * scale);
+                    }
                 }
             }
             let mut factor = 1f32;
@@ -606,8 +723,9 @@ fn forward_kernel<F: Float>(
             // The row holds accumulated values that the move rescales.
             let rescale = factor < 1.0 && l > 0.0;
             l *= factor;
+            #[unroll]
             for c in 0..comptime!(BLOCK / 2) {
-                let col = 2 * c + half;
+                let col = comptime!(2 * c) + half;
                 let mut p = 0f32;
                 if visible(full, keys, row, s, i, kb * BLOCK + col, window) {
                     p = (scores[patch + r * stride + col] * scale - m).exp();
@@ -625,7 +743,11 @@ fn forward_kernel<F: Float>(
             } else {
                 acc_scale(&mut mats, &mut vals, &mut scores, patch, factor, d, mma, padded);
             }
-            acc_add::<F>(&mats, &mut vals, &probs, op_patch, v, v_base + kb * BLOCK * v_row, v_row, d, mma, padded);
+            if comptime!(mma && staged == 1) {
+                // The values are staged.
+                sync_cube();
+            }
+            acc_add::<F>(&mats, &mut vals, &probs, op_patch, v, v_at, v_row, &probs, staging_at + v_block, d, mma, padded);
             sync_group(mma);
         }
     }
@@ -646,7 +768,7 @@ fn forward_kernel<F: Float>(
     }
     let out_row = out.stride(2);
     let out_at = row * out.stride(0) + head * out.stride(1) + first_q * out_row;
-    acc_store::<F>(&mats, &vals, &mut scores, patch, out, out_at, out_row, inverse, d, mma, padded);
+    acc_store::<F>(&mut mats, &vals, &mut scores, patch, out, out_at, out_row, inverse, d, mma, padded);
 }
 
 /// `delta[(b·h + head)·s + i] = Σ_c dout[b, head, i, c]·out[b, head, i, c]` in f32, one row per
@@ -667,8 +789,10 @@ fn delta_kernel<F: Float>(dout: &Tensor<F>, out: &Tensor<F>, delta: &mut Tensor<
     }
 }
 
-/// `dk`, `dv` `[b, kv, s, d]` (contiguous) for one key block of one key/value head: a sum over
-/// its query heads and the query blocks that may see it. Workgroup `(key block, kv head, row)`.
+/// `dk`, `dv` `[b, h, s, d]` (contiguous) for one key block as seen by one query head: a sum
+/// over the query blocks that may see it (the caller sums a key/value head's query heads).
+/// Workgroup `(key block, query head, row)`; on the tensor cores each query and output-gradient
+/// block is staged in workgroup memory for the four groups ([`staged_blocks`] at a time).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn dkv_kernel<F: Float>(
@@ -687,23 +811,29 @@ fn dkv_kernel<F: Float>(
     #[comptime] d: usize,
     #[comptime] mma: bool,
     #[comptime] padded: bool,
+    #[comptime] staged: usize,
     #[define(F)] _dtype: ElemType,
 ) {
     let unit = UNIT_POS as usize;
     let (group, lane) = (unit / LANES, unit % LANES);
-    let (kb, kvh, row) = (CUBE_POS_X as usize, CUBE_POS_Y as usize, CUBE_POS_Z as usize);
-    let (h, s, kv) = (q.shape(1), q.shape(2), k.shape(1));
-    let rep = h / kv;
+    let (kb, head, row) = (CUBE_POS_X as usize, CUBE_POS_Y as usize, CUBE_POS_Z as usize);
+    let (h, s) = (q.shape(1), q.shape(2));
+    let kvh = head / (h / k.shape(1));
     let first_k = kb * BLOCK + group * ROWS; // the group's first key
     let k_at = row * k.stride(0) + kvh * k.stride(1) + first_k * k.stride(2);
     let v_at = row * v.stride(0) + kvh * v.stride(1) + first_k * v.stride(2);
     let (q_row, k_row, v_row, do_row) = (q.stride(2), k.stride(2), v.stride(2), dout.stride(2));
     // A group's f32 tile (scores, then the probabilities' gradient) and its tile in the
-    // operands' dtype (the probabilities, then the scores' gradient): 32 KiB for f32, within
-    // every Vulkan device's limit (27 KiB padded for f16).
+    // operands' dtype (the probabilities, then the scores' gradient).
     let (stride, op) = (comptime!(tile_stride(padded)), comptime!(op_stride(padded)));
     let mut tile = Shared::<[f32]>::new_slice(comptime!(4 * ROWS * tile_stride(padded)));
-    let mut operand = Shared::<[F]>::new_slice(comptime!(4 * ROWS * op_stride(padded)));
+    // The operand tiles, then (tensor cores) the staged blocks: one array, as the scalar path has
+    // no room for another on some devices.
+    let mut operand = Shared::<[F]>::new_slice(comptime!(4 * ROWS * op_stride(padded) + staged * BLOCK * block_stride(d)));
+    let staging_at = comptime!(4 * ROWS * op_stride(padded));
+    // The staged queries, and the output gradients after them where both fit (in their place
+    // otherwise, the queries staged again for dK).
+    let do_block = comptime!(if staged == 2 { BLOCK * block_stride(d) } else { 0 });
     let (patch, op_patch) = (group * ROWS * stride, group * ROWS * op);
     let (r, half) = (lane / 2, lane % 2);
     let j = first_k + r; // this invocation's key
@@ -713,55 +843,82 @@ fn dkv_kernel<F: Float>(
         // The last query that may see the block's last key: (kb + 1)·64 − 1 + window − 1.
         last_qb = min(last_qb, ((kb + 1) * BLOCK + window - 2) / BLOCK);
     }
-    let (dk_mats, mut dk_vals) = acc_new(d, mma);
-    let (dv_mats, mut dv_vals) = acc_new(d, mma);
-    for qh in 0..rep {
-        let head = kvh * rep + qh;
-        let q_base = row * q.stride(0) + head * q.stride(1);
-        let do_base = row * dout.stride(0) + head * dout.stride(1);
-        let stat = (row * h + head) * s;
-        for qb in kb..last_qb + 1 {
-            if blocks_meet(ranges, row, blocks, qb, kb) {
-                let full = blocks_full(ranges, row, blocks, qb, kb, window);
-                let q_at = q_base + qb * BLOCK * q_row;
-                let do_at = do_base + qb * BLOCK * do_row;
-                // Sᵀ = K·Qᵀ: the group's 16 keys against the block's 64 queries.
-                product_nt::<F>(k, k_at, k_row, q, q_at, q_row, &mut tile, patch, d, mma, padded);
-                sync_group(mma);
-                for c in 0..comptime!(BLOCK / 2) {
-                    let col = 2 * c + half;
-                    let i = qb * BLOCK + col;
-                    let mut p = 0f32;
-                    if visible(full, keys, row, s, i, j, window) {
-                        p = (tile[patch + r * stride + col] * scale - lse[stat + i]).exp();
-                    }
-                    operand[op_patch + r * op + col] = F::cast_from(p);
+    let (mut dk_mats, mut dk_vals) = acc_new(d, mma);
+    let (mut dv_mats, mut dv_vals) = acc_new(d, mma);
+    let q_base = row * q.stride(0) + head * q.stride(1);
+    let do_base = row * dout.stride(0) + head * dout.stride(1);
+    let stat = (row * h + head) * s;
+    for qb in kb..last_qb + 1 {
+        if blocks_meet(ranges, row, blocks, qb, kb) {
+            let full = blocks_full(ranges, row, blocks, qb, kb, window);
+            let q_at = q_base + qb * BLOCK * q_row;
+            let do_at = do_base + qb * BLOCK * do_row;
+            if comptime!(mma) {
+                // Every group is done with the previous block's operands.
+                sync_cube();
+                stage_block::<F>(q, q_at, q_row, &mut operand, staging_at, d);
+                if comptime!(staged == 2) {
+                    stage_block::<F>(dout, do_at, do_row, &mut operand, staging_at + do_block, d);
                 }
-                sync_group(mma);
-                // dV += Pᵀ·dO; dPᵀ = V·dOᵀ.
-                acc_add::<F>(&dv_mats, &mut dv_vals, &operand, op_patch, dout, do_at, do_row, d, mma, padded);
-                product_nt::<F>(v, v_at, v_row, dout, do_at, do_row, &mut tile, patch, d, mma, padded);
-                sync_group(mma);
-                // dSᵀ = Pᵀ ∘ (dPᵀ − D)/√d, in place of Pᵀ (each invocation rewrites what it reads).
-                for c in 0..comptime!(BLOCK / 2) {
-                    let col = 2 * c + half;
-                    let at = op_patch + r * op + col;
-                    operand[at] = F::cast_from(f32::cast_from(operand[at]) * (tile[patch + r * stride + col] - delta[stat + qb * BLOCK + col]) * scale);
+                sync_cube();
+            }
+            // Sᵀ = K·Qᵀ: the group's 16 keys against the block's 64 queries.
+            let k_frags = a_frags::<F>(k, k_at, k_row, d, mma);
+            product_nt::<F>(&k_frags, k, k_at, k_row, q, q_at, q_row, &operand, staging_at, &mut tile, patch, d, mma, padded);
+            sync_group(mma);
+            // Pᵀ, kept in registers for dSᵀ as well.
+            let mut p = Array::<f32>::new(comptime!(BLOCK / 2));
+            #[unroll]
+            for c in 0..comptime!(BLOCK / 2) {
+                let col = comptime!(2 * c) + half;
+                let i = qb * BLOCK + col;
+                let mut pc = 0f32;
+                if visible(full, keys, row, s, i, j, window) {
+                    pc = (tile[patch + r * stride + col] * scale - lse[stat + i]).exp();
                 }
-                sync_group(mma);
-                // dK += dSᵀ·Q.
-                acc_add::<F>(&dk_mats, &mut dk_vals, &operand, op_patch, q, q_at, q_row, d, mma, padded);
+                p[c] = pc;
+                operand[op_patch + r * op + col] = F::cast_from(pc);
+            }
+            if comptime!(mma && staged == 1) {
+                // Every group is done with the queries: the output gradients take their place.
+                sync_cube();
+                stage_block::<F>(dout, do_at, do_row, &mut operand, staging_at, d);
+                sync_cube();
+            } else {
                 sync_group(mma);
             }
+            // dV += Pᵀ·dO; dPᵀ = V·dOᵀ.
+            acc_add::<F>(&dv_mats, &mut dv_vals, &operand, op_patch, dout, do_at, do_row, &operand, staging_at + do_block, d, mma, padded);
+            let v_frags = a_frags::<F>(v, v_at, v_row, d, mma);
+            product_nt::<F>(&v_frags, v, v_at, v_row, dout, do_at, do_row, &operand, staging_at + do_block, &mut tile, patch, d, mma, padded);
+            sync_group(mma);
+            // dSᵀ = Pᵀ ∘ (dPᵀ − D)/√d, in place of Pᵀ (the group is past reading it).
+            #[unroll]
+            for c in 0..comptime!(BLOCK / 2) {
+                let col = comptime!(2 * c) + half;
+                operand[op_patch + r * op + col] = F::cast_from(p[c] * (tile[patch + r * stride + col] - delta[stat + qb * BLOCK + col]) * scale);
+            }
+            if comptime!(mma && staged == 1) {
+                // Every group is done with the output gradients: the queries again.
+                sync_cube();
+                stage_block::<F>(q, q_at, q_row, &mut operand, staging_at, d);
+                sync_cube();
+            } else {
+                sync_group(mma);
+            }
+            // dK += dSᵀ·Q.
+            acc_add::<F>(&dk_mats, &mut dk_vals, &operand, op_patch, q, q_at, q_row, &operand, staging_at, d, mma, padded);
+            sync_group(mma);
         }
     }
-    let out_at = ((row * kv + kvh) * s + first_k) * d;
-    acc_store::<F>(&dk_mats, &dk_vals, &mut tile, patch, dk, out_at, d, 1.0, d, mma, padded);
-    acc_store::<F>(&dv_mats, &dv_vals, &mut tile, patch, dv, out_at, d, 1.0, d, mma, padded);
+    let out_at = ((row * h + head) * s + first_k) * d;
+    acc_store::<F>(&mut dk_mats, &dk_vals, &mut tile, patch, dk, out_at, d, 1.0, d, mma, padded);
+    acc_store::<F>(&mut dv_mats, &dv_vals, &mut tile, patch, dv, out_at, d, 1.0, d, mma, padded);
 }
 
 /// `dq` `[b, h, s, d]` (contiguous) for one query block of one head. Workgroup `(query block,
-/// head, row)`.
+/// head, row)`; on the tensor cores the queries stay in registers and each value and key block
+/// is staged in workgroup memory for the four groups ([`staged_blocks`] at a time).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn dq_kernel<F: Float>(
@@ -779,6 +936,7 @@ fn dq_kernel<F: Float>(
     #[comptime] d: usize,
     #[comptime] mma: bool,
     #[comptime] padded: bool,
+    #[comptime] staged: usize,
     #[define(F)] _dtype: ElemType,
 ) {
     let unit = UNIT_POS as usize;
@@ -793,44 +951,70 @@ fn dq_kernel<F: Float>(
     let (q_row, k_row, v_row, do_row) = (q.stride(2), k.stride(2), v.stride(2), dout.stride(2));
     let (stride, op) = (comptime!(tile_stride(padded)), comptime!(op_stride(padded)));
     let mut tile = Shared::<[f32]>::new_slice(comptime!(4 * ROWS * tile_stride(padded)));
-    let mut operand = Shared::<[F]>::new_slice(comptime!(4 * ROWS * op_stride(padded)));
+    // The operand tiles, then (tensor cores) the staged blocks: one array, as the scalar path has
+    // no room for another on some devices.
+    let mut operand = Shared::<[F]>::new_slice(comptime!(4 * ROWS * op_stride(padded) + staged * BLOCK * block_stride(d)));
+    let staging_at = comptime!(4 * ROWS * op_stride(padded));
+    // The staged keys, and the values after them where both fit (in their place otherwise).
+    let v_block = comptime!(if staged == 2 { BLOCK * block_stride(d) } else { 0 });
     let (patch, op_patch) = (group * ROWS * stride, group * ROWS * op);
     let (r, half) = (lane / 2, lane % 2);
     let i = first_q + r;
     let stat = (row * h + head) * s + i;
     let (row_lse, row_delta) = (lse[stat], delta[stat]);
     let first_kb = first_key_block(qb, window);
-    let (mats, mut vals) = acc_new(d, mma);
+    let (mut mats, mut vals) = acc_new(d, mma);
     let blocks = s / BLOCK;
+    let q_frags = a_frags::<F>(q, q_at, q_row, d, mma);
     for kb in first_kb..qb + 1 {
         if blocks_meet(ranges, row, blocks, qb, kb) {
             let full = blocks_full(ranges, row, blocks, qb, kb, window);
-            product_nt::<F>(q, q_at, q_row, k, k_base + kb * BLOCK * k_row, k_row, &mut tile, patch, d, mma, padded);
+            let (k_at, v_at) = (k_base + kb * BLOCK * k_row, v_base + kb * BLOCK * v_row);
+            if comptime!(mma) {
+                // Every group is done with the previous block's keys.
+                sync_cube();
+                stage_block::<F>(v, v_at, v_row, &mut operand, staging_at + v_block, d);
+                if comptime!(staged == 2) {
+                    stage_block::<F>(k, k_at, k_row, &mut operand, staging_at, d);
+                }
+                sync_cube();
+            }
+            // dP = dO·Vᵀ, and dP − D for this invocation's half of the row, kept in registers.
+            let do_frags = a_frags::<F>(dout, do_at, do_row, d, mma);
+            product_nt::<F>(&do_frags, dout, do_at, do_row, v, v_at, v_row, &operand, staging_at + v_block, &mut tile, patch, d, mma, padded);
             sync_group(mma);
+            let mut dp = Array::<f32>::new(comptime!(BLOCK / 2));
+            #[unroll]
             for c in 0..comptime!(BLOCK / 2) {
-                let col = 2 * c + half;
+                dp[c] = tile[patch + r * stride + comptime!(2 * c) + half] - row_delta;
+            }
+            if comptime!(mma && staged == 1) {
+                // Every group is done with the values: the keys take their place.
+                sync_cube();
+                stage_block::<F>(k, k_at, k_row, &mut operand, staging_at, d);
+                sync_cube();
+            } else {
+                sync_group(mma);
+            }
+            // S = Q·Kᵀ, then dS = P ∘ (dP − D)/√d.
+            product_nt::<F>(&q_frags, q, q_at, q_row, k, k_at, k_row, &operand, staging_at, &mut tile, patch, d, mma, padded);
+            sync_group(mma);
+            #[unroll]
+            for c in 0..comptime!(BLOCK / 2) {
+                let col = comptime!(2 * c) + half;
                 let mut p = 0f32;
                 if visible(full, keys, row, s, i, kb * BLOCK + col, window) {
                     p = (tile[patch + r * stride + col] * scale - row_lse).exp();
                 }
-                operand[op_patch + r * op + col] = F::cast_from(p);
+                operand[op_patch + r * op + col] = F::cast_from(p * dp[c] * scale);
             }
             sync_group(mma);
-            product_nt::<F>(dout, do_at, do_row, v, v_base + kb * BLOCK * v_row, v_row, &mut tile, patch, d, mma, padded);
-            sync_group(mma);
-            // dS = P ∘ (dP − D)/√d, in place of P.
-            for c in 0..comptime!(BLOCK / 2) {
-                let col = 2 * c + half;
-                let at = op_patch + r * op + col;
-                operand[at] = F::cast_from(f32::cast_from(operand[at]) * (tile[patch + r * stride + col] - row_delta) * scale);
-            }
-            sync_group(mma);
-            acc_add::<F>(&mats, &mut vals, &operand, op_patch, k, k_base + kb * BLOCK * k_row, k_row, d, mma, padded);
+            acc_add::<F>(&mats, &mut vals, &operand, op_patch, k, k_at, k_row, &operand, staging_at, d, mma, padded);
             sync_group(mma);
         }
     }
     let out_at = ((row * h + head) * s + first_q) * d;
-    acc_store::<F>(&mats, &vals, &mut tile, patch, dq, out_at, d, 1.0, d, mma, padded);
+    acc_store::<F>(&mut mats, &vals, &mut tile, patch, dq, out_at, d, 1.0, d, mma, padded);
 }
 
 /// `t` with its last dimension contiguous (a view's other strides are kept).
@@ -901,6 +1085,7 @@ pub fn forward(q: CubeTensor, k: CubeTensor, v: CubeTensor, keys: CubeTensor, wi
     let lse = empty_device_dtype(q.client.clone(), q.device.clone(), Shape::new([b, kv, h / kv, positions, 1]), DType::F32);
     let (count, dim) = launch_dims(positions / BLOCK, h, b);
     let dtype = dtype_to_storage_type(q.dtype);
+    let staged = staged_blocks(path, d, q.client.properties().hardware.max_shared_memory_size);
     // SAFETY: `path` checked the shapes ([b, h, s, d] queries, [b, kv, s, d] keys and values
     // with kv dividing h, [b, s] key flags) and d ≤ MAX_HEAD; every tensor is padded to a
     // multiple of BLOCK positions, so each workgroup's 64 queries and every key block it reads
@@ -922,6 +1107,7 @@ pub fn forward(q: CubeTensor, k: CubeTensor, v: CubeTensor, keys: CubeTensor, wi
             d,
             path == Path::Mma,
             padded(q.dtype),
+            staged,
             dtype,
         )
     }
@@ -953,11 +1139,13 @@ pub fn backward(
     let (client, device) = (q.client.clone(), q.device.clone());
     let delta = empty_device_dtype(client.clone(), device.clone(), Shape::new([b, h, positions]), DType::F32);
     let dq = empty_device_dtype(client.clone(), device.clone(), Shape::new([b, h, positions, d]), q.dtype);
-    let dk = empty_device_dtype(client.clone(), device.clone(), Shape::new([b, kv, positions, d]), q.dtype);
-    let dv = empty_device_dtype(client.clone(), device.clone(), Shape::new([b, kv, positions, d]), q.dtype);
+    // Per query head; a key/value head's query heads are summed below.
+    let dk = empty_device_dtype(client.clone(), device.clone(), Shape::new([b, h, positions, d]), q.dtype);
+    let dv = empty_device_dtype(client.clone(), device.clone(), Shape::new([b, h, positions, d]), q.dtype);
     let dtype = dtype_to_storage_type(q.dtype);
     let scale = 1.0 / (d as f32).sqrt();
     let (mma, tiles_padded) = (path == Path::Mma, padded(q.dtype));
+    let staged = staged_blocks(path, d, client.properties().hardware.max_shared_memory_size);
     let rows = b * h * positions;
     // SAFETY: as in `forward`; `delta` and `lse` hold one f32 per (row, head, padded query);
     // dq, dk and dv are contiguous with the padded shapes, each workgroup writing its own block.
@@ -972,7 +1160,7 @@ pub fn backward(
             d,
             dtype,
         );
-        let (count, dim) = launch_dims(positions / BLOCK, kv, b);
+        let (count, dim) = launch_dims(positions / BLOCK, h, b);
         dkv_kernel::launch_unchecked(
             &client,
             count,
@@ -992,6 +1180,7 @@ pub fn backward(
             d,
             mma,
             tiles_padded,
+            staged,
             dtype,
         );
         let (count, dim) = launch_dims(positions / BLOCK, h, b);
@@ -1013,8 +1202,22 @@ pub fn backward(
             d,
             mma,
             tiles_padded,
+            staged,
             dtype,
         );
     }
-    (unpad(dq, 2, s), unpad(dk, 2, s), unpad(dv, 2, s))
+    let [dk, dv] = [dk, dv].map(|t| unpad(heads_summed(t, kv), 2, s));
+    (unpad(dq, 2, s), dk, dv)
+}
+
+/// `t` `[b, h, s, d]` summed over each run of `h / kv` heads: `[b, kv, s, d]`.
+fn heads_summed(t: CubeTensor, kv: usize) -> CubeTensor {
+    use burn::backend::ops::FloatTensorOps;
+    use burn_cubecl::CubeBackend as B;
+    let [b, h, s, d] = t.shape().dims();
+    if h == kv {
+        return t;
+    }
+    let grouped = B::float_sum_dim(B::float_reshape(t, Shape::new([b, kv, h / kv, s, d])), 2);
+    B::float_reshape(grouped, Shape::new([b, kv, s, d]))
 }
