@@ -26,9 +26,10 @@
 //! reads, two blocks at a time where they fit; the queries a group multiplies stay in registers
 //! across the steps of the forward and of dQ (the backward's other operands are loaded from
 //! global memory at each step, for the registers' sake). [`Path::Scalar`] computes the same products
-//! one dot product per invocation from global memory, so that the rest of the kernels (masks,
-//! the softmax and its gradient, the indexing) is checked on a device without tensor cores
-//! (lavapipe in CI). Query head `i`
+//! one dot product per invocation, from the same staged blocks where workgroup memory holds them
+//! (half precision; f32 reads global memory), so that the rest of the kernels (the staging and
+//! its barriers, masks, the softmax and its gradient, the indexing) is checked on a device
+//! without tensor cores (lavapipe in CI). Query head `i`
 //! reads key/value head `i / (h / kv)` (grouped-query attention, no copy); masks are causal,
 //! optionally with a sliding window, and key padding; a query that may see no key gets a zero
 //! output (such positions never reach a loss).
@@ -88,27 +89,28 @@ const fn block_stride(d: usize) -> usize {
     d + 8
 }
 
-/// How many blocks of 64 rows the tensor-core kernels stage in workgroup memory at once for head
-/// size `d`: both of a step's operands (keys and values, or queries and output gradients) where
-/// `max_shared` bytes hold them, else one at a time. Zero on the scalar path, which reads them
-/// from global memory.
-fn staged_blocks(path: Path, d: usize, max_shared: usize) -> usize {
-    match path {
-        Path::Scalar => 0,
-        Path::Mma if shared_bytes(Path::Mma, 2, d, 2) <= max_shared => 2,
-        Path::Mma => 1,
-    }
+static STAGING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(2);
+
+/// The most blocks of 64 rows the kernels stage in workgroup memory at once (2, the default, or
+/// 1: tests check the one-block sequence with it).
+pub fn set_staging(blocks: usize) {
+    STAGING.store(blocks.clamp(1, 2), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// How many blocks of 64 rows the kernels stage in workgroup memory at once for operands of
+/// `size` bytes and head size `d`: both of a step's operands (keys and values, or queries and
+/// output gradients) where `max_shared` bytes hold them, else one at a time, else none (the
+/// scalar path then reads them from global memory; the tensor-core path needs one).
+fn staged_blocks(size: usize, d: usize, max_shared: usize) -> usize {
+    let most = STAGING.load(std::sync::atomic::Ordering::Relaxed);
+    (1..=most).rev().find(|&n| shared_bytes(size, d, n) <= max_shared).unwrap_or(0)
 }
 
 /// Workgroup memory of a kernel with operands of `size` bytes, head size `d` and `blocks`
 /// staged blocks: four groups' f32 tile and operand tile, and the blocks.
-const fn shared_bytes(path: Path, size: usize, d: usize, blocks: usize) -> usize {
+const fn shared_bytes(size: usize, d: usize, blocks: usize) -> usize {
     let padded = size == 2;
-    let tiles = 4 * ROWS * (tile_stride(padded) * 4 + op_stride(padded) * size);
-    match path {
-        Path::Mma => tiles + blocks * BLOCK * block_stride(d) * size,
-        Path::Scalar => tiles,
-    }
+    4 * ROWS * (tile_stride(padded) * 4 + op_stride(padded) * size) + blocks * BLOCK * block_stride(d) * size
 }
 
 /// Whether the kernels pad their tiles' rows for operands of `dtype`: for half-precision ones
@@ -235,8 +237,9 @@ pub fn path(q: &CubeTensor, k: &CubeTensor, v: &CubeTensor, keys: &CubeTensor, m
     } else {
         return None;
     };
-    let max_shared = q.client.properties().hardware.max_shared_memory_size;
-    (shared_bytes(chosen, q.dtype.size(), d, staged_blocks(chosen, d, max_shared)) <= max_shared).then_some(chosen)
+    let (max_shared, size) = (q.client.properties().hardware.max_shared_memory_size, q.dtype.size());
+    let least = if chosen == Path::Mma { 1 } else { 0 };
+    (shared_bytes(size, d, least) <= max_shared).then_some(chosen)
 }
 
 /// Whether query `i` (flag `query`) may see key `j` (flag `key`): causal, inside the window, and
@@ -297,9 +300,9 @@ fn stage_block<F: Float>(src: &Tensor<F>, at: usize, row: usize, blocks: &mut Sh
 
 /// `out[out_at + r·stride + c] = Σ_t a[r, t]·x[c, t]` for the group's 16 rows `r` and 64
 /// columns `c` (`t < d`, `stride` [`tile_stride`]): a 16×d tile times the transpose of a 64×d
-/// one. On the tensor cores `a` is `a_frags` ([`a_frags`]) and `x` the block staged at
-/// `blocks[block_at..]`; on the scalar path both are read from global memory, `a[a_at + r·a_row +
-/// t]` and `x[x_at + c·x_row + t]`.
+/// one. On the tensor cores `a` is `a_frags` ([`a_frags`]); on the scalar path it is read from
+/// global memory, `a[a_at + r·a_row + t]`. `x` is the block staged at `blocks[block_at..]` where
+/// `staged` (always on the tensor cores), else `x[x_at + c·x_row + t]` in global memory.
 #[allow(clippy::needless_borrow)] // cmma's loads and stores take slices by reference
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -318,10 +321,11 @@ fn product_nt<F: Float>(
     #[comptime] d: usize,
     #[comptime] mma: bool,
     #[comptime] padded: bool,
+    #[comptime] staged: bool,
 ) {
     let stride = comptime!(tile_stride(padded));
+    let ks = comptime!(block_stride(d));
     if comptime!(mma) {
-        let ks = comptime!(block_stride(d));
         let mut fb = unsafe { cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, MMA, MMA, MMA, cmma::MatrixLayout::ColMajor) };
         let mut accs = Sequence::<cmma::Matrix<f32>>::new();
         #[unroll]
@@ -349,10 +353,18 @@ fn product_nt<F: Float>(
         let lane = UNIT_POS as usize % LANES;
         for e in range_stepped(lane, comptime!(TILE), LANES) {
             let (r, c) = (e / BLOCK, e % BLOCK);
-            let (ar, xr) = (a_at + r * a_row, x_at + c * x_row);
+            let ar = a_at + r * a_row;
             let mut dot = 0f32;
-            for t in 0..d {
-                dot += f32::cast_from(a[ar + t]) * f32::cast_from(x[xr + t]);
+            if comptime!(staged) {
+                let xr = block_at + c * ks;
+                for t in 0..d {
+                    dot += f32::cast_from(a[ar + t]) * f32::cast_from(blocks[xr + t]);
+                }
+            } else {
+                let xr = x_at + c * x_row;
+                for t in 0..d {
+                    dot += f32::cast_from(a[ar + t]) * f32::cast_from(x[xr + t]);
+                }
             }
             out[out_at + r * stride + c] = dot;
         }
@@ -376,8 +388,8 @@ fn acc_new(#[comptime] d: usize, #[comptime] mma: bool) -> (Sequence<cmma::Matri
 }
 
 /// Adds `p[p_at..]` (16×64, row-major in workgroup memory, rows [`op_stride`] apart) times a
-/// 64×d block `y` to the accumulators: on the tensor cores the block staged at
-/// `blocks[block_at..]`, on the scalar path `y[y_at + c·y_row + n]` in global memory.
+/// 64×d block `y` to the accumulators: the block staged at `blocks[block_at..]` where `staged`
+/// (always on the tensor cores), else `y[y_at + c·y_row + n]` in global memory.
 #[allow(clippy::needless_borrow)] // cmma's loads and stores take slices by reference
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -394,10 +406,11 @@ fn acc_add<F: Float>(
     #[comptime] d: usize,
     #[comptime] mma: bool,
     #[comptime] padded: bool,
+    #[comptime] staged: bool,
 ) {
     let stride = comptime!(op_stride(padded));
+    let ks = comptime!(block_stride(d));
     if comptime!(mma) {
-        let ks = comptime!(block_stride(d));
         let mut fa = unsafe { cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::A, MMA, MMA, MMA, cmma::MatrixLayout::RowMajor) };
         let mut fb = unsafe { cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, MMA, MMA, MMA, cmma::MatrixLayout::RowMajor) };
         let (p_end, block_end) = (p_at + comptime!(ROWS * stride), block_at + comptime!(BLOCK * ks));
@@ -418,8 +431,14 @@ fn acc_add<F: Float>(
         for i in 0..comptime!(d / 2) {
             let n = comptime!(2 * i) + half;
             let mut sum = 0f32;
-            for c in 0..comptime!(BLOCK) {
-                sum += f32::cast_from(p[p_at + r * stride + c]) * f32::cast_from(y[y_at + c * y_row + n]);
+            if comptime!(staged) {
+                for c in 0..comptime!(BLOCK) {
+                    sum += f32::cast_from(p[p_at + r * stride + c]) * f32::cast_from(blocks[block_at + c * ks + n]);
+                }
+            } else {
+                for c in 0..comptime!(BLOCK) {
+                    sum += f32::cast_from(p[p_at + r * stride + c]) * f32::cast_from(y[y_at + c * y_row + n]);
+                }
             }
             vals[i] += sum;
         }
@@ -677,7 +696,7 @@ fn forward_kernel<F: Float>(
         if blocks_meet(ranges, row, blocks, qb, kb) {
             let full = blocks_full(ranges, row, blocks, qb, kb, window);
             let (k_at, v_at) = (k_base + kb * BLOCK * k_row, v_base + kb * BLOCK * v_row);
-            if comptime!(mma) {
+            if comptime!(staged > 0) {
                 // Every group is done with the previous block's values.
                 sync_cube();
                 stage_block::<F>(k, k_at, k_row, &mut probs, staging_at, d);
@@ -686,8 +705,8 @@ fn forward_kernel<F: Float>(
                 }
                 sync_cube();
             }
-            product_nt::<F>(&q_frags, q, q_at, q_row, k, k_at, k_row, &probs, staging_at, &mut scores, patch, d, mma, padded);
-            if comptime!(mma && staged == 1) {
+            product_nt::<F>(&q_frags, q, q_at, q_row, k, k_at, k_row, &probs, staging_at, &mut scores, patch, d, mma, padded, comptime!(staged > 0));
+            if comptime!(staged == 1) {
                 // Every group is done with the keys: the values take their place.
                 sync_cube();
                 stage_block::<F>(v, v_at, v_row, &mut probs, staging_at, d);
@@ -743,11 +762,11 @@ fn forward_kernel<F: Float>(
             } else {
                 acc_scale(&mut mats, &mut vals, &mut scores, patch, factor, d, mma, padded);
             }
-            if comptime!(mma && staged == 1) {
+            if comptime!(staged == 1) {
                 // The values are staged.
                 sync_cube();
             }
-            acc_add::<F>(&mats, &mut vals, &probs, op_patch, v, v_at, v_row, &probs, staging_at + v_block, d, mma, padded);
+            acc_add::<F>(&mats, &mut vals, &probs, op_patch, v, v_at, v_row, &probs, staging_at + v_block, d, mma, padded, comptime!(staged > 0));
             sync_group(mma);
         }
     }
@@ -853,7 +872,7 @@ fn dkv_kernel<F: Float>(
             let full = blocks_full(ranges, row, blocks, qb, kb, window);
             let q_at = q_base + qb * BLOCK * q_row;
             let do_at = do_base + qb * BLOCK * do_row;
-            if comptime!(mma) {
+            if comptime!(staged > 0) {
                 // Every group is done with the previous block's operands.
                 sync_cube();
                 stage_block::<F>(q, q_at, q_row, &mut operand, staging_at, d);
@@ -864,7 +883,7 @@ fn dkv_kernel<F: Float>(
             }
             // Sᵀ = K·Qᵀ: the group's 16 keys against the block's 64 queries.
             let k_frags = a_frags::<F>(k, k_at, k_row, d, mma);
-            product_nt::<F>(&k_frags, k, k_at, k_row, q, q_at, q_row, &operand, staging_at, &mut tile, patch, d, mma, padded);
+            product_nt::<F>(&k_frags, k, k_at, k_row, q, q_at, q_row, &operand, staging_at, &mut tile, patch, d, mma, padded, comptime!(staged > 0));
             sync_group(mma);
             // Pᵀ, kept in registers for dSᵀ as well.
             let mut p = Array::<f32>::new(comptime!(BLOCK / 2));
@@ -879,7 +898,7 @@ fn dkv_kernel<F: Float>(
                 p[c] = pc;
                 operand[op_patch + r * op + col] = F::cast_from(pc);
             }
-            if comptime!(mma && staged == 1) {
+            if comptime!(staged == 1) {
                 // Every group is done with the queries: the output gradients take their place.
                 sync_cube();
                 stage_block::<F>(dout, do_at, do_row, &mut operand, staging_at, d);
@@ -888,9 +907,39 @@ fn dkv_kernel<F: Float>(
                 sync_group(mma);
             }
             // dV += Pᵀ·dO; dPᵀ = V·dOᵀ.
-            acc_add::<F>(&dv_mats, &mut dv_vals, &operand, op_patch, dout, do_at, do_row, &operand, staging_at + do_block, d, mma, padded);
+            acc_add::<F>(
+                &dv_mats,
+                &mut dv_vals,
+                &operand,
+                op_patch,
+                dout,
+                do_at,
+                do_row,
+                &operand,
+                staging_at + do_block,
+                d,
+                mma,
+                padded,
+                comptime!(staged > 0),
+            );
             let v_frags = a_frags::<F>(v, v_at, v_row, d, mma);
-            product_nt::<F>(&v_frags, v, v_at, v_row, dout, do_at, do_row, &operand, staging_at + do_block, &mut tile, patch, d, mma, padded);
+            product_nt::<F>(
+                &v_frags,
+                v,
+                v_at,
+                v_row,
+                dout,
+                do_at,
+                do_row,
+                &operand,
+                staging_at + do_block,
+                &mut tile,
+                patch,
+                d,
+                mma,
+                padded,
+                comptime!(staged > 0),
+            );
             sync_group(mma);
             // dSᵀ = Pᵀ ∘ (dPᵀ − D)/√d, in place of Pᵀ (the group is past reading it).
             #[unroll]
@@ -898,7 +947,7 @@ fn dkv_kernel<F: Float>(
                 let col = comptime!(2 * c) + half;
                 operand[op_patch + r * op + col] = F::cast_from(p[c] * (tile[patch + r * stride + col] - delta[stat + qb * BLOCK + col]) * scale);
             }
-            if comptime!(mma && staged == 1) {
+            if comptime!(staged == 1) {
                 // Every group is done with the output gradients: the queries again.
                 sync_cube();
                 stage_block::<F>(q, q_at, q_row, &mut operand, staging_at, d);
@@ -907,7 +956,7 @@ fn dkv_kernel<F: Float>(
                 sync_group(mma);
             }
             // dK += dSᵀ·Q.
-            acc_add::<F>(&dk_mats, &mut dk_vals, &operand, op_patch, q, q_at, q_row, &operand, staging_at, d, mma, padded);
+            acc_add::<F>(&dk_mats, &mut dk_vals, &operand, op_patch, q, q_at, q_row, &operand, staging_at, d, mma, padded, comptime!(staged > 0));
             sync_group(mma);
         }
     }
@@ -970,7 +1019,7 @@ fn dq_kernel<F: Float>(
         if blocks_meet(ranges, row, blocks, qb, kb) {
             let full = blocks_full(ranges, row, blocks, qb, kb, window);
             let (k_at, v_at) = (k_base + kb * BLOCK * k_row, v_base + kb * BLOCK * v_row);
-            if comptime!(mma) {
+            if comptime!(staged > 0) {
                 // Every group is done with the previous block's keys.
                 sync_cube();
                 stage_block::<F>(v, v_at, v_row, &mut operand, staging_at + v_block, d);
@@ -981,14 +1030,30 @@ fn dq_kernel<F: Float>(
             }
             // dP = dO·Vᵀ, and dP − D for this invocation's half of the row, kept in registers.
             let do_frags = a_frags::<F>(dout, do_at, do_row, d, mma);
-            product_nt::<F>(&do_frags, dout, do_at, do_row, v, v_at, v_row, &operand, staging_at + v_block, &mut tile, patch, d, mma, padded);
+            product_nt::<F>(
+                &do_frags,
+                dout,
+                do_at,
+                do_row,
+                v,
+                v_at,
+                v_row,
+                &operand,
+                staging_at + v_block,
+                &mut tile,
+                patch,
+                d,
+                mma,
+                padded,
+                comptime!(staged > 0),
+            );
             sync_group(mma);
             let mut dp = Array::<f32>::new(comptime!(BLOCK / 2));
             #[unroll]
             for c in 0..comptime!(BLOCK / 2) {
                 dp[c] = tile[patch + r * stride + comptime!(2 * c) + half] - row_delta;
             }
-            if comptime!(mma && staged == 1) {
+            if comptime!(staged == 1) {
                 // Every group is done with the values: the keys take their place.
                 sync_cube();
                 stage_block::<F>(k, k_at, k_row, &mut operand, staging_at, d);
@@ -997,7 +1062,7 @@ fn dq_kernel<F: Float>(
                 sync_group(mma);
             }
             // S = Q·Kᵀ, then dS = P ∘ (dP − D)/√d.
-            product_nt::<F>(&q_frags, q, q_at, q_row, k, k_at, k_row, &operand, staging_at, &mut tile, patch, d, mma, padded);
+            product_nt::<F>(&q_frags, q, q_at, q_row, k, k_at, k_row, &operand, staging_at, &mut tile, patch, d, mma, padded, comptime!(staged > 0));
             sync_group(mma);
             #[unroll]
             for c in 0..comptime!(BLOCK / 2) {
@@ -1009,7 +1074,7 @@ fn dq_kernel<F: Float>(
                 operand[op_patch + r * op + col] = F::cast_from(p * dp[c] * scale);
             }
             sync_group(mma);
-            acc_add::<F>(&mats, &mut vals, &operand, op_patch, k, k_at, k_row, &operand, staging_at, d, mma, padded);
+            acc_add::<F>(&mats, &mut vals, &operand, op_patch, k, k_at, k_row, &operand, staging_at, d, mma, padded, comptime!(staged > 0));
             sync_group(mma);
         }
     }
@@ -1085,7 +1150,7 @@ pub fn forward(q: CubeTensor, k: CubeTensor, v: CubeTensor, keys: CubeTensor, wi
     let lse = empty_device_dtype(q.client.clone(), q.device.clone(), Shape::new([b, kv, h / kv, positions, 1]), DType::F32);
     let (count, dim) = launch_dims(positions / BLOCK, h, b);
     let dtype = dtype_to_storage_type(q.dtype);
-    let staged = staged_blocks(path, d, q.client.properties().hardware.max_shared_memory_size);
+    let staged = staged_blocks(q.dtype.size(), d, q.client.properties().hardware.max_shared_memory_size);
     // SAFETY: `path` checked the shapes ([b, h, s, d] queries, [b, kv, s, d] keys and values
     // with kv dividing h, [b, s] key flags) and d ≤ MAX_HEAD; every tensor is padded to a
     // multiple of BLOCK positions, so each workgroup's 64 queries and every key block it reads
@@ -1145,7 +1210,7 @@ pub fn backward(
     let dtype = dtype_to_storage_type(q.dtype);
     let scale = 1.0 / (d as f32).sqrt();
     let (mma, tiles_padded) = (path == Path::Mma, padded(q.dtype));
-    let staged = staged_blocks(path, d, client.properties().hardware.max_shared_memory_size);
+    let staged = staged_blocks(q.dtype.size(), d, client.properties().hardware.max_shared_memory_size);
     let rows = b * h * positions;
     // SAFETY: as in `forward`; `delta` and `lse` hold one f32 per (row, head, padded query);
     // dq, dk and dv are contiguous with the padded shapes, each workgroup writing its own block.

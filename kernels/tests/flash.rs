@@ -106,9 +106,14 @@ fn flash_attention_matches_the_composition_on_wgpu() {
     check_with(&device, Path::Scalar, DType::F32, (2, 4, 2, 8), 320, Some(100), skipping_flags(320), 0.0);
     // Keys that grow along the row (scores up to about 40 at the end): the forward rescales.
     check_with(&device, Path::Scalar, DType::F32, (2, 4, 2, 8), 320, None, test_flags(2, 320), 4.0);
-    // Half precision pads the kernels' tiles in workgroup memory.
-    check(&device, Path::Scalar, DType::F16, (2, 4, 2, 8), 150, Some(70));
-    check_with(&device, Path::Scalar, DType::F16, (2, 4, 2, 8), 320, None, skipping_flags(320), 4.0);
+    // Half precision pads the kernels' tiles in workgroup memory, and stages each step's key and
+    // value (or query and output-gradient) blocks there, both at once and then one at a time.
+    for staging in [2, 1] {
+        flash::set_staging(staging);
+        check(&device, Path::Scalar, DType::F16, (2, 4, 2, 8), 150, Some(70));
+        check_with(&device, Path::Scalar, DType::F16, (2, 4, 2, 8), 320, None, skipping_flags(320), 4.0);
+    }
+    flash::set_staging(2);
 
     flash::set_mode(Mode::Mma);
     let before = flash::launched(Path::Mma);
@@ -124,6 +129,10 @@ fn flash_attention_matches_the_composition_on_wgpu() {
     check_with(&device, Path::Mma, DType::F16, (2, 4, 2, 64), 320, None, skipping_flags(320), 0.0);
     check_with(&device, Path::Mma, DType::F16, (2, 4, 2, 64), 320, None, skipping_flags(320), 4.0);
     check_with(&device, Path::Mma, DType::F16, (1, 4, 2, 128), 256, None, test_flags(1, 256), 4.0);
+    // Head size 64 stages two blocks at a time; one at a time too (128 always does).
+    flash::set_staging(1);
+    check_with(&device, Path::Mma, DType::F16, (2, 4, 2, 64), 320, None, skipping_flags(320), 4.0);
+    flash::set_staging(2);
 }
 
 /// Two rows of `s` flags: packed sequences of 70, 130, 40 and 60 tokens then pads, and 130
