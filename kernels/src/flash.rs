@@ -83,8 +83,8 @@ const fn op_stride(padded: bool) -> usize {
 }
 
 /// Row stride of a block of 64 rows (keys, values, queries or output gradients) staged in
-/// workgroup memory on the tensor-core path: 16 bytes past the row, so that the rows' starts
-/// fall in different banks.
+/// workgroup memory: 8 entries past the row (16 bytes in half precision), so that the rows'
+/// starts fall in different banks.
 const fn block_stride(d: usize) -> usize {
     d + 8
 }
