@@ -8,6 +8,10 @@
 //! output element, in f32. Its backward is the transposed rotation, `dx = dy·cos +
 //! [dy₂·sin₂, dy₁·sin₁]` (each half takes the other half's sine), one more kernel back into
 //! the `[b, s, heads, d]` layout; the tables are constants and get no gradient.
+//!
+//! When decoding, [`rotary_cached`] rotates the query and key heads of one product's output and
+//! writes the keys and values into the cache's buffers in the same kernel, in place: one launch
+//! where the rotation and two slice assignments took three.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -41,6 +45,52 @@ pub trait RopeOps: Backend {
     fn rotary_backward(dy: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, rotated: usize) -> FloatTensor<Self> {
         composed_backward::<Self>(dy, cos, sin, rotated)
     }
+
+    /// A decoding step's rotation and cache write in one operation: `x` `[b, s, heads + 2·kv,
+    /// d]` (query, key and value heads, as one product gives them) and the tables as for
+    /// [`RopeOps::rotary`]; `keys` and `values` `[b, kv, capacity, d]` with `past + s <=
+    /// capacity`. Returns the rotated query heads `[b, heads, s, d]`, and `keys` and `values`
+    /// with positions `past..past + s` set to the rotated key heads and the value heads (written
+    /// in place where the buffers are not shared).
+    #[fusion(meta = |x, _cos, _sin, keys, values, heads, _past| (query_spec(x, *heads), keys.clone(), values.clone()))]
+    #[allow(clippy::type_complexity)]
+    fn rotary_cached(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        keys: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        heads: usize,
+        past: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        composed_cached::<Self>(x, cos, sin, keys, values, heads, past)
+    }
+}
+
+/// The rotated query heads' layout for [`RopeOps::rotary_cached`]: `[b, heads, s, d]`.
+fn query_spec(x: &burn::backend::fusion::custom::TensorSpec, heads: usize) -> burn::backend::fusion::custom::TensorSpec {
+    burn::backend::fusion::custom::TensorSpec::new(Shape::new([x.shape[0], heads, x.shape[1], x.shape[3]]), x.dtype)
+}
+
+/// [`RopeOps::rotary_cached`] as [`RopeOps::rotary`] and two slice assignments.
+fn composed_cached<B: Backend + RopeOps>(
+    x: FloatTensor<B>,
+    cos: FloatTensor<B>,
+    sin: FloatTensor<B>,
+    keys: FloatTensor<B>,
+    values: FloatTensor<B>,
+    heads: usize,
+    past: usize,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let [b, s, n, d] = x.shape().dims();
+    let kv = (n - heads) / 2;
+    let all = B::rotary(x, cos, sin, heads + kv); // [b, n, s, d]
+    let part =
+        |start: usize, count: usize| B::float_slice(all.clone(), &[Slice::from(0..b), Slice::from(start..start + count), Slice::from(0..s), Slice::from(0..d)]);
+    let at = [Slice::from(0..b), Slice::from(0..kv), Slice::from(past..past + s), Slice::from(0..d)];
+    let keys = B::float_slice_assign(keys, &at, part(heads, kv));
+    let values = B::float_slice_assign(values, &at, part(heads + kv, kv));
+    (part(0, heads), keys, values)
 }
 
 impl RopeOps for Flex {}
@@ -60,6 +110,31 @@ impl RopeOps for burn_cubecl::CubeBackend {
             return composed_backward::<Self>(dy, cos, sin, rotated);
         }
         backward_kernel(dy, cos, sin, rotated)
+    }
+
+    fn rotary_cached(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        keys: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        heads: usize,
+        past: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let [b, s, n, d] = x.shape().dims();
+        let [kb, kv, capacity, kd] = keys.shape().dims();
+        let fits = n > heads
+            && n - heads == 2 * kv
+            && kb == b
+            && kd == d
+            && past + s <= capacity
+            && values.shape() == keys.shape()
+            && keys.dtype == x.dtype
+            && values.dtype == x.dtype;
+        if !fits || !kernel_takes(&x, [b, s, d], &cos, &sin) {
+            return composed_cached::<Self>(x, cos, sin, keys, values, heads, past);
+        }
+        cached_kernel(x, cos, sin, keys, values, heads, past)
     }
 }
 
@@ -243,10 +318,122 @@ fn kernel(x: CubeTensor, cos: CubeTensor, sin: CubeTensor, rotated: usize) -> Cu
     out
 }
 
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn rotary_cached_kernel<F: Float>(
+    x: &Tensor<F>,
+    cos: &Tensor<F>,
+    sin: &Tensor<F>,
+    q: &mut Tensor<F>,
+    keys: &mut Tensor<F>,
+    values: &mut Tensor<F>,
+    past: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let pos = ABSOLUTE_POS;
+    if pos >= x.len() {
+        terminate!();
+    }
+    // One invocation per element of x [b, s, n, d]: consecutive invocations read consecutive
+    // elements.
+    let (s, n, d) = (x.shape(1), x.shape(2), x.shape(3));
+    let (heads, kv, capacity) = (q.shape(1), keys.shape(1), keys.shape(2));
+    let j = pos % d;
+    let head = (pos / d) % n;
+    let t = (pos / (d * n)) % s;
+    let row = pos / (d * n * s);
+    let half = d / 2;
+    let partner = if j < half { j + half } else { j - half };
+    let mut at = t * d + j;
+    if cos.shape(0) != s {
+        at = (row * s + t) * d + j;
+    }
+    if head < heads + kv {
+        let value = F::cast_from(f32::cast_from(x[pos]) * f32::cast_from(cos[at]) + f32::cast_from(x[pos - j + partner]) * f32::cast_from(sin[at]));
+        if head < heads {
+            q[((row * heads + head) * s + t) * d + j] = value;
+        } else {
+            keys[((row * kv + head - heads) * capacity + past + t) * d + j] = value;
+        }
+    } else {
+        values[((row * kv + head - heads - kv) * capacity + past + t) * d + j] = x[pos];
+    }
+}
+
+/// A buffer that may be written: `t` itself, contiguous, when nothing else holds it, else a copy.
+fn writable(t: CubeTensor) -> CubeTensor {
+    let t = into_contiguous(t);
+    if t.can_mut() { t } else { t.copy() }
+}
+
+fn cached_kernel(
+    x: CubeTensor,
+    cos: CubeTensor,
+    sin: CubeTensor,
+    keys: CubeTensor,
+    values: CubeTensor,
+    heads: usize,
+    past: usize,
+) -> (CubeTensor, CubeTensor, CubeTensor) {
+    let [b, s, n, d] = x.shape().dims();
+    let q = empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([b, heads, s, d]), x.dtype);
+    let (keys, values) = (writable(keys), writable(values));
+    let elements = b * s * n * d;
+    let cube_dim = CubeDim::new(&q.client, elements);
+    let count = calculate_cube_count_elemwise(&q.client, elements, cube_dim);
+    let dtype = dtype_to_storage_type(x.dtype);
+    // SAFETY: the operands are contiguous, `x` `[b, s, heads + 2·kv, d]`, the tables `[s, d]` or
+    // `[b·s, d]`, the buffers `[b, kv, capacity, d]` with `past + s <= capacity`
+    // (`rotary_cached` checked); every index is decomposed from a position below `x.len()`.
+    unsafe {
+        rotary_cached_kernel::launch_unchecked(
+            &q.client,
+            count,
+            cube_dim,
+            into_contiguous(x).into_tensor_arg(),
+            into_contiguous(cos).into_tensor_arg(),
+            into_contiguous(sin).into_tensor_arg(),
+            q.clone().into_tensor_arg(),
+            keys.clone().into_tensor_arg(),
+            values.clone().into_tensor_arg(),
+            past,
+            dtype,
+        )
+    }
+    (q, keys, values)
+}
+
 /// Rotates `x` `[b, s, heads, d]` by the tables `cos` and signed `sin` `[s, d]`, or `[b·s, d]`
 /// with a table per row (the first half of `sin` negated) -> `[b, heads, s, d]`; only heads `0..rotated` are rotated, the
 /// others are copied (query and key heads ahead of value heads in one tensor). Differentiable
 /// in `x`, with a backward of its own; the tables get no gradient.
 pub fn rotary(x: burn::tensor::Tensor<4>, cos: burn::tensor::Tensor<2>, sin: burn::tensor::Tensor<2>, rotated: usize) -> burn::tensor::Tensor<4> {
     burn::tensor::Tensor::from_dispatch(<Dispatch as RopeOps>::rotary(x.into_dispatch(), cos.into_dispatch(), sin.into_dispatch(), rotated))
+}
+
+/// [`RopeOps::rotary_cached`]: `x` `[b, s, heads + 2·kv, d]` (the query, key and value heads of
+/// one product) and the tables `[s, d]` (or `[b·s, d]`), the cache's `keys` and `values` `[b, kv,
+/// capacity, d]` -> the rotated query heads `[b, heads, s, d]`, and the buffers with positions
+/// `past..past + s` holding the rotated key heads and the value heads; one kernel on a GPU,
+/// writing the buffers in place when nothing else holds them.
+pub fn rotary_cached(
+    x: burn::tensor::Tensor<4>,
+    cos: burn::tensor::Tensor<2>,
+    sin: burn::tensor::Tensor<2>,
+    keys: burn::tensor::Tensor<4>,
+    values: burn::tensor::Tensor<4>,
+    heads: usize,
+    past: usize,
+) -> (burn::tensor::Tensor<4>, burn::tensor::Tensor<4>, burn::tensor::Tensor<4>) {
+    use burn::tensor::Tensor;
+    let (q, keys, values) = <Dispatch as RopeOps>::rotary_cached(
+        x.into_dispatch(),
+        cos.into_dispatch(),
+        sin.into_dispatch(),
+        keys.into_dispatch(),
+        values.into_dispatch(),
+        heads,
+        past,
+    );
+    (Tensor::from_dispatch(q), Tensor::from_dispatch(keys), Tensor::from_dispatch(values))
 }

@@ -11,6 +11,7 @@ use lora_kernels::device::wgpu_device_for_tests;
 use lora_kernels::frozen_linear;
 use lora_kernels::matvec::MATVEC_ROWS;
 use lora_kernels::norm::rms_norm;
+use lora_kernels::rope::rotary_cached;
 
 /// The wgpu device, or `None` (test skipped) without an adapter unless `LORA_REQUIRE_WGPU` is set.
 fn gpu() -> Option<Device> {
@@ -166,6 +167,50 @@ fn rotary_kernel_matches_the_composition_on_wgpu() {
         let expect: Vec<f32> = expect.into_data().try_to_vec::<f32>().unwrap();
         let worst = max_diff(partial.into_data().convert::<f32>().try_to_vec::<f32>().unwrap(), &expect);
         assert!(worst < tolerance, "{dtype:?} partial: max difference {worst}");
+    }
+}
+
+/// A decoding step's rotation and cache write in one kernel, against the CPU's composition
+/// (the rotation, then the key and value heads assigned into the buffers) and that against
+/// the rotation by hand: two rows, two new positions written after three, grouped-query heads.
+/// The buffers are written in place only where nothing else holds them: a held buffer keeps its
+/// old contents.
+#[test]
+fn rotary_cached_kernel_matches_the_composition_on_wgpu() {
+    let Some(device) = gpu() else { return };
+    let cpu = Device::flex();
+    let (b, s, heads, kv, d, capacity, past) = (2, 2, 4, 2, 8, 8, 3);
+    let n = heads + 2 * kv;
+    let x = Tensor::<4>::random([b, s, n, d], Distribution::Normal(0.0, 1.0), (&cpu, DType::F32));
+    let angles: Vec<f32> = (0..s * d).map(|i| (past + i / d) as f32 * 0.3 + (i % (d / 2)) as f32 * 0.1).collect();
+    let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+    let sin: Vec<f32> = angles.iter().enumerate().map(|(i, a)| if i % d < d / 2 { -a.sin() } else { a.sin() }).collect();
+    let cos = Tensor::<2>::from_data(TensorData::new(cos, [s, d]), (&cpu, DType::F32));
+    let sin = Tensor::<2>::from_data(TensorData::new(sin, [s, d]), (&cpu, DType::F32));
+    let keys = Tensor::<4>::random([b, kv, capacity, d], Distribution::Normal(0.0, 1.0), (&cpu, DType::F32));
+    let values = Tensor::<4>::random([b, kv, capacity, d], Distribution::Normal(0.0, 1.0), (&cpu, DType::F32));
+    let (want_q, want_k, want_v) = rotary_cached(x.clone(), cos.clone(), sin.clone(), keys.clone(), values.clone(), heads, past);
+    // The composition against the plain rotation and assignments.
+    let all = lora_kernels::rope::rotary(x.clone(), cos.clone(), sin.clone(), heads + kv);
+    let at = [0..b, 0..kv, past..past + s, 0..d];
+    let plain_k = keys.clone().slice_assign(at.clone(), all.clone().narrow(1, heads, kv));
+    let plain_v = values.clone().slice_assign(at, x.clone().swap_dims(1, 2).narrow(1, heads + kv, kv));
+    for (got, plain, what) in [(&want_q, all.narrow(1, 0, heads), "q"), (&want_k, plain_k, "keys"), (&want_v, plain_v, "values")] {
+        let worst: f32 = (got.clone() - plain).abs().max().into_scalar();
+        assert!(worst < 1e-6, "CPU composition, {what}: {worst}");
+    }
+    for (dtype, tolerance) in [(FloatDType::F32, 1e-5), (FloatDType::F16, 1e-2)] {
+        let on = |t: &Tensor<4>| t.clone().to_device(&device).cast(dtype);
+        let on2 = |t: &Tensor<2>| t.clone().to_device(&device).cast(dtype);
+        let held = on(&keys);
+        let (q, k, v) = rotary_cached(on(&x), on2(&cos), on2(&sin), held.clone(), on(&values), heads, past);
+        assert_eq!(q.dims(), [b, heads, s, d]);
+        for (got, want, what) in [(q, &want_q, "q"), (k, &want_k, "keys"), (v, &want_v, "values")] {
+            let worst = max_diff(got.into_data().convert::<f32>().try_to_vec::<f32>().unwrap(), &want.clone().into_data().try_to_vec::<f32>().unwrap());
+            assert!(worst < tolerance, "{dtype:?} {what}: max difference {worst}");
+        }
+        let untouched = max_diff(held.into_data().convert::<f32>().try_to_vec::<f32>().unwrap(), &keys.clone().into_data().try_to_vec::<f32>().unwrap());
+        assert!(untouched < tolerance, "{dtype:?}: a held buffer was written: {untouched}");
     }
 }
 

@@ -225,17 +225,23 @@ struct CacheStep<'a> {
 /// written at `past..past + s`, in place when the buffer is not shared.
 fn write_cache(buffer: Option<Tensor<4>>, fresh: Tensor<4>, past: usize, capacity: usize) -> Tensor<4> {
     let [b, kv, s, d] = fresh.dims();
-    let buffer = match buffer {
+    let buffer = cache_buffer(buffer, [b, kv, d], past, capacity, &fresh.device(), fresh.dtype());
+    buffer.slice_assign([0..b, 0..kv, past..past + s, 0..d], fresh)
+}
+
+/// `buffer` `[b, kv, capacity, d]` as it is when it holds `capacity` positions, else a new one
+/// of zeros with its first `past` positions copied (or of zeros alone when absent).
+fn cache_buffer(buffer: Option<Tensor<4>>, [b, kv, d]: [usize; 3], past: usize, capacity: usize, device: &Device, dtype: DType) -> Tensor<4> {
+    match buffer {
         Some(t) if t.dims()[2] >= capacity => t,
         old => {
-            let zeros = Tensor::<4>::zeros([b, kv, capacity, d], (&fresh.device(), fresh.dtype()));
+            let zeros = Tensor::<4>::zeros([b, kv, capacity, d], (device, dtype));
             match old {
                 Some(t) if past > 0 => zeros.slice_assign([0..b, 0..kv, 0..past, 0..d], t.narrow(2, 0, past)),
                 _ => zeros,
             }
         }
-    };
-    buffer.slice_assign([0..b, 0..kv, past..past + s, 0..d], fresh)
+    }
 }
 
 impl Attention {
@@ -269,14 +275,28 @@ impl Attention {
     fn forward(&self, x: Tensor<3>, residual: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, mask: AttentionMask, cache: Option<CacheStep>) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let (q, mut k, mut v) = match self.fused_qkv(x.clone()) {
-            Some(qkv) => {
+        let qkv = self.fused_qkv(x.clone()).map(|t| t.reshape([b, s, h + 2 * kv, d]));
+        let (q, mut k, mut v, cache) = match (qkv, cache) {
+            (Some(qkv), Some(CacheStep { slot, past, capacity })) => {
+                // One product for the three projections; one kernel rotating the query and key
+                // heads and writing the keys and values into the cache's buffers.
+                let (old_keys, old_values) = slot.take().map_or((None, None), |c| (Some(c.keys), Some(c.values)));
+                let (device, dtype) = (qkv.device(), qkv.dtype());
+                let keys = cache_buffer(old_keys, [b, kv, d], past, capacity, &device, dtype);
+                let values = cache_buffer(old_values, [b, kv, d], past, capacity, &device, dtype);
+                let (q, keys, values) = lora_kernels::rope::rotary_cached(qkv, cos.clone(), sin.clone(), keys, values, h, past);
+                *slot = Some(LayerCache { keys: keys.clone(), values: values.clone() });
+                // A first step attends over its own keys only.
+                let (k, v) = if past > 0 { (keys, values) } else { (keys.narrow(2, 0, s), values.narrow(2, 0, s)) };
+                (q, k, v, None)
+            }
+            (Some(qkv), cache) => {
                 // One product for the three projections, one kernel rotating the query and key
                 // heads ahead of the value heads: [b, h + 2kv, s, d], split by views.
-                let all = rotary(qkv.reshape([b, s, h + 2 * kv, d]), cos.clone(), sin.clone(), h + kv);
-                (all.clone().narrow(1, 0, h), all.clone().narrow(1, h, kv), all.narrow(1, h + kv, kv))
+                let all = rotary(qkv, cos.clone(), sin.clone(), h + kv);
+                (all.clone().narrow(1, 0, h), all.clone().narrow(1, h, kv), all.narrow(1, h + kv, kv), cache)
             }
-            None => {
+            (None, cache) => {
                 let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
                 let k = self.k_proj.forward(x.clone()).reshape([b, s, kv, d]);
                 let v = self.v_proj.forward(x).reshape([b, s, kv, d]);
@@ -290,7 +310,7 @@ impl Attention {
                 };
                 let q = rotary(q, cos.clone(), sin.clone(), h); // [b, h, s, d]
                 let k = rotary(k, cos.clone(), sin.clone(), kv); // [b, kv, s, d]
-                (q, k, v.swap_dims(1, 2)) // v [b, kv, s, d]
+                (q, k, v.swap_dims(1, 2), cache) // v [b, kv, s, d]
             }
         };
         if let Some(CacheStep { slot, past, capacity }) = cache {
