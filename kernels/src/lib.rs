@@ -37,4 +37,4 @@ pub mod rope;
 pub mod tensor;
 pub mod xent;
 
-pub use linear::{frozen_linear, frozen_linear_add, frozen_linear3, frozen_swiglu, matmul_frozen};
+pub use linear::{frozen_linear, frozen_linear_add, frozen_linear3, frozen_norm_linear3, frozen_norm_swiglu, frozen_swiglu, matmul_frozen};

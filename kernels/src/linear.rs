@@ -19,6 +19,8 @@ use burn_flex::FlexTensor;
 use crate::cpu::{f32s, flex_f32};
 use crate::matmul::{matmul_cm2, supported};
 use crate::matvec::{MATVEC_ROWS, dense_matvec_t, matvec3_t, swiglu_matvec_t};
+use crate::norm::NormOps;
+use burn_cubecl::tensor::CubeTensor;
 
 /// Products with a constant right-hand side.
 #[backend_extension(Autodiff, Flex, Cube, Fusion)]
@@ -46,6 +48,27 @@ pub trait LinearOps: Backend {
     #[fusion(dtype = x, shape = Shape::new([x[0], wq[0] + wk[0] + wv[0]]))]
     fn frozen_linear3_t(x: FloatTensor<Self>, wq: FloatTensor<Self>, wk: FloatTensor<Self>, wv: FloatTensor<Self>) -> FloatTensor<Self> {
         composed_linear3::<Self>(x, wq, wk, wv)
+    }
+
+    /// [`LinearOps::frozen_linear3_t`] of the RMSNorm of `x` by `norm` `[k]` (in `x`'s dtype) and
+    /// `eps`, as [`crate::norm::rms_norm`] computes it.
+    #[fusion(dtype = x, shape = Shape::new([x[0], wq[0] + wk[0] + wv[0]]))]
+    fn frozen_norm_linear3_t(
+        x: FloatTensor<Self>,
+        norm: FloatTensor<Self>,
+        eps: f32,
+        wq: FloatTensor<Self>,
+        wk: FloatTensor<Self>,
+        wv: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        composed_linear3::<Self>(crate::norm::composed::<Self>(x, norm, eps), wq, wk, wv)
+    }
+
+    /// [`LinearOps::frozen_swiglu_t`] of the RMSNorm of `x` by `norm` `[k]` (in `x`'s dtype) and
+    /// `eps`, as [`crate::norm::rms_norm`] computes it.
+    #[fusion(dtype = x, shape = Shape::new([x[0], gate[0]]))]
+    fn frozen_norm_swiglu_t(x: FloatTensor<Self>, norm: FloatTensor<Self>, eps: f32, gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        composed_swiglu::<Self>(crate::norm::composed::<Self>(x, norm, eps), gate, up)
     }
 
     /// The SwiGLU block's activation: `silu(x·gateᵀ) · (x·upᵀ)` for `x` `[m, k]` and frozen
@@ -165,18 +188,48 @@ impl LinearOps for burn_cubecl::CubeBackend {
         let k = x.shape()[1];
         let same = [&wq, &wk, &wv].iter().all(|w| w.dtype == x.dtype && w.shape()[1] == k);
         if same && x.shape()[0] <= MATVEC_ROWS {
-            return matvec3_t(x, wq, wk, wv);
+            return matvec3_t(x, wq, wk, wv, None);
         }
         composed_linear3::<Self>(x, wq, wk, wv)
+    }
+
+    fn frozen_norm_linear3_t(
+        x: FloatTensor<Self>,
+        norm: FloatTensor<Self>,
+        eps: f32,
+        wq: FloatTensor<Self>,
+        wk: FloatTensor<Self>,
+        wv: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let k = x.shape()[1];
+        let same = [&wq, &wk, &wv].iter().all(|w| w.dtype == x.dtype && w.shape()[1] == k) && normable(&x, &norm);
+        if same && x.shape()[0] <= MATVEC_ROWS {
+            return matvec3_t(x, wq, wk, wv, Some((norm, eps)));
+        }
+        Self::frozen_linear3_t(<Self as NormOps>::rms_norm(x, norm, eps), wq, wk, wv)
+    }
+
+    fn frozen_norm_swiglu_t(x: FloatTensor<Self>, norm: FloatTensor<Self>, eps: f32, gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let same = x.dtype == gate.dtype && x.dtype == up.dtype && gate.shape() == up.shape() && x.shape()[1] == gate.shape()[1] && normable(&x, &norm);
+        if same && x.shape()[0] <= MATVEC_ROWS {
+            return swiglu_matvec_t(x, gate, up, Some((norm, eps)));
+        }
+        Self::frozen_swiglu_t(<Self as NormOps>::rms_norm(x, norm, eps), gate, up)
     }
 
     fn frozen_swiglu_t(x: FloatTensor<Self>, gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         let same = x.dtype == gate.dtype && x.dtype == up.dtype && gate.shape() == up.shape() && x.shape()[1] == gate.shape()[1];
         if same && x.shape()[0] <= MATVEC_ROWS {
-            return swiglu_matvec_t(x, gate, up);
+            return swiglu_matvec_t(x, gate, up, None);
         }
         composed_swiglu::<Self>(x, gate, up)
     }
+}
+
+/// Whether the matrix-vector kernels take `norm` as the RMSNorm weight of `x`: one value per
+/// column of `x`, in its dtype.
+fn normable(x: &CubeTensor, norm: &CubeTensor) -> bool {
+    norm.dtype == x.dtype && norm.shape().dims::<1>() == [x.shape()[1]]
 }
 
 /// Output tiles from which an `[m, n]` product takes the tensor-core kernel: one workgroup per
@@ -278,6 +331,25 @@ impl<B: Backend + LinearOps, C: CheckpointStrategy> LinearOps for Autodiff<B, C>
 /// `[m, nq + nk + nv]`, differentiable in `x` only; one kernel for a few rows on a GPU.
 pub fn frozen_linear3(x: Tensor<2>, wq: Tensor<2>, wk: Tensor<2>, wv: Tensor<2>) -> Tensor<2> {
     Tensor::from_dispatch(<Dispatch as LinearOps>::frozen_linear3_t(x.into_dispatch(), wq.into_dispatch(), wk.into_dispatch(), wv.into_dispatch()))
+}
+
+/// [`frozen_linear3`] of `rms_norm(x, norm, eps)` (`norm` `[k]` in `x`'s dtype): on a GPU, one
+/// kernel for a few rows, the norm computed in it.
+pub fn frozen_norm_linear3(x: Tensor<2>, norm: Tensor<1>, eps: f32, wq: Tensor<2>, wk: Tensor<2>, wv: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as LinearOps>::frozen_norm_linear3_t(
+        x.into_dispatch(),
+        norm.into_dispatch(),
+        eps,
+        wq.into_dispatch(),
+        wk.into_dispatch(),
+        wv.into_dispatch(),
+    ))
+}
+
+/// [`frozen_swiglu`] of `rms_norm(x, norm, eps)` (`norm` `[k]` in `x`'s dtype): on a GPU, one
+/// pass over both weights for a few rows, the norm computed in it.
+pub fn frozen_norm_swiglu(x: Tensor<2>, norm: Tensor<1>, eps: f32, gate: Tensor<2>, up: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as LinearOps>::frozen_norm_swiglu_t(x.into_dispatch(), norm.into_dispatch(), eps, gate.into_dispatch(), up.into_dispatch()))
 }
 
 /// `residual + x·Wᵀ`: `x` `[m, k]`, frozen `w` `[n, k]`, `residual` `[m, n]` -> `[m, n]`,

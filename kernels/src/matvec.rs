@@ -71,10 +71,49 @@ pub fn launch_matvec(output: &CubeTensor) -> (CubeCount, CubeDim) {
     (CubeCount::Static(cubes, m as u32, 1), CubeDim::new_2d(LANES, OUTPUTS_PER_CUBE))
 }
 
-/// This lane's part of the dot product of row `xrow` of `x` with row `wrow` of `w` (both of
-/// length `k`): consecutive lanes read consecutive elements, [`UNROLL`] loads in flight.
+/// Element `at` of `x` (column `c` of its row) as a product reads it: as it is, or (`normed`)
+/// RMS-normalized by the row's factor `r` and scaled by `norm[c]`, rounded to the dtype twice
+/// as [`crate::norm::rms_norm`] rounds its output.
 #[cube]
-fn lane_dot<F: Float>(x: &Tensor<F>, xrow: usize, w: &Tensor<F>, wrow: usize, k: usize, lane: usize) -> f32 {
+fn input<F: Float>(x: &Tensor<F>, norm: &Tensor<F>, at: usize, c: usize, r: f32, #[comptime] normed: bool) -> f32 {
+    let mut v = f32::cast_from(x[at]);
+    if comptime!(normed) {
+        v = f32::cast_from(F::cast_from(v * r) * norm[c]);
+    }
+    v
+}
+
+/// RMSNorm's factor `1/√(mean(x²) + eps)` of row `xrow` (length `k`) of `x`, summed in f32 by
+/// the whole workgroup (every unit must call it) and returned to every unit.
+#[cube]
+fn rms_factor<F: Float>(x: &Tensor<F>, xrow: usize, k: usize, eps: f32) -> f32 {
+    let units = comptime!((LANES * OUTPUTS_PER_CUBE) as usize);
+    let mut red = Shared::<[f32]>::new_slice(units);
+    let mut squares = 0f32;
+    for c in range_stepped(UNIT_POS as usize, k, units) {
+        let v = f32::cast_from(x[xrow + c]);
+        squares += v * v;
+    }
+    let total = crate::decode::workgroup_reduce(&mut red, squares, false);
+    1.0f32 / (total / f32::cast_from(k) + eps).sqrt()
+}
+
+/// This lane's part of the dot product of row `xrow` of `x` (read through [`input`]) with row
+/// `wrow` of `w` (both of length `k`): consecutive lanes read consecutive elements, [`UNROLL`]
+/// loads in flight.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn lane_dot<F: Float>(
+    x: &Tensor<F>,
+    norm: &Tensor<F>,
+    r: f32,
+    xrow: usize,
+    w: &Tensor<F>,
+    wrow: usize,
+    k: usize,
+    lane: usize,
+    #[comptime] normed: bool,
+) -> f32 {
     let step = comptime!(LANES as usize * UNROLL);
     let mut acc = 0f32;
     let whole = k / step * step;
@@ -82,11 +121,11 @@ fn lane_dot<F: Float>(x: &Tensor<F>, xrow: usize, w: &Tensor<F>, wrow: usize, k:
         #[unroll]
         for j in 0..UNROLL {
             let c = base + comptime!(j * LANES as usize) + lane;
-            acc += f32::cast_from(x[xrow + c]) * f32::cast_from(w[wrow + c]);
+            acc += input(x, norm, xrow + c, c, r, normed) * f32::cast_from(w[wrow + c]);
         }
     }
     for c in range_stepped(whole + lane, k, comptime!(LANES as usize)) {
-        acc += f32::cast_from(x[xrow + c]) * f32::cast_from(w[wrow + c]);
+        acc += input(x, norm, xrow + c, c, r, normed) * f32::cast_from(w[wrow + c]);
     }
     acc
 }
@@ -104,7 +143,7 @@ fn dense_matvec_kernel<F: Float>(
     let (rows, k) = (w.shape(0), w.shape(1));
     let mut acc = 0f32;
     if n < rows {
-        acc = lane_dot(x, i * k, w, n * k, k, lane);
+        acc = lane_dot(x, x, 1f32, i * k, w, n * k, k, lane, false);
     }
     let total = lane_total(acc);
     if lane == 0 && n < rows {
@@ -116,20 +155,49 @@ fn dense_matvec_kernel<F: Float>(
     }
 }
 
+/// The RMSNorm a product takes its input through: the weight `[k]` (in the input's dtype) and
+/// the epsilon.
+pub type Norm = Option<(CubeTensor, f32)>;
+
+/// The kernel arguments of a [`Norm`]: its weight (`x` standing in when there is none, never
+/// read), its epsilon, and whether there is one.
+fn norm_args(x: &CubeTensor, norm: Norm) -> (CubeTensor, f32, bool) {
+    match norm {
+        Some((weight, eps)) => (into_contiguous(weight), eps, true),
+        None => (into_contiguous(x.clone()), 0.0, false),
+    }
+}
+
 /// Three products of one input in one launch: output columns `0..nq` from `wq`, then `wk`'s,
-/// then `wv`'s (attention's query, key and value projections).
+/// then `wv`'s (attention's query, key and value projections); with `normed`, of the input's
+/// RMSNorm by `norm` and `eps`.
 #[cube(launch_unchecked)]
-fn matvec3_kernel<F: Float>(x: &Tensor<F>, wq: &Tensor<F>, wk: &Tensor<F>, wv: &Tensor<F>, output: &mut Tensor<F>, #[define(F)] _dtype: ElemType) {
+#[allow(clippy::too_many_arguments)]
+fn matvec3_kernel<F: Float>(
+    x: &Tensor<F>,
+    norm: &Tensor<F>,
+    wq: &Tensor<F>,
+    wk: &Tensor<F>,
+    wv: &Tensor<F>,
+    output: &mut Tensor<F>,
+    eps: f32,
+    #[comptime] normed: bool,
+    #[define(F)] _dtype: ElemType,
+) {
     let (lane, n, i) = matvec_unit();
     let (nq, nk, nv, k) = (wq.shape(0), wk.shape(0), wv.shape(0), x.shape(1));
     let rows = nq + nk + nv;
+    let mut r = 1f32;
+    if comptime!(normed) {
+        r = rms_factor(x, i * k, k, eps);
+    }
     let mut acc = 0f32;
     if n < nq {
-        acc = lane_dot(x, i * k, wq, n * k, k, lane);
+        acc = lane_dot(x, norm, r, i * k, wq, n * k, k, lane, normed);
     } else if n < nq + nk {
-        acc = lane_dot(x, i * k, wk, (n - nq) * k, k, lane);
+        acc = lane_dot(x, norm, r, i * k, wk, (n - nq) * k, k, lane, normed);
     } else if n < rows {
-        acc = lane_dot(x, i * k, wv, (n - nq - nk) * k, k, lane);
+        acc = lane_dot(x, norm, r, i * k, wv, (n - nq - nk) * k, k, lane, normed);
     }
     let total = lane_total(acc);
     if lane == 0 && n < rows {
@@ -137,26 +205,30 @@ fn matvec3_kernel<F: Float>(x: &Tensor<F>, wq: &Tensor<F>, wk: &Tensor<F>, wv: &
     }
 }
 
-/// `[x·wqᵀ, x·wkᵀ, x·wvᵀ]` `[m, nq + nk + nv]` for `x` `[m, k]` and the three weights `[n·, k]`,
-/// in one launch; all of one float dtype.
-pub fn matvec3_t(x: CubeTensor, wq: CubeTensor, wk: CubeTensor, wv: CubeTensor) -> CubeTensor {
+/// `[x·wqᵀ, x·wkᵀ, x·wvᵀ]` `[m, nq + nk + nv]` for `x` `[m, k]` (or its RMSNorm by `norm`) and
+/// the three weights `[n·, k]`, in one launch; all of one float dtype.
+pub fn matvec3_t(x: CubeTensor, wq: CubeTensor, wk: CubeTensor, wv: CubeTensor, norm: Norm) -> CubeTensor {
     let [m, _] = x.shape().dims();
     let n = wq.shape()[0] + wk.shape()[0] + wv.shape()[0];
     let output = empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([m, n]), x.dtype);
     let (count, dim) = launch_matvec(&output);
     let dtype = dtype_to_storage_type(x.dtype);
-    // SAFETY: as for `dense_matvec_t`: every weight has `k` columns (checked by the caller) and
-    // each output column reads one row of one weight.
+    let (norm, eps, normed) = norm_args(&x, norm);
+    // SAFETY: as for `dense_matvec_t`: every weight has `k` columns and the norm's weight `k`
+    // entries (checked by the caller), and each output column reads one row of one weight.
     unsafe {
         matvec3_kernel::launch_unchecked(
             &output.client,
             count,
             dim,
             into_contiguous(x).into_tensor_arg(),
+            norm.into_tensor_arg(),
             into_contiguous(wq).into_tensor_arg(),
             into_contiguous(wk).into_tensor_arg(),
             into_contiguous(wv).into_tensor_arg(),
             output.clone().into_tensor_arg(),
+            eps,
+            normed,
             dtype,
         )
     }
@@ -164,10 +236,24 @@ pub fn matvec3_t(x: CubeTensor, wq: CubeTensor, wk: CubeTensor, wv: CubeTensor) 
 }
 
 #[cube(launch_unchecked)]
-fn swiglu_matvec_kernel<F: Float>(x: &Tensor<F>, gate: &Tensor<F>, up: &Tensor<F>, output: &mut Tensor<F>, #[define(F)] _dtype: ElemType) {
+#[allow(clippy::too_many_arguments)]
+fn swiglu_matvec_kernel<F: Float>(
+    x: &Tensor<F>,
+    norm: &Tensor<F>,
+    gate: &Tensor<F>,
+    up: &Tensor<F>,
+    output: &mut Tensor<F>,
+    eps: f32,
+    #[comptime] normed: bool,
+    #[define(F)] _dtype: ElemType,
+) {
     let (lane, n, i) = matvec_unit();
     let (rows, k) = (gate.shape(0), gate.shape(1));
     let step = comptime!(LANES as usize * UNROLL);
+    let mut r = 1f32;
+    if comptime!(normed) {
+        r = rms_factor(x, i * k, k, eps);
+    }
     let mut acc_gate = 0f32;
     let mut acc_up = 0f32;
     if n < rows {
@@ -177,13 +263,13 @@ fn swiglu_matvec_kernel<F: Float>(x: &Tensor<F>, gate: &Tensor<F>, up: &Tensor<F
             #[unroll]
             for j in 0..UNROLL {
                 let c = base + comptime!(j * LANES as usize) + lane;
-                let xv = f32::cast_from(x[xrow + c]);
+                let xv = input(x, norm, xrow + c, c, r, normed);
                 acc_gate += xv * f32::cast_from(gate[wrow + c]);
                 acc_up += xv * f32::cast_from(up[wrow + c]);
             }
         }
         for c in range_stepped(whole + lane, k, comptime!(LANES as usize)) {
-            let xv = f32::cast_from(x[xrow + c]);
+            let xv = input(x, norm, xrow + c, c, r, normed);
             acc_gate += xv * f32::cast_from(gate[wrow + c]);
             acc_up += xv * f32::cast_from(up[wrow + c]);
         }
@@ -195,26 +281,30 @@ fn swiglu_matvec_kernel<F: Float>(x: &Tensor<F>, gate: &Tensor<F>, up: &Tensor<F
     }
 }
 
-/// `silu(x·gateᵀ) · (x·upᵀ)` for `x` `[m, k]` and `gate`, `up` `[n, k]` -> `[m, n]`: the
-/// SwiGLU block's two products and its activation in one pass over both weights, summed and
-/// activated in f32; all three of one float dtype.
-pub fn swiglu_matvec_t(x: CubeTensor, gate: CubeTensor, up: CubeTensor) -> CubeTensor {
+/// `silu(x·gateᵀ) · (x·upᵀ)` for `x` `[m, k]` (or its RMSNorm by `norm`) and `gate`, `up`
+/// `[n, k]` -> `[m, n]`: the SwiGLU block's two products and its activation in one pass over
+/// both weights, summed and activated in f32; all of one float dtype.
+pub fn swiglu_matvec_t(x: CubeTensor, gate: CubeTensor, up: CubeTensor, norm: Norm) -> CubeTensor {
     let [m, _] = x.shape().dims();
     let n = gate.shape()[0];
     let output = empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([m, n]), x.dtype);
     let (count, dim) = launch_matvec(&output);
     let dtype = dtype_to_storage_type(x.dtype);
-    // SAFETY: as for `dense_matvec_t`; `gate` and `up` have the same shape (checked by the
-    // caller).
+    let (norm, eps, normed) = norm_args(&x, norm);
+    // SAFETY: as for `dense_matvec_t`; `gate` and `up` have the same shape and the norm's weight
+    // `k` entries (checked by the caller).
     unsafe {
         swiglu_matvec_kernel::launch_unchecked(
             &output.client,
             count,
             dim,
             into_contiguous(x).into_tensor_arg(),
+            norm.into_tensor_arg(),
             into_contiguous(gate).into_tensor_arg(),
             into_contiguous(up).into_tensor_arg(),
             output.clone().into_tensor_arg(),
+            eps,
+            normed,
             dtype,
         )
     }

@@ -111,6 +111,47 @@ fn swiglu_of_a_few_rows_matches_the_composition_on_wgpu() {
     }
 }
 
+/// The products that compute the input's RMSNorm inside their kernel (attention's three
+/// projections, the SwiGLU block) against the norm and then the products: on the CPU (the
+/// composition), and on wgpu in f32 and f16, where they also agree with the norm kernel
+/// followed by the products. Rows of different scales, so that each row's own factor counts.
+#[test]
+fn products_with_the_norm_inside_match_the_norm_then_the_products() {
+    let cpu = Device::flex();
+    let (m, k, eps) = (3, 549, 1e-5);
+    let scale = Tensor::<2>::from_data(TensorData::new(vec![0.5f32, 3.0, 20.0], [m, 1]), (&cpu, DType::F32));
+    let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), (&cpu, DType::F32)) * scale;
+    let norm = Tensor::<1>::random([k], Distribution::Normal(1.0, 0.2), (&cpu, DType::F32));
+    let w: Vec<Tensor<2>> = [43, 9, 9].iter().map(|&n| Tensor::<2>::random([n, k], Distribution::Normal(0.0, 0.05), (&cpu, DType::F32))).collect();
+    let normed = rms_norm(x.clone(), norm.clone(), eps);
+    let three = |x: Tensor<2>, w: &[Tensor<2>]| lora_kernels::frozen_linear3(x, w[0].clone(), w[1].clone(), w[2].clone());
+    let want3: Vec<f32> = three(normed.clone(), &w).into_data().try_to_vec::<f32>().unwrap();
+    let want_swiglu: Vec<f32> = lora_kernels::frozen_swiglu(normed, w[1].clone(), w[2].clone()).into_data().try_to_vec::<f32>().unwrap();
+    let norm3 = |x: Tensor<2>, norm: Tensor<1>, w: &[Tensor<2>]| lora_kernels::frozen_norm_linear3(x, norm, eps, w[0].clone(), w[1].clone(), w[2].clone());
+    let norm_swiglu = |x: Tensor<2>, norm: Tensor<1>, w: &[Tensor<2>]| lora_kernels::frozen_norm_swiglu(x, norm, eps, w[1].clone(), w[2].clone());
+    let values = |t: Tensor<2>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+    assert!(max_diff(values(norm3(x.clone(), norm.clone(), &w)), &want3) < 1e-5, "CPU three products");
+    assert!(max_diff(values(norm_swiglu(x.clone(), norm.clone(), &w)), &want_swiglu) < 1e-5, "CPU SwiGLU");
+    let Some(device) = gpu() else { return };
+    for (dtype, tolerance) in [(FloatDType::F32, 1e-4), (FloatDType::F16, 2e-2)] {
+        let on = |t: &Tensor<2>| t.clone().to_device(&device).cast(dtype);
+        let (x, norm, w) = (on(&x), norm.clone().to_device(&device).cast(dtype), w.iter().map(on).collect::<Vec<_>>());
+        let got3 = values(norm3(x.clone(), norm.clone(), &w));
+        let got_swiglu = values(norm_swiglu(x.clone(), norm.clone(), &w));
+        assert_eq!(got3.len(), m * 61);
+        let worst = max_diff(got3.clone(), &want3);
+        assert!(worst < tolerance, "{dtype:?} three products: max difference {worst}");
+        let worst = max_diff(got_swiglu.clone(), &want_swiglu);
+        assert!(worst < tolerance, "{dtype:?} SwiGLU: max difference {worst}");
+        // The norm's kernel and then the products, on the same device: the same roundings.
+        let normed = rms_norm(x, norm, eps);
+        let apart = max_diff(got3, &values(three(normed.clone(), &w)));
+        assert!(apart < 1e-3, "{dtype:?} three products against the norm kernel first: {apart}");
+        let apart = max_diff(got_swiglu, &values(lora_kernels::frozen_swiglu(normed, w[1].clone(), w[2].clone())));
+        assert!(apart < 1e-3, "{dtype:?} SwiGLU against the norm kernel first: {apart}");
+    }
+}
+
 #[test]
 fn product_plus_residual_of_a_few_rows_matches_on_wgpu() {
     let Some(device) = gpu() else { return };

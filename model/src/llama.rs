@@ -142,6 +142,14 @@ impl RmsNorm {
         normed.cast(float_dtype(dtype)) * self.weight.val().unsqueeze::<D>()
     }
 
+    /// The weight and epsilon with which a product may compute this norm of `x` itself: where
+    /// the weight has `x`'s dtype (what [`RmsNorm::forward`]'s kernel takes) and nothing asks
+    /// for `x`'s gradient.
+    fn inside(&self, x: &Tensor<2>) -> Option<(Tensor<1>, f32)> {
+        let weight = self.weight.val();
+        (weight.dtype() == x.dtype() && !x.is_require_grad()).then_some((weight, self.eps as f32))
+    }
+
     fn load(ckpt: &Checkpoint, name: &str, dim: usize, eps: f64, device: &Device, dtype: DType) -> Result<Self, ModelError> {
         Ok(Self { weight: Param::from_tensor(ckpt.load(name, [dim], device, dtype)?), eps })
     }
@@ -245,23 +253,27 @@ fn cache_buffer(buffer: Option<Tensor<4>>, [b, kv, d]: [usize; 3], past: usize, 
 }
 
 impl Attention {
-    /// `[x·Wqᵀ, x·Wkᵀ, x·Wvᵀ]` `[batch·seq, (heads + 2·kv_heads)·head_dim]` as one product, where
-    /// that pays: a few rows (decoding) on a GPU, all three projections plain frozen weights
-    /// (dense, or 4-bit of one format), no per-head norms. `None` elsewhere.
-    fn fused_qkv(&self, x: Tensor<3>) -> Option<Tensor<2>> {
-        let [b, s, i] = x.dims();
-        if b * s > lora_kernels::matvec::MATVEC_ROWS || x.device() == Device::flex() || self.q_norm.is_some() || self.k_norm.is_some() {
+    /// `[x·Wqᵀ, x·Wkᵀ, x·Wvᵀ]` `[batch·seq, (heads + 2·kv_heads)·head_dim]` of `x = norm(residual)`
+    /// as one product, where that pays: a few rows (decoding) on a GPU, all three projections
+    /// plain frozen weights (dense, or 4-bit of one format), no per-head norms. For dense
+    /// weights the norm is computed inside the same kernel. `None` elsewhere.
+    fn fused_qkv(&self, residual: Tensor<3>, norm: &RmsNorm) -> Option<Tensor<2>> {
+        let [b, s, i] = residual.dims();
+        if b * s > lora_kernels::matvec::MATVEC_ROWS || residual.device() == Device::flex() || self.q_norm.is_some() || self.k_norm.is_some() {
             return None;
         }
-        let x = x.reshape([b * s, i]);
+        let residual = residual.reshape([b * s, i]);
         if let (Some(q), Some(k), Some(v)) = (self.q_proj.plain_quant(), self.k_proj.plain_quant(), self.v_proj.plain_quant()) {
-            return lora_quant::QuantWeight::linear3_t(x, q, k, v);
+            return lora_quant::QuantWeight::linear3_t(norm.forward(residual), q, k, v);
         }
         let (wq, wk, wv) = (self.q_proj.plain_frozen()?, self.k_proj.plain_frozen()?, self.v_proj.plain_frozen()?);
-        Some(lora_kernels::frozen_linear3(x, wq, wk, wv))
+        if let Some((weight, eps)) = norm.inside(&residual) {
+            return Some(lora_kernels::frozen_norm_linear3(residual, weight, eps, wq, wk, wv));
+        }
+        Some(lora_kernels::frozen_linear3(norm.forward(residual), wq, wk, wv))
     }
 
-    /// `x` `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
+    /// `residual` `[batch, seq, hidden]` -> `residual + attention(norm(residual))`.
     ///
     /// `cos`/`sin` are `[seq, head_dim]` for this step's positions.
     ///
@@ -270,12 +282,12 @@ impl Attention {
     /// chunked); a later one over the whole buffer with `mask` `[.., s, capacity]`, so every
     /// decoded token runs on the same shapes until the buffer grows.
     ///
-    /// Returns `residual + attention(x)`: the residual stream is added by the output
-    /// projection's product (one kernel when decoding).
-    fn forward(&self, x: Tensor<3>, residual: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, mask: AttentionMask, cache: Option<CacheStep>) -> Tensor<3> {
-        let [b, s, _] = x.dims();
+    /// The residual stream is added by the output projection's product (one kernel when
+    /// decoding).
+    fn forward(&self, residual: Tensor<3>, norm: &RmsNorm, cos: &Tensor<2>, sin: &Tensor<2>, mask: AttentionMask, cache: Option<CacheStep>) -> Tensor<3> {
+        let [b, s, _] = residual.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let qkv = self.fused_qkv(x.clone()).map(|t| t.reshape([b, s, h + 2 * kv, d]));
+        let qkv = self.fused_qkv(residual.clone(), norm).map(|t| t.reshape([b, s, h + 2 * kv, d]));
         let (q, mut k, mut v, cache) = match (qkv, cache) {
             (Some(qkv), Some(CacheStep { slot, past, capacity })) => {
                 // One product for the three projections; one kernel rotating the query and key
@@ -297,6 +309,7 @@ impl Attention {
                 (all.clone().narrow(1, 0, h), all.clone().narrow(1, h, kv), all.narrow(1, h + kv, kv), cache)
             }
             (None, cache) => {
+                let x = norm.forward(residual.clone());
                 let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
                 let k = self.k_proj.forward(x.clone()).reshape([b, s, kv, d]);
                 let v = self.v_proj.forward(x).reshape([b, s, kv, d]);
@@ -361,15 +374,21 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// `[batch, seq, hidden]` -> `residual + mlp(x)` `[batch, seq, hidden]`.
-    fn forward(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
-        // Plain frozen weights: one operation (on a GPU, one pass over both for a few rows).
+    /// `residual` `[batch, seq, hidden]` -> `residual + mlp(norm(residual))`.
+    fn forward(&self, residual: Tensor<3>, norm: &RmsNorm) -> Tensor<3> {
+        // Plain frozen weights: one operation (on a GPU, one pass over both for a few rows, the
+        // norm computed in it).
         if let (Some(gate), Some(up)) = (self.gate_proj.plain_frozen(), self.up_proj.plain_frozen()) {
-            let [b, s, i] = x.dims();
+            let [b, s, i] = residual.dims();
             let n = gate.dims()[0];
-            let h = lora_kernels::frozen_swiglu(x.reshape([b * s, i]), gate, up).reshape([b, s, n]);
-            return self.down_proj.forward_add(h, residual);
+            let rows = residual.clone().reshape([b * s, i]);
+            let h = match norm.inside(&rows).filter(|_| b * s <= lora_kernels::matvec::MATVEC_ROWS && rows.device() != Device::flex()) {
+                Some((weight, eps)) => lora_kernels::frozen_norm_swiglu(rows, weight, eps, gate, up),
+                None => lora_kernels::frozen_swiglu(norm.forward(rows), gate, up),
+            };
+            return self.down_proj.forward_add(h.reshape([b, s, n]), residual);
         }
+        let x = norm.forward(residual.clone());
         // Plain frozen 4-bit weights outside training: one operation (on a GPU, one pass over
         // both packed weights for a few rows). Under autodiff the products keep their own
         // backward, and the activation its own below.
@@ -446,8 +465,8 @@ impl DecoderLayer {
     /// `x` `[batch, seq, hidden]` -> `[batch, seq, hidden]`: attention then the MLP, each
     /// after its norm and added to the residual stream.
     fn forward(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, mask: AttentionMask, cache: Option<CacheStep>) -> Tensor<3> {
-        let x = self.self_attn.forward(self.input_layernorm.forward(x.clone()), x, cos, sin, mask, cache);
-        self.mlp.forward(self.post_attention_layernorm.forward(x.clone()), x)
+        let x = self.self_attn.forward(x, &self.input_layernorm, cos, sin, mask, cache);
+        self.mlp.forward(x, &self.post_attention_layernorm)
     }
 
     /// The adapters of the block's projections, in [`PROJECTIONS`] order.
