@@ -18,9 +18,8 @@ use burn_flex::FlexTensor;
 
 use crate::cpu::{f32s, flex_f32};
 use crate::matmul::{matmul_cm2, supported};
-use crate::matvec::{MATVEC_ROWS, dense_matvec_t, matvec3_t, swiglu_matvec_t};
+use crate::matvec::{MATVEC_ROWS, dense_matvec_t, matvec3_t, swiglu_matvec_t, takes_norm};
 use crate::norm::NormOps;
-use burn_cubecl::tensor::CubeTensor;
 
 /// Products with a constant right-hand side.
 #[backend_extension(Autodiff, Flex, Cube, Fusion)]
@@ -202,7 +201,7 @@ impl LinearOps for burn_cubecl::CubeBackend {
         wv: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         let k = x.shape()[1];
-        let same = [&wq, &wk, &wv].iter().all(|w| w.dtype == x.dtype && w.shape()[1] == k) && normable(&x, &norm);
+        let same = [&wq, &wk, &wv].iter().all(|w| w.dtype == x.dtype && w.shape()[1] == k) && takes_norm(&x, &norm);
         if same && x.shape()[0] <= MATVEC_ROWS {
             return matvec3_t(x, wq, wk, wv, Some((norm, eps)));
         }
@@ -210,7 +209,7 @@ impl LinearOps for burn_cubecl::CubeBackend {
     }
 
     fn frozen_norm_swiglu_t(x: FloatTensor<Self>, norm: FloatTensor<Self>, eps: f32, gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        let same = x.dtype == gate.dtype && x.dtype == up.dtype && gate.shape() == up.shape() && x.shape()[1] == gate.shape()[1] && normable(&x, &norm);
+        let same = x.dtype == gate.dtype && x.dtype == up.dtype && gate.shape() == up.shape() && x.shape()[1] == gate.shape()[1] && takes_norm(&x, &norm);
         if same && x.shape()[0] <= MATVEC_ROWS {
             return swiglu_matvec_t(x, gate, up, Some((norm, eps)));
         }
@@ -224,12 +223,6 @@ impl LinearOps for burn_cubecl::CubeBackend {
         }
         composed_swiglu::<Self>(x, gate, up)
     }
-}
-
-/// Whether the matrix-vector kernels take `norm` as the RMSNorm weight of `x`: one value per
-/// column of `x`, in its dtype.
-fn normable(x: &CubeTensor, norm: &CubeTensor) -> bool {
-    norm.dtype == x.dtype && norm.shape().dims::<1>() == [x.shape()[1]]
 }
 
 /// Output tiles from which an `[m, n]` product takes the tensor-core kernel: one workgroup per

@@ -25,13 +25,14 @@ pub const MATVEC_ROWS: usize = 8;
 /// in flight.
 const UNROLL: usize = 8;
 
-pub use reduce::{lane_total, matvec_unit};
+pub use reduce::{input, lane_total, matvec_unit, rms_factor};
 
 // In a module of its own: `#[cube]` adds an expansion module beside the function, which
 // `missing_docs` would flag.
 #[allow(missing_docs)]
 mod reduce {
     use super::{LANES, OUTPUTS_PER_CUBE};
+    use crate::decode::workgroup_reduce;
     use burn_cubecl::cubecl;
     use cubecl::prelude::*;
 
@@ -55,6 +56,33 @@ mod reduce {
         shared[unit - lane as usize]
     }
 
+    /// Element `at` of `x` (column `c` of its row) as a product reads it: as it is, or (`normed`)
+    /// RMS-normalized by the row's factor `r` and scaled by `norm[c]`, rounded to the dtype twice
+    /// as [`crate::norm::rms_norm`] rounds its output.
+    #[cube]
+    pub fn input<F: Float>(x: &Tensor<F>, norm: &Tensor<F>, at: usize, c: usize, r: f32, #[comptime] normed: bool) -> f32 {
+        let mut v = f32::cast_from(x[at]);
+        if comptime!(normed) {
+            v = f32::cast_from(F::cast_from(v * r) * norm[c]);
+        }
+        v
+    }
+
+    /// RMSNorm's factor `1/√(mean(x²) + eps)` of row `xrow` (length `k`) of `x`, summed in f32 by
+    /// the whole workgroup (every unit must call it) and returned to every unit.
+    #[cube]
+    pub fn rms_factor<F: Float>(x: &Tensor<F>, xrow: usize, k: usize, eps: f32) -> f32 {
+        let units = comptime!((LANES * OUTPUTS_PER_CUBE) as usize);
+        let mut red = Shared::<[f32]>::new_slice(units);
+        let mut squares = 0f32;
+        for c in range_stepped(UNIT_POS as usize, k, units) {
+            let v = f32::cast_from(x[xrow + c]);
+            squares += v * v;
+        }
+        let total = workgroup_reduce(&mut red, squares, false);
+        1.0f32 / (total / f32::cast_from(k) + eps).sqrt()
+    }
+
     /// This unit's place in a [`super::launch_matvec`] grid: its lane, the output column `n` it
     /// helps compute, and the row `i` of the input.
     #[cube]
@@ -69,33 +97,6 @@ pub fn launch_matvec(output: &CubeTensor) -> (CubeCount, CubeDim) {
     let [m, rows] = output.shape().dims();
     let cubes = (rows as u32).div_ceil(OUTPUTS_PER_CUBE);
     (CubeCount::Static(cubes, m as u32, 1), CubeDim::new_2d(LANES, OUTPUTS_PER_CUBE))
-}
-
-/// Element `at` of `x` (column `c` of its row) as a product reads it: as it is, or (`normed`)
-/// RMS-normalized by the row's factor `r` and scaled by `norm[c]`, rounded to the dtype twice
-/// as [`crate::norm::rms_norm`] rounds its output.
-#[cube]
-fn input<F: Float>(x: &Tensor<F>, norm: &Tensor<F>, at: usize, c: usize, r: f32, #[comptime] normed: bool) -> f32 {
-    let mut v = f32::cast_from(x[at]);
-    if comptime!(normed) {
-        v = f32::cast_from(F::cast_from(v * r) * norm[c]);
-    }
-    v
-}
-
-/// RMSNorm's factor `1/√(mean(x²) + eps)` of row `xrow` (length `k`) of `x`, summed in f32 by
-/// the whole workgroup (every unit must call it) and returned to every unit.
-#[cube]
-fn rms_factor<F: Float>(x: &Tensor<F>, xrow: usize, k: usize, eps: f32) -> f32 {
-    let units = comptime!((LANES * OUTPUTS_PER_CUBE) as usize);
-    let mut red = Shared::<[f32]>::new_slice(units);
-    let mut squares = 0f32;
-    for c in range_stepped(UNIT_POS as usize, k, units) {
-        let v = f32::cast_from(x[xrow + c]);
-        squares += v * v;
-    }
-    let total = crate::decode::workgroup_reduce(&mut red, squares, false);
-    1.0f32 / (total / f32::cast_from(k) + eps).sqrt()
 }
 
 /// This lane's part of the dot product of row `xrow` of `x` (read through [`input`]) with row
@@ -159,9 +160,15 @@ fn dense_matvec_kernel<F: Float>(
 /// the epsilon.
 pub type Norm = Option<(CubeTensor, f32)>;
 
+/// Whether the matrix-vector kernels take `norm` as the RMSNorm weight of `x`: one value per
+/// column of `x`, in its dtype.
+pub fn takes_norm(x: &CubeTensor, norm: &CubeTensor) -> bool {
+    norm.dtype == x.dtype && norm.shape().dims::<1>() == [x.shape()[1]]
+}
+
 /// The kernel arguments of a [`Norm`]: its weight (`x` standing in when there is none, never
 /// read), its epsilon, and whether there is one.
-fn norm_args(x: &CubeTensor, norm: Norm) -> (CubeTensor, f32, bool) {
+pub fn norm_args(x: &CubeTensor, norm: Norm) -> (CubeTensor, f32, bool) {
     match norm {
         Some((weight, eps)) => (into_contiguous(weight), eps, true),
         None => (into_contiguous(x.clone()), 0.0, false),

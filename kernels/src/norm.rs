@@ -134,7 +134,8 @@ fn weight_grad<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, dy: FloatT
     B::float_cast(B::float_reshape(sum, Shape::new([dim])), float_dtype(weight.dtype()))
 }
 
-pub(crate) fn composed<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, eps: f32) -> FloatTensor<B> {
+/// [`NormOps::rms_norm`] as tensor operations (differentiable under autodiff).
+pub fn composed<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, eps: f32) -> FloatTensor<B> {
     let dim = x.shape()[1];
     B::float_mul(normalized::<B>(x, eps), B::float_reshape(weight, Shape::new([1, dim]))) // [rows, dim]
 }

@@ -263,14 +263,18 @@ impl Attention {
             return None;
         }
         let residual = residual.reshape([b * s, i]);
+        let inside = norm.inside(&residual);
         if let (Some(q), Some(k), Some(v)) = (self.q_proj.plain_quant(), self.k_proj.plain_quant(), self.v_proj.plain_quant()) {
-            return lora_quant::QuantWeight::linear3_t(norm.forward(residual), q, k, v);
+            return match inside {
+                Some(norm) => lora_quant::QuantWeight::linear3_t(residual, Some(norm), q, k, v),
+                None => lora_quant::QuantWeight::linear3_t(norm.forward(residual), None, q, k, v),
+            };
         }
         let (wq, wk, wv) = (self.q_proj.plain_frozen()?, self.k_proj.plain_frozen()?, self.v_proj.plain_frozen()?);
-        if let Some((weight, eps)) = norm.inside(&residual) {
-            return Some(lora_kernels::frozen_norm_linear3(residual, weight, eps, wq, wk, wv));
-        }
-        Some(lora_kernels::frozen_linear3(norm.forward(residual), wq, wk, wv))
+        Some(match inside {
+            Some((weight, eps)) => lora_kernels::frozen_norm_linear3(residual, weight, eps, wq, wk, wv),
+            None => lora_kernels::frozen_linear3(norm.forward(residual), wq, wk, wv),
+        })
     }
 
     /// `residual` `[batch, seq, hidden]` -> `residual + attention(norm(residual))`.
@@ -388,19 +392,24 @@ impl Mlp {
             };
             return self.down_proj.forward_add(h.reshape([b, s, n]), residual);
         }
-        let x = norm.forward(residual.clone());
         // Plain frozen 4-bit weights outside training: one operation (on a GPU, one pass over
-        // both packed weights for a few rows). Under autodiff the products keep their own
-        // backward, and the activation its own below.
+        // both packed weights for a few rows, the norm computed in it). Under autodiff the
+        // products keep their own backward, and the activation its own below.
         if let (Some(gate), Some(up)) = (self.gate_proj.plain_quant(), self.up_proj.plain_quant())
-            && !x.is_require_grad()
+            && !residual.is_require_grad()
         {
-            let [b, s, i] = x.dims();
+            let [b, s, i] = residual.dims();
             let n = gate.dims()[0];
-            if let Some(h) = lora_quant::QuantWeight::swiglu_t(x.clone().reshape([b * s, i]), gate, up) {
+            let rows = residual.clone().reshape([b * s, i]);
+            let fused = match norm.inside(&rows) {
+                Some(inside) => lora_quant::QuantWeight::swiglu_t(rows, Some(inside), gate, up),
+                None => lora_quant::QuantWeight::swiglu_t(norm.forward(rows), None, gate, up),
+            };
+            if let Some(h) = fused {
                 return self.down_proj.forward_add(h.reshape([b, s, n]), residual);
             }
         }
+        let x = norm.forward(residual.clone());
         // Both products first, then the activation as one operation (one fused kernel on a GPU,
         // one pass on every core of a CPU).
         let up = self.up_proj.forward(x.clone());

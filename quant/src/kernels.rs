@@ -18,7 +18,7 @@ use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::*;
-use lora_kernels::matvec::{LANES, lane_total, launch_matvec, matvec_unit};
+use lora_kernels::matvec::{LANES, Norm, input, lane_total, launch_matvec, matvec_unit, norm_args, rms_factor};
 
 /// Whether [`affine_matvec`] handles `bits`: codes must not cross words.
 pub fn matvec_supports(bits: usize) -> bool {
@@ -75,12 +75,15 @@ fn write_output<F: Float>(output: &mut Tensor<F>, residual: &Tensor<F>, at: usiz
     output[at] = value;
 }
 
-/// This lane's part of row `i` of `x` times row `n` of the affine weight: consecutive lanes
-/// read consecutive words.
+/// This lane's part of row `i` of `x` (read through `input`: as it is, or RMS-normalized by
+/// the factor `r` and scaled by `norm` when `normed`) times row `n` of the affine weight:
+/// consecutive lanes read consecutive words.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn affine_lane_dot<F: Float>(
     x: &Tensor<F>,
+    norm: &Tensor<F>,
+    r: f32,
     packed: &Tensor<u32>,
     scales: &Tensor<F>,
     biases: &Tensor<F>,
@@ -89,6 +92,7 @@ fn affine_lane_dot<F: Float>(
     lane: usize,
     #[comptime] bits: u32,
     #[comptime] group_size: usize,
+    #[comptime] normed: bool,
 ) -> f32 {
     let per_word = comptime!((32 / bits) as usize);
     let mask = comptime!((1u32 << bits) - 1);
@@ -102,7 +106,7 @@ fn affine_lane_dot<F: Float>(
         let mut sum = 0f32;
         #[unroll]
         for j in 0..per_word {
-            let xv = f32::cast_from(x[base + j]);
+            let xv = input(x, norm, base + j, k0 + j, r, normed);
             dot += xv * f32::cast_from((word >> comptime!(j as u32 * bits)) & mask);
             sum += xv;
         }
@@ -112,9 +116,22 @@ fn affine_lane_dot<F: Float>(
     acc
 }
 
-/// This lane's part of row `i` of `x` times row `n` of the NF4 weight.
+/// This lane's part of row `i` of `x` (read through `input`, as [`affine_lane_dot`] reads it)
+/// times row `n` of the NF4 weight.
 #[cube]
-fn nf4_lane_dot<F: Float>(x: &Tensor<F>, packed: &Tensor<u32>, absmax: &Tensor<f32>, levels: &Tensor<f32>, n: usize, i: usize, lane: usize) -> f32 {
+#[allow(clippy::too_many_arguments)]
+fn nf4_lane_dot<F: Float>(
+    x: &Tensor<F>,
+    norm: &Tensor<F>,
+    r: f32,
+    packed: &Tensor<u32>,
+    absmax: &Tensor<f32>,
+    levels: &Tensor<f32>,
+    n: usize,
+    i: usize,
+    lane: usize,
+    #[comptime] normed: bool,
+) -> f32 {
     let (words, k) = (packed.shape(1), x.shape(1));
     let mut acc = 0f32;
     for w in range_stepped(lane, words, comptime!(LANES as usize)) {
@@ -125,7 +142,7 @@ fn nf4_lane_dot<F: Float>(x: &Tensor<F>, packed: &Tensor<u32>, absmax: &Tensor<f
         #[unroll]
         for j in 0..8u32 {
             let code = (word >> comptime!(j * 4)) & 15;
-            dot += f32::cast_from(x[base + j as usize]) * levels[code as usize];
+            dot += input(x, norm, base + j as usize, k0 + j as usize, r, normed) * levels[code as usize];
         }
         acc += absmax[(n * k + k0) / 64] * dot;
     }
@@ -149,7 +166,7 @@ fn affine_matvec_kernel<F: Float>(
     let rows = packed.shape(0);
     let mut acc = 0f32;
     if n < rows {
-        acc = affine_lane_dot(x, packed, scales, biases, n, i, lane, bits, group_size);
+        acc = affine_lane_dot(x, x, 1f32, packed, scales, biases, n, i, lane, bits, group_size, false);
     }
     let total = lane_total(acc);
     if lane == 0 && n < rows {
@@ -172,12 +189,23 @@ fn nf4_matvec_kernel<F: Float>(
     let rows = packed.shape(0);
     let mut acc = 0f32;
     if n < rows {
-        acc = nf4_lane_dot(x, packed, absmax, levels, n, i, lane);
+        acc = nf4_lane_dot(x, x, 1f32, packed, absmax, levels, n, i, lane, false);
     }
     let total = lane_total(acc);
     if lane == 0 && n < rows {
         write_output(output, residual, i * rows + n, total, add);
     }
+}
+
+/// RMSNorm's factor of row `i` of `x` when `normed` (every unit of the workgroup calls it), else 1.
+#[cube]
+fn row_factor<F: Float>(x: &Tensor<F>, i: usize, eps: f32, #[comptime] normed: bool) -> f32 {
+    let mut r = 1f32;
+    if comptime!(normed) {
+        let k = x.shape(1);
+        r = rms_factor(x, i * k, k, eps);
+    }
+    r
 }
 
 /// `output[at]` = `silu(g)·u` of the two products' totals, in f32, rounded once.
@@ -190,6 +218,7 @@ fn write_swiglu<F: Float>(output: &mut Tensor<F>, at: usize, g: f32, u: f32) {
 #[allow(clippy::too_many_arguments)]
 fn affine_swiglu_kernel<F: Float>(
     x: &Tensor<F>,
+    norm: &Tensor<F>,
     gate: &Tensor<u32>,
     gate_scales: &Tensor<F>,
     gate_biases: &Tensor<F>,
@@ -197,17 +226,20 @@ fn affine_swiglu_kernel<F: Float>(
     up_scales: &Tensor<F>,
     up_biases: &Tensor<F>,
     output: &mut Tensor<F>,
+    eps: f32,
+    #[comptime] normed: bool,
     #[comptime] bits: u32,
     #[comptime] group_size: usize,
     #[define(F)] _dtype: ElemType,
 ) {
     let (lane, n, i) = matvec_unit();
     let rows = gate.shape(0);
+    let r = row_factor(x, i, eps, normed);
     let mut g = 0f32;
     let mut u = 0f32;
     if n < rows {
-        g = affine_lane_dot(x, gate, gate_scales, gate_biases, n, i, lane, bits, group_size);
-        u = affine_lane_dot(x, up, up_scales, up_biases, n, i, lane, bits, group_size);
+        g = affine_lane_dot(x, norm, r, gate, gate_scales, gate_biases, n, i, lane, bits, group_size, normed);
+        u = affine_lane_dot(x, norm, r, up, up_scales, up_biases, n, i, lane, bits, group_size, normed);
     }
     let g = lane_total(g);
     let u = lane_total(u);
@@ -220,21 +252,25 @@ fn affine_swiglu_kernel<F: Float>(
 #[allow(clippy::too_many_arguments)]
 fn nf4_swiglu_kernel<F: Float>(
     x: &Tensor<F>,
+    norm: &Tensor<F>,
     gate: &Tensor<u32>,
     gate_absmax: &Tensor<f32>,
     up: &Tensor<u32>,
     up_absmax: &Tensor<f32>,
     levels: &Tensor<f32>,
     output: &mut Tensor<F>,
+    eps: f32,
+    #[comptime] normed: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let (lane, n, i) = matvec_unit();
     let rows = gate.shape(0);
+    let r = row_factor(x, i, eps, normed);
     let mut g = 0f32;
     let mut u = 0f32;
     if n < rows {
-        g = nf4_lane_dot(x, gate, gate_absmax, levels, n, i, lane);
-        u = nf4_lane_dot(x, up, up_absmax, levels, n, i, lane);
+        g = nf4_lane_dot(x, norm, r, gate, gate_absmax, levels, n, i, lane, normed);
+        u = nf4_lane_dot(x, norm, r, up, up_absmax, levels, n, i, lane, normed);
     }
     let g = lane_total(g);
     let u = lane_total(u);
@@ -249,6 +285,7 @@ fn nf4_swiglu_kernel<F: Float>(
 #[allow(clippy::too_many_arguments)]
 fn affine_matvec3_kernel<F: Float>(
     x: &Tensor<F>,
+    norm: &Tensor<F>,
     q: &Tensor<u32>,
     q_scales: &Tensor<F>,
     q_biases: &Tensor<F>,
@@ -259,6 +296,8 @@ fn affine_matvec3_kernel<F: Float>(
     v_scales: &Tensor<F>,
     v_biases: &Tensor<F>,
     output: &mut Tensor<F>,
+    eps: f32,
+    #[comptime] normed: bool,
     #[comptime] bits: u32,
     #[comptime] group_size: usize,
     #[define(F)] _dtype: ElemType,
@@ -266,13 +305,14 @@ fn affine_matvec3_kernel<F: Float>(
     let (lane, n, i) = matvec_unit();
     let (nq, nk, nv) = (q.shape(0), k.shape(0), v.shape(0));
     let rows = nq + nk + nv;
+    let r = row_factor(x, i, eps, normed);
     let mut acc = 0f32;
     if n < nq {
-        acc = affine_lane_dot(x, q, q_scales, q_biases, n, i, lane, bits, group_size);
+        acc = affine_lane_dot(x, norm, r, q, q_scales, q_biases, n, i, lane, bits, group_size, normed);
     } else if n < nq + nk {
-        acc = affine_lane_dot(x, k, k_scales, k_biases, n - nq, i, lane, bits, group_size);
+        acc = affine_lane_dot(x, norm, r, k, k_scales, k_biases, n - nq, i, lane, bits, group_size, normed);
     } else if n < rows {
-        acc = affine_lane_dot(x, v, v_scales, v_biases, n - nq - nk, i, lane, bits, group_size);
+        acc = affine_lane_dot(x, norm, r, v, v_scales, v_biases, n - nq - nk, i, lane, bits, group_size, normed);
     }
     let total = lane_total(acc);
     if lane == 0 && n < rows {
@@ -284,6 +324,7 @@ fn affine_matvec3_kernel<F: Float>(
 #[allow(clippy::too_many_arguments)]
 fn nf4_matvec3_kernel<F: Float>(
     x: &Tensor<F>,
+    norm: &Tensor<F>,
     q: &Tensor<u32>,
     q_absmax: &Tensor<f32>,
     k: &Tensor<u32>,
@@ -292,18 +333,21 @@ fn nf4_matvec3_kernel<F: Float>(
     v_absmax: &Tensor<f32>,
     levels: &Tensor<f32>,
     output: &mut Tensor<F>,
+    eps: f32,
+    #[comptime] normed: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let (lane, n, i) = matvec_unit();
     let (nq, nk, nv) = (q.shape(0), k.shape(0), v.shape(0));
     let rows = nq + nk + nv;
+    let r = row_factor(x, i, eps, normed);
     let mut acc = 0f32;
     if n < nq {
-        acc = nf4_lane_dot(x, q, q_absmax, levels, n, i, lane);
+        acc = nf4_lane_dot(x, norm, r, q, q_absmax, levels, n, i, lane, normed);
     } else if n < nq + nk {
-        acc = nf4_lane_dot(x, k, k_absmax, levels, n - nq, i, lane);
+        acc = nf4_lane_dot(x, norm, r, k, k_absmax, levels, n - nq, i, lane, normed);
     } else if n < rows {
-        acc = nf4_lane_dot(x, v, v_absmax, levels, n - nq - nk, i, lane);
+        acc = nf4_lane_dot(x, norm, r, v, v_absmax, levels, n - nq - nk, i, lane, normed);
     }
     let total = lane_total(acc);
     if lane == 0 && n < rows {
@@ -409,37 +453,64 @@ pub fn affine_swiglu(
     up_biases: CubeTensor,
     bits: usize,
     group_size: usize,
+    norm: Norm,
 ) -> CubeTensor {
     assert!(matvec_supports(bits), "affine_swiglu: {bits}-bit codes cross words");
     let output = empty(&x, [x.shape()[0], gate.shape()[0]], x.dtype);
     let dtype = dtype_to_storage_type(x.dtype);
-    // In bounds: as for `affine_matvec`, for each of the two weights (of one shape).
-    launch!(affine_swiglu_kernel, launch_matvec, [x, gate, gate_scales, gate_biases, up, up_scales, up_biases], output, bits as u32, group_size, dtype)
+    let (norm, eps, normed) = norm_args(&x, norm);
+    // In bounds: as for `affine_matvec`, for each of the two weights (of one shape); the norm's
+    // weight has one entry per column of `x` (checked by the caller).
+    launch!(
+        affine_swiglu_kernel,
+        launch_matvec,
+        [x, norm, gate, gate_scales, gate_biases, up, up_scales, up_biases],
+        output,
+        eps,
+        normed,
+        bits as u32,
+        group_size,
+        dtype
+    )
 }
 
 /// [`affine_swiglu`] for two NF4 weights of one shape.
-pub fn nf4_swiglu(x: CubeTensor, gate: CubeTensor, gate_absmax: CubeTensor, up: CubeTensor, up_absmax: CubeTensor, levels: CubeTensor) -> CubeTensor {
+pub fn nf4_swiglu(
+    x: CubeTensor,
+    gate: CubeTensor,
+    gate_absmax: CubeTensor,
+    up: CubeTensor,
+    up_absmax: CubeTensor,
+    levels: CubeTensor,
+    norm: Norm,
+) -> CubeTensor {
     let output = empty(&x, [x.shape()[0], gate.shape()[0]], x.dtype);
     let dtype = dtype_to_storage_type(x.dtype);
-    // In bounds: as for `nf4_matvec`, for each of the two weights (of one shape).
-    launch!(nf4_swiglu_kernel, launch_matvec, [x, gate, gate_absmax, up, up_absmax, levels], output, dtype)
+    let (norm, eps, normed) = norm_args(&x, norm);
+    // In bounds: as for `nf4_matvec`, for each of the two weights (of one shape); the norm's
+    // weight as for `affine_swiglu`.
+    launch!(nf4_swiglu_kernel, launch_matvec, [x, norm, gate, gate_absmax, up, up_absmax, levels], output, eps, normed, dtype)
 }
 
 /// `[x·Qᵀ, x·Kᵀ, x·Vᵀ]` `[m, nq + nk + nv]` for `x` `[m, k]` straight from three affine weights
 /// of one format and width, in one launch; `bits` divides 32.
 #[allow(clippy::too_many_arguments)]
-pub fn affine_matvec3(x: CubeTensor, q: [CubeTensor; 3], k: [CubeTensor; 3], v: [CubeTensor; 3], bits: usize, group_size: usize) -> CubeTensor {
+pub fn affine_matvec3(x: CubeTensor, q: [CubeTensor; 3], k: [CubeTensor; 3], v: [CubeTensor; 3], bits: usize, group_size: usize, norm: Norm) -> CubeTensor {
     assert!(matvec_supports(bits), "affine_matvec3: {bits}-bit codes cross words");
     let rows = q[0].shape()[0] + k[0].shape()[0] + v[0].shape()[0];
     let output = empty(&x, [x.shape()[0], rows], x.dtype);
     let dtype = dtype_to_storage_type(x.dtype);
     let ([q, q_scales, q_biases], [k, k_scales, k_biases], [v, v_scales, v_biases]) = (q, k, v);
-    // In bounds: as for `affine_matvec`, for each weight's own rows.
+    let (norm, eps, normed) = norm_args(&x, norm);
+    // In bounds: as for `affine_matvec`, for each weight's own rows; the norm's weight has one
+    // entry per column of `x` (checked by the caller).
     launch!(
         affine_matvec3_kernel,
         launch_matvec,
-        [x, q, q_scales, q_biases, k, k_scales, k_biases, v, v_scales, v_biases],
+        [x, norm, q, q_scales, q_biases, k, k_scales, k_biases, v, v_scales, v_biases],
         output,
+        eps,
+        normed,
         bits as u32,
         group_size,
         dtype
@@ -447,11 +518,13 @@ pub fn affine_matvec3(x: CubeTensor, q: [CubeTensor; 3], k: [CubeTensor; 3], v: 
 }
 
 /// [`affine_matvec3`] for three NF4 weights (words and absmax each, one set of levels).
-pub fn nf4_matvec3(x: CubeTensor, q: [CubeTensor; 2], k: [CubeTensor; 2], v: [CubeTensor; 2], levels: CubeTensor) -> CubeTensor {
+pub fn nf4_matvec3(x: CubeTensor, q: [CubeTensor; 2], k: [CubeTensor; 2], v: [CubeTensor; 2], levels: CubeTensor, norm: Norm) -> CubeTensor {
     let rows = q[0].shape()[0] + k[0].shape()[0] + v[0].shape()[0];
     let output = empty(&x, [x.shape()[0], rows], x.dtype);
     let dtype = dtype_to_storage_type(x.dtype);
     let ([q, q_absmax], [k, k_absmax], [v, v_absmax]) = (q, k, v);
-    // In bounds: as for `nf4_matvec`, for each weight's own rows.
-    launch!(nf4_matvec3_kernel, launch_matvec, [x, q, q_absmax, k, k_absmax, v, v_absmax, levels], output, dtype)
+    let (norm, eps, normed) = norm_args(&x, norm);
+    // In bounds: as for `nf4_matvec`, for each weight's own rows; the norm's weight as for
+    // `affine_matvec3`.
+    launch!(nf4_matvec3_kernel, launch_matvec, [x, norm, q, q_absmax, k, k_absmax, v, v_absmax, levels], output, eps, normed, dtype)
 }

@@ -21,6 +21,7 @@ use burn::tensor::{DType, FloatDType, IntDType, Shape, TensorData};
 
 use crate::kernels;
 use lora_kernels::linear::LinearOps;
+use lora_kernels::norm::NormOps;
 use lora_kernels::tensor::float_dtype;
 
 /// Backend operations on an affine-packed weight `W` `[n, k]`: words `[n, k·bits/32]`
@@ -85,11 +86,16 @@ pub trait PackedOps: Backend {
     }
 
     /// The SwiGLU block's `silu(x·gateᵀ)·(x·upᵀ)` `[m, n]` for two affine weights of one shape
-    /// and format. Under autodiff the tracked composition.
+    /// and format, of `x`'s RMSNorm by `norm` `[k]` (in `x`'s dtype) and `eps` when `normed` (`norm` is not
+    /// read otherwise).
+    /// Under autodiff the tracked composition.
     #[fusion(dtype = x, shape = Shape::new([x[0], gate[0]]))]
     #[allow(clippy::too_many_arguments)]
     fn packed_swiglu_t(
         x: FloatTensor<Self>,
+        norm: FloatTensor<Self>,
+        eps: f32,
+        normed: bool,
         gate: IntTensor<Self>,
         gate_scales: FloatTensor<Self>,
         gate_biases: FloatTensor<Self>,
@@ -99,6 +105,7 @@ pub trait PackedOps: Backend {
         bits: usize,
         group_size: usize,
     ) -> FloatTensor<Self> {
+        let x = norm_composed::<Self>(x, normed.then_some(norm), eps);
         let g = Self::packed_matmul_t(x.clone(), gate, gate_scales, gate_biases, bits, group_size);
         let u = Self::packed_matmul_t(x, up, up_scales, up_biases, bits, group_size);
         silu_times::<Self>(g, u)
@@ -106,25 +113,34 @@ pub trait PackedOps: Backend {
 
     /// [`PackedOps::packed_swiglu_t`] for two NF4 weights of one shape (one set of levels).
     #[fusion(dtype = x, shape = Shape::new([x[0], gate[0]]))]
+    #[allow(clippy::too_many_arguments)]
     fn nf4_swiglu_t(
         x: FloatTensor<Self>,
+        norm: FloatTensor<Self>,
+        eps: f32,
+        normed: bool,
         gate: IntTensor<Self>,
         gate_absmax: FloatTensor<Self>,
         up: IntTensor<Self>,
         up_absmax: FloatTensor<Self>,
         levels: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
+        let x = norm_composed::<Self>(x, normed.then_some(norm), eps);
         let g = Self::nf4_matmul_t(x.clone(), gate, gate_absmax, levels.clone());
         let u = Self::nf4_matmul_t(x, up, up_absmax, levels);
         silu_times::<Self>(g, u)
     }
 
     /// Attention's three input projections `[x·Qᵀ, x·Kᵀ, x·Vᵀ]` `[m, nq + nk + nv]` for three
-    /// affine weights of one format and width.
+    /// affine weights of one format and width, of `x`'s RMSNorm by `norm` and `eps` when
+    /// `normed` (as [`PackedOps::packed_swiglu_t`]).
     #[fusion(dtype = x, shape = Shape::new([x[0], q[0] + k[0] + v[0]]))]
     #[allow(clippy::too_many_arguments)]
     fn packed_matmul3_t(
         x: FloatTensor<Self>,
+        norm: FloatTensor<Self>,
+        eps: f32,
+        normed: bool,
         q: IntTensor<Self>,
         q_scales: FloatTensor<Self>,
         q_biases: FloatTensor<Self>,
@@ -137,7 +153,14 @@ pub trait PackedOps: Backend {
         bits: usize,
         group_size: usize,
     ) -> FloatTensor<Self> {
-        affine3::<Self>(x, (q, q_scales, q_biases), (k, k_scales, k_biases), (v, v_scales, v_biases), bits, group_size)
+        affine3::<Self>(
+            norm_composed::<Self>(x, normed.then_some(norm), eps),
+            (q, q_scales, q_biases),
+            (k, k_scales, k_biases),
+            (v, v_scales, v_biases),
+            bits,
+            group_size,
+        )
     }
 
     /// [`PackedOps::packed_matmul3_t`] for three NF4 weights (one set of levels).
@@ -145,6 +168,9 @@ pub trait PackedOps: Backend {
     #[allow(clippy::too_many_arguments)]
     fn nf4_matmul3_t(
         x: FloatTensor<Self>,
+        norm: FloatTensor<Self>,
+        eps: f32,
+        normed: bool,
         q: IntTensor<Self>,
         q_absmax: FloatTensor<Self>,
         k: IntTensor<Self>,
@@ -153,7 +179,7 @@ pub trait PackedOps: Backend {
         v_absmax: FloatTensor<Self>,
         levels: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        nf4_3::<Self>(x, [(q, q_absmax), (k, k_absmax), (v, v_absmax)], levels)
+        nf4_3::<Self>(norm_composed::<Self>(x, normed.then_some(norm), eps), [(q, q_absmax), (k, k_absmax), (v, v_absmax)], levels)
     }
 
     /// `residual + x·Wᵀ` `[m, n]` for an NF4 weight.
@@ -187,6 +213,37 @@ fn affine3<B: PackedOps>(
 fn nf4_3<B: PackedOps>(x: FloatTensor<B>, weights: [(IntTensor<B>, FloatTensor<B>); 3], levels: FloatTensor<B>) -> FloatTensor<B> {
     let outputs = weights.map(|(packed, absmax)| B::nf4_matmul_t(x.clone(), packed, absmax, levels.clone()));
     B::float_cat(outputs.into(), 1)
+}
+
+/// `x`, or its RMSNorm by `norm` and `eps` as tensor operations.
+fn norm_composed<B: Backend>(x: FloatTensor<B>, norm: Option<FloatTensor<B>>, eps: f32) -> FloatTensor<B> {
+    match norm {
+        Some(weight) => lora_kernels::norm::composed::<B>(x, weight, eps),
+        None => x,
+    }
+}
+
+/// `x` and the norm a matrix-vector kernel computes itself: `norm` where the kernels take it (one
+/// weight per column of `x`, in its dtype), else none, `x` then normalized by the norm's kernel.
+fn kernel_norm(
+    x: burn_cubecl::tensor::CubeTensor,
+    norm: Option<FloatTensor<burn_cubecl::CubeBackend>>,
+    eps: f32,
+) -> (burn_cubecl::tensor::CubeTensor, lora_kernels::matvec::Norm) {
+    match norm {
+        None => (x, None),
+        Some(w) if lora_kernels::matvec::takes_norm(&x, &w) => (x, Some((w, eps))),
+        Some(w) => (<burn_cubecl::CubeBackend as NormOps>::rms_norm(x, w, eps), None),
+    }
+}
+
+/// `x` with the norm [`kernel_norm`] left to a matrix-vector kernel applied by the norm's own
+/// kernel instead (for products that take another path).
+fn normed_by_kernel(x: burn_cubecl::tensor::CubeTensor, norm: lora_kernels::matvec::Norm) -> burn_cubecl::tensor::CubeTensor {
+    match norm {
+        Some((weight, eps)) => <burn_cubecl::CubeBackend as NormOps>::rms_norm(x, weight, eps),
+        None => x,
+    }
 }
 
 /// `silu(g)·u`, SwiGLU's activation, as tensor operations.
@@ -267,6 +324,9 @@ impl PackedOps for burn_cubecl::CubeBackend {
 
     fn packed_swiglu_t(
         x: FloatTensor<Self>,
+        norm: FloatTensor<Self>,
+        eps: f32,
+        normed: bool,
         gate: IntTensor<Self>,
         gate_scales: FloatTensor<Self>,
         gate_biases: FloatTensor<Self>,
@@ -276,10 +336,12 @@ impl PackedOps for burn_cubecl::CubeBackend {
         bits: usize,
         group_size: usize,
     ) -> FloatTensor<Self> {
-        // A few rows (decoding): both products and the activation in one launch.
+        // A few rows (decoding): the norm, both products and the activation in one launch.
+        let (x, norm) = kernel_norm(x, normed.then_some(norm), eps);
         if x.shape()[0] <= MATVEC_ROWS && kernels::matvec_supports(bits) {
-            return kernels::affine_swiglu(x, gate, gate_scales, gate_biases, up, up_scales, up_biases, bits, group_size);
+            return kernels::affine_swiglu(x, gate, gate_scales, gate_biases, up, up_scales, up_biases, bits, group_size, norm);
         }
+        let x = normed_by_kernel(x, norm);
         let g = kernels::affine_dequantize(gate, gate_scales, gate_biases, bits, group_size);
         let u = kernels::affine_dequantize(up, up_scales, up_biases, bits, group_size);
         <Self as LinearOps>::frozen_swiglu_t(x, g, u)
@@ -287,15 +349,20 @@ impl PackedOps for burn_cubecl::CubeBackend {
 
     fn nf4_swiglu_t(
         x: FloatTensor<Self>,
+        norm: FloatTensor<Self>,
+        eps: f32,
+        normed: bool,
         gate: IntTensor<Self>,
         gate_absmax: FloatTensor<Self>,
         up: IntTensor<Self>,
         up_absmax: FloatTensor<Self>,
         levels: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
+        let (x, norm) = kernel_norm(x, normed.then_some(norm), eps);
         if x.shape()[0] <= MATVEC_ROWS {
-            return kernels::nf4_swiglu(x, gate, gate_absmax, up, up_absmax, levels);
+            return kernels::nf4_swiglu(x, gate, gate_absmax, up, up_absmax, levels, norm);
         }
+        let x = normed_by_kernel(x, norm);
         let g = kernels::nf4_dequantize(gate, gate_absmax, levels.clone(), x.dtype);
         let u = kernels::nf4_dequantize(up, up_absmax, levels, x.dtype);
         <Self as LinearOps>::frozen_swiglu_t(x, g, u)
@@ -303,6 +370,9 @@ impl PackedOps for burn_cubecl::CubeBackend {
 
     fn packed_matmul3_t(
         x: FloatTensor<Self>,
+        norm: FloatTensor<Self>,
+        eps: f32,
+        normed: bool,
         q: IntTensor<Self>,
         q_scales: FloatTensor<Self>,
         q_biases: FloatTensor<Self>,
@@ -315,15 +385,20 @@ impl PackedOps for burn_cubecl::CubeBackend {
         bits: usize,
         group_size: usize,
     ) -> FloatTensor<Self> {
-        // A few rows (decoding): the three products in one launch.
+        // A few rows (decoding): the norm and the three products in one launch.
+        let (x, norm) = kernel_norm(x, normed.then_some(norm), eps);
         if x.shape()[0] <= MATVEC_ROWS && kernels::matvec_supports(bits) {
-            return kernels::affine_matvec3(x, [q, q_scales, q_biases], [k, k_scales, k_biases], [v, v_scales, v_biases], bits, group_size);
+            return kernels::affine_matvec3(x, [q, q_scales, q_biases], [k, k_scales, k_biases], [v, v_scales, v_biases], bits, group_size, norm);
         }
+        let x = normed_by_kernel(x, norm);
         affine3::<Self>(x, (q, q_scales, q_biases), (k, k_scales, k_biases), (v, v_scales, v_biases), bits, group_size)
     }
 
     fn nf4_matmul3_t(
         x: FloatTensor<Self>,
+        norm: FloatTensor<Self>,
+        eps: f32,
+        normed: bool,
         q: IntTensor<Self>,
         q_absmax: FloatTensor<Self>,
         k: IntTensor<Self>,
@@ -332,9 +407,11 @@ impl PackedOps for burn_cubecl::CubeBackend {
         v_absmax: FloatTensor<Self>,
         levels: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
+        let (x, norm) = kernel_norm(x, normed.then_some(norm), eps);
         if x.shape()[0] <= MATVEC_ROWS {
-            return kernels::nf4_matvec3(x, [q, q_absmax], [k, k_absmax], [v, v_absmax], levels);
+            return kernels::nf4_matvec3(x, [q, q_absmax], [k, k_absmax], [v, v_absmax], levels, norm);
         }
+        let x = normed_by_kernel(x, norm);
         nf4_3::<Self>(x, [(q, q_absmax), (k, k_absmax), (v, v_absmax)], levels)
     }
 

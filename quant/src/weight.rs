@@ -186,17 +186,22 @@ impl QuantWeight {
         }
     }
 
-    /// The SwiGLU block's `silu(x·gateᵀ)·(x·upᵀ)` `[m, rows]` for `x` `[m, cols]`, one kernel
-    /// for a few rows on a GPU; `None` unless `gate` and `up` have one shape and one format
-    /// (bits and group size, or NF4).
-    pub fn swiglu_t(x: Tensor<2>, gate: &QuantWeight, up: &QuantWeight) -> Option<Tensor<2>> {
+    /// The SwiGLU block's `silu(x·gateᵀ)·(x·upᵀ)` `[m, rows]` for `x` `[m, cols]` (or for its
+    /// RMSNorm by `norm`'s weight `[cols]`, in `x`'s dtype, and epsilon), one kernel for a few
+    /// rows on a GPU, the norm computed in it; `None` unless `gate` and `up` have one shape and
+    /// one format (bits and group size, or NF4).
+    pub fn swiglu_t(x: Tensor<2>, norm: Option<(Tensor<1>, f32)>, gate: &QuantWeight, up: &QuantWeight) -> Option<Tensor<2>> {
         if gate.dims() != up.dims() {
             return None;
         }
+        let (norm, eps, normed) = norm_parts(&x, norm);
         match (gate, up) {
             (Self::Affine(g), Self::Affine(u)) if (g.bits, g.group_size) == (u.bits, u.group_size) => {
                 Some(Tensor::from_dispatch(<Dispatch as PackedOps>::packed_swiglu_t(
                     x.into_dispatch(),
+                    norm,
+                    eps,
+                    normed,
                     g.packed.clone().into_dispatch(),
                     g.scales.clone().into_dispatch(),
                     g.biases.clone().into_dispatch(),
@@ -209,6 +214,9 @@ impl QuantWeight {
             }
             (Self::Nf4(g), Self::Nf4(u)) => Some(Tensor::from_dispatch(<Dispatch as PackedOps>::nf4_swiglu_t(
                 x.into_dispatch(),
+                norm,
+                eps,
+                normed,
                 g.packed.clone().into_dispatch(),
                 g.effective_absmax().into_dispatch(),
                 u.packed.clone().into_dispatch(),
@@ -219,13 +227,15 @@ impl QuantWeight {
         }
     }
 
-    /// Attention's `[x·Qᵀ, x·Kᵀ, x·Vᵀ]` `[m, nq + nk + nv]` for `x` `[m, cols]`, one kernel for a
-    /// few rows on a GPU; `None` unless the three have one width and one format.
-    pub fn linear3_t(x: Tensor<2>, q: &QuantWeight, k: &QuantWeight, v: &QuantWeight) -> Option<Tensor<2>> {
+    /// Attention's `[x·Qᵀ, x·Kᵀ, x·Vᵀ]` `[m, nq + nk + nv]` for `x` `[m, cols]` (or its RMSNorm
+    /// by `norm`, as [`QuantWeight::swiglu_t`] takes it), one kernel for a few rows on a GPU;
+    /// `None` unless the three have one width and one format.
+    pub fn linear3_t(x: Tensor<2>, norm: Option<(Tensor<1>, f32)>, q: &QuantWeight, k: &QuantWeight, v: &QuantWeight) -> Option<Tensor<2>> {
         let cols = q.dims()[1];
         if k.dims()[1] != cols || v.dims()[1] != cols {
             return None;
         }
+        let (norm, eps, normed) = norm_parts(&x, norm);
         let nf4_parts = |w: &Nf4Weight| (w.packed.clone().into_dispatch(), w.effective_absmax().into_dispatch());
         match (q, k, v) {
             (Self::Affine(a), Self::Affine(b), Self::Affine(c))
@@ -233,6 +243,9 @@ impl QuantWeight {
             {
                 Some(Tensor::from_dispatch(<Dispatch as PackedOps>::packed_matmul3_t(
                     x.into_dispatch(),
+                    norm,
+                    eps,
+                    normed,
                     a.packed.clone().into_dispatch(),
                     a.scales.clone().into_dispatch(),
                     a.biases.clone().into_dispatch(),
@@ -248,7 +261,19 @@ impl QuantWeight {
             }
             (Self::Nf4(a), Self::Nf4(b), Self::Nf4(c)) => {
                 let ((qp, qa), (kp, ka), (vp, va)) = (nf4_parts(a), nf4_parts(b), nf4_parts(c));
-                Some(Tensor::from_dispatch(<Dispatch as PackedOps>::nf4_matmul3_t(x.into_dispatch(), qp, qa, kp, ka, vp, va, a.levels.clone().into_dispatch())))
+                Some(Tensor::from_dispatch(<Dispatch as PackedOps>::nf4_matmul3_t(
+                    x.into_dispatch(),
+                    norm,
+                    eps,
+                    normed,
+                    qp,
+                    qa,
+                    kp,
+                    ka,
+                    vp,
+                    va,
+                    a.levels.clone().into_dispatch(),
+                )))
             }
             _ => None,
         }
@@ -326,5 +351,17 @@ impl Nf4Weight {
             self.levels.clone().into_dispatch(),
             float_dtype(self.dtype),
         ))
+    }
+}
+
+/// The norm arguments of the fused products: the weight, epsilon and `true`, or, without a
+/// norm, a view of `x`'s first row standing in for the weight (never read), 0 and `false`.
+fn norm_parts(x: &Tensor<2>, norm: Option<(Tensor<1>, f32)>) -> (burn::backend::tensor::FloatTensor<Dispatch>, f32, bool) {
+    match norm {
+        Some((weight, eps)) => (weight.into_dispatch(), eps, true),
+        None => {
+            let cols = x.dims()[1];
+            (x.clone().narrow(0, 0, 1).reshape([cols]).into_dispatch(), 0.0, false)
+        }
     }
 }

@@ -125,20 +125,21 @@ fn swiglu_from_two_packed_weights_matches_the_host() {
                 (QuantWeight::from_nf4(&q, ROWS, COLS, &device, dtype), host)
             };
             for (name, (gate, host_g), (up, host_u)) in [("affine", affine(&wg), affine(&wu)), ("nf4", nf4(&wg), nf4(&wu))] {
-                for m in [1, 3, MATVEC_ROWS, MATVEC_ROWS + 1, 21] {
+                for (m, normed) in [1, 3, MATVEC_ROWS, MATVEC_ROWS + 1, 21].into_iter().flat_map(|m| [(m, false), (m, true)]) {
                     let x = round_to(&random(&mut rng, m * COLS, 1.0), dtype);
                     let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, COLS]), (&device, DType::F32)).cast(dtype_of(dtype));
+                    let (x, norm) = with_norm(x, m, normed, dtype, &device, &mut rng);
                     let (g, u) = (reference(&x, &host_g, m), reference(&x, &host_u, m));
                     let want: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
-                    let got = QuantWeight::swiglu_t(xt, &gate, &up).expect("one format");
+                    let got = QuantWeight::swiglu_t(xt, norm, &gate, &up).expect("one format");
                     let d = rel_diff(&to_vec(got), &want);
-                    assert!(d < tol, "{device:?} {dtype:?} {name} m {m}: swiglu differs by {d}");
+                    assert!(d < tol, "{device:?} {dtype:?} {name} m {m} normed {normed}: swiglu differs by {d}");
                 }
             }
             let (a, _) = affine(&wg);
             let (n, _) = nf4(&wu);
             let x = Tensor::<2>::zeros([1, COLS], (&device, DType::F32)).cast(dtype_of(dtype));
-            assert!(QuantWeight::swiglu_t(x, &a, &n).is_none(), "two formats are not fused");
+            assert!(QuantWeight::swiglu_t(x, None, &a, &n).is_none(), "two formats are not fused");
         }
     }
 }
@@ -170,20 +171,41 @@ fn three_packed_projections_match_the_host() {
                 ("nf4", ws.iter().zip(widths).map(|(w, r)| nf4(w, r)).collect()),
             ];
             for (name, set) in &sets {
-                for m in [1, 2, MATVEC_ROWS, MATVEC_ROWS + 1, 19] {
+                for (m, normed) in [1, 2, MATVEC_ROWS, MATVEC_ROWS + 1, 19].into_iter().flat_map(|m| [(m, false), (m, true)]) {
                     let x = round_to(&random(&mut rng, m * COLS, 1.0), dtype);
                     let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, COLS]), (&device, DType::F32)).cast(dtype_of(dtype));
+                    let (x, norm) = with_norm(x, m, normed, dtype, &device, &mut rng);
                     let parts: Vec<Vec<f32>> = set.iter().zip(widths).map(|((_, host), rows)| reference_rows(&x, host, m, rows)).collect();
                     let want: Vec<f32> = (0..m).flat_map(|i| parts.iter().zip(widths).flat_map(move |(p, r)| p[i * r..(i + 1) * r].to_vec())).collect();
-                    let got = QuantWeight::linear3_t(xt, &set[0].0, &set[1].0, &set[2].0).expect("one format");
+                    let got = QuantWeight::linear3_t(xt, norm, &set[0].0, &set[1].0, &set[2].0).expect("one format");
                     let d = rel_diff(&to_vec(got), &want);
-                    assert!(d < tol, "{device:?} {dtype:?} {name} m {m}: q/k/v differ by {d}");
+                    assert!(d < tol, "{device:?} {dtype:?} {name} m {m} normed {normed}: q/k/v differ by {d}");
                 }
             }
             let x = Tensor::<2>::zeros([1, COLS], (&device, DType::F32)).cast(dtype_of(dtype));
-            assert!(QuantWeight::linear3_t(x, &sets[0].1[0].0, &sets[1].1[1].0, &sets[0].1[2].0).is_none(), "two formats are not fused");
+            assert!(QuantWeight::linear3_t(x, None, &sets[0].1[0].0, &sets[1].1[1].0, &sets[0].1[2].0).is_none(), "two formats are not fused");
         }
     }
+}
+
+/// The input `x` `[m, COLS]` a product takes: as it is, or (`normed`) its RMSNorm by a random
+/// weight with each row scaled differently, computed on the host and rounded to `dtype` as the
+/// norm's kernel rounds it; with the norm's weight on `device` and its epsilon.
+fn with_norm(x: Vec<f32>, m: usize, normed: bool, dtype: DType, device: &Device, rng: &mut StdRng) -> (Vec<f32>, Option<(Tensor<1>, f32)>) {
+    if !normed {
+        return (x, None);
+    }
+    let eps = 1e-5f32;
+    let weight = round_to(&random(rng, COLS, 1.0).iter().map(|w| 1.0 + w).collect::<Vec<_>>(), dtype);
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks(COLS) {
+        let r = 1.0 / (row.iter().map(|v| v * v).sum::<f32>() / COLS as f32 + eps).sqrt();
+        let scaled = round_to(&row.iter().map(|v| v * r).collect::<Vec<_>>(), dtype);
+        out.extend(round_to(&scaled.iter().zip(&weight).map(|(v, w)| v * w).collect::<Vec<_>>(), dtype));
+    }
+    assert_eq!(out.len(), m * COLS);
+    let weight = Tensor::<1>::from_data(TensorData::new(weight, [COLS]), (device, DType::F32)).cast(dtype_of(dtype));
+    (out, Some((weight, eps)))
 }
 
 /// `x·Wᵀ` in f64 for a weight of `rows` rows.
