@@ -107,6 +107,11 @@ for stage in "$@"; do
         ;;
     peergen) sampled peergen peer generate --geometry llama-1b --prompt-tokens 16 --max-tokens 128 --json "$OUT/peergen.json" ;;
     gen1b) sampled gen1b $L bench generate --geometry llama-1b --prompt-tokens 16 --max-tokens 128 --dtype f16 --json "$OUT/gen1b.json" ;;
+    genprev)
+        # gen1b with the binary .bin/lora-prev.xz (an earlier commit's), for a decode change's
+        # before and after in one call.
+        [ -x /tmp/lora-prev ] || { xz -dc .bin/lora-prev.xz > /tmp/lora-prev && chmod +x /tmp/lora-prev; }
+        sampled genprev /tmp/lora-prev bench generate --geometry llama-1b --prompt-tokens 16 --max-tokens 128 --dtype f16 --json "$OUT/genprev.json" ;;
     gen1bq) sampled gen1bq $L bench generate --geometry llama-1b --prompt-tokens 16 --max-tokens 128 --dtype f16 --quantize affine --json "$OUT/gen1bq.json" ;;
     gen1bnf4) sampled gen1bnf4 $L bench generate --geometry llama-1b --prompt-tokens 16 --max-tokens 128 --dtype f16 --quantize nf4 --json "$OUT/gen1bnf4.json" ;;
     peerlong) sampled peerlong peer generate --geometry llama-1b --prompt-tokens 1024 --max-tokens 256 --caches static --json "$OUT/peerlong.json" ;;

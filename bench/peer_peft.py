@@ -275,7 +275,7 @@ def generate(args):
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device(device):
+    with torch.device("cuda"):
         torch.set_default_dtype(dtype)
         model = LlamaForCausalLM(config).eval()
         torch.set_default_dtype(torch.float32)
