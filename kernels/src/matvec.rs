@@ -91,6 +91,10 @@ mod reduce {
     }
 }
 
+// `rms_factor` sums over a workgroup with `decode::workgroup_reduce`, which covers exactly
+// `decode::UNITS` invocations.
+const _: () = assert!(crate::decode::UNITS == (LANES * OUTPUTS_PER_CUBE) as usize);
+
 /// The launch of a matrix-vector kernel writing `output` `[m, n]`: workgroups of
 /// [`LANES`] × [`OUTPUTS_PER_CUBE`] units, `n / OUTPUTS_PER_CUBE` by `m` of them.
 pub fn launch_matvec(output: &CubeTensor) -> (CubeCount, CubeDim) {

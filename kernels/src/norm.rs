@@ -3,8 +3,9 @@
 //!
 //! The tensor composition (square, mean, add, square root, reciprocal, product, cast, product
 //! with the weight) takes three fused launches per norm, and its backward under autodiff
-//! several more; a decoded token runs two norms per block, a training step four (forward and
-//! backward). One workgroup of [`UNITS`] invocations per row adds the squares up in a tree
+//! several more; a training step runs four per block (forward and backward). (A decoded token
+//! on a GPU runs none of its own: the products after them compute them, see
+//! [`crate::matvec::rms_factor`].) One workgroup of [`UNITS`] invocations per row adds the squares up in a tree
 //! reduction, then scales the row. Backward, with `g = dy·w` and `r = 1/√(mean(x²) + ε)`:
 //! `dx = r·g − x·r³·mean(g·x)`, both sums in one pass over the row.
 //! The weight's gradient (only where the weight is trained, which LoRA never does) is the

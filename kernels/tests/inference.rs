@@ -117,9 +117,17 @@ fn swiglu_of_a_few_rows_matches_the_composition_on_wgpu() {
 /// followed by the products. Rows of different scales, so that each row's own factor counts.
 #[test]
 fn products_with_the_norm_inside_match_the_norm_then_the_products() {
+    // 3 rows take the kernels, 9 (past MATVEC_ROWS) the norm's kernel and then the products.
+    for m in [3, MATVEC_ROWS + 1] {
+        norm_inside_products(m);
+    }
+}
+
+fn norm_inside_products(m: usize) {
     let cpu = Device::flex();
-    let (m, k, eps) = (3, 549, 1e-5);
-    let scale = Tensor::<2>::from_data(TensorData::new(vec![0.5f32, 3.0, 20.0], [m, 1]), (&cpu, DType::F32));
+    let (k, eps) = (549, 1e-5);
+    let scales: Vec<f32> = (0..m).map(|i| 0.5 * 3f32.powi(i as i32 % 4)).collect();
+    let scale = Tensor::<2>::from_data(TensorData::new(scales, [m, 1]), (&cpu, DType::F32));
     let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), (&cpu, DType::F32)) * scale;
     let norm = Tensor::<1>::random([k], Distribution::Normal(1.0, 0.2), (&cpu, DType::F32));
     let w: Vec<Tensor<2>> = [43, 9, 9].iter().map(|&n| Tensor::<2>::random([n, k], Distribution::Normal(0.0, 0.05), (&cpu, DType::F32))).collect();
@@ -240,9 +248,20 @@ fn rotary_cached_kernel_matches_the_composition_on_wgpu() {
         let worst: f32 = (got.clone() - plain).abs().max().into_scalar();
         assert!(worst < 1e-6, "CPU composition, {what}: {worst}");
     }
+    // Tables of one row per batch row and position ([b·s, d], as packed rows give them): the
+    // same tables repeated give the same result.
+    let rows = |t: &Tensor<2>| Tensor::cat(vec![t.clone(); b], 0);
+    let (per_row, _, _) = rotary_cached(x.clone(), rows(&cos), rows(&sin), keys.clone(), values.clone(), heads, past);
+    let worst: f32 = (per_row - want_q.clone()).abs().max().into_scalar();
+    assert!(worst < 1e-6, "CPU composition with a table per row: {worst}");
     for (dtype, tolerance) in [(FloatDType::F32, 1e-5), (FloatDType::F16, 1e-2)] {
         let on = |t: &Tensor<4>| t.clone().to_device(&device).cast(dtype);
         let on2 = |t: &Tensor<2>| t.clone().to_device(&device).cast(dtype);
+        let (per_row, k, _) = rotary_cached(on(&x), on2(&rows(&cos)), on2(&rows(&sin)), on(&keys), on(&values), heads, past);
+        let worst = max_diff(per_row.into_data().convert::<f32>().try_to_vec::<f32>().unwrap(), &want_q.clone().into_data().try_to_vec::<f32>().unwrap());
+        assert!(worst < tolerance, "{dtype:?} q with a table per row: max difference {worst}");
+        let worst = max_diff(k.into_data().convert::<f32>().try_to_vec::<f32>().unwrap(), &want_k.clone().into_data().try_to_vec::<f32>().unwrap());
+        assert!(worst < tolerance, "{dtype:?} keys with a table per row: max difference {worst}");
         let held = on(&keys);
         let (q, k, v) = rotary_cached(on(&x), on2(&cos), on2(&sin), held.clone(), on(&values), heads, past);
         assert_eq!(q.dims(), [b, heads, s, d]);

@@ -255,8 +255,8 @@ fn cache_buffer(buffer: Option<Tensor<4>>, [b, kv, d]: [usize; 3], past: usize, 
 impl Attention {
     /// `[x·Wqᵀ, x·Wkᵀ, x·Wvᵀ]` `[batch·seq, (heads + 2·kv_heads)·head_dim]` of `x = norm(residual)`
     /// as one product, where that pays: a few rows (decoding) on a GPU, all three projections
-    /// plain frozen weights (dense, or 4-bit of one format), no per-head norms. For dense
-    /// weights the norm is computed inside the same kernel. `None` elsewhere.
+    /// plain frozen weights (dense, or 4-bit of one format), no per-head norms. The norm is
+    /// computed inside the same kernel where its weight has the input's dtype. `None` elsewhere.
     fn fused_qkv(&self, residual: Tensor<3>, norm: &RmsNorm) -> Option<Tensor<2>> {
         let [b, s, i] = residual.dims();
         if b * s > lora_kernels::matvec::MATVEC_ROWS || residual.device() == Device::flex() || self.q_norm.is_some() || self.k_norm.is_some() {
@@ -1014,7 +1014,20 @@ mod tests {
     /// sliding window, against the logits of one cache-free pass over the whole sequence.
     #[test]
     fn decoding_through_a_growing_cache_matches_the_full_pass() {
-        let device = Device::flex();
+        decode_against_the_full_pass(&Device::flex());
+    }
+
+    /// The same on wgpu, where a step of at most 8 tokens takes the decoding kernels: the
+    /// three projections with the norm inside, the rotation writing the cache in place (the
+    /// 5-token prompt attending over views of the fresh buffers), attention over the cache.
+    #[test]
+    fn decoding_on_wgpu_matches_the_full_pass() {
+        let Some(device) = crate::device::wgpu_device_for_tests() else { return };
+        decode_against_the_full_pass(&device);
+    }
+
+    fn decode_against_the_full_pass(device: &Device) {
+        let device = device.clone();
         let mut config = crate::Geometry::named("tiny").expect("tiny shape").config();
         config.layer_windows = vec![None, Some(100)];
         let model = CausalLm::load(&config, &Checkpoint::random(&config), &device, DType::F32, |_| {}).unwrap();

@@ -355,13 +355,16 @@ impl Nf4Weight {
 }
 
 /// The norm arguments of the fused products: the weight, epsilon and `true`, or, without a
-/// norm, a view of `x`'s first row standing in for the weight (never read), 0 and `false`.
+/// norm, a view of `x`'s first row (zeros when it has none) standing in for the weight (never
+/// read), 0 and `false`.
 fn norm_parts(x: &Tensor<2>, norm: Option<(Tensor<1>, f32)>) -> (burn::backend::tensor::FloatTensor<Dispatch>, f32, bool) {
     match norm {
         Some((weight, eps)) => (weight.into_dispatch(), eps, true),
+        // A row of `x` when it has one (a view, nothing copied), else zeros.
         None => {
-            let cols = x.dims()[1];
-            (x.clone().narrow(0, 0, 1).reshape([cols]).into_dispatch(), 0.0, false)
+            let [rows, cols] = x.dims();
+            let stand_in = if rows > 0 { x.clone().narrow(0, 0, 1).reshape([cols]) } else { Tensor::zeros([cols], (&x.device(), x.dtype())) };
+            (stand_in.into_dispatch(), 0.0, false)
         }
     }
 }

@@ -127,8 +127,8 @@ fn swiglu_from_two_packed_weights_matches_the_host() {
             for (name, (gate, host_g), (up, host_u)) in [("affine", affine(&wg), affine(&wu)), ("nf4", nf4(&wg), nf4(&wu))] {
                 for (m, normed) in [1, 3, MATVEC_ROWS, MATVEC_ROWS + 1, 21].into_iter().flat_map(|m| [(m, false), (m, true)]) {
                     let x = round_to(&random(&mut rng, m * COLS, 1.0), dtype);
-                    let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, COLS]), (&device, DType::F32)).cast(dtype_of(dtype));
-                    let (x, norm) = with_norm(x, m, normed, dtype, &device, &mut rng);
+                    let (xin, x, norm) = with_norm(x, m, normed, dtype, &device, &mut rng);
+                    let xt = Tensor::<2>::from_data(TensorData::new(xin, [m, COLS]), (&device, DType::F32)).cast(dtype_of(dtype));
                     let (g, u) = (reference(&x, &host_g, m), reference(&x, &host_u, m));
                     let want: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
                     let got = QuantWeight::swiglu_t(xt, norm, &gate, &up).expect("one format");
@@ -173,8 +173,8 @@ fn three_packed_projections_match_the_host() {
             for (name, set) in &sets {
                 for (m, normed) in [1, 2, MATVEC_ROWS, MATVEC_ROWS + 1, 19].into_iter().flat_map(|m| [(m, false), (m, true)]) {
                     let x = round_to(&random(&mut rng, m * COLS, 1.0), dtype);
-                    let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, COLS]), (&device, DType::F32)).cast(dtype_of(dtype));
-                    let (x, norm) = with_norm(x, m, normed, dtype, &device, &mut rng);
+                    let (xin, x, norm) = with_norm(x, m, normed, dtype, &device, &mut rng);
+                    let xt = Tensor::<2>::from_data(TensorData::new(xin, [m, COLS]), (&device, DType::F32)).cast(dtype_of(dtype));
                     let parts: Vec<Vec<f32>> = set.iter().zip(widths).map(|((_, host), rows)| reference_rows(&x, host, m, rows)).collect();
                     let want: Vec<f32> = (0..m).flat_map(|i| parts.iter().zip(widths).flat_map(move |(p, r)| p[i * r..(i + 1) * r].to_vec())).collect();
                     let got = QuantWeight::linear3_t(xt, norm, &set[0].0, &set[1].0, &set[2].0).expect("one format");
@@ -188,15 +188,19 @@ fn three_packed_projections_match_the_host() {
     }
 }
 
-/// The input `x` `[m, COLS]` a product takes: as it is, or (`normed`) its RMSNorm by a random
-/// weight with each row scaled differently, computed on the host and rounded to `dtype` as the
-/// norm's kernel rounds it; with the norm's weight on `device` and its epsilon.
-fn with_norm(x: Vec<f32>, m: usize, normed: bool, dtype: DType, device: &Device, rng: &mut StdRng) -> (Vec<f32>, Option<(Tensor<1>, f32)>) {
+/// The input of a product from `x` `[m, COLS]`: what the device gets, what the products see,
+/// and the norm. Without `normed` both are `x`; with it the device gets `x` with row `i`
+/// scaled by `1 + i` (so that every row has its own factor) and the products see that input's
+/// RMSNorm by a random weight, computed on the host and rounded to `dtype` as the norm's kernel
+/// rounds it; the norm is its weight on `device` and its epsilon.
+#[allow(clippy::type_complexity)]
+fn with_norm(x: Vec<f32>, m: usize, normed: bool, dtype: DType, device: &Device, rng: &mut StdRng) -> (Vec<f32>, Vec<f32>, Option<(Tensor<1>, f32)>) {
     if !normed {
-        return (x, None);
+        return (x.clone(), x, None);
     }
     let eps = 1e-5f32;
     let weight = round_to(&random(rng, COLS, 1.0).iter().map(|w| 1.0 + w).collect::<Vec<_>>(), dtype);
+    let x: Vec<f32> = round_to(&x.iter().enumerate().map(|(at, v)| v * (1 + at / COLS) as f32).collect::<Vec<_>>(), dtype);
     let mut out = Vec::with_capacity(x.len());
     for row in x.chunks(COLS) {
         let r = 1.0 / (row.iter().map(|v| v * v).sum::<f32>() / COLS as f32 + eps).sqrt();
@@ -205,7 +209,7 @@ fn with_norm(x: Vec<f32>, m: usize, normed: bool, dtype: DType, device: &Device,
     }
     assert_eq!(out.len(), m * COLS);
     let weight = Tensor::<1>::from_data(TensorData::new(weight, [COLS]), (device, DType::F32)).cast(dtype_of(dtype));
-    (out, Some((weight, eps)))
+    (x, out, Some((weight, eps)))
 }
 
 /// `x·Wᵀ` in f64 for a weight of `rows` rows.
